@@ -1,0 +1,1 @@
+"""Kafka-facing runtime (installed as ``streamstars.consumers``)."""

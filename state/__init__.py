@@ -1,0 +1,1 @@
+"""The LMDB-backed star store (installed as ``streamstars.state``)."""

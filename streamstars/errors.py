@@ -1,0 +1,48 @@
+"""Typed errors: one class per failure mode a caller can act on.
+
+Every error names what failed (file, visit, column, key) and says what to do.  The Kafka runtime
+maps :class:`PermanentInputError` subclasses to dead letters and :class:`TransientInputError`
+to retries with backoff.
+"""
+
+from __future__ import annotations
+
+
+class StreamstarsError(Exception):
+    """Base class of every error streamstars raises on purpose."""
+
+
+class ConfigError(StreamstarsError):
+    """A configuration file or value is invalid (unknown key, wrong type, bad value)."""
+
+
+class PermanentInputError(StreamstarsError):
+    """An input can never be applied as it is (retrying will not help)."""
+
+
+class InputFileError(PermanentInputError):
+    """A file is missing, truncated, not of the expected format, or lacks required columns."""
+
+
+class InvalidSourceTableError(InputFileError):
+    """A source table's content is invalid (NaN coordinates, duplicate ids, mixed visits ...)."""
+
+
+class MissingMetadataError(PermanentInputError):
+    """A visit has source tables but no visit metadata (visitSummary / visitTable row)."""
+
+
+class VisitConflictError(PermanentInputError):
+    """A visit was already applied with different content and ``replace`` was not asked for."""
+
+
+class RefcatError(PermanentInputError):
+    """A reference catalog cannot be used (bad version, missing shards or columns)."""
+
+
+class TransientInputError(StreamstarsError):
+    """An input is not readable *yet* (file not there, filesystem timeout): retry later."""
+
+
+class StateError(StreamstarsError):
+    """The state directory cannot be used (other format version, incompatible config)."""

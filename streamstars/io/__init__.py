@@ -1,0 +1,1 @@
+"""Input readers: source tables, visit metadata, reference catalogs."""
