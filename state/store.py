@@ -1,0 +1,315 @@
+"""The LMDB environment holding the star store (see docs/state.md for the layout).
+
+Sub-databases (all keys big-endian so that LMDB's byte order is numeric order):
+
+``meta``          format version, the configuration the store was built with, creation time,
+                  the reference catalog in use.
+``visits``        visit id -> JSON record (metadata row, content hash, band, pixels written,
+                  counts, per-visit aperture corrections, Kafka offset it came from).
+``observations``  band + pixel + visit -> columnar selected observations of that visit in that
+                  HEALPix (nest, ``storeNside``) pixel.
+``components``    band + pixel -> columnar records of the 1" friends-of-friends components of
+                  that primary band whose centre lies in the pixel.
+``candidates``    band + pixel -> columnar star candidates of the non-clique components there.
+``refmatch``      pixel -> columnar reference-star matches of that pixel (reference issue).
+``offsets``       topic + partition -> next Kafka offset to consume (written in the same
+                  transaction as the visit it belongs to).
+
+One write transaction per visit; the map grows automatically on ``MapFullError``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+
+from streamstars.config import BuildStarsConfig, config_from_json, to_dict
+from streamstars.errors import StateError
+
+#: Bumped whenever the on-disk layout changes; a store of another version is refused.
+FORMAT_VERSION = 1
+
+META_FORMAT_VERSION = b"format_version"
+META_CONFIG = b"config"
+META_FINGERPRINT = b"association_fingerprint"
+META_CREATED = b"created"
+META_REFCAT = b"refcat"
+
+DB_META = b"meta"
+DB_VISITS = b"visits"
+DB_OBSERVATIONS = b"observations"
+DB_COMPONENTS = b"components"
+DB_CANDIDATES = b"candidates"
+DB_REFMATCH = b"refmatch"
+DB_OFFSETS = b"offsets"
+ALL_DBS = (DB_META, DB_VISITS, DB_OBSERVATIONS, DB_COMPONENTS, DB_CANDIDATES, DB_REFMATCH,
+           DB_OFFSETS)
+
+INITIAL_MAP_SIZE = 1 << 30
+BAND_KEY_BYTES = 8
+
+_U64 = struct.Struct(">Q")
+_SIGN = 1 << 63
+
+T = TypeVar("T")
+
+
+def band_key(band: str) -> bytes:
+    """Fixed-width (8 byte) key prefix of a band name."""
+    raw = band.encode("ascii")
+    if len(raw) > BAND_KEY_BYTES:
+        raise ValueError(f"band name {band!r} longer than {BAND_KEY_BYTES} characters")
+    return raw.ljust(BAND_KEY_BYTES, b"\0")
+
+
+def band_from_key(key: bytes) -> str:
+    """Inverse of :func:`band_key` (reads the first 8 bytes)."""
+    return key[:BAND_KEY_BYTES].rstrip(b"\0").decode("ascii")
+
+
+def int_key(value: int) -> bytes:
+    """Order-preserving 8-byte key of a signed 64-bit integer."""
+    return _U64.pack((int(value) + _SIGN) & 0xFFFFFFFFFFFFFFFF)
+
+
+def int_from_key(key: bytes, offset: int = 0) -> int:
+    """Inverse of :func:`int_key`."""
+    return int(_U64.unpack_from(key, offset)[0]) - _SIGN
+
+
+def pixel_key(band: str, pixel: int) -> bytes:
+    """Key of a (band, pixel) record in ``components`` / ``candidates``."""
+    return band_key(band) + _U64.pack(int(pixel))
+
+
+def observation_key(band: str, pixel: int, visit: int) -> bytes:
+    """Key of one visit's observations in one pixel."""
+    return band_key(band) + _U64.pack(int(pixel)) + int_key(visit)
+
+
+def pixel_from_key(key: bytes) -> int:
+    """The pixel of a ``pixel_key`` / ``observation_key``."""
+    return int(_U64.unpack_from(key, BAND_KEY_BYTES)[0])
+
+
+def offset_key(topic: str, partition: int) -> bytes:
+    """Key of a Kafka (topic, partition) in ``offsets``."""
+    return topic.encode() + b"\0" + struct.pack(">I", partition)
+
+
+class StarStore:
+    """An open star store.  Use :meth:`open`; close with :meth:`close` or a ``with`` block."""
+
+    def __init__(self, path: Path, env: lmdb.Environment, config: BuildStarsConfig,
+                 readonly: bool) -> None:
+        self.path = path
+        self.env = env
+        self.config = config
+        self.readonly = readonly
+        self.dbs = {name: env.open_db(name, create=False) if readonly else env.open_db(name)
+                    for name in ALL_DBS}
+
+    # ------------------------------------------------------------------ opening / closing
+    @classmethod
+    def open(cls, path: str | Path, config: BuildStarsConfig | None = None, *,
+             readonly: bool = False) -> StarStore:
+        """Open (or create) the store in directory ``path``.
+
+        ``config`` None means: use the configuration the store was built with.  A given config
+        must agree with the stored one on everything that shapes stored data
+        (:meth:`BuildStarsConfig.association_fingerprint`); snapshot-time settings may differ.
+
+        Raises:
+            StateError: not a store, another format version, or an incompatible config.
+        """
+        path = Path(path)
+        if readonly or config is None:
+            if not (path / "data.mdb").exists():
+                raise StateError(f"{path} is not a streamstars state directory (no data.mdb); "
+                                 "create one with `streamstars backfill` or `streamstars run`")
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+        try:
+            env = lmdb.open(str(path), max_dbs=len(ALL_DBS) + 2, map_size=INITIAL_MAP_SIZE,
+                            readonly=readonly, subdir=True, metasync=True, sync=True,
+                            readahead=False, max_readers=256, lock=True)
+        except lmdb.Error as exc:
+            raise StateError(f"cannot open LMDB environment {path}: {exc}") from exc
+        try:
+            stored = _read_meta(env, readonly)
+            if stored is None:
+                if readonly or config is None:
+                    raise StateError(f"{path} holds no streamstars metadata")
+                _write_meta(env, config)
+                effective = config
+            else:
+                effective = _check_meta(path, stored, config)
+            return cls(path, env, effective, readonly)
+        except BaseException:
+            env.close()
+            raise
+
+    def close(self) -> None:
+        """Close the environment (idempotent)."""
+        self.env.close()
+
+    def __enter__(self) -> StarStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ transactions
+    def write(self, body: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``body(txn)`` in ONE write transaction and commit it.
+
+        On ``MapFullError`` the transaction is aborted, the map size doubled and ``body``
+        run again from scratch, so ``body`` must not have side effects outside the txn.
+        """
+        if self.readonly:
+            raise StateError(f"store {self.path} was opened read-only")
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return body(txn)
+            except lmdb.MapFullError:
+                new_size = self.env.info()["map_size"] * 2
+                self.env.set_mapsize(new_size)
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction: one consistent MVCC view while writers go on."""
+        while True:
+            try:
+                txn = self.env.begin(write=False)
+                break
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    # ------------------------------------------------------------------ small records
+    def visit_record(self, txn: lmdb.Transaction, visit: int) -> dict[str, Any] | None:
+        """The stored record of ``visit`` or None."""
+        raw = txn.get(int_key(visit), db=self.dbs[DB_VISITS])
+        return None if raw is None else json.loads(raw)
+
+    def put_visit_record(self, txn: lmdb.Transaction, visit: int, record: dict[str, Any]) -> None:
+        """Store the record of ``visit``."""
+        txn.put(int_key(visit), json.dumps(record, sort_keys=True).encode(),
+                db=self.dbs[DB_VISITS])
+
+    def delete_visit_record(self, txn: lmdb.Transaction, visit: int) -> None:
+        """Remove the record of ``visit``."""
+        txn.delete(int_key(visit), db=self.dbs[DB_VISITS])
+
+    def iter_visit_records(self, txn: lmdb.Transaction) -> Iterator[tuple[int, dict[str, Any]]]:
+        """All visit records in visit order."""
+        cursor = txn.cursor(db=self.dbs[DB_VISITS])
+        for key, value in cursor:
+            yield int_from_key(key), json.loads(value)
+
+    def applied_visits(self) -> dict[int, str]:
+        """visit -> content hash of every applied visit."""
+        with self.read() as txn:
+            return {visit: rec["content_hash"] for visit, rec in self.iter_visit_records(txn)}
+
+    def put_offset(self, txn: lmdb.Transaction, topic: str, partition: int,
+                   next_offset: int) -> None:
+        """Record the next Kafka offset of (topic, partition) inside ``txn``."""
+        txn.put(offset_key(topic, partition), _U64.pack(next_offset), db=self.dbs[DB_OFFSETS])
+
+    def record_offset(self, topic: str, partition: int, next_offset: int) -> None:
+        """Record an offset in its own transaction (events that change nothing else)."""
+        self.write(lambda txn: self.put_offset(txn, topic, partition, next_offset))
+
+    def stored_offsets(self, topic: str) -> dict[int, int]:
+        """partition -> next offset to consume, for ``topic``."""
+        prefix = topic.encode() + b"\0"
+        out: dict[int, int] = {}
+        with self.read() as txn:
+            cursor = txn.cursor(db=self.dbs[DB_OFFSETS])
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not key.startswith(prefix) or len(key) != len(prefix) + 4:
+                        if not key.startswith(prefix):
+                            break
+                        continue
+                    partition = struct.unpack(">I", key[len(prefix):])[0]
+                    out[partition] = int(_U64.unpack(value)[0])
+        return out
+
+    def get_meta(self, key: bytes) -> bytes | None:
+        """A raw value of the ``meta`` sub-database."""
+        with self.read() as txn:
+            value = txn.get(key, db=self.dbs[DB_META])
+            return None if value is None else bytes(value)
+
+    def put_meta(self, txn: lmdb.Transaction, key: bytes, value: bytes) -> None:
+        """Set a raw value of the ``meta`` sub-database inside ``txn``."""
+        txn.put(key, value, db=self.dbs[DB_META])
+
+    def prefix_items(self, txn: lmdb.Transaction, db: bytes,
+                     prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) of every key starting with ``prefix`` in sub-database ``db``."""
+        cursor = txn.cursor(db=self.dbs[db])
+        if not cursor.set_range(prefix):
+            return
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                return
+            yield key, value
+
+
+def _read_meta(env: lmdb.Environment, readonly: bool) -> dict[str, bytes] | None:
+    try:
+        meta_db = env.open_db(DB_META, create=not readonly)
+    except lmdb.NotFoundError:
+        return None
+    with env.begin() as txn:
+        values = {k.decode(): bytes(v) for k, v in txn.cursor(db=meta_db)}
+    return values or None
+
+
+def _write_meta(env: lmdb.Environment, config: BuildStarsConfig) -> None:
+    meta_db = env.open_db(DB_META)
+    with env.begin(write=True) as txn:
+        txn.put(META_FORMAT_VERSION, str(FORMAT_VERSION).encode(), db=meta_db)
+        txn.put(META_CONFIG, json.dumps(to_dict(config), sort_keys=True).encode(), db=meta_db)
+        txn.put(META_FINGERPRINT,
+                json.dumps(config.association_fingerprint(), sort_keys=True).encode(), db=meta_db)
+        txn.put(META_CREATED, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode(),
+                db=meta_db)
+
+
+def _check_meta(path: Path, stored: dict[str, bytes],
+                config: BuildStarsConfig | None) -> BuildStarsConfig:
+    version = stored.get(META_FORMAT_VERSION.decode())
+    if version is None or int(version) != FORMAT_VERSION:
+        raise StateError(
+            f"{path} is a streamstars store of format version "
+            f"{version.decode() if version else 'unknown'}, this streamstars reads version "
+            f"{FORMAT_VERSION}; rebuild it with `streamstars backfill` into a new directory"
+        )
+    stored_config = config_from_json(stored[META_CONFIG.decode()].decode())
+    if config is None:
+        return stored_config
+    old = json.loads(stored[META_FINGERPRINT.decode()])
+    new = config.association_fingerprint()
+    if old != new:
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        details = "; ".join(f"{k}: stored {old.get(k)!r}, given {new.get(k)!r}" for k in keys)
+        raise StateError(
+            f"{path} was built with an incompatible configuration ({details}). "
+            "Use the original configuration, or rebuild into a new state directory."
+        )
+    return config

@@ -1,0 +1,492 @@
+"""Incremental association with fgcm's seeding semantics (see docs/association.md).
+
+fgcm seeds stars per primary band greedily: in canonical order (visit, sourceId) an
+observation that is not yet covered and has >= ``minPerBand`` same-band observations within
+``matchRadius`` (itself included) seeds a candidate at the mean of that group and covers it.
+That greedy decomposes exactly over the 1" friends-of-friends (FoF) *components* of a band's
+observations, and a component whose members are pairwise within 1" (a *clique*) yields exactly
+one candidate: the mean of all members, seeded by its earliest member.  Components only grow or
+merge when observations arrive, so the store keeps, per primary band, one record per component
+(keyed by the HEALPix pixel of its centre): member count, exact integer vector sums, an upper
+bound ``rmax`` on the member distance from the centre, the clique flag and the seed.  Non-clique
+components (close pairs, deblend duplicates, chains: rare) also keep the candidates of their
+replayed greedy.
+
+Per visit and band only the components near the new observations are read:
+- a new observation surely within 1" of every member of one clique (triangle inequality with
+  ``rmax``), linked to nothing else, joins it (vectorised fast path);
+- an observation linked to nothing starts a singleton component;
+- anything else (merges, partial links, non-cliques, links between new observations) is
+  resolved exactly from the stored observations near the components involved (slow path).
+Candidates, cross-band merging, isolation, membership, requiredBands and the density cut are
+derived from the components at snapshot time (:mod:`streamstars.snapshot`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lmdb
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
+from streamstars.sky import (
+    chord_from_arcsec,
+    fixed_unit_vectors,
+    normalized,
+    pixels_in_discs,
+    pixels_of,
+    vectors_from_fixed,
+    with_neighbours,
+)
+from streamstars.state.codec import decode_columns, encode_columns
+from streamstars.state.store import (
+    DB_CANDIDATES,
+    DB_COMPONENTS,
+    DB_OBSERVATIONS,
+    StarStore,
+    observation_key,
+    pixel_key,
+)
+
+#: Safety margin (chord units, ~2e-7 arcsec) so that bound-based decisions are never
+#: flipped by floating-point rounding; anything inside the margin takes the exact path.
+EPS = 1e-12
+
+COMPONENT_DTYPES: dict[str, np.dtype] = {
+    "comp_id": np.dtype(np.int64),  # smallest member sourceId (unique per band)
+    "count": np.dtype(np.int64),
+    "sx": np.dtype(np.int64),
+    "sy": np.dtype(np.int64),
+    "sz": np.dtype(np.int64),
+    "rmax": np.dtype(np.float64),  # chord upper bound of member distance from the centre
+    "clique": np.dtype(np.bool_),
+    "seed_visit": np.dtype(np.int64),
+    "seed_src": np.dtype(np.int64),
+}
+
+CANDIDATE_DTYPES: dict[str, np.dtype] = {
+    "comp_id": np.dtype(np.int64),
+    "star_id": np.dtype(np.int64),  # smallest sourceId of the candidate's group
+    "count": np.dtype(np.int64),
+    "sx": np.dtype(np.int64),
+    "sy": np.dtype(np.int64),
+    "sz": np.dtype(np.int64),
+    "seed_visit": np.dtype(np.int64),
+    "seed_src": np.dtype(np.int64),
+}
+
+
+@dataclass
+class BandUpdateStats:
+    """What one band's update did (for logs, metrics and tests)."""
+
+    fast: int = 0
+    new_singletons: int = 0
+    slow_observations: int = 0
+    slow_components: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# exact component summaries from member observations
+# ---------------------------------------------------------------------------------------------
+def fof_labels(vectors: np.ndarray, radius_chord: float) -> tuple[np.ndarray, np.ndarray]:
+    """Friends-of-friends labels (0..k-1) of vectors within ``radius_chord``, and the edges."""
+    n = len(vectors)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
+    edges = cKDTree(vectors).query_pairs(radius_chord, output_type="ndarray").astype(np.int64)
+    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])),
+                       shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    return labels.astype(np.int64), edges
+
+
+def summarize_pieces(visit: np.ndarray, source_id: np.ndarray, fixed: np.ndarray,
+                     labels: np.ndarray, edges: np.ndarray, min_per_band: int
+                     ) -> tuple[ColumnDict, ColumnDict]:
+    """Component records (and non-clique candidates) of FoF pieces given by ``labels``.
+
+    ``edges`` are all member pairs within the match radius (index pairs into the arrays).
+    Every label value 0..max must occur.  Returns (components, candidates).
+    """
+    if len(labels) == 0:
+        return ({k: np.zeros(0, dt) for k, dt in COMPONENT_DTYPES.items()},
+                {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()})
+    order = np.lexsort((source_id, visit, labels))
+    lab = labels[order]
+    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    count = np.diff(np.r_[starts, len(lab)])
+    sums = np.add.reduceat(fixed[order], starts, axis=0)
+    comp_id = np.minimum.reduceat(source_id[order], starts)
+    centres = normalized(sums)
+    v = vectors_from_fixed(fixed[order])
+    offsets = v - np.repeat(centres, count, axis=0)
+    dist = np.sqrt(np.einsum("ij,ij->i", offsets, offsets))
+    rmax = np.maximum.reduceat(dist, starts) + EPS
+    n_edges = np.bincount(labels[edges[:, 0]], minlength=len(count)) if len(edges) else \
+        np.zeros(len(count), dtype=np.int64)
+    clique = n_edges == count * (count - 1) // 2
+    components = {
+        "comp_id": comp_id, "count": count.astype(np.int64),
+        "sx": sums[:, 0], "sy": sums[:, 1], "sz": sums[:, 2],
+        "rmax": rmax, "clique": clique,
+        "seed_visit": visit[order][starts], "seed_src": source_id[order][starts],
+    }
+    candidate_parts = [
+        _replay_greedy(np.flatnonzero(labels == piece), visit, source_id, fixed, edges,
+                       min_per_band, int(comp_id[piece]))
+        for piece in np.flatnonzero(~clique)
+    ]
+    candidates = concat(candidate_parts, CANDIDATE_DTYPES)
+    return components, candidates
+
+
+def _replay_greedy(members: np.ndarray, visit: np.ndarray, source_id: np.ndarray,
+                   fixed: np.ndarray, edges: np.ndarray, min_per_band: int,
+                   comp_id: int) -> ColumnDict:
+    """fgcm's greedy seeding replayed on the members of one non-clique component.
+
+    A loop over the members of one component: only run for the rare non-clique components.
+    """
+    members = members[np.lexsort((source_id[members], visit[members]))]
+    position = {int(m): k for k, m in enumerate(members)}
+    in_piece = np.isin(edges[:, 0], members)
+    neighbours: list[set[int]] = [{k} for k in range(len(members))]
+    for a, b in edges[in_piece]:
+        ka, kb = position[int(a)], position[int(b)]
+        neighbours[ka].add(kb)
+        neighbours[kb].add(ka)
+    covered = np.zeros(len(members), dtype=bool)
+    rows = []
+    for k in range(len(members)):
+        if covered[k] or len(neighbours[k]) < min_per_band:
+            continue
+        group = members[sorted(neighbours[k])]
+        covered[sorted(neighbours[k])] = True
+        s = fixed[group].sum(axis=0)
+        rows.append((comp_id, int(source_id[group].min()), len(group), int(s[0]), int(s[1]),
+                     int(s[2]), int(visit[members[k]]), int(source_id[members[k]])))
+    if not rows:
+        return {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()}
+    table = np.array(rows, dtype=np.int64)
+    return {name: table[:, i].astype(dt) for i, (name, dt) in enumerate(CANDIDATE_DTYPES.items())}
+
+
+# ---------------------------------------------------------------------------------------------
+# store access
+# ---------------------------------------------------------------------------------------------
+def load_components(store: StarStore, txn: lmdb.Transaction, band: str,
+                    pixels: np.ndarray) -> tuple[ColumnDict, np.ndarray]:
+    """Component records of ``band`` in ``pixels`` and the pixel each came from."""
+    db = store.dbs[DB_COMPONENTS]
+    parts, pix = [], []
+    for pixel in pixels:
+        raw = txn.get(pixel_key(band, int(pixel)), db=db)
+        if raw is not None:
+            part = decode_columns(raw, COMPONENT_DTYPES)
+            parts.append(part)
+            pix.append(np.full(len(part["comp_id"]), pixel, dtype=np.int64))
+    comps = concat(parts, COMPONENT_DTYPES)
+    comps = {k: np.array(v) for k, v in comps.items()}  # writable copies
+    return comps, (np.concatenate(pix) if pix else np.zeros(0, dtype=np.int64))
+
+
+def load_candidates(store: StarStore, txn: lmdb.Transaction, band: str,
+                    pixels: np.ndarray) -> tuple[ColumnDict, np.ndarray]:
+    """Non-clique candidates of ``band`` stored under ``pixels`` and their pixels."""
+    db = store.dbs[DB_CANDIDATES]
+    parts, pix = [], []
+    for pixel in pixels:
+        raw = txn.get(pixel_key(band, int(pixel)), db=db)
+        if raw is not None:
+            part = decode_columns(raw, CANDIDATE_DTYPES)
+            parts.append(part)
+            pix.append(np.full(len(part["comp_id"]), pixel, dtype=np.int64))
+    return (concat(parts, CANDIDATE_DTYPES),
+            np.concatenate(pix) if pix else np.zeros(0, dtype=np.int64))
+
+
+def load_observations(store: StarStore, txn: lmdb.Transaction, band: str,
+                      pixels: np.ndarray) -> ColumnDict:
+    """All stored observations of ``band`` in ``pixels`` (every visit)."""
+    parts = []
+    for pixel in pixels:
+        prefix = pixel_key(band, int(pixel))
+        for _, value in store.prefix_items(txn, DB_OBSERVATIONS, prefix):
+            parts.append(decode_columns(value, OBSERVATION_DTYPES))
+    return concat(parts, OBSERVATION_DTYPES)
+
+
+def _write_grouped(txn: lmdb.Transaction, db: lmdb._Database, band: str, table: ColumnDict,
+                   pixel: np.ndarray, pixels_to_write: np.ndarray,
+                   schema: dict[str, np.dtype]) -> None:
+    """Write ``table`` rows grouped by ``pixel`` for each of ``pixels_to_write`` (sorted by id)."""
+    order = np.lexsort((table["comp_id"], pixel))
+    sorted_pixels = pixel[order]
+    for p in pixels_to_write:
+        lo, hi = np.searchsorted(sorted_pixels, [p, p + 1])
+        key = pixel_key(band, int(p))
+        if hi > lo:
+            txn.put(key, encode_columns(take(table, order[lo:hi]), schema), db=db)
+        else:
+            txn.delete(key, db=db)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-visit update
+# ---------------------------------------------------------------------------------------------
+def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
+                     obs: ColumnDict) -> BandUpdateStats:
+    """Fold one visit's new observations of primary ``band`` into the components.
+
+    The observations must already be written to the observation store in ``txn``.
+    """
+    config = store.config
+    nside = config.storeNside
+    radius = _match_chord(config.matchRadius)
+    stats = BandUpdateStats()
+    n_new = len(obs["source_id"])
+    if n_new == 0:
+        return stats
+    fixed_new = fixed_unit_vectors(obs["ra"], obs["dec"])
+    v_new = vectors_from_fixed(fixed_new)
+    pix_new = pixels_of(v_new, nside)
+    loaded_pixels = with_neighbours(pix_new, nside)
+    comps, comp_pixel = load_components(store, txn, band, loaded_pixels)
+    n_comp = len(comps["comp_id"])
+    centres = normalized(np.stack([comps["sx"], comps["sy"], comps["sz"]], axis=1)) \
+        if n_comp else np.zeros((0, 3))
+
+    tree_new = cKDTree(v_new)
+    # links new observation -> component (everything not surely out of reach)
+    if n_comp:
+        reach = radius + float(comps["rmax"].max()) + EPS
+        pairs = tree_new.sparse_distance_matrix(cKDTree(centres), reach, output_type="ndarray")
+        link_new = pairs["i"].astype(np.int64)
+        link_comp = pairs["j"].astype(np.int64)
+        dist = pairs["v"]
+        rmax = comps["rmax"][link_comp]
+        keep = dist - rmax <= radius + EPS
+        link_new, link_comp, dist, rmax = link_new[keep], link_comp[keep], dist[keep], rmax[keep]
+        sure = dist + rmax <= radius - EPS
+    else:
+        link_new = link_comp = np.zeros(0, dtype=np.int64)
+        sure = np.zeros(0, dtype=bool)
+    new_pairs = tree_new.query_pairs(radius, output_type="ndarray").astype(np.int64)
+
+    n_links = np.bincount(link_new, minlength=n_new)
+    unsure = np.bincount(link_new[~sure], minlength=n_new) > 0
+    paired = np.bincount(new_pairs.ravel(), minlength=n_new) > 0
+    new_per_comp = np.bincount(link_comp, minlength=n_comp)
+    target = np.full(n_new, -1, dtype=np.int64)
+    target[link_new] = link_comp  # meaningful where n_links == 1
+    single = (n_links == 1) & ~unsure & ~paired
+    fast = single.copy()
+    fast[single] = comps["clique"][target[single]] & (new_per_comp[target[single]] == 1)
+    lone = (n_links == 0) & ~paired
+    slow = ~(fast | lone)
+
+    changed = np.zeros(n_comp, dtype=bool)
+    deleted = np.zeros(n_comp, dtype=bool)
+
+    # fast path: join a clique that every member is surely within reach of
+    fast_idx = np.flatnonzero(fast)
+    if len(fast_idx):
+        j = target[fast_idx]
+        old_centre = centres[j]
+        comps["count"][j] += 1
+        comps["sx"][j] += fixed_new[fast_idx, 0]
+        comps["sy"][j] += fixed_new[fast_idx, 1]
+        comps["sz"][j] += fixed_new[fast_idx, 2]
+        new_centre = normalized(np.stack([comps["sx"][j], comps["sy"][j], comps["sz"][j]], 1))
+        shift = np.linalg.norm(new_centre - old_centre, axis=1)
+        own = np.linalg.norm(v_new[fast_idx] - new_centre, axis=1)
+        comps["rmax"][j] = np.maximum(comps["rmax"][j] + shift, own) + EPS
+        earlier = (obs["visit"][fast_idx] < comps["seed_visit"][j]) | (
+            (obs["visit"][fast_idx] == comps["seed_visit"][j])
+            & (obs["source_id"][fast_idx] < comps["seed_src"][j]))
+        comps["seed_visit"][j] = np.where(earlier, obs["visit"][fast_idx], comps["seed_visit"][j])
+        comps["seed_src"][j] = np.where(earlier, obs["source_id"][fast_idx], comps["seed_src"][j])
+        comps["comp_id"][j] = np.minimum(comps["comp_id"][j], obs["source_id"][fast_idx])
+        centres[j] = new_centre
+        changed[j] = True
+        stats.fast = len(fast_idx)
+
+    # lone observations: singleton components
+    lone_idx = np.flatnonzero(lone)
+    singles = {
+        "comp_id": obs["source_id"][lone_idx], "count": np.ones(len(lone_idx), np.int64),
+        "sx": fixed_new[lone_idx, 0], "sy": fixed_new[lone_idx, 1], "sz": fixed_new[lone_idx, 2],
+        "rmax": np.full(len(lone_idx), EPS), "clique": np.ones(len(lone_idx), bool),
+        "seed_visit": obs["visit"][lone_idx], "seed_src": obs["source_id"][lone_idx],
+    }
+    stats.new_singletons = len(lone_idx)
+
+    # slow path: exact FoF over the stored members of the components involved
+    slow_idx = np.flatnonzero(slow)
+    slow_comps = {k: np.zeros(0, dt) for k, dt in COMPONENT_DTYPES.items()}
+    slow_cands = {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()}
+    if len(slow_idx):
+        involved = np.unique(link_comp[slow[link_new]])
+        slow_comps, slow_cands = _resolve_exactly(
+            store, txn, band, take(obs, slow_idx), fixed_new[slow_idx],
+            {k: v[involved] for k, v in comps.items()}, centres[involved])
+        deleted[involved] = True
+        stats.slow_observations = len(slow_idx)
+        stats.slow_components = len(involved)
+
+    # write back every pixel whose component set changed
+    removed_noncliques = comps["comp_id"][deleted & ~comps["clique"]]
+    removed_nonclique_pixels = comp_pixel[deleted & ~comps["clique"]]
+    keep_rows = ~deleted
+    kept = take(comps, keep_rows)
+    kept_pixel = pixels_of(centres[keep_rows], nside)
+    kept_changed = changed[keep_rows]
+    added = concat([singles, slow_comps], COMPONENT_DTYPES)
+    added_pixel = pixels_of(normalized(np.stack([added["sx"], added["sy"], added["sz"]], 1)),
+                            nside) if len(added["comp_id"]) else np.zeros(0, np.int64)
+    dirty = np.unique(np.concatenate([
+        comp_pixel[changed | deleted], kept_pixel[kept_changed], added_pixel]))
+    outside = np.setdiff1d(dirty, loaded_pixels)
+    extra, extra_pixel = load_components(store, txn, band, outside)
+    table = concat([kept, added, extra], COMPONENT_DTYPES)
+    table_pixel = np.concatenate([kept_pixel, added_pixel, extra_pixel])
+    _write_grouped(txn, store.dbs[DB_COMPONENTS], band, table, table_pixel, dirty,
+                   COMPONENT_DTYPES)
+
+    if len(removed_noncliques) or len(slow_cands["comp_id"]):
+        _update_candidates(store, txn, band, removed_noncliques, removed_nonclique_pixels,
+                           slow_comps, slow_cands)
+    return stats
+
+
+def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs: ColumnDict,
+                     new_fixed: np.ndarray, involved: ColumnDict, involved_centres: np.ndarray
+                     ) -> tuple[ColumnDict, ColumnDict]:
+    """Exact components containing ``new_obs`` or the ``involved`` components' members."""
+    config = store.config
+    radius = _match_chord(config.matchRadius)
+    region_pixels = pixels_in_discs(involved_centres, involved["rmax"] + EPS, config.storeNside)
+    region = load_observations(store, txn, band, region_pixels)
+    region_fixed = fixed_unit_vectors(region["ra"], region["dec"])
+    if len(involved["comp_id"]) and len(region["source_id"]):
+        # members of the involved components: within rmax of their centre
+        near = cKDTree(vectors_from_fixed(region_fixed)).query_ball_point(
+            involved_centres, involved["rmax"] + EPS, return_sorted=False)
+        member_rows = np.unique(np.concatenate([np.asarray(n, dtype=np.int64) for n in near]))
+    else:
+        member_rows = np.zeros(0, dtype=np.int64)
+    visit = np.concatenate([region["visit"][member_rows], new_obs["visit"]])
+    source_id = np.concatenate([region["source_id"][member_rows], new_obs["source_id"]])
+    fixed = np.concatenate([region_fixed[member_rows], new_fixed])
+    _, first = np.unique(source_id, return_index=True)
+    visit, source_id, fixed = visit[first], source_id[first], fixed[first]
+
+    labels, edges = fof_labels(vectors_from_fixed(fixed), radius)
+    anchors = np.isin(source_id, np.concatenate([new_obs["source_id"], involved["seed_src"]]))
+    wanted = np.unique(labels[anchors])
+    rows = np.isin(labels, wanted)
+    remap = np.full(labels.max() + 1 if len(labels) else 0, -1, dtype=np.int64)
+    remap[wanted] = np.arange(len(wanted))
+    index_map = np.full(len(labels), -1, dtype=np.int64)
+    index_map[rows] = np.arange(rows.sum())
+    keep_edges = rows[edges[:, 0]] if len(edges) else np.zeros(0, dtype=bool)
+    sub_edges = index_map[edges[keep_edges]] if len(edges) else edges
+    return summarize_pieces(visit[rows], source_id[rows], fixed[rows], remap[labels[rows]],
+                            sub_edges, config.minPerBand)
+
+
+def _update_candidates(store: StarStore, txn: lmdb.Transaction, band: str,
+                       removed_ids: np.ndarray, removed_pixels: np.ndarray,
+                       new_comps: ColumnDict, new_cands: ColumnDict) -> None:
+    """Replace the explicit candidates of removed non-clique components by the new ones."""
+    nside = store.config.storeNside
+    new_pixel_of_comp = pixels_of(normalized(np.stack(
+        [new_comps["sx"], new_comps["sy"], new_comps["sz"]], 1)), nside) \
+        if len(new_comps["comp_id"]) else np.zeros(0, np.int64)
+    cand_pixel = np.zeros(0, np.int64)
+    if len(new_cands["comp_id"]):
+        order = np.argsort(new_comps["comp_id"])
+        cand_pixel = new_pixel_of_comp[order][np.searchsorted(new_comps["comp_id"][order],
+                                                              new_cands["comp_id"])]
+    dirty = np.unique(np.concatenate([removed_pixels, cand_pixel]))
+    existing, existing_pixel = load_candidates(store, txn, band, dirty)
+    keep = ~np.isin(existing["comp_id"], removed_ids)
+    table = concat([take(existing, keep), new_cands], CANDIDATE_DTYPES)
+    table_pixel = np.concatenate([existing_pixel[keep], cand_pixel])
+    _write_grouped(txn, store.dbs[DB_CANDIDATES], band, table, table_pixel, dirty,
+                   CANDIDATE_DTYPES)
+
+
+def rebuild_after_removal(store: StarStore, txn: lmdb.Transaction, band: str,
+                          removed_pixels: np.ndarray, removed_visit: int) -> None:
+    """Recompute the components of ``band`` after a visit's observations were deleted.
+
+    ``removed_pixels`` are the pixels that held the visit's observations; the observations of
+    ``removed_visit`` must still be in the store (they are deleted here, after the "before"
+    picture is taken).  Removing members can split components, so the region around the
+    removed observations is recomputed from its observations: components before and after
+    the removal are computed by FoF, and the after-pieces of every before-component centred in
+    the region replace the stored ones.
+    """
+    config = store.config
+    nside = config.storeNside
+    radius = _match_chord(config.matchRadius)
+    inner = with_neighbours(removed_pixels, nside)
+    outer = with_neighbours(inner, nside)
+    before = load_observations(store, txn, band, outer)
+    for pixel in removed_pixels:
+        txn.delete(observation_key(band, int(pixel), removed_visit),
+                   db=store.dbs[DB_OBSERVATIONS])
+    if band not in config.primaryBands:
+        return
+    fixed = fixed_unit_vectors(before["ra"], before["dec"])
+    v = vectors_from_fixed(fixed)
+    labels_before, _ = fof_labels(v, radius)
+    if len(labels_before):
+        sums = np.zeros((labels_before.max() + 1, 3), dtype=np.int64)
+        np.add.at(sums, labels_before, fixed)
+        centre_pixel = pixels_of(normalized(sums), nside)
+        own_piece = np.isin(centre_pixel, inner)
+    else:
+        own_piece = np.zeros(0, dtype=bool)
+    remaining = before["visit"] != removed_visit
+    labels_after, edges_after = fof_labels(v[remaining], radius)
+    kept_rows = own_piece[labels_before[remaining]] if len(labels_before) else \
+        np.zeros(0, dtype=bool)
+    wanted = np.unique(labels_after[kept_rows])
+    rows = np.isin(labels_after, wanted)
+    remap = np.full(labels_after.max() + 1 if len(labels_after) else 0, -1, dtype=np.int64)
+    remap[wanted] = np.arange(len(wanted))
+    index_map = np.full(len(labels_after), -1, dtype=np.int64)
+    index_map[rows] = np.arange(rows.sum())
+    edge_rows = rows[edges_after[:, 0]] if len(edges_after) else np.zeros(0, dtype=bool)
+    sub = take(before, remaining)
+    new_comps, new_cands = summarize_pieces(
+        sub["visit"][rows], sub["source_id"][rows], fixed[remaining][rows],
+        remap[labels_after[rows]], index_map[edges_after[edge_rows]], config.minPerBand)
+
+    old, old_pixel = load_components(store, txn, band, outer)
+    stay = ~np.isin(old_pixel, inner)
+    removed = take(old, ~stay)
+    new_pixel = pixels_of(normalized(np.stack([new_comps["sx"], new_comps["sy"],
+                                               new_comps["sz"]], 1)), nside) \
+        if len(new_comps["comp_id"]) else np.zeros(0, np.int64)
+    dirty = np.unique(np.concatenate([inner, new_pixel]))
+    outside = np.setdiff1d(dirty, outer)
+    extra, extra_pixel = load_components(store, txn, band, outside)
+    table = concat([take(old, stay), new_comps, extra], COMPONENT_DTYPES)
+    table_pixel = np.concatenate([old_pixel[stay], new_pixel, extra_pixel])
+    _write_grouped(txn, store.dbs[DB_COMPONENTS], band, table, table_pixel, dirty,
+                   COMPONENT_DTYPES)
+    nonclique = ~removed["clique"]
+    _update_candidates(store, txn, band, removed["comp_id"][nonclique],
+                       old_pixel[~stay][nonclique], new_comps, new_cands)
+
+
+def _match_chord(match_radius_arcsec: float) -> float:
+    return chord_from_arcsec(match_radius_arcsec)

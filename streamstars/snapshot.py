@@ -1,0 +1,299 @@
+"""Snapshot: derive the fgcm input catalogs from the store in one LMDB read transaction.
+
+Steps (reference §4, all deterministic functions of the stored components and observations):
+1. candidates per primary band: every clique component with >= minPerBand members is one
+   candidate (mean of its members, id = smallest member sourceId); non-clique components
+   contribute their replayed candidates;
+2. cross-band merge in ``primaryBands`` order: a later band's candidate within matchRadius of
+   an already accepted star is dropped;
+3. isolation: every star with another star within isolationRadius is removed (both);
+4. membership: every observation (any band) within matchRadius of a surviving star joins it;
+5. requiredBands: >= minPerBand observations in each required band;
+6. density cut: in each ``densityCutNside`` pixel holding more than densityCutMaxPerPixel
+   stars, keep the ones with the smallest seeded hash of their id (stable as the survey grows);
+7. reserve flag (obj_flag 16) for a seeded-hash fraction ``reserveFraction`` of the stars.
+Stars are sorted by id; observations are grouped by star, each star's sorted by (visit, id).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import healpy as hp
+import lmdb
+import numpy as np
+from scipy.spatial import cKDTree
+
+from streamstars import __version__
+from streamstars.associate import CANDIDATE_DTYPES, COMPONENT_DTYPES
+from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
+from streamstars.config import BuildStarsConfig, to_dict
+from streamstars.io.snapshot_files import SnapshotCatalogs, write_snapshot
+from streamstars.sky import (
+    chord_from_arcsec,
+    fixed_unit_vectors,
+    normalized,
+    radec_from_vectors,
+    vectors_from_fixed,
+)
+from streamstars.state.codec import decode_columns
+from streamstars.state.store import (
+    DB_CANDIDATES,
+    DB_COMPONENTS,
+    DB_OBSERVATIONS,
+    StarStore,
+    band_from_key,
+    band_key,
+)
+from streamstars.visit import BAD_DETECTOR_VALUE
+
+#: fgcm's objFlag value of a reserved star (``RESERVED = 2**4``).
+OBJ_FLAG_RESERVED = 16
+_DENSITY_SALT = 0x5EED_DE45
+_RESERVE_SALT = 0x5EED_0E5E
+
+
+@dataclass
+class StarCatalog:
+    """Stars and their member observations, before being written."""
+
+    star_id: np.ndarray  # int64, sorted
+    ra: np.ndarray  # deg
+    dec: np.ndarray  # deg
+    n_obs: np.ndarray  # int32
+    obj_flag: np.ndarray  # int32
+    observations: ColumnDict  # grouped by star in star order
+
+
+@dataclass
+class SnapshotSummary:
+    """What a snapshot wrote."""
+
+    out_dir: Path
+    n_visits: int
+    n_stars: int
+    n_observations: int
+    seconds: float
+    files: list[Path]
+
+
+def splitmix64(values: np.ndarray) -> np.ndarray:
+    """The splitmix64 mix of uint64 values (a well-spread, seedable integer hash)."""
+    z = np.asarray(values).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def seeded_hash(star_id: np.ndarray, seed: int, salt: int) -> np.ndarray:
+    """A uint64 hash of each star id, fixed by (seed, salt): stable as the survey grows."""
+    key = splitmix64(np.array([(seed * 0x100000001 + salt) & 0xFFFFFFFFFFFFFFFF],
+                              dtype=np.uint64))[0]
+    return splitmix64(star_id.astype(np.int64).view(np.uint64) ^ key)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+def read_band_table(store: StarStore, txn: lmdb.Transaction, db: bytes, band: str,
+                    schema: dict[str, np.dtype]) -> ColumnDict:
+    """Every record of ``band`` in a (band, pixel)-keyed sub-database."""
+    parts = [decode_columns(v, schema)
+             for _, v in store.prefix_items(txn, db, band_key(band))]
+    return concat(parts, schema)
+
+
+def read_all_observations(store: StarStore, txn: lmdb.Transaction) -> tuple[ColumnDict,
+                                                                               np.ndarray]:
+    """All stored observations and the band of each."""
+    parts, bands = [], []
+    for key, value in txn.cursor(db=store.dbs[DB_OBSERVATIONS]):
+        part = decode_columns(value, OBSERVATION_DTYPES)
+        parts.append(part)
+        bands.append(np.full(len(part["source_id"]), band_from_key(key), dtype=object))
+    obs = concat(parts, OBSERVATION_DTYPES)
+    return obs, (np.concatenate(bands) if bands else np.zeros(0, dtype=object))
+
+
+def band_candidates(store: StarStore, txn: lmdb.Transaction, band: str) -> ColumnDict:
+    """Star candidates of one primary band: star_id and integer vector sums."""
+    comps = read_band_table(store, txn, DB_COMPONENTS, band, COMPONENT_DTYPES)
+    explicit = read_band_table(store, txn, DB_CANDIDATES, band, CANDIDATE_DTYPES)
+    implicit = comps["clique"] & (comps["count"] >= store.config.minPerBand)
+    keys = ("star_id", "sx", "sy", "sz")
+    from_cliques = {"star_id": comps["comp_id"][implicit], "sx": comps["sx"][implicit],
+                    "sy": comps["sy"][implicit], "sz": comps["sz"][implicit]}
+    dtypes = {k: np.dtype(np.int64) for k in keys}
+    cands = concat([from_cliques, {k: explicit[k] for k in keys}], dtypes)
+    return take(cands, np.argsort(cands["star_id"], kind="stable"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the global, deterministic part
+# ---------------------------------------------------------------------------------------------
+def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
+                observation_bands: np.ndarray, config: BuildStarsConfig) -> StarCatalog:
+    """Steps 2-7 of the module docstring from per-band candidates and all observations."""
+    match = chord_from_arcsec(config.matchRadius)
+    isolation = chord_from_arcsec(config.isolationRadius)
+
+    ids, vecs = [], []
+    for band in config.primaryBands:
+        cand = candidates.get(band)
+        if cand is None or len(cand["star_id"]) == 0:
+            continue
+        v = normalized(np.stack([cand["sx"], cand["sy"], cand["sz"]], axis=1))
+        if vecs:
+            accepted = np.concatenate(vecs)
+            near = cKDTree(accepted).query_ball_point(v, match, return_length=True)
+            keep = np.asarray(near) == 0
+            v = v[keep]
+            ids.append(cand["star_id"][keep])
+        else:
+            ids.append(cand["star_id"])
+        vecs.append(v)
+    star_id = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    star_v = np.concatenate(vecs) if vecs else np.zeros((0, 3))
+
+    if len(star_id) > 1:
+        close = cKDTree(star_v).query_pairs(isolation, output_type="ndarray")
+        isolated = np.ones(len(star_id), dtype=bool)
+        isolated[close.ravel()] = False
+        star_id, star_v = star_id[isolated], star_v[isolated]
+
+    obs_v = vectors_from_fixed(fixed_unit_vectors(observations["ra"], observations["dec"]))
+    if len(star_id) and len(obs_v):
+        dist, nearest = cKDTree(star_v).query(obs_v, k=1, distance_upper_bound=match * 1.001)
+        member = dist <= match
+    else:
+        nearest = np.zeros(len(obs_v), dtype=np.int64)
+        member = np.zeros(len(obs_v), dtype=bool)
+    owner = np.where(member, nearest, -1)
+
+    keep = np.ones(len(star_id), dtype=bool)
+    for band in config.requiredBands:
+        in_band = member & (observation_bands == band)
+        keep &= np.bincount(owner[in_band], minlength=len(star_id)) >= config.minPerBand
+
+    if len(star_id):
+        pixel = hp.vec2pix(config.densityCutNside, star_v[:, 0], star_v[:, 1], star_v[:, 2],
+                           nest=True)
+        rank_key = seeded_hash(star_id, config.randomSeed, _DENSITY_SALT)
+        candidates_idx = np.flatnonzero(keep)
+        order = candidates_idx[np.lexsort((star_id[candidates_idx], rank_key[candidates_idx],
+                                           pixel[candidates_idx]))]
+        sorted_pixel = pixel[order]
+        starts = np.flatnonzero(np.r_[True, sorted_pixel[1:] != sorted_pixel[:-1]])
+        rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        keep[order[rank >= config.densityCutMaxPerPixel]] = False
+
+    new_index = np.full(len(star_id), -1, dtype=np.int64)
+    survivors = np.flatnonzero(keep)
+    survivors = survivors[np.argsort(star_id[survivors], kind="stable")]
+    new_index[survivors] = np.arange(len(survivors))
+    obs_owner = np.where(owner >= 0, new_index[np.maximum(owner, 0)], -1)
+    rows = np.flatnonzero(obs_owner >= 0)
+    rows = rows[np.lexsort((observations["source_id"][rows], observations["visit"][rows],
+                            obs_owner[rows]))]
+    n_obs = np.bincount(obs_owner[rows], minlength=len(survivors)).astype(np.int32)
+
+    final_id = star_id[survivors]
+    ra, dec = radec_from_vectors(star_v[survivors]) if len(survivors) else (
+        np.zeros(0), np.zeros(0))
+    reserve_draw = seeded_hash(final_id, config.randomSeed, _RESERVE_SALT)
+    threshold = np.uint64(int(config.reserveFraction * float(1 << 64)) & 0xFFFFFFFFFFFFFFFF)
+    obj_flag = np.where(reserve_draw < threshold, OBJ_FLAG_RESERVED, 0).astype(np.int32)
+    return StarCatalog(final_id, ra, dec, n_obs, obj_flag, take(observations, rows))
+
+
+def visit_catalog(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """fgcmVisitCatalog columns from the stored visit records (sorted by visit)."""
+    records = sorted(records, key=lambda r: r["visit"])
+    detectors = [int(d) for r in records for d in r["metadata"].get("detectors", [])]
+    detectors += [int(d) for r in records for d in r.get("delta_aper_detector", {})]
+    n_ccd = max(detectors) + 1 if detectors else 1
+    n = len(records)
+
+    def meta(name: str) -> np.ndarray:
+        return np.array([np.nan if r["metadata"].get(name) is None else r["metadata"][name]
+                         for r in records], dtype=np.float64)
+
+    per_ccd_aper = np.full((n, n_ccd), BAD_DETECTOR_VALUE)
+    per_ccd_fwhm = np.full((n, n_ccd), BAD_DETECTOR_VALUE)
+    for i, r in enumerate(records):  # loop over visits, not sources
+        for det, value in r.get("delta_aper_detector", {}).items():
+            per_ccd_aper[i, int(det)] = value
+        dets = np.asarray(r["metadata"].get("detectors", []), dtype=np.int64)
+        fwhm = np.asarray(r["metadata"].get("psf_fwhm_detector", []), dtype=np.float64)
+        if len(dets):
+            per_ccd_fwhm[i, dets] = fwhm
+    return {
+        "visit": np.array([r["visit"] for r in records], dtype=np.int64),
+        "physicalFilter": np.array([r["metadata"]["physical_filter"] for r in records],
+                                   dtype=str if n else "U1"),
+        "telra": meta("telra"), "teldec": meta("teldec"), "telha": meta("telha"),
+        "telrot": meta("telrot"), "mjd": meta("mjd"), "exptime": meta("exptime"),
+        "pmb": meta("pmb"), "psfSigma": meta("psf_sigma"), "psfFwhm": meta("psf_fwhm"),
+        "skyBackground": meta("sky_background"),
+        "deltaAper": np.array([r["delta_aper"] for r in records], dtype=np.float64),
+        "deltaAperDetector": per_ccd_aper,
+        "psfFwhmDetector": per_ccd_fwhm,
+        "scaling": np.ones((n, n_ccd)),
+        "deepFlag": np.zeros(n, dtype=np.int32),
+        "used": np.ones(n, dtype=np.int32),
+        "sources_read": np.ones(n, dtype=bool),
+    }
+
+
+def build_catalogs(store: StarStore, txn: lmdb.Transaction,
+                   config: BuildStarsConfig | None = None) -> tuple[SnapshotCatalogs,
+                                                                    StarCatalog]:
+    """Everything a snapshot writes, from one read transaction."""
+    config = config or store.config
+    records = [rec for _, rec in store.iter_visit_records(txn)]
+    candidates = {band: band_candidates(store, txn, band) for band in config.primaryBands}
+    observations, bands = read_all_observations(store, txn)
+    stars = build_stars(candidates, observations, bands, config)
+    obs_arr_index = np.concatenate([[0], np.cumsum(stars.n_obs)[:-1]]).astype(np.int64) \
+        if len(stars.n_obs) else np.zeros(0, np.int64)
+    offsets: dict[str, int] = {}
+    for rec in records:
+        if "kafka" in rec:
+            topic, partition, next_offset = rec["kafka"]
+            key = f"{topic}/{partition}"
+            offsets[key] = max(offsets.get(key, 0), int(next_offset))
+    metadata = {
+        "streamstars_version": __version__,
+        "visits": json.dumps([rec["visit"] for rec in records]),
+        "kafka_offsets": json.dumps(offsets, sort_keys=True),
+        "config": json.dumps(to_dict(config), sort_keys=True),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    catalogs = SnapshotCatalogs(
+        visits=visit_catalog(records),
+        observations=stars.observations,
+        stars={"fgcm_id": stars.star_id, "ra": stars.ra, "dec": stars.dec,
+               "obs_arr_index": obs_arr_index, "n_obs": stars.n_obs,
+               "obj_flag": stars.obj_flag},
+        metadata=metadata,
+    )
+    return catalogs, stars
+
+
+def write_store_snapshot(store: StarStore, out_dir: str | Path,
+                         formats: tuple[str, ...] = ("fits", "parquet"),
+                         extra_metadata: dict[str, str] | None = None,
+                         config: BuildStarsConfig | None = None) -> SnapshotSummary:
+    """Compute the catalogs from one read transaction and write them atomically to out_dir."""
+    start = time.perf_counter()
+    with store.read() as txn:
+        catalogs, stars = build_catalogs(store, txn, config)
+    catalogs.metadata.update(extra_metadata or {})
+    files = write_snapshot(Path(out_dir), catalogs, formats=formats)
+    return SnapshotSummary(Path(out_dir), len(catalogs.visits["visit"]), len(stars.star_id),
+                           len(stars.observations["source_id"]), time.perf_counter() - start,
+                           list(files))
