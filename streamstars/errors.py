@@ -44,5 +44,9 @@ class TransientInputError(StreamstarsError):
     """An input is not readable *yet* (file not there, filesystem timeout): retry later."""
 
 
+class SourceFileMissingError(TransientInputError):
+    """A source table named by a visit does not exist (yet): retry, then give up."""
+
+
 class StateError(StreamstarsError):
     """The state directory cannot be used (other format version, incompatible config)."""

@@ -64,6 +64,8 @@ class PreparedVisit:
     delta_aper_detector: dict[int, float]
     content_hash: str
     source_paths: list[str] = field(default_factory=list)
+    #: (path, size, mtime_ns) of the source files, so a resumed backfill can skip unchanged ones
+    files: list[list[object]] = field(default_factory=list)
 
 
 @dataclass
@@ -202,6 +204,7 @@ def _add_visit(store: StarStore, txn: lmdb.Transaction, prepared: PreparedVisit,
         "delta_aper_detector": {str(k): v for k, v in sorted(
             prepared.delta_aper_detector.items())},
         "source_paths": prepared.source_paths,
+        "files": prepared.files,
     }
     if kafka_offset is not None:
         record["kafka"] = [kafka_offset.topic, kafka_offset.partition, kafka_offset.next_offset]

@@ -1,0 +1,199 @@
+"""The ``streamstars`` command line.
+
+Subcommands: ``backfill``, ``snapshot``, ``status``, ``retract``, ``config show``,
+``simulate``, ``refresh-refs`` and, from :mod:`streamstars.consumers.cli`, ``run`` and
+``publish``.  Exit codes: 0 success, 1 some visits failed, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from streamstars import __version__
+from streamstars.config import BuildStarsConfig, load_config
+from streamstars.errors import StreamstarsError
+
+
+def _config(args: argparse.Namespace) -> BuildStarsConfig | None:
+    return load_config(args.config) if getattr(args, "config", None) else None
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from streamstars.backfill import backfill
+    from streamstars.state.store import StarStore
+
+    config = _config(args) or BuildStarsConfig()
+    with StarStore.open(args.state, config) as store:
+        report = backfill(args.repo, store, replace=args.replace, prefetch=args.prefetch,
+                          progress=not args.no_progress)
+        with store.read() as txn:
+            n_visits = sum(1 for _ in store.iter_visit_records(txn))
+    for problem in report.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    for failure in report.failed:
+        print(f"FAILED visit {failure.visit}: {failure.error}", file=sys.stderr)
+    rate = report.sources_read / report.seconds if report.seconds else 0.0
+    print(f"backfill: {report.applied} applied, {report.replaced} replaced, "
+          f"{report.skipped} skipped, {len(report.failed)} failed; "
+          f"{report.sources_read:,} sources read, {report.observations_selected:,} observations "
+          f"selected in {report.seconds:.1f} s ({rate:,.0f} sources/s); "
+          f"store holds {n_visits} visits")
+    return 0 if report.ok else 1
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from streamstars.snapshot import write_store_snapshot
+    from streamstars.state.store import StarStore
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    bad = [f for f in formats if f not in ("fits", "parquet")]
+    if bad or not formats:
+        raise SystemExit(f"--format takes fits and/or parquet, got {args.format!r}")
+    with StarStore.open(args.state, readonly=True) as store:
+        config = load_config(args.config) if args.config else None
+        summary = write_store_snapshot(store, args.out, formats=formats, config=config)
+    print(f"snapshot: {summary.n_visits} visits, {summary.n_stars:,} stars, "
+          f"{summary.n_observations:,} observations -> {summary.out_dir} "
+          f"({summary.seconds:.1f} s)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from streamstars.status import store_status
+
+    with _open_readonly(args.state) as store:
+        status = store_status(store)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        for key, value in status.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def _open_readonly(path: str):  # type: ignore[no-untyped-def]
+    from streamstars.state.store import StarStore
+
+    return StarStore.open(path, readonly=True)
+
+
+def cmd_retract(args: argparse.Namespace) -> int:
+    from streamstars.ingest import retract_visit
+    from streamstars.state.store import StarStore
+
+    with StarStore.open(args.state) as store:
+        for visit in args.visits:
+            result = retract_visit(store, visit)
+            print(f"visit {visit}: {result.status}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    if args.state:
+        with _open_readonly(args.state) as store:
+            print(store.config.to_toml())
+    else:
+        print((_config(args) or BuildStarsConfig()).to_toml())
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from streamstars.simulate import simulate_survey
+
+    survey = simulate_survey(args.out, n_visits=args.visits, seed=args.seed,
+                             sources_per_visit=args.sources_per_visit, crowded=args.crowded,
+                             ra_center=args.ra, dec_center=args.dec)
+    print(f"simulated {len(survey.visits)} visits ({survey.n_sources:,} sources) in {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="streamstars",
+        description="Incremental builder of the fgcm star catalogs (fgcmcal build-stars).")
+    parser.add_argument("--version", action="version", version=f"streamstars {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("backfill", help="apply every visit of a repository (resumable)")
+    p.add_argument("repo", help="directory tree with sourceTable_visit and metadata files")
+    p.add_argument("--state", required=True, help="state directory (LMDB store)")
+    p.add_argument("--config", help="TOML config with fgcmcal field names")
+    p.add_argument("--replace", action="store_true",
+                   help="replace visits whose content changed since they were applied")
+    p.add_argument("--prefetch", type=int, default=2,
+                   help="visits read and selected ahead in threads (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_backfill)
+
+    p = sub.add_parser("snapshot", help="write the fgcm input catalogs from a store")
+    p.add_argument("out", help="output directory (replaced atomically)")
+    p.add_argument("--state", required=True, help="state directory")
+    p.add_argument("--format", default="fits,parquet", help="fits,parquet (default both)")
+    p.add_argument("--config", help="override snapshot-time settings (isolation, "
+                   "requiredBands, density cut); must agree on everything else")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("status", help="what a store holds")
+    p.add_argument("--state", required=True)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("retract", help="remove visits completely from a store")
+    p.add_argument("visits", type=int, nargs="+")
+    p.add_argument("--state", required=True)
+    p.set_defaults(func=cmd_retract)
+
+    p = sub.add_parser("config", help="configuration commands")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the effective configuration as TOML")
+    show.add_argument("--config", help="TOML file to load")
+    show.add_argument("--state", help="print the configuration a store was built with")
+    show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("simulate", help="write a simulated survey in the Rubin formats")
+    p.add_argument("out")
+    p.add_argument("--visits", type=int, default=20)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--sources-per-visit", type=int, default=5000)
+    p.add_argument("--crowded", action="store_true")
+    p.add_argument("--ra", type=float, default=150.0, help="field centre RA [deg]")
+    p.add_argument("--dec", type=float, default=2.0, help="field centre Dec [deg]")
+    p.set_defaults(func=cmd_simulate)
+
+    try:
+        from streamstars.refs_cli import add_commands as add_ref_commands
+    except ImportError:  # the reference-catalog commands are optional at import time
+        pass
+    else:
+        add_ref_commands(sub)
+    try:
+        from streamstars.consumers.cli import add_commands as add_kafka_commands
+    except ImportError:
+        pass
+    else:
+        add_kafka_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``streamstars`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except StreamstarsError as exc:
+        print(f"streamstars: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
