@@ -1,0 +1,928 @@
+"""Writers (and a reader) of the fgcm input catalogs: one *snapshot* directory.
+
+A snapshot is what ``FgcmBuildStarsTableTask`` would have written for the visits applied so far,
+in two flavours:
+
+Legacy FITS (the schemas of fgcmcal's ``FgcmBuildStarsTableTask``)
+    ``fgcmVisitCatalog.fits``, ``fgcmStarObservations.fits`` (ra/dec in **radians**),
+    ``fgcmStarIds.fits`` (``fgcm_id`` is **int64**: streamstars' ids are stable 64-bit source
+    ids; header keyword ``FGCMIDTY = 'int64'`` says so), ``fgcmStarIndices.fits`` and, when a
+    reference catalog was matched, ``fgcmReferenceStars.fits`` (headers ``FILTERNAMES``,
+    ``REFSTARS_FORMAT_VERSION = 1``).
+
+Production parquet
+    ``fgcm_star_observations.parquet``, ``fgcm_star_ids.parquet``, ``fgcmVisitCatalog.parquet``
+    and ``fgcm_reference_stars.parquet`` (schema metadata ``FILTERNAMES``).
+
+Provenance (``SnapshotCatalogs.metadata``, a ``dict[str, str]``; ``created`` and
+``streamstars_version`` are added when absent) is stored as a sorted-key JSON string:
+
+* FITS: primary-header keyword ``SSPROV`` (FITS long-string ``CONTINUE`` convention, which
+  astropy reads back transparently), plus ``SSVERSN`` (streamstars version);
+* parquet: schema metadata key ``streamstars``;
+* the manifest ``SNAPSHOT.json`` (file names, row counts, byte sizes, sha256, provenance).
+
+No file carries the wall-clock time except through the provenance ``created`` value, so two
+writes of identical catalogs with identical metadata are byte-identical, and
+:func:`compare_snapshots` (which ignores ``created`` by default) reports no difference between
+two runs that differ only in when they ran.
+
+Atomic replacement
+------------------
+:func:`write_snapshot` writes every file into a fresh sibling directory
+``.<name>.tmp-<random>`` (same filesystem), fsyncs files and directory, then
+
+* if ``out_dir`` does not exist: ``os.rename`` (atomic);
+* otherwise: Linux ``renameat2(RENAME_EXCHANGE)`` (through ctypes/libc) swaps the two
+  directories in one step, so the path ``out_dir`` always names a complete snapshot, old or new.
+  The old snapshot (now at the temporary name) is removed after ``grace_seconds`` so that a
+  reader which resolved ``out_dir`` just before the swap can still open its files (files that are
+  already open stay readable after removal anyway; :func:`read_snapshot` opens all the files it
+  needs through one directory file descriptor before reading any of them);
+* if ``renameat2`` is unavailable (non-Linux, old glibc, filesystem without
+  ``RENAME_EXCHANGE``): ``rename(out_dir, .<name>.old-<random>)`` then ``rename(tmp, out_dir)``.
+  Between the two renames (a few microseconds) ``out_dir`` does not exist: a reader may see
+  it missing, never a mix.
+
+Writers of the same parent directory are serialised with ``flock`` on the parent directory,
+and leftovers of a crashed writer (``.<name>.tmp-*`` / ``.<name>.old-*``) are removed under that
+lock.  An existing non-empty ``out_dir`` that does not look like a snapshot (none of
+``SNAPSHOT.json``, ``fgcmStarIds.fits``, ``fgcm_star_ids.parquet``) is never touched:
+:class:`SnapshotDirectoryError` is raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from astropy.io import fits
+
+from streamstars import __version__
+from streamstars.columns import OBSERVATION_DTYPES
+from streamstars.errors import StreamstarsError
+
+__all__ = [
+    "FITS_FILES",
+    "MANIFEST_NAME",
+    "PARQUET_FILES",
+    "REFSTARS_FORMAT_VERSION",
+    "STAR_DTYPES",
+    "VISIT_ARRAY_FIELDS",
+    "VISIT_SCALAR_DTYPES",
+    "SnapshotCatalogs",
+    "SnapshotDirectoryError",
+    "compare_snapshots",
+    "read_snapshot",
+    "write_snapshot",
+]
+
+#: Name of the manifest written last into every snapshot directory.
+MANIFEST_NAME = "SNAPSHOT.json"
+MANIFEST_FORMAT = "streamstars-snapshot"
+MANIFEST_VERSION = 1
+REFSTARS_FORMAT_VERSION = 1
+#: Width of the FITS ``physicalFilter`` column (fgcmcal's legacy schema uses 30 characters).
+PHYSICAL_FILTER_WIDTH = 30
+
+FITS_FILES = {
+    "visits": "fgcmVisitCatalog.fits",
+    "observations": "fgcmStarObservations.fits",
+    "stars": "fgcmStarIds.fits",
+    "indices": "fgcmStarIndices.fits",
+    "reference": "fgcmReferenceStars.fits",
+}
+PARQUET_FILES = {
+    "visits": "fgcmVisitCatalog.parquet",
+    "observations": "fgcm_star_observations.parquet",
+    "stars": "fgcm_star_ids.parquet",
+    "reference": "fgcm_reference_stars.parquet",
+}
+_SNAPSHOT_MARKERS = (MANIFEST_NAME, FITS_FILES["stars"], PARQUET_FILES["stars"])
+
+#: Scalar fields of the visit catalog, in file order (``physicalFilter`` is a string).
+VISIT_SCALAR_DTYPES: dict[str, np.dtype] = {
+    "visit": np.dtype(np.int64),
+    "physicalFilter": np.dtype(np.str_),
+    "telra": np.dtype(np.float64),
+    "teldec": np.dtype(np.float64),
+    "telha": np.dtype(np.float64),
+    "telrot": np.dtype(np.float64),
+    "mjd": np.dtype(np.float64),
+    "exptime": np.dtype(np.float64),
+    "pmb": np.dtype(np.float64),
+    "psfSigma": np.dtype(np.float64),
+    "psfFwhm": np.dtype(np.float64),
+    "skyBackground": np.dtype(np.float64),
+    "deltaAper": np.dtype(np.float64),
+    "deepFlag": np.dtype(np.int32),
+    "used": np.dtype(np.int32),
+    "sources_read": np.dtype(np.bool_),
+}
+#: Per-detector (n_visits, n_ccd) float64 fields of the visit catalog.
+VISIT_ARRAY_FIELDS: tuple[str, ...] = ("deltaAperDetector", "psfFwhmDetector", "scaling")
+_VISIT_ORDER: tuple[str, ...] = (
+    "visit", "physicalFilter", "telra", "teldec", "telha", "telrot", "mjd", "exptime", "pmb",
+    "psfSigma", "psfFwhm", "skyBackground", "deltaAper", "deltaAperDetector", "psfFwhmDetector",
+    "scaling", "deepFlag", "used", "sources_read",
+)
+_VISIT_UNITS = {
+    "telra": "deg", "teldec": "deg", "telha": "deg", "telrot": "deg", "mjd": "d",
+    "exptime": "s", "pmb": "mbar", "psfSigma": "pix", "psfFwhm": "arcsec",
+    "psfFwhmDetector": "arcsec", "deltaAper": "mag", "deltaAperDetector": "mag",
+}
+
+#: Columns of ``SnapshotCatalogs.stars``.
+STAR_DTYPES: dict[str, np.dtype] = {
+    "fgcm_id": np.dtype(np.int64),
+    "ra": np.dtype(np.float64),
+    "dec": np.dtype(np.float64),
+    "obs_arr_index": np.dtype(np.int64),
+    "n_obs": np.dtype(np.int32),
+    "obj_flag": np.dtype(np.int32),
+}
+
+# (fits name, source column, FITS format, unit); ra/dec converted to radians.
+_FITS_OBS_COLUMNS: tuple[tuple[str, str, str, str | None], ...] = (
+    ("ra", "ra", "D", "rad"),
+    ("dec", "dec", "D", "rad"),
+    ("x", "x", "D", "pix"),
+    ("y", "y", "D", "pix"),
+    ("psf_candidate", "psf_candidate", "L", None),
+    ("visit", "visit", "K", None),
+    ("ccd", "detector", "J", None),
+    ("instMag", "inst_mag", "E", "mag"),
+    ("instMagErr", "inst_mag_err", "E", "mag"),
+    ("jacobian", "jacobian", "E", None),
+    ("deltaMagBkg", "delta_mag_bkg", "E", "mag"),
+    ("deltaMagAper", "delta_mag_aper", "E", "mag"),
+    ("sourceId", "source_id", "K", None),
+)
+# (parquet name, source column, arrow type)
+_PARQUET_OBS_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("ra", pa.float64()),
+    ("dec", pa.float64()),
+    ("x", pa.float32()),
+    ("y", pa.float32()),
+    ("visit", pa.int64()),
+    ("detector", pa.int32()),
+    ("inst_mag", pa.float32()),
+    ("inst_mag_err", pa.float32()),
+    ("jacobian", pa.float32()),
+    ("delta_mag_bkg", pa.float32()),
+    ("delta_mag_aper", pa.float32()),
+    ("delta_mag_err_aper", pa.float32()),
+    ("psf_candidate", pa.bool_()),
+    ("source_id", pa.int64()),
+)
+_PARQUET_STAR_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("fgcm_id", pa.int64()),
+    ("ra", pa.float64()),
+    ("dec", pa.float64()),
+    ("obs_arr_index", pa.int64()),
+    ("n_obs", pa.int32()),
+    ("obj_flag", pa.int32()),
+)
+_PROV_KEYWORD = "SSPROV"
+_PARQUET_META_KEY = b"streamstars"
+_PARQUET_COMPRESSION = "zstd"
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+class SnapshotDirectoryError(StreamstarsError):
+    """``out_dir`` cannot be used for a snapshot (e.g. it holds unrelated files)."""
+
+
+@dataclass
+class SnapshotCatalogs:
+    """In-memory content of one snapshot.
+
+    Attributes
+    ----------
+    visits
+        fgcmVisitCatalog columns (:data:`VISIT_SCALAR_DTYPES` plus the (n, nCcd) float64
+        :data:`VISIT_ARRAY_FIELDS`), one row per visit; rows are sorted by visit on writing.
+    observations
+        Columns of :data:`streamstars.columns.OBSERVATION_DTYPES` (ra/dec in degrees), rows
+        grouped by star in ``stars`` order.
+    stars
+        Columns of :data:`STAR_DTYPES`: star ``i`` owns observation rows
+        ``obs_arr_index[i] : obs_arr_index[i] + n_obs[i]``.
+    reference
+        ``fgcm_id`` int64, ``refMag`` and ``refMagErr`` (n, nfilt) float32, or ``None``.
+    reference_filters
+        The nfilt filter names, in column order of ``refMag``.
+    metadata
+        Provenance strings (visits included, offsets, config, time, version).
+    """
+
+    visits: dict[str, np.ndarray]
+    observations: dict[str, np.ndarray]
+    stars: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray] | None = None
+    reference_filters: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# validation / normalisation
+# --------------------------------------------------------------------------------------------
+
+
+def _require(columns: dict[str, np.ndarray], names: Iterable[str], what: str) -> None:
+    missing = [n for n in names if n not in columns]
+    if missing:
+        raise ValueError(f"{what} columns missing: {', '.join(missing)}")
+
+
+def _one_length(columns: dict[str, np.ndarray], what: str) -> int:
+    lengths = {name: len(values) for name, values in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{what} columns have different lengths: {lengths}")
+    return next(iter(lengths.values())) if lengths else 0
+
+
+def _normalise(catalogs: SnapshotCatalogs) -> SnapshotCatalogs:
+    """Check the catalogs and return a copy with canonical dtypes, visits sorted by visit."""
+    # visits
+    _require(catalogs.visits, _VISIT_ORDER, "visit catalog")
+    visits: dict[str, np.ndarray] = {}
+    for name, dt in VISIT_SCALAR_DTYPES.items():
+        values = np.asarray(catalogs.visits[name])
+        if values.ndim != 1:
+            raise ValueError(f"visit catalog column {name!r} must be 1-d, got {values.shape}")
+        visits[name] = values.astype(str) if name == "physicalFilter" else values.astype(dt)
+    n_visits = len(visits["visit"])
+    for name in VISIT_ARRAY_FIELDS:
+        values = np.asarray(catalogs.visits[name], dtype=np.float64)
+        if values.ndim != 2 or values.shape[0] != n_visits or values.shape[1] < 1:
+            raise ValueError(
+                f"visit catalog column {name!r} must have shape (n_visits={n_visits}, nCcd>=1),"
+                f" got {values.shape}")
+        visits[name] = values
+    n_ccd = {visits[name].shape[1] for name in VISIT_ARRAY_FIELDS}
+    if len(n_ccd) > 1:
+        raise ValueError(f"per-detector visit columns disagree on nCcd: {sorted(n_ccd)}")
+    _one_length(visits, "visit catalog")
+    if np.unique(visits["visit"]).size != n_visits:
+        raise ValueError("visit catalog has duplicate visits")
+    order = np.argsort(visits["visit"], kind="stable")
+    visits = {name: values[order] for name, values in visits.items()}
+
+    # observations
+    _require(catalogs.observations, OBSERVATION_DTYPES, "observation")
+    observations = {name: np.asarray(catalogs.observations[name]).astype(dt, copy=False)
+                    for name, dt in OBSERVATION_DTYPES.items()}
+    n_obs_rows = _one_length(observations, "observation")
+
+    # stars
+    _require(catalogs.stars, STAR_DTYPES, "star")
+    stars = {name: np.asarray(catalogs.stars[name]).astype(dt, copy=False)
+             for name, dt in STAR_DTYPES.items()}
+    _one_length(stars, "star")
+    n_obs = stars["n_obs"].astype(np.int64)
+    if np.any(n_obs < 0):
+        raise ValueError("star n_obs must be >= 0")
+    expected_index = np.concatenate(([0], np.cumsum(n_obs)[:-1])) if n_obs.size else n_obs
+    if not np.array_equal(stars["obs_arr_index"], expected_index):
+        raise ValueError("star obs_arr_index must be the running sum of n_obs "
+                         "(observations grouped by star, in star order)")
+    if int(n_obs.sum()) != n_obs_rows:
+        raise ValueError(f"sum of n_obs ({int(n_obs.sum())}) != number of observations "
+                         f"({n_obs_rows})")
+
+    # reference
+    reference: dict[str, np.ndarray] | None = None
+    filters = tuple(str(f) for f in catalogs.reference_filters)
+    if catalogs.reference is not None:
+        _require(catalogs.reference, ("fgcm_id", "refMag", "refMagErr"), "reference")
+        reference = {"fgcm_id": np.asarray(catalogs.reference["fgcm_id"], dtype=np.int64)}
+        for name in ("refMag", "refMagErr"):
+            values = np.asarray(catalogs.reference[name], dtype=np.float32)
+            if values.ndim != 2 or values.shape != (len(reference["fgcm_id"]), len(filters)):
+                raise ValueError(
+                    f"reference column {name!r} must have shape (n_ref, n_filters="
+                    f"{len(filters)}), got {values.shape}")
+            reference[name] = values
+        if not filters:
+            raise ValueError("reference catalogs need reference_filters")
+        if any("," in f for f in filters):
+            raise ValueError(f"reference filter names may not contain commas: {filters}")
+
+    metadata = {str(k): str(v) for k, v in catalogs.metadata.items()}
+    metadata.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
+    metadata.setdefault("streamstars_version", __version__)
+    return SnapshotCatalogs(visits=visits, observations=observations, stars=stars,
+                            reference=reference, reference_filters=filters, metadata=metadata)
+
+
+def _provenance_json(metadata: dict[str, str]) -> str:
+    return json.dumps(metadata, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------------------------
+# FITS
+# --------------------------------------------------------------------------------------------
+
+
+def _primary_hdu(metadata: dict[str, str]) -> fits.PrimaryHDU:
+    header = fits.Header()
+    header["SSVERSN"] = (metadata.get("streamstars_version", __version__),
+                         "streamstars version")
+    header[_PROV_KEYWORD] = (_provenance_json(metadata), "streamstars provenance (JSON)")
+    return fits.PrimaryHDU(header=header)
+
+
+def _write_fits(path: Path, metadata: dict[str, str], columns: list[fits.Column],
+                extra_header: dict[str, tuple[Any, str]] | None = None) -> None:
+    primary = _primary_hdu(metadata)
+    table = fits.BinTableHDU.from_columns(fits.ColDefs(columns))
+    for key, value in (extra_header or {}).items():
+        primary.header[key] = value
+        table.header[key] = value
+    fits.HDUList([primary, table]).writeto(path, checksum=False, output_verify="exception")
+
+
+def _write_fits_files(out: Path, cat: SnapshotCatalogs) -> dict[str, int]:
+    rows: dict[str, int] = {}
+    meta = cat.metadata
+    v = cat.visits
+    n_ccd = v["scaling"].shape[1]
+    width = max([PHYSICAL_FILTER_WIDTH, *(len(s) for s in v["physicalFilter"])])
+    fmt = {np.dtype(np.int64): "K", np.dtype(np.int32): "J", np.dtype(np.float64): "D",
+           np.dtype(np.bool_): "L"}
+    visit_cols: list[fits.Column] = []
+    for name in _VISIT_ORDER:
+        if name == "physicalFilter":
+            visit_cols.append(fits.Column(name=name, format=f"{width}A",
+                                          array=v[name].astype(f"S{width}")))
+        elif name in VISIT_ARRAY_FIELDS:
+            visit_cols.append(fits.Column(name=name, format=f"{n_ccd}D", array=v[name],
+                                          unit=_VISIT_UNITS.get(name)))
+        else:
+            visit_cols.append(fits.Column(name=name, format=fmt[v[name].dtype], array=v[name],
+                                          unit=_VISIT_UNITS.get(name)))
+    _write_fits(out / FITS_FILES["visits"], meta, visit_cols)
+    rows[FITS_FILES["visits"]] = len(v["visit"])
+
+    o = cat.observations
+    n_obs_rows = len(o["visit"])
+    if n_obs_rows > _INT32_MAX:
+        raise ValueError(f"{n_obs_rows} observations do not fit the legacy int32 obsIndex; "
+                         "write formats=('parquet',) only")
+    obs_cols = []
+    for fits_name, src, form, unit in _FITS_OBS_COLUMNS:
+        values = np.radians(o[src]) if fits_name in ("ra", "dec") else o[src]
+        obs_cols.append(fits.Column(name=fits_name, format=form, array=values, unit=unit))
+    _write_fits(out / FITS_FILES["observations"], meta, obs_cols)
+    rows[FITS_FILES["observations"]] = n_obs_rows
+
+    s = cat.stars
+    id_header = {"FGCMIDTY": ("int64", "fgcm_id: 64-bit stable ids (fgcmcal int32)")}
+    star_cols = [
+        fits.Column(name="fgcm_id", format="K", array=s["fgcm_id"]),
+        fits.Column(name="ra", format="D", array=s["ra"], unit="deg"),
+        fits.Column(name="dec", format="D", array=s["dec"], unit="deg"),
+        fits.Column(name="obsArrIndex", format="J", array=s["obs_arr_index"].astype(np.int32)),
+        fits.Column(name="nObs", format="J", array=s["n_obs"]),
+    ]
+    _write_fits(out / FITS_FILES["stars"], meta, star_cols, id_header)
+    rows[FITS_FILES["stars"]] = len(s["fgcm_id"])
+
+    index_cols = [fits.Column(name="obsIndex", format="J",
+                              array=np.arange(n_obs_rows, dtype=np.int32))]
+    _write_fits(out / FITS_FILES["indices"], meta, index_cols)
+    rows[FITS_FILES["indices"]] = n_obs_rows
+
+    if cat.reference is not None:
+        r = cat.reference
+        nfilt = len(cat.reference_filters)
+        ref_cols = [
+            fits.Column(name="fgcm_id", format="K", array=r["fgcm_id"]),
+            fits.Column(name="refMag", format=f"{nfilt}E", array=r["refMag"], unit="mag"),
+            fits.Column(name="refMagErr", format=f"{nfilt}E", array=r["refMagErr"],
+                        unit="mag"),
+        ]
+        ref_header = {
+            "HIERARCH FILTERNAMES": (",".join(cat.reference_filters),
+                                     "filter order of refMag"),
+            "HIERARCH REFSTARS_FORMAT_VERSION": (REFSTARS_FORMAT_VERSION, ""),
+            **id_header,
+        }
+        _write_fits(out / FITS_FILES["reference"], meta, ref_cols, ref_header)
+        rows[FITS_FILES["reference"]] = len(r["fgcm_id"])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# parquet
+# --------------------------------------------------------------------------------------------
+
+
+def _fixed_list(values: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=value_type)
+    return pa.FixedSizeListArray.from_arrays(flat, int(values.shape[1]))
+
+
+def _write_parquet(path: Path, arrays: list[pa.Array], names: list[str],
+                   metadata: dict[str, str], extra: dict[str, str] | None = None) -> None:
+    meta = {_PARQUET_META_KEY: _provenance_json(metadata).encode()}
+    for key, value in (extra or {}).items():
+        meta[key.encode()] = value.encode()
+    table = pa.Table.from_arrays(arrays, names=names).replace_schema_metadata(meta)
+    pq.write_table(table, path, compression=_PARQUET_COMPRESSION)
+
+
+def _write_parquet_files(out: Path, cat: SnapshotCatalogs) -> dict[str, int]:
+    rows: dict[str, int] = {}
+    meta = cat.metadata
+    v = cat.visits
+    arrays: list[pa.Array] = []
+    for name in _VISIT_ORDER:
+        if name in VISIT_ARRAY_FIELDS:
+            arrays.append(_fixed_list(v[name], pa.float64()))
+        elif name == "physicalFilter":
+            arrays.append(pa.array(v[name].tolist(), type=pa.string()))
+        else:
+            arrays.append(pa.array(v[name]))
+    _write_parquet(out / PARQUET_FILES["visits"], arrays, list(_VISIT_ORDER), meta)
+    rows[PARQUET_FILES["visits"]] = len(v["visit"])
+
+    o = cat.observations
+    _write_parquet(out / PARQUET_FILES["observations"],
+                   [pa.array(o[name].astype(typ.to_pandas_dtype(), copy=False), type=typ)
+                    for name, typ in _PARQUET_OBS_COLUMNS],
+                   [name for name, _ in _PARQUET_OBS_COLUMNS], meta)
+    rows[PARQUET_FILES["observations"]] = len(o["visit"])
+
+    s = cat.stars
+    _write_parquet(out / PARQUET_FILES["stars"],
+                   [pa.array(s[name], type=typ) for name, typ in _PARQUET_STAR_COLUMNS],
+                   [name for name, _ in _PARQUET_STAR_COLUMNS], meta)
+    rows[PARQUET_FILES["stars"]] = len(s["fgcm_id"])
+
+    if cat.reference is not None:
+        r = cat.reference
+        _write_parquet(out / PARQUET_FILES["reference"],
+                       [pa.array(r["fgcm_id"], type=pa.int64()),
+                        _fixed_list(r["refMag"], pa.float32()),
+                        _fixed_list(r["refMagErr"], pa.float32())],
+                       ["fgcm_id", "refMag", "refMagErr"], meta,
+                       {"FILTERNAMES": ",".join(cat.reference_filters),
+                        "REFSTARS_FORMAT_VERSION": str(REFSTARS_FORMAT_VERSION)})
+        rows[PARQUET_FILES["reference"]] = len(r["fgcm_id"])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# filesystem helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECTORY if directory else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _load_renameat2() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        func = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                     ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_renameat2 = _load_renameat2()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap directories ``a`` and ``b``; False when the system cannot do it."""
+    if _renameat2 is None:
+        return False
+    result = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"renameat2(RENAME_EXCHANGE) failed: {os.strerror(err)}", str(a), None,
+                  str(b))
+
+
+@contextlib.contextmanager
+def _locked_parent(parent: Path) -> Iterator[None]:
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _looks_like_snapshot(path: Path) -> bool:
+    return any((path / marker).is_file() for marker in _SNAPSHOT_MARKERS)
+
+
+def _check_out_dir(out_dir: Path) -> bool:
+    """Whether ``out_dir`` exists (as a replaceable directory); raise when it must not be used."""
+    if out_dir.is_symlink():
+        raise SnapshotDirectoryError(
+            f"{out_dir} is a symbolic link; pass the real directory path to write_snapshot")
+    if not out_dir.exists():
+        return False
+    if not out_dir.is_dir():
+        raise SnapshotDirectoryError(f"{out_dir} exists and is not a directory")
+    if any(out_dir.iterdir()) and not _looks_like_snapshot(out_dir):
+        raise SnapshotDirectoryError(
+            f"{out_dir} is a non-empty directory that is not a streamstars snapshot (no "
+            f"{', '.join(_SNAPSHOT_MARKERS)}); refusing to replace it. Choose another path "
+            "or empty it yourself.")
+    return True
+
+
+def _remove_leftovers(parent: Path, name: str) -> None:
+    for prefix in (f".{name}.tmp-", f".{name}.old-"):
+        for leftover in parent.glob(f"{prefix}*"):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+
+
+def write_snapshot(out_dir: str | os.PathLike[str], catalogs: SnapshotCatalogs,
+                   formats: Sequence[str] = ("fits", "parquet"), *,
+                   checksums: bool = True, grace_seconds: float = 0.2) -> list[Path]:
+    """Write one complete snapshot to ``out_dir``, atomically replacing any older one.
+
+    Parameters
+    ----------
+    out_dir
+        Snapshot directory (created; its parent is created too).
+    catalogs
+        The catalogs; validated (column presence, lengths, ``obs_arr_index`` = running sum of
+        ``n_obs``, reference shapes); visits are sorted by visit.
+    formats
+        Any of ``"fits"`` (legacy files) and ``"parquet"`` (production files).
+    checksums
+        Record the sha256 of each file in ``SNAPSHOT.json`` (one extra read of every file).
+    grace_seconds
+        Delay before the replaced snapshot is deleted (see the module docstring).
+
+    Returns
+    -------
+    list[Path]
+        Paths (under ``out_dir``) of the files written, the manifest last.
+
+    Raises
+    ------
+    SnapshotDirectoryError
+        ``out_dir`` is a symlink, a file, or a non-empty directory that is not a snapshot.
+    ValueError
+        Invalid catalogs or formats.
+    """
+    fmts = tuple(dict.fromkeys(formats))
+    unknown = [f for f in fmts if f not in ("fits", "parquet")]
+    if unknown or not fmts:
+        raise ValueError(f"formats must be a non-empty subset of ('fits', 'parquet'): {formats}")
+    cat = _normalise(catalogs)
+    target = Path(os.path.abspath(os.fspath(out_dir)))
+    parent, name = target.parent, target.name
+    parent.mkdir(parents=True, exist_ok=True)
+
+    with _locked_parent(parent):
+        exists = _check_out_dir(target)
+        _remove_leftovers(parent, name)
+        tmp = parent / f".{name}.tmp-{secrets.token_hex(8)}"
+        tmp.mkdir()
+        try:
+            rows: dict[str, int] = {}
+            if "fits" in fmts:
+                rows.update(_write_fits_files(tmp, cat))
+            if "parquet" in fmts:
+                rows.update(_write_parquet_files(tmp, cat))
+            files: dict[str, dict[str, Any]] = {}
+            for fname in sorted(rows):
+                path = tmp / fname
+                _fsync_path(path)
+                entry: dict[str, Any] = {"rows": rows[fname], "bytes": path.stat().st_size}
+                if checksums:
+                    entry["sha256"] = _sha256(path)
+                files[fname] = entry
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "format_version": MANIFEST_VERSION,
+                "formats": list(fmts),
+                "files": files,
+                "reference_filters": list(cat.reference_filters),
+                "provenance": cat.metadata,
+            }
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True)
+                                              + "\n")
+            _fsync_path(tmp / MANIFEST_NAME)
+            _fsync_path(tmp, directory=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+        if not exists:
+            os.rename(tmp, target)
+            _fsync_path(parent, directory=True)
+        elif _exchange(tmp, target):
+            _fsync_path(parent, directory=True)
+            if grace_seconds > 0:
+                time.sleep(grace_seconds)
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old snapshot
+        else:
+            old = parent / f".{name}.old-{secrets.token_hex(8)}"
+            os.rename(target, old)  # window: target missing until the next rename
+            os.rename(tmp, target)
+            _fsync_path(parent, directory=True)
+            if grace_seconds > 0:
+                time.sleep(grace_seconds)
+            shutil.rmtree(old, ignore_errors=True)
+    return [target / fname for fname in sorted(rows)] + [target / MANIFEST_NAME]
+
+
+def _fixed_list_to_numpy(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
+    array = column.combine_chunks()
+    size = array.type.list_size
+    return np.asarray(array.flatten().to_numpy(zero_copy_only=False),
+                      dtype=dtype).reshape(-1, size)
+
+
+def _parquet_provenance(schema: pa.Schema) -> dict[str, str]:
+    raw = (schema.metadata or {}).get(_PARQUET_META_KEY)
+    return dict(json.loads(raw)) if raw else {}
+
+
+def _read_parquet_catalogs(handles: dict[str, IO[bytes]]) -> SnapshotCatalogs:
+    visits_table = pq.read_table(handles[PARQUET_FILES["visits"]])
+    visits: dict[str, np.ndarray] = {}
+    for name in _VISIT_ORDER:
+        if name in VISIT_ARRAY_FIELDS:
+            visits[name] = _fixed_list_to_numpy(visits_table[name], np.dtype(np.float64))
+        elif name == "physicalFilter":
+            visits[name] = np.asarray(visits_table[name].to_pylist(), dtype=np.str_)
+        else:
+            visits[name] = np.asarray(visits_table[name].to_numpy(),
+                                      dtype=VISIT_SCALAR_DTYPES[name])
+    obs_table = pq.read_table(handles[PARQUET_FILES["observations"]])
+    observations = {name: np.asarray(obs_table[name].to_numpy(), dtype=dt)
+                    for name, dt in OBSERVATION_DTYPES.items()}
+    star_table = pq.read_table(handles[PARQUET_FILES["stars"]])
+    stars = {name: np.asarray(star_table[name].to_numpy(), dtype=dt)
+             for name, dt in STAR_DTYPES.items()}
+    reference = None
+    filters: tuple[str, ...] = ()
+    ref_handle = handles.get(PARQUET_FILES["reference"])
+    if ref_handle is not None:
+        ref_table = pq.read_table(ref_handle)
+        reference = {
+            "fgcm_id": np.asarray(ref_table["fgcm_id"].to_numpy(), dtype=np.int64),
+            "refMag": _fixed_list_to_numpy(ref_table["refMag"], np.dtype(np.float32)),
+            "refMagErr": _fixed_list_to_numpy(ref_table["refMagErr"], np.dtype(np.float32)),
+        }
+        names = (ref_table.schema.metadata or {}).get(b"FILTERNAMES", b"").decode()
+        filters = tuple(names.split(",")) if names else ()
+    return SnapshotCatalogs(visits=visits, observations=observations, stars=stars,
+                            reference=reference, reference_filters=filters,
+                            metadata=_parquet_provenance(star_table.schema))
+
+
+def _read_fits_catalogs(handles: dict[str, IO[bytes]]) -> SnapshotCatalogs:
+    def table(fname: str) -> tuple[Any, fits.Header]:
+        with fits.open(handles[fname], memmap=False) as hdus:
+            return hdus[1].data, hdus[0].header
+
+    vdata, _ = table(FITS_FILES["visits"])
+    visits: dict[str, np.ndarray] = {}
+    for name in _VISIT_ORDER:
+        if name == "physicalFilter":
+            visits[name] = np.char.rstrip(np.asarray(vdata[name], dtype=np.str_))
+        elif name in VISIT_ARRAY_FIELDS:
+            visits[name] = np.asarray(vdata[name], dtype=np.float64).reshape(len(vdata), -1)
+        else:
+            visits[name] = np.asarray(vdata[name], dtype=VISIT_SCALAR_DTYPES[name])
+    odata, _ = table(FITS_FILES["observations"])
+    observations: dict[str, np.ndarray] = {}
+    for fits_name, src, _form, _unit in _FITS_OBS_COLUMNS:
+        values = np.asarray(odata[fits_name])
+        if fits_name in ("ra", "dec"):
+            values = np.degrees(values)
+        observations[src] = values.astype(OBSERVATION_DTYPES[src])
+    observations["delta_mag_err_aper"] = np.full(len(odata), np.nan)  # not in legacy FITS
+    observations = {name: observations[name] for name in OBSERVATION_DTYPES}
+    sdata, primary = table(FITS_FILES["stars"])
+    n_obs = np.asarray(sdata["nObs"], dtype=np.int32)
+    stars: dict[str, np.ndarray] = {
+        "fgcm_id": np.asarray(sdata["fgcm_id"], dtype=np.int64),
+        "ra": np.asarray(sdata["ra"], dtype=np.float64),
+        "dec": np.asarray(sdata["dec"], dtype=np.float64),
+        "obs_arr_index": np.asarray(sdata["obsArrIndex"], dtype=np.int64),
+        "n_obs": n_obs,
+        "obj_flag": np.zeros(len(n_obs), dtype=np.int32),  # not in legacy FITS
+    }
+    reference: dict[str, np.ndarray] | None = None
+    filters: tuple[str, ...] = ()
+    if FITS_FILES["reference"] in handles:
+        with fits.open(handles[FITS_FILES["reference"]], memmap=False) as hdus:
+            rdata = hdus[1].data
+            nfilt_names = str(hdus[1].header.get("FILTERNAMES", ""))
+            filters = tuple(nfilt_names.split(",")) if nfilt_names else ()
+            reference = {
+                "fgcm_id": np.asarray(rdata["fgcm_id"], dtype=np.int64),
+                "refMag": np.asarray(rdata["refMag"], dtype=np.float32).reshape(
+                    len(rdata), -1),
+                "refMagErr": np.asarray(rdata["refMagErr"], dtype=np.float32).reshape(
+                    len(rdata), -1),
+            }
+    metadata = dict(json.loads(primary[_PROV_KEYWORD])) if _PROV_KEYWORD in primary else {}
+    return SnapshotCatalogs(visits=visits, observations=observations, stars=stars,
+                            reference=reference, reference_filters=filters, metadata=metadata)
+
+
+def read_snapshot(out_dir: str | os.PathLike[str]) -> SnapshotCatalogs:
+    """Read a snapshot back (parquet files; the FITS files when no parquet was written).
+
+    All needed files are opened through one directory descriptor before any is read, so a
+    concurrent :func:`write_snapshot` cannot make this return a mix of two snapshots.
+    Values come back in the in-memory dtypes; parquet stores x, y and magnitudes as float32, so
+    those are float32-rounded.  From FITS, ``delta_mag_err_aper`` is NaN and ``obj_flag`` 0
+    (the legacy schemas lack them).
+    """
+    dir_fd = os.open(os.fspath(out_dir), os.O_RDONLY | os.O_DIRECTORY)
+    handles: dict[str, IO[bytes]] = {}
+    try:
+        names = set(os.listdir(dir_fd))
+        use_parquet = PARQUET_FILES["stars"] in names
+        wanted = PARQUET_FILES if use_parquet else FITS_FILES
+        for key, fname in wanted.items():
+            if fname not in names:
+                if key == "reference" or key == "indices":
+                    continue
+                raise FileNotFoundError(f"snapshot {out_dir} lacks {fname}")
+            fd = os.open(fname, os.O_RDONLY, dir_fd=dir_fd)
+            handles[fname] = os.fdopen(fd, "rb")
+        return (_read_parquet_catalogs(handles) if use_parquet
+                else _read_fits_catalogs(handles))
+    finally:
+        for handle in handles.values():
+            handle.close()
+        os.close(dir_fd)
+
+
+def _without(metadata: dict[str, Any], ignore: Sequence[str]) -> dict[str, Any]:
+    return {k: v for k, v in metadata.items() if k not in ignore}
+
+
+def _ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def _compare_parquet(fname: str, a: Path, b: Path, ignore: Sequence[str]) -> list[str]:
+    ta, tb = pq.read_table(a), pq.read_table(b)
+    diffs: list[str] = []
+    meta_a, meta_b = dict(ta.schema.metadata or {}), dict(tb.schema.metadata or {})
+    prov_a = _without(json.loads(meta_a.pop(_PARQUET_META_KEY, b"{}")), ignore)
+    prov_b = _without(json.loads(meta_b.pop(_PARQUET_META_KEY, b"{}")), ignore)
+    if prov_a != prov_b:
+        diffs.append(f"{fname}: provenance differs: {prov_a} != {prov_b}")
+    if meta_a != meta_b:
+        keys = sorted(k.decode() for k in set(meta_a) ^ set(meta_b)
+                      | {k for k in meta_a if meta_b.get(k) != meta_a[k]})
+        diffs.append(f"{fname}: schema metadata differs ({', '.join(keys)})")
+    ta, tb = ta.replace_schema_metadata(None), tb.replace_schema_metadata(None)
+    if ta.schema != tb.schema:
+        diffs.append(f"{fname}: schema differs: {ta.schema} != {tb.schema}")
+        return diffs
+    if ta.num_rows != tb.num_rows:
+        diffs.append(f"{fname}: {ta.num_rows} rows != {tb.num_rows} rows")
+        return diffs
+    for col in ta.column_names:
+        ca = pa.table({col: ta[col].combine_chunks()})
+        cb = pa.table({col: tb[col].combine_chunks()})
+        if _ipc_bytes(ca) != _ipc_bytes(cb):
+            diffs.append(f"{fname}: column {col!r} differs")
+    return diffs
+
+
+def _compare_fits(fname: str, a: Path, b: Path, ignore: Sequence[str]) -> list[str]:
+    diffs: list[str] = []
+    with fits.open(a, memmap=False) as ha, fits.open(b, memmap=False) as hb:
+        if len(ha) != len(hb):
+            return [f"{fname}: {len(ha)} HDUs != {len(hb)} HDUs"]
+        for i, (xa, xb) in enumerate(zip(ha, hb, strict=True)):
+            cards_a = {k: v for k, v in xa.header.items() if k != _PROV_KEYWORD}
+            cards_b = {k: v for k, v in xb.header.items() if k != _PROV_KEYWORD}
+            if cards_a != cards_b:
+                keys = sorted(k for k in set(cards_a) | set(cards_b)
+                              if cards_a.get(k) != cards_b.get(k))
+                diffs.append(f"{fname}[{i}]: header differs ({', '.join(keys)})")
+            prov_a = _without(json.loads(xa.header.get(_PROV_KEYWORD, "{}")), ignore)
+            prov_b = _without(json.loads(xb.header.get(_PROV_KEYWORD, "{}")), ignore)
+            if prov_a != prov_b:
+                diffs.append(f"{fname}[{i}]: provenance differs: {prov_a} != {prov_b}")
+            if xa.data is None or xb.data is None:
+                if (xa.data is None) != (xb.data is None):
+                    diffs.append(f"{fname}[{i}]: data present in only one")
+                continue
+            if not isinstance(xa, fits.BinTableHDU):
+                if np.asarray(xa.data).tobytes() != np.asarray(xb.data).tobytes():
+                    diffs.append(f"{fname}[{i}]: data differs")
+                continue
+            for col in xa.columns.names:
+                if col not in xb.columns.names:
+                    continue  # reported through the TTYPE header cards
+                va, vb = np.asarray(xa.data[col]), np.asarray(xb.data[col])
+                if va.shape != vb.shape or va.tobytes() != vb.tobytes():
+                    diffs.append(f"{fname}[{i}]: column {col!r} differs")
+    return diffs
+
+
+def _compare_manifests(a: Path, b: Path, ignore: Sequence[str]) -> list[str]:
+    ma = json.loads(a.read_text())
+    mb = json.loads(b.read_text())
+    diffs: list[str] = []
+    pa_, pb_ = _without(ma.pop("provenance", {}), ignore), _without(mb.pop("provenance", {}),
+                                                                    ignore)
+    if pa_ != pb_:
+        diffs.append(f"{MANIFEST_NAME}: provenance differs: {pa_} != {pb_}")
+    fa, fb = ma.pop("files", {}), mb.pop("files", {})
+    for fname in sorted(set(fa) | set(fb)):
+        ra = {k: v for k, v in fa.get(fname, {}).items() if k == "rows"}
+        rb = {k: v for k, v in fb.get(fname, {}).items() if k == "rows"}
+        if ra != rb:
+            diffs.append(f"{MANIFEST_NAME}: rows of {fname} differ: {ra} != {rb}")
+    if ma != mb:
+        diffs.append(f"{MANIFEST_NAME}: differs: {ma} != {mb}")
+    return diffs
+
+
+def compare_snapshots(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str],
+                      ignore_metadata_keys: Sequence[str] = ("created",)) -> list[str]:
+    """Differences between two snapshot directories (empty list: identical).
+
+    Compares the file sets, every FITS header card and column (bitwise, so NaNs compare
+    equal), every parquet schema, column (bitwise) and schema-metadata entry, and the manifests;
+    provenance entries named in ``ignore_metadata_keys`` (default: the ``created`` timestamp)
+    are ignored, and so are the byte sizes / sha256 of the manifest (they depend on them).
+    """
+    a, b = Path(a_dir), Path(b_dir)
+    names_a, names_b = set(os.listdir(a)), set(os.listdir(b))
+    diffs = [f"{name}: only in {a}" for name in sorted(names_a - names_b)]
+    diffs += [f"{name}: only in {b}" for name in sorted(names_b - names_a)]
+    ignore = tuple(ignore_metadata_keys)
+    for name in sorted(names_a & names_b):
+        if name == MANIFEST_NAME:
+            diffs += _compare_manifests(a / name, b / name, ignore)
+        elif name.endswith(".parquet"):
+            diffs += _compare_parquet(name, a / name, b / name, ignore)
+        elif name.endswith(".fits"):
+            diffs += _compare_fits(name, a / name, b / name, ignore)
+        elif (a / name).read_bytes() != (b / name).read_bytes():
+            diffs.append(f"{name}: differs")
+    return diffs

@@ -1,0 +1,74 @@
+"""``streamstars status``: what a store holds, from one read transaction."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from streamstars.associate import COMPONENT_DTYPES
+from streamstars.state.codec import decode_columns
+from streamstars.state.store import (
+    DB_COMPONENTS,
+    DB_OBSERVATIONS,
+    DB_OFFSETS,
+    FORMAT_VERSION,
+    META_CREATED,
+    META_REFCAT,
+    StarStore,
+    band_from_key,
+)
+
+
+def store_status(store: StarStore) -> dict[str, Any]:
+    """Counts and settings of a store: visits per band, observations, components, offsets."""
+    config = store.config
+    visits_per_band: Counter[str] = Counter()
+    n_sources = n_selected = 0
+    first = last = None
+    with store.read() as txn:
+        for visit, record in store.iter_visit_records(txn):
+            visits_per_band[record["band"]] += 1
+            n_sources += int(record["n_sources"])
+            n_selected += int(record["n_selected"])
+            first = visit if first is None else first
+            last = visit
+        observation_values = txn.stat(store.dbs[DB_OBSERVATIONS])["entries"]
+        components: Counter[str] = Counter()
+        candidates: Counter[str] = Counter()
+        for key, value in txn.cursor(db=store.dbs[DB_COMPONENTS]):
+            comps = decode_columns(value, COMPONENT_DTYPES)
+            band = band_from_key(key)
+            components[band] += len(comps["comp_id"])
+            candidates[band] += int(np.count_nonzero(
+                comps["clique"] & (comps["count"] >= config.minPerBand)))
+        offsets = {}
+        for key, value in txn.cursor(db=store.dbs[DB_OFFSETS]):
+            topic, _, partition = key.partition(b"\0")
+            offsets[f"{topic.decode()}/{int.from_bytes(partition, 'big')}"] = \
+                int.from_bytes(value, "big")
+    info = store.env.info()
+    stat = store.env.stat()
+    used = (info["last_pgno"] + 1) * stat["psize"]
+    created = store.get_meta(META_CREATED)
+    refcat = store.get_meta(META_REFCAT)
+    return {
+        "state": str(store.path),
+        "format_version": FORMAT_VERSION,
+        "created": created.decode() if created else None,
+        "visits": sum(visits_per_band.values()),
+        "visits_per_band": dict(sorted(visits_per_band.items())),
+        "first_visit": first,
+        "last_visit": last,
+        "sources_read": n_sources,
+        "observations": n_selected,
+        "observation_records": observation_values,
+        "components_per_band": dict(sorted(components.items())),
+        "clique_candidates_per_band": dict(sorted(candidates.items())),
+        "primary_bands": list(config.primaryBands),
+        "kafka_offsets": offsets,
+        "refcat": refcat.decode() if refcat else None,
+        "map_size_bytes": info["map_size"],
+        "used_bytes": used,
+    }
