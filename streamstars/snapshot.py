@@ -12,7 +12,9 @@ Steps (reference §4, all deterministic functions of the stored components and o
 6. density cut: in each ``densityCutNside`` pixel holding more than densityCutMaxPerPixel
    stars, keep the ones with the smallest seeded hash of their id (stable as the survey grows);
 7. reserve flag (obj_flag 16) for a seeded-hash fraction ``reserveFraction`` of the stars.
-Stars are sorted by id; observations are grouped by star, each star's sorted by (visit, id).
+A star's published id (``fgcm_id``) is the smallest sourceId among its members: stable as
+the survey grows unless the star's own observations change.  Stars are sorted by id;
+observations are grouped by star, each star's sorted by (visit, sourceId).
 """
 
 from __future__ import annotations
@@ -174,7 +176,14 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
         member = np.zeros(len(obs_v), dtype=bool)
     owner = np.where(member, nearest, -1)
 
-    keep = np.ones(len(star_id), dtype=bool)
+    # the published id: the smallest sourceId among the star's members.  Unlike the seed of
+    # the winning candidate it survives a later primary band taking the star over.
+    big = np.iinfo(np.int64).max
+    published = np.full(len(star_id), big, dtype=np.int64)
+    np.minimum.at(published, owner[member], observations["source_id"][member])
+    star_id = published
+
+    keep = star_id != big  # a star needs members
     for band in config.requiredBands:
         in_band = member & (observation_bands == band)
         keep &= np.bincount(owner[in_band], minlength=len(star_id)) >= config.minPerBand

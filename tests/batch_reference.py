@@ -93,7 +93,12 @@ def batch_build(visit: np.ndarray, source_id: np.ndarray, ra: np.ndarray, dec: n
     hits = tree.query_ball_point(obs_vec, match)
     owner = np.array([h[0] if len(h) == 1 else (-1 if not h else -2) for h in hits])
     assert (owner != -2).all(), "an observation within matchRadius of two isolated stars"
-    keep = np.ones(len(ids), dtype=bool)
+    # published id: smallest member sourceId; stars without members are dropped
+    published = np.full(len(ids), -1, dtype=np.int64)
+    for i, s in zip(owner[owner >= 0], source_id[owner >= 0], strict=True):
+        published[i] = s if published[i] < 0 else min(published[i], s)
+    ids = published
+    keep = ids >= 0
     for b in config.requiredBands:
         counts = np.bincount(owner[(owner >= 0) & (band == b)], minlength=len(ids))
         keep &= counts >= config.minPerBand
