@@ -201,7 +201,7 @@ class StarStore:
     def visit_record(self, txn: lmdb.Transaction, visit: int) -> dict[str, Any] | None:
         """The stored record of ``visit`` or None."""
         raw = txn.get(int_key(visit), db=self.dbs[DB_VISITS])
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else json.loads(bytes(raw))
 
     def put_visit_record(self, txn: lmdb.Transaction, visit: int, record: dict[str, Any]) -> None:
         """Store the record of ``visit``."""
@@ -216,7 +216,7 @@ class StarStore:
         """All visit records in visit order."""
         cursor = txn.cursor(db=self.dbs[DB_VISITS])
         for key, value in cursor:
-            yield int_from_key(key), json.loads(value)
+            yield int_from_key(bytes(key)), json.loads(bytes(value))
 
     def applied_visits(self) -> dict[int, str]:
         """visit -> content hash of every applied visit."""
@@ -239,13 +239,14 @@ class StarStore:
         with self.read() as txn:
             cursor = txn.cursor(db=self.dbs[DB_OFFSETS])
             if cursor.set_range(prefix):
-                for key, value in cursor:
+                for raw_key, value in cursor:
+                    key = bytes(raw_key)
                     if not key.startswith(prefix) or len(key) != len(prefix) + 4:
                         if not key.startswith(prefix):
                             break
                         continue
                     partition = struct.unpack(">I", key[len(prefix):])[0]
-                    out[partition] = int(_U64.unpack(value)[0])
+                    out[partition] = int(_U64.unpack(bytes(value))[0])
         return out
 
     def get_meta(self, key: bytes) -> bytes | None:
@@ -264,10 +265,11 @@ class StarStore:
         cursor = txn.cursor(db=self.dbs[db])
         if not cursor.set_range(prefix):
             return
-        for key, value in cursor:
+        for raw_key, value in cursor:
+            key = bytes(raw_key)
             if not key.startswith(prefix):
                 return
-            yield key, value
+            yield key, bytes(value)
 
 
 def _read_meta(env: lmdb.Environment, readonly: bool) -> dict[str, bytes] | None:

@@ -143,7 +143,8 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
     match = chord_from_arcsec(config.matchRadius)
     isolation = chord_from_arcsec(config.isolationRadius)
 
-    ids, vecs = [], []
+    ids: list[np.ndarray] = []
+    vecs: list[np.ndarray] = []
     for band in config.primaryBands:
         cand = candidates.get(band)
         if cand is None or len(cand["star_id"]) == 0:

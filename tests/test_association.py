@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from batch_reference import batch_build
+from streamstars.state.store import StarStore
 from survey_helpers import (
     PreparedSurvey,
     all_observations,
@@ -21,7 +22,6 @@ from streamstars.config import BuildStarsConfig, SourceSelectorConfig, Unresolve
 from streamstars.ingest import apply_prepared, retract_visit
 from streamstars.sky import radec_from_vectors, unit_vectors
 from streamstars.snapshot import build_catalogs
-from streamstars.state.store import StarStore
 
 CONFIG = BuildStarsConfig(primaryBands=("i", "r", "g", "z"))
 # a loose star/galaxy cut lets galaxies through, as the issue asks for the crowded case
@@ -51,8 +51,8 @@ def _orders(n: int) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("survey_name", ["clean", "crowded"])
-def test_any_visit_order_gives_bit_identical_catalogs(survey_name: str, request: pytest.FixtureRequest,
-                                                      tmp_path: Path) -> None:
+def test_any_visit_order_gives_bit_identical_catalogs(
+        survey_name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     survey: PreparedSurvey = request.getfixturevalue(survey_name)
     n = len(survey.visits)
     reference = ingest(tmp_path / "sorted", survey, range(n))
