@@ -1,0 +1,1167 @@
+"""A realistic simulated survey written in the real Rubin file formats.
+
+:func:`simulate_survey` writes, into one directory,
+
+* one ``sourceTable_visit_<visit>.parquet`` per visit with the modern LSST column names
+  (reference §1.1) plus ``localWcs_CDMatrix_*`` and a few other real columns;
+* ``visitTable.parquet`` and ``ccdVisitTable.parquet`` (DPDD ``Visit`` / ``CcdVisit``, §1.2);
+* an LSST HTM-indexed reference catalog in ``refcat/`` (depth 7, format_version 1, nJy, §1.3);
+* ``truth.parquet``: every true object (id, position, magnitudes, star/galaxy, blend group).
+
+The sky is a fixed set of true objects in a spherical cap (stars 16–24 mag with simple colours,
+galaxies with extendedness 1.0 or 0.3, optional close star pairs and chains), observed by a
+camera of square CCDs on a grid, with pointings dithered around the field centre.  Every
+observation gets astrometric and photometric noise, flags (edge, saturation, cosmic rays,
+interpolation, ...), aperture fluxes at 12 and 17 pixels, a local background and, for close
+groups in bad seeing, deblend parents with children.  Each visit also gets junk singletons
+(cosmic rays, artefacts, a few unflagged non-repeating sources).
+
+Everything is vectorised over sources; the output is byte-identical for identical arguments
+(random numbers come from ``numpy.random.SeedSequence(seed)`` spawned per visit).
+
+Conventions: ``sourceId = visit << 20 | row`` (row index within the visit file, sorted by
+detector); visit ids are LSSTCam-like ``YYYYMMDD * 100000 + seq``; ``ccdVisitId = visit * 1000
++ detector``; ``localWcs_CDMatrix_*`` are in **radians per pixel**, as in real LSST/HSC
+sourceTables; ``zeroPoint`` (ccdVisitTable) is the AB magnitude of one count in the exposure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: Rubin Observatory site (deg, deg east, m).
+SITE_LATITUDE = -30.2446
+SITE_LONGITUDE = -70.7494
+
+#: Per-band zero point [AB mag for 1 count/s], sky brightness [mag/arcsec^2], extinction
+#: [mag/airmass] and the LSSTCam-like physical filter name.
+BAND_PROPERTIES: dict[str, tuple[float, float, float, str]] = {
+    "u": (26.5, 22.9, 0.45, "u_24"),
+    "g": (28.4, 22.3, 0.20, "g_6"),
+    "r": (28.2, 21.2, 0.12, "r_57"),
+    "i": (27.9, 20.5, 0.08, "i_39"),
+    "z": (27.5, 19.6, 0.06, "z_20"),
+    "y": (26.6, 18.6, 0.08, "y_10"),
+}
+#: Magnitude offset relative to r per unit of the g-r colour.
+COLOUR_SLOPE: dict[str, float] = {"u": 1.6, "g": 1.0, "r": 0.0, "i": -0.35, "z": -0.55, "y": -0.65}
+#: Extra constant offset relative to r.
+COLOUR_OFFSET: dict[str, float] = {"u": 0.4, "g": 0.0, "r": 0.0, "i": 0.0, "z": 0.0, "y": 0.0}
+
+PIXEL_SCALE_ARCSEC = 0.2
+DETECTOR_PIXELS = 4000
+FULL_WELL = 7.0e4
+DISTORTION_KAPPA = 0.01  # radial distortion [1/deg^2]: pixel scale +1 % at 0.7 deg
+APERTURE_RADII = (12.0, 17.0)
+JUNK_FRACTION = 0.02
+SOURCE_ID_SHIFT = 20
+REFCAT_NAME = "sim_refcat"
+REFCAT_DEPTH = 7
+AB_ZERO_NJY = 31.4
+VISITS_PER_NIGHT = 40
+FIRST_NIGHT_MJD = 60827  # 2025-06-01
+STAR_FRACTION = 0.45
+LOOSE_GALAXY_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class SimulatedSurvey:
+    """What :func:`simulate_survey` wrote.
+
+    Attributes:
+        out_dir: output directory.
+        visits: visit ids, in observation order.
+        bands: band of each visit.
+        physical_filters: physical filter of each visit.
+        source_paths: ``sourceTable_visit`` parquet file of each visit.
+        visit_table_path: ``visitTable.parquet``.
+        ccd_visit_table_path: ``ccdVisitTable.parquet``.
+        refcat_path: the refcat directory, or None when not written.
+        truth_path: ``truth.parquet`` (object_id, ra, dec, mag_<band>, is_star, ...).
+        n_sources: total number of rows over all source tables.
+        n_sources_per_visit: rows of each source table.
+        n_objects: number of true objects.
+        n_refcat: number of reference stars written (0 without refcat).
+        seed: the seed used.
+    """
+
+    out_dir: Path
+    visits: list[int]
+    bands: list[str]
+    physical_filters: list[str]
+    source_paths: list[Path]
+    visit_table_path: Path
+    ccd_visit_table_path: Path
+    refcat_path: Path | None
+    truth_path: Path
+    n_sources: int
+    n_sources_per_visit: list[int] = field(default_factory=list)
+    n_objects: int = 0
+    n_refcat: int = 0
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------
+# Geometry helpers
+# ------------------------------------------------------------------------------------------
+
+
+def radec_to_xyz(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """Unit vectors, shape (n, 3), of RA/Dec in degrees."""
+    ra_r = np.radians(ra)
+    dec_r = np.radians(dec)
+    cd = np.cos(dec_r)
+    return np.stack([cd * np.cos(ra_r), cd * np.sin(ra_r), np.sin(dec_r)], axis=-1)
+
+
+def xyz_to_radec(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RA in [0, 360) and Dec in degrees of (not necessarily unit) vectors, shape (n, 3)."""
+    norm = np.sqrt(np.sum(xyz * xyz, axis=-1))
+    ra = np.mod(np.degrees(np.arctan2(xyz[..., 1], xyz[..., 0])), 360.0)
+    ra = np.where(ra >= 360.0, 0.0, ra)
+    dec = np.degrees(np.arcsin(np.clip(xyz[..., 2] / norm, -1.0, 1.0)))
+    return ra, dec
+
+
+def tangent_basis(ra: float | np.ndarray, dec: float | np.ndarray) -> tuple[np.ndarray, ...]:
+    """Position, east and north unit vectors at RA/Dec (degrees); well defined at the poles."""
+    ra_r = np.radians(ra)
+    dec_r = np.radians(dec)
+    pos = np.stack([np.cos(dec_r) * np.cos(ra_r), np.cos(dec_r) * np.sin(ra_r),
+                    np.sin(dec_r)], axis=-1)
+    east = np.stack([-np.sin(ra_r), np.cos(ra_r), np.zeros_like(ra_r)], axis=-1)
+    north = np.stack([-np.sin(dec_r) * np.cos(ra_r), -np.sin(dec_r) * np.sin(ra_r),
+                      np.cos(dec_r)], axis=-1)
+    return pos, east, north
+
+
+def offset_xyz(xyz: np.ndarray, sep_deg: np.ndarray, pa_deg: np.ndarray) -> np.ndarray:
+    """Move unit vectors by ``sep_deg`` towards position angle ``pa_deg`` (east of north)."""
+    ra, dec = xyz_to_radec(xyz)
+    _, east, north = tangent_basis(ra, dec)
+    s = np.radians(sep_deg)[:, None]
+    pa = np.radians(pa_deg)[:, None]
+    out = xyz * np.cos(s) + (np.sin(pa) * east + np.cos(pa) * north) * np.sin(s)
+    return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+
+def gnomonic(xyz: np.ndarray, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tangent-plane coordinates (xi east, eta north; degrees) about (ra0, dec0)."""
+    pos, east, north = tangent_basis(ra0, dec0)
+    d = xyz @ pos
+    return np.degrees((xyz @ east) / d), np.degrees((xyz @ north) / d)
+
+
+def inverse_gnomonic(xi: np.ndarray, eta: np.ndarray, ra0: float,
+                     dec0: float) -> tuple[np.ndarray, np.ndarray]:
+    """RA/Dec (degrees) of tangent-plane coordinates (degrees) about (ra0, dec0)."""
+    pos, east, north = tangent_basis(ra0, dec0)
+    vec = (pos[None, :] + np.radians(xi)[:, None] * east[None, :]
+           + np.radians(eta)[:, None] * north[None, :])
+    return xyz_to_radec(vec)
+
+
+def random_in_cap(rng: np.random.Generator, n: int, ra0: float, dec0: float,
+                  radius_deg: float) -> np.ndarray:
+    """``n`` unit vectors uniform in the spherical cap of ``radius_deg`` about (ra0, dec0)."""
+    pos, east, north = tangent_basis(ra0, dec0)
+    u = rng.random(n)
+    cos_theta = 1.0 - u * (1.0 - math.cos(math.radians(radius_deg)))
+    sin_theta = np.sqrt(np.clip(1.0 - cos_theta**2, 0.0, None))
+    phi = rng.uniform(0.0, 2.0 * np.pi, n)
+    out = (cos_theta[:, None] * pos[None, :]
+           + sin_theta[:, None] * (np.cos(phi)[:, None] * east[None, :]
+                                   + np.sin(phi)[:, None] * north[None, :]))
+    return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Camera
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A grid of square CCDs in the focal plane (focal-plane coordinates in degrees).
+
+    Focal plane (p, q) relates to the tangent plane (xi, eta) of the boresight by the
+    reflection-rotation ``M(rot) = [[-cos, -sin], [-sin, cos]]`` (its own inverse), then a
+    radial distortion ``u = u' (1 + kappa |u'|^2)`` maps the detector-linear coordinate
+    ``u'`` to the true focal-plane coordinate ``u``.
+    """
+
+    n_detectors: int
+    n_columns: int
+    n_rows: int
+    n_pixels: int
+    pixel_scale_deg: float
+    pitch_deg: float
+    kappa: float = DISTORTION_KAPPA
+
+    @property
+    def detector_size_deg(self) -> float:
+        """Side length of one detector [deg]."""
+        return self.n_pixels * self.pixel_scale_deg
+
+    @property
+    def half_diagonal_deg(self) -> float:
+        """Distance from the boresight to the farthest focal-plane corner [deg]."""
+        return 0.5 * self.pitch_deg * math.hypot(self.n_columns, self.n_rows)
+
+    def detector_centers(self) -> np.ndarray:
+        """Detector-linear (p', q') centre of each detector, shape (n_detectors, 2), deg."""
+        det = np.arange(self.n_detectors)
+        col = det % self.n_columns
+        row = det // self.n_columns
+        p = (col - 0.5 * (self.n_columns - 1)) * self.pitch_deg
+        q = (row - 0.5 * (self.n_rows - 1)) * self.pitch_deg
+        return np.stack([p, q], axis=-1)
+
+    def undistort(self, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """True focal plane (p, q) -> detector-linear (p', q') (fixed-point inversion)."""
+        pl, ql = p, q
+        for _ in range(4):
+            scale = 1.0 + self.kappa * (pl * pl + ql * ql)
+            pl, ql = p / scale, q / scale
+        return pl, ql
+
+    def distort(self, pl: np.ndarray, ql: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Detector-linear (p', q') -> true focal plane (p, q)."""
+        scale = 1.0 + self.kappa * (pl * pl + ql * ql)
+        return pl * scale, ql * scale
+
+    def to_pixels(self, pl: np.ndarray, ql: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Detector id (-1 when off every CCD) and pixel x, y of detector-linear coordinates."""
+        size = self.detector_size_deg
+        col_f = (pl / self.pitch_deg) + 0.5 * self.n_columns
+        row_f = (ql / self.pitch_deg) + 0.5 * self.n_rows
+        col = np.floor(col_f).astype(np.int64)
+        row = np.floor(row_f).astype(np.int64)
+        lp = (col_f - col - 0.5) * self.pitch_deg
+        lq = (row_f - row - 0.5) * self.pitch_deg
+        det = row * self.n_columns + col
+        ok = ((col >= 0) & (col < self.n_columns) & (row >= 0) & (row < self.n_rows)
+              & (np.abs(lp) < 0.5 * size) & (np.abs(lq) < 0.5 * size) & (det < self.n_detectors))
+        x = (lp + 0.5 * size) / self.pixel_scale_deg - 0.5
+        y = (lq + 0.5 * size) / self.pixel_scale_deg - 0.5
+        return np.where(ok, det, -1), x, y
+
+    def from_pixels(self, det: np.ndarray, x: np.ndarray,
+                    y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Detector-linear (p', q') of pixel positions on detectors."""
+        centers = self.detector_centers()[det]
+        size = self.detector_size_deg
+        pl = centers[:, 0] + (x + 0.5) * self.pixel_scale_deg - 0.5 * size
+        ql = centers[:, 1] + (y + 0.5) * self.pixel_scale_deg - 0.5 * size
+        return pl, ql
+
+    def cd_matrix(self, pl: np.ndarray, ql: np.ndarray, rot_deg: float) -> np.ndarray:
+        """Local CD matrix d(xi, eta)/d(x, y) [rad/pixel], shape (n, 2, 2)."""
+        r2 = pl * pl + ql * ql
+        jac = np.empty((len(pl), 2, 2))
+        base = 1.0 + self.kappa * r2
+        jac[:, 0, 0] = base + 2.0 * self.kappa * pl * pl
+        jac[:, 0, 1] = 2.0 * self.kappa * pl * ql
+        jac[:, 1, 0] = jac[:, 0, 1]
+        jac[:, 1, 1] = base + 2.0 * self.kappa * ql * ql
+        c, s = math.cos(math.radians(rot_deg)), math.sin(math.radians(rot_deg))
+        refl = np.array([[-c, -s], [-s, c]])
+        return np.einsum("ij,njk->nik", refl, jac) * math.radians(self.pixel_scale_deg)
+
+
+def make_camera(n_detectors: int, field_radius_deg: float, max_dither_deg: float) -> Camera:
+    """A camera of ``n_detectors`` 4k CCDs at 0.2"/pix, shrunk to fit inside the field."""
+    if n_detectors < 1:
+        raise ValueError(f"n_detectors must be >= 1, got {n_detectors}")
+    n_columns = math.ceil(math.sqrt(n_detectors))
+    n_rows = math.ceil(n_detectors / n_columns)
+    pixel_scale_deg = PIXEL_SCALE_ARCSEC / 3600.0
+    gap = 1.02
+    n_pixels = DETECTOR_PIXELS
+    # The whole focal plane plus the largest dither must stay within the field (with margin).
+    allowed_half_diag = 0.95 * field_radius_deg / (1.0 + DISTORTION_KAPPA * field_radius_deg**2)
+    allowed_half_diag -= max_dither_deg
+    if allowed_half_diag <= 0:
+        raise ValueError("field_radius_deg too small for the dither pattern")
+    max_pitch = 2.0 * allowed_half_diag / math.hypot(n_columns, n_rows)
+    if n_pixels * pixel_scale_deg * gap > max_pitch:
+        n_pixels = int(max_pitch / gap / pixel_scale_deg)
+    if n_pixels < 64:
+        raise ValueError("field_radius_deg too small for the camera")
+    return Camera(n_detectors=n_detectors, n_columns=n_columns, n_rows=n_rows,
+                  n_pixels=n_pixels, pixel_scale_deg=pixel_scale_deg,
+                  pitch_deg=n_pixels * pixel_scale_deg * gap)
+
+
+# ------------------------------------------------------------------------------------------
+# The true sky
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sky:
+    """The fixed true objects.
+
+    Attributes:
+        xyz: unit vectors (n, 3).
+        ra, dec: degrees.
+        mags: AB magnitude per band, shape (n, n_bands).
+        is_star: True for stars.
+        extendedness: the value an isolated detection reports (0 stars, 1 or 0.3 galaxies).
+        size_arcsec: intrinsic Gaussian sigma (0 for stars) [arcsec].
+        group: index of the group's primary object for members of close pairs/chains, else -1.
+        group_min_sep: smallest separation inside the object's group [arcsec] (inf if none).
+    """
+
+    xyz: np.ndarray
+    ra: np.ndarray
+    dec: np.ndarray
+    mags: np.ndarray
+    is_star: np.ndarray
+    extendedness: np.ndarray
+    size_arcsec: np.ndarray
+    group: np.ndarray
+    group_min_sep: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ra)
+
+
+def _band_mags(base_r: np.ndarray, colour: np.ndarray, bands: Sequence[str]) -> np.ndarray:
+    """Magnitudes in ``bands`` from an r magnitude and a g-r colour."""
+    cols = [base_r + COLOUR_SLOPE.get(b, 0.0) * colour + COLOUR_OFFSET.get(b, 0.0) for b in bands]
+    return np.stack(cols, axis=-1)
+
+
+def _star_mags(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Star r magnitudes 16-24, number counts rising ~ 10^(0.1 m)."""
+    slope = 0.1 * math.log(10.0)
+    lo, hi = math.exp(slope * 16.0), math.exp(slope * 24.0)
+    return np.log(rng.uniform(lo, hi, n)) / slope
+
+
+def make_sky(rng: np.random.Generator, n_objects: int, bands: Sequence[str], ra_center: float,
+             dec_center: float, radius_deg: float, crowded: bool) -> Sky:
+    """Draw the true objects (primaries, then close companions of some stars)."""
+    xyz = random_in_cap(rng, n_objects, ra_center, dec_center, radius_deg)
+    is_star = rng.random(n_objects) < STAR_FRACTION
+    n_star = int(is_star.sum())
+    n_gal = n_objects - n_star
+    r_mag = np.empty(n_objects)
+    r_mag[is_star] = _star_mags(rng, n_star)
+    # Galaxies: 18-25 mag, counts rising steeply.
+    slope = 0.3 * math.log(10.0)
+    r_mag[~is_star] = np.log(rng.uniform(math.exp(slope * 18.0), math.exp(slope * 25.0),
+                                         n_gal)) / slope
+    colour = np.where(is_star, rng.uniform(0.2, 1.5, n_objects), rng.uniform(0.4, 1.2, n_objects))
+    ext = np.where(is_star, 0.0, np.where(rng.random(n_objects) < LOOSE_GALAXY_FRACTION, 0.3, 1.0))
+    size = np.where(is_star, 0.0, rng.uniform(0.2, 1.5, n_objects))
+    group = np.full(n_objects, -1, dtype=np.int64)
+    min_sep = np.full(n_objects, np.inf)
+
+    # Close companions of stars: pairs (and, when crowded, chains of three).
+    star_idx = np.flatnonzero(is_star)
+    pair_frac = 0.25 if crowded else 0.02
+    chain_frac = 0.05 if crowded else 0.0
+    pick = rng.random(len(star_idx))
+    pair_primary = star_idx[pick < pair_frac]
+    chain_primary = star_idx[(pick >= pair_frac) & (pick < pair_frac + chain_frac)]
+    # Separation mixture: 0.3-0.5, 0.5-1, 1-2, 2-3 arcsec.
+    edges = np.array([0.3, 0.5, 1.0, 2.0, 3.0])
+    which = rng.choice(4, size=len(pair_primary), p=[0.2, 0.3, 0.3, 0.2])
+    pair_sep = rng.uniform(edges[which], edges[which + 1])
+    pair_pa = rng.uniform(0.0, 360.0, len(pair_primary))
+    comp_xyz = offset_xyz(xyz[pair_primary], pair_sep / 3600.0, pair_pa)
+    comp_r = r_mag[pair_primary] + rng.uniform(0.0, 2.5, len(pair_primary))
+    comp_colour = rng.uniform(0.2, 1.5, len(pair_primary))
+    # Chains of three: spacing 0.5-0.75" on a line (total length <= 1.5").
+    chain_step = rng.uniform(0.5, 0.75, len(chain_primary))
+    chain_pa = rng.uniform(0.0, 360.0, len(chain_primary))
+    chain1 = offset_xyz(xyz[chain_primary], chain_step / 3600.0, chain_pa)
+    chain2 = offset_xyz(xyz[chain_primary], 2.0 * chain_step / 3600.0, chain_pa)
+    chain_r1 = r_mag[chain_primary] + rng.uniform(0.0, 2.0, len(chain_primary))
+    chain_r2 = r_mag[chain_primary] + rng.uniform(0.0, 2.0, len(chain_primary))
+    chain_colour = rng.uniform(0.2, 1.5, (2, len(chain_primary)))
+
+    group[pair_primary] = pair_primary
+    min_sep[pair_primary] = pair_sep
+    group[chain_primary] = chain_primary
+    min_sep[chain_primary] = chain_step
+    n_new = len(pair_primary) + 2 * len(chain_primary)
+    xyz = np.concatenate([xyz, comp_xyz, chain1, chain2])
+    r_mag = np.concatenate([r_mag, comp_r, chain_r1, chain_r2])
+    colour = np.concatenate([colour, comp_colour, chain_colour[0], chain_colour[1]])
+    is_star = np.concatenate([is_star, np.ones(n_new, dtype=bool)])
+    ext = np.concatenate([ext, np.zeros(n_new)])
+    size = np.concatenate([size, np.zeros(n_new)])
+    group = np.concatenate([group, pair_primary, chain_primary, chain_primary])
+    min_sep = np.concatenate([min_sep, pair_sep, chain_step, chain_step])
+    ra, dec = xyz_to_radec(xyz)
+    return Sky(xyz=xyz, ra=ra, dec=dec, mags=_band_mags(r_mag, colour, bands), is_star=is_star,
+               extendedness=ext, size_arcsec=size, group=group, group_min_sep=min_sep)
+
+
+# ------------------------------------------------------------------------------------------
+# Visits
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VisitPlan:
+    """Per-visit observing conditions (all visits of the survey as arrays)."""
+
+    visit: np.ndarray
+    band: list[str]
+    band_index: np.ndarray
+    physical_filter: list[str]
+    ra: np.ndarray
+    dec: np.ndarray
+    rotation: np.ndarray
+    mjd_mid: np.ndarray
+    exptime: np.ndarray
+    seeing: np.ndarray
+    zp_per_second: np.ndarray
+    sky_mag: np.ndarray
+    airmass: np.ndarray
+    altitude: np.ndarray
+    azimuth: np.ndarray
+
+
+def _gmst_deg(mjd: np.ndarray) -> np.ndarray:
+    """Greenwich mean sidereal time [deg] of MJD (UT1 ~ TAI is fine here)."""
+    return np.mod(280.46061837 + 360.98564736629 * (mjd - 51544.5), 360.0)
+
+
+def _alt_az(ha_deg: np.ndarray, dec_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Altitude and azimuth (deg, N through E) at the Rubin site."""
+    ha = np.radians(ha_deg)
+    dec = np.radians(dec_deg)
+    lat = math.radians(SITE_LATITUDE)
+    sin_alt = np.sin(dec) * math.sin(lat) + np.cos(dec) * math.cos(lat) * np.cos(ha)
+    alt = np.arcsin(np.clip(sin_alt, -1.0, 1.0))
+    az = np.arctan2(-np.sin(ha) * np.cos(dec),
+                    np.sin(dec) * math.cos(lat) - np.cos(dec) * math.sin(lat) * np.cos(ha))
+    return np.degrees(alt), np.mod(np.degrees(az), 360.0)
+
+
+def _airmass(alt_deg: np.ndarray) -> np.ndarray:
+    """Kasten & Young (1989) airmass; finite down to the horizon (clipped there)."""
+    z = np.clip(90.0 - alt_deg, 0.0, 90.0)
+    return 1.0 / (np.cos(np.radians(z)) + 0.50572 * (96.07995 - z) ** -1.6364)
+
+
+def make_visit_plan(rng: np.random.Generator, n_visits: int, bands: Sequence[str],
+                    ra_center: float, dec_center: float, max_dither_deg: float) -> VisitPlan:
+    """Visit ids, pointings, times and conditions of every visit."""
+    idx = np.arange(n_visits)
+    night = idx // VISITS_PER_NIGHT
+    seq = idx % VISITS_PER_NIGHT + 1
+    night_mjd = FIRST_NIGHT_MJD + night
+    dates = np.datetime64("1858-11-17") + night_mjd.astype("timedelta64[D]")
+    day_obs = np.array([int(str(d).replace("-", "")) for d in dates], dtype=np.int64)
+    visit = day_obs * 100_000 + seq
+    band = [bands[i % len(bands)] for i in range(n_visits)]
+    physical_filter = [BAND_PROPERTIES[b][3] if b in BAND_PROPERTIES else f"{b}_sim"
+                       for b in band]
+
+    # Dithered pointings: offset 0.1-0.3 deg (scaled with the field) in a random direction.
+    r = rng.uniform(max_dither_deg / 3.0, max_dither_deg, n_visits)
+    theta = rng.uniform(0.0, 2.0 * np.pi, n_visits)
+    ra, dec = inverse_gnomonic(r * np.sin(theta), r * np.cos(theta), ra_center, dec_center)
+    rotation = rng.uniform(-90.0, 90.0, n_visits)
+
+    # Times: each night observes the field around a random hour angle (+-2 h).
+    exptime = np.where(rng.random(n_visits) < 0.1, 15.0, 30.0)
+    ha_night = rng.uniform(-30.0, 30.0, int(night.max()) + 1 if n_visits else 0)
+    local_midnight = night_mjd + 0.5 - SITE_LONGITUDE / 360.0  # ~ 04:43 UTC
+    lst_midnight = _gmst_deg(local_midnight) + SITE_LONGITUDE
+    target = ra_center + ha_night[night] if n_visits else np.zeros(0)
+    shift_days = np.mod(target - lst_midnight + 180.0, 360.0) - 180.0
+    start = local_midnight + shift_days / 360.98564736629
+    mjd_mid = start + (seq - 0.5 * VISITS_PER_NIGHT) * 40.0 / 86400.0
+    ha = np.mod(_gmst_deg(mjd_mid) + SITE_LONGITUDE - ra + 180.0, 360.0) - 180.0
+    altitude, azimuth = _alt_az(ha, dec)
+    airmass = _airmass(altitude)
+
+    seeing = np.clip(rng.lognormal(math.log(0.8), 0.2, n_visits), 0.5, 1.6)
+    zp_band = np.array([BAND_PROPERTIES.get(b, BAND_PROPERTIES["r"])[0] for b in band])
+    k_band = np.array([BAND_PROPERTIES.get(b, BAND_PROPERTIES["r"])[2] for b in band])
+    clouds = np.where(rng.random(n_visits) < 0.2, rng.exponential(0.1, n_visits), 0.0)
+    zp = (zp_band - k_band * (np.minimum(airmass, 3.0) - 1.0) - clouds
+          + rng.normal(0.0, 0.02, n_visits))
+    sky_mag = (np.array([BAND_PROPERTIES.get(b, BAND_PROPERTIES["r"])[1] for b in band])
+               + rng.normal(0.0, 0.15, n_visits))
+    band_index = np.arange(n_visits) % len(bands)
+    return VisitPlan(visit=visit, band=band, band_index=band_index,
+                     physical_filter=physical_filter, ra=ra, dec=dec,
+                     rotation=rotation, mjd_mid=mjd_mid, exptime=exptime, seeing=seeing,
+                     zp_per_second=zp, sky_mag=sky_mag, airmass=airmass, altitude=altitude,
+                     azimuth=azimuth)
+
+
+@dataclass(frozen=True)
+class DetectorConditions:
+    """Per-detector conditions of every visit (arrays of shape (n_visits, n_detectors))."""
+
+    zp_per_second: np.ndarray
+    seeing: np.ndarray  # FWHM [arcsec]
+    sky: np.ndarray  # counts / pixel in the exposure
+
+
+def make_detector_conditions(rng: np.random.Generator, plan: VisitPlan,
+                             camera: Camera) -> DetectorConditions:
+    """Detector-to-detector variations of zero point, seeing and sky around the visit's."""
+    shape = (len(plan.visit), camera.n_detectors)
+    zp = plan.zp_per_second[:, None] + rng.normal(0.0, 0.01, shape)
+    seeing = plan.seeing[:, None] * (1.0 + rng.normal(0.0, 0.03, shape))
+    pix_area = PIXEL_SCALE_ARCSEC**2
+    sky_rate = 10.0 ** (-0.4 * (plan.sky_mag[:, None] - 2.5 * math.log10(pix_area) - zp))
+    sky = plan.exptime[:, None] * sky_rate * (1.0 + rng.normal(0.0, 0.02, shape))
+    return DetectorConditions(zp_per_second=zp, seeing=seeing, sky=sky)
+
+
+# ------------------------------------------------------------------------------------------
+# One visit's source table
+# ------------------------------------------------------------------------------------------
+
+SOURCE_SCHEMA = pa.schema([
+    ("sourceId", pa.int64()),
+    ("visit", pa.int64()),
+    ("detector", pa.int64()),
+    ("ccdVisitId", pa.int64()),
+    ("ra", pa.float64()),
+    ("dec", pa.float64()),
+    ("x", pa.float64()),
+    ("y", pa.float64()),
+    ("calib_psf_candidate", pa.bool_()),
+    ("apFlux_12_0_instFlux", pa.float64()),
+    ("apFlux_12_0_instFluxErr", pa.float64()),
+    ("apFlux_12_0_flag", pa.bool_()),
+    ("apFlux_17_0_instFlux", pa.float64()),
+    ("apFlux_17_0_instFluxErr", pa.float64()),
+    ("apFlux_17_0_flag", pa.bool_()),
+    ("pixelFlags_edge", pa.bool_()),
+    ("pixelFlags_interpolatedCenter", pa.bool_()),
+    ("pixelFlags_saturatedCenter", pa.bool_()),
+    ("pixelFlags_crCenter", pa.bool_()),
+    ("pixelFlags_bad", pa.bool_()),
+    ("pixelFlags_interpolated", pa.bool_()),
+    ("pixelFlags_saturated", pa.bool_()),
+    ("centroid_flag", pa.bool_()),
+    ("extendedness", pa.float64()),
+    ("parentSourceId", pa.int64()),
+    ("deblend_nChild", pa.int32()),
+    ("detect_isPrimary", pa.bool_()),
+    ("localBackground_instFlux", pa.float64()),
+    ("localBackground_flag", pa.bool_()),
+    ("localWcs_CDMatrix_1_1", pa.float64()),
+    ("localWcs_CDMatrix_1_2", pa.float64()),
+    ("localWcs_CDMatrix_2_1", pa.float64()),
+    ("localWcs_CDMatrix_2_2", pa.float64()),
+    ("band", pa.string()),
+    ("physical_filter", pa.string()),
+])
+
+_FLAG_NAMES = ("pixelFlags_edge", "pixelFlags_interpolatedCenter", "pixelFlags_saturatedCenter",
+               "pixelFlags_crCenter", "pixelFlags_bad", "pixelFlags_interpolated",
+               "pixelFlags_saturated", "centroid_flag", "apFlux_12_0_flag", "apFlux_17_0_flag",
+               "localBackground_flag")
+
+
+def _aperture_fraction(sigma_pix: np.ndarray, radius: float) -> np.ndarray:
+    """Enclosed flux fraction of a PSF with wings (Gaussian core + extended halo)."""
+    core = 1.0 - np.exp(-0.5 * (radius / sigma_pix) ** 2)
+    halo = 3.0 * (sigma_pix / radius) ** 2
+    return core * (1.0 - halo / (1.0 + halo))
+
+
+def _measure(rng: np.random.Generator, flux_total: np.ndarray, sigma_pix: np.ndarray,
+             sky: np.ndarray, lbg_true: np.ndarray) -> dict[str, np.ndarray]:
+    """Noisy aperture fluxes (12 and 17 pixels) with correlated noise and local background."""
+    a12 = math.pi * APERTURE_RADII[0] ** 2
+    a17 = math.pi * APERTURE_RADII[1] ** 2
+    f12 = flux_total * _aperture_fraction(sigma_pix, APERTURE_RADII[0])
+    f17 = flux_total * _aperture_fraction(sigma_pix, APERTURE_RADII[1])
+    var12 = np.maximum(f12, 0.0) + a12 * sky
+    var17 = np.maximum(f17, 0.0) + a17 * sky
+    n12 = rng.standard_normal(len(f12)) * np.sqrt(var12)
+    n17 = n12 + rng.standard_normal(len(f12)) * np.sqrt(np.maximum(var17 - var12, 0.0))
+    return {
+        "apFlux_12_0_instFlux": f12 + n12 + a12 * lbg_true,
+        "apFlux_12_0_instFluxErr": np.sqrt(var12),
+        "apFlux_17_0_instFlux": f17 + n17 + a17 * lbg_true,
+        "apFlux_17_0_instFluxErr": np.sqrt(var17),
+    }
+
+
+def simulate_visit(sky: Sky, camera: Camera, plan: VisitPlan, conditions: DetectorConditions,
+                   i: int, rng: np.random.Generator, n_junk: int) -> pa.Table:
+    """The ``sourceTable_visit`` table of visit number ``i`` of the plan."""
+    visit = int(plan.visit[i])
+    ra0, dec0, rot = float(plan.ra[i]), float(plan.dec[i]), float(plan.rotation[i])
+    cond = DetectorConditions(zp_per_second=conditions.zp_per_second[i],
+                              seeing=conditions.seeing[i], sky=conditions.sky[i])
+
+    # --- true objects on the focal plane -------------------------------------------------
+    pos0 = radec_to_xyz(np.array([ra0]), np.array([dec0]))[0]
+    reach = math.radians(camera.half_diagonal_deg * 1.05 + 0.01)
+    cand = np.flatnonzero(sky.xyz @ pos0 > math.cos(reach))
+    xi, eta = gnomonic(sky.xyz[cand], ra0, dec0)
+    c, s = math.cos(math.radians(rot)), math.sin(math.radians(rot))
+    pl, ql = camera.undistort(-c * xi - s * eta, -s * xi + c * eta)
+    det, _, _ = camera.to_pixels(pl, ql)
+    on = det >= 0
+    obj = cand[on]
+    det = det[on]
+    xi, eta = xi[on], eta[on]
+
+    # --- photometry of the true objects ----------------------------------------------------
+    mags = sky.mags[obj, int(plan.band_index[i])]
+    zp = cond.zp_per_second[det]
+    seeing = cond.seeing[det]
+    skyc = cond.sky[det]
+    exptime = float(plan.exptime[i])
+    flux = exptime * 10.0 ** (-0.4 * (mags - zp))
+    psf_sigma_pix = seeing / 2.3548 / PIXEL_SCALE_ARCSEC
+    size_pix = sky.size_arcsec[obj] / PIXEL_SCALE_ARCSEC
+    sigma_pix = np.sqrt(psf_sigma_pix**2 + size_pix**2)
+    # Detection: PSF-like S/N with noise, threshold 5.
+    area_psf = 4.0 * math.pi * sigma_pix**2
+    snr_det = flux / np.sqrt(flux + area_psf * skyc)
+    detected = snr_det + rng.standard_normal(len(flux)) > 5.0
+    obj, det, xi, eta = obj[detected], det[detected], xi[detected], eta[detected]
+    flux, sigma_pix, psf_sigma_pix = flux[detected], sigma_pix[detected], psf_sigma_pix[detected]
+    skyc, seeing = skyc[detected], seeing[detected]
+    n_obj = len(obj)
+
+    # Astrometric noise: systematic 0.02-0.05" per visit plus centroid noise ~ FWHM / SNR.
+    snr_est = flux / np.sqrt(flux + area_psf[detected] * skyc)
+    sig_sys = rng.uniform(0.02, 0.05)
+    sig_pos = np.minimum(np.hypot(sig_sys, 0.5 * seeing / np.maximum(snr_est, 1.0)), 0.3) / 3600.0
+    xi = xi + rng.standard_normal(n_obj) * sig_pos
+    eta = eta + rng.standard_normal(n_obj) * sig_pos
+
+    lbg_true = rng.normal(0.0, 0.3, n_obj) * np.sqrt(skyc / 1000.0)
+    meas = _measure(rng, flux, sigma_pix, skyc, lbg_true)
+    peak = flux / (2.0 * math.pi * sigma_pix**2) + skyc
+    sat_center = peak > FULL_WELL
+    sat_any = sat_center | (peak > 0.85 * FULL_WELL) & (rng.random(n_obj) < 0.5)
+    # Saturated stars lose flux in the core.
+    lost = np.where(sat_center, (FULL_WELL / peak) ** 0.3, 1.0)
+    for key in ("apFlux_12_0_instFlux", "apFlux_17_0_instFlux"):
+        meas[key] = meas[key] * lost
+    ext = sky.extendedness[obj].copy()
+    faint_star = (ext == 0.0) & (snr_est < 10.0)
+    ext[faint_star & (rng.random(n_obj) < 0.1)] = 1.0
+
+    # --- deblending of close groups --------------------------------------------------------
+    group = sky.group[obj]
+    blended = (group >= 0) & (sky.group_min_sep[obj] < 0.6 * seeing)
+    grp_ids, grp_inv, grp_count = np.unique(group[blended], return_inverse=True,
+                                            return_counts=True)
+    keep_group = grp_count >= 2
+    child = np.zeros(n_obj, dtype=bool)
+    child_group = np.full(n_obj, -1, dtype=np.int64)
+    bl_idx = np.flatnonzero(blended)
+    is_child = keep_group[grp_inv]
+    child[bl_idx[is_child]] = True
+    child_group[bl_idx[is_child]] = grp_inv[is_child]
+    n_parent = int(keep_group.sum())
+    parent_slot = np.cumsum(keep_group) - 1  # group index -> parent row index
+    cg = parent_slot[child_group[child]] if n_parent else np.zeros(0, dtype=np.int64)
+    w = np.maximum(flux[child], 1.0)
+    p_flux = np.bincount(cg, weights=flux[child], minlength=n_parent)
+    p_xi = np.bincount(cg, weights=w * xi[child], minlength=n_parent) / np.maximum(
+        np.bincount(cg, weights=w, minlength=n_parent), 1e-300)
+    p_eta = np.bincount(cg, weights=w * eta[child], minlength=n_parent) / np.maximum(
+        np.bincount(cg, weights=w, minlength=n_parent), 1e-300)
+    p_nchild = np.bincount(cg, minlength=n_parent).astype(np.int32)
+    p_first = np.full(n_parent, n_obj, dtype=np.int64)
+    np.minimum.at(p_first, cg, np.flatnonzero(child))
+    p_det = det[p_first] if n_parent else np.zeros(0, dtype=np.int64)
+    p_sky = skyc[p_first] if n_parent else np.zeros(0)
+    p_sigma = sigma_pix[p_first] * 1.5 if n_parent else np.zeros(0)
+    p_meas = _measure(rng, p_flux, p_sigma, p_sky, np.zeros(n_parent))
+
+    # --- junk singletons ----------------------------------------------------------------
+    j_det = rng.integers(0, camera.n_detectors, n_junk)
+    j_x = rng.uniform(0.0, camera.n_pixels - 1.0, n_junk)
+    j_y = rng.uniform(0.0, camera.n_pixels - 1.0, n_junk)
+    j_pl, j_ql = camera.from_pixels(j_det, j_x, j_y)
+    j_p, j_q = camera.distort(j_pl, j_ql)
+    j_xi, j_eta = -c * j_p - s * j_q, -s * j_p + c * j_q
+    j_flux = np.exp(rng.uniform(math.log(300.0), math.log(3e4), n_junk))
+    j_sky = cond.sky[j_det]
+    j_meas = _measure(rng, j_flux, np.full(n_junk, 0.8), j_sky, np.zeros(n_junk))
+    j_kind = rng.random(n_junk)  # <0.75 cosmic ray, <0.9 artefact, else unflagged singleton
+
+    # --- assemble rows: objects, parents, junk ------------------------------------------
+    n_rows = n_obj + n_parent + n_junk
+    all_xi = np.concatenate([xi, p_xi, j_xi])
+    all_eta = np.concatenate([eta, p_eta, j_eta])
+    all_det = np.concatenate([det, p_det, j_det])
+    pl_all, ql_all = camera.undistort(-c * all_xi - s * all_eta, -s * all_xi + c * all_eta)
+    _, x, y = camera.to_pixels(pl_all, ql_all)
+    x = np.clip(x, 0.0, camera.n_pixels - 1.0)
+    y = np.clip(y, 0.0, camera.n_pixels - 1.0)
+    ra, dec = inverse_gnomonic(all_xi, all_eta, ra0, dec0)
+    cd = camera.cd_matrix(pl_all, ql_all, rot)
+    cols: dict[str, np.ndarray] = {}
+    for key in meas:
+        cols[key] = np.concatenate([meas[key], p_meas[key], j_meas[key]])
+
+    kind = np.zeros(n_rows, dtype=np.int8)  # 0 object, 1 parent, 2 junk
+    kind[n_obj:n_obj + n_parent] = 1
+    kind[n_obj + n_parent:] = 2
+    junk_kind = np.concatenate([np.full(n_obj + n_parent, 9.0), j_kind])
+    cr = (kind == 2) & (junk_kind < 0.75)
+    artefact = (kind == 2) & (junk_kind >= 0.75) & (junk_kind < 0.9)
+    u = rng.random((8, n_rows))
+    edge_dist = np.minimum(np.minimum(x, camera.n_pixels - 1.0 - x),
+                           np.minimum(y, camera.n_pixels - 1.0 - y))
+    flags = {name: np.zeros(n_rows, dtype=bool) for name in _FLAG_NAMES}
+    flags["pixelFlags_edge"] = (edge_dist < 8.0) | (artefact & (u[0] < 0.4))
+    flags["pixelFlags_interpolated"] = ((u[1] < 0.02) | (artefact & (u[0] >= 0.4))
+                                        | (cr & (u[2] < 0.5)))
+    flags["pixelFlags_interpolatedCenter"] = flags["pixelFlags_interpolated"] & (u[3] < 0.5)
+    flags["pixelFlags_crCenter"] = (u[4] < 0.005) | (cr & (u[2] < 0.95))
+    flags["pixelFlags_bad"] = (u[5] < 0.003) | (artefact & (u[0] < 0.7) & (u[0] >= 0.4))
+    flags["centroid_flag"] = (u[6] < 0.005) | (artefact & (u[0] >= 0.7))
+    sat_c = np.concatenate([sat_center, np.zeros(n_parent + n_junk, dtype=bool)])
+    sat_a = np.concatenate([sat_any, np.zeros(n_parent + n_junk, dtype=bool)])
+    if n_parent:
+        ch = np.flatnonzero(child)
+        sat_c[n_obj:n_obj + n_parent] = np.bincount(cg, weights=sat_center[ch],
+                                                    minlength=n_parent) > 0
+        sat_a[n_obj:n_obj + n_parent] = np.bincount(cg, weights=sat_any[ch],
+                                                    minlength=n_parent) > 0
+    flags["pixelFlags_saturatedCenter"] = sat_c
+    flags["pixelFlags_saturated"] = sat_a
+    flags["apFlux_12_0_flag"] = (edge_dist < APERTURE_RADII[0]) | (u[7] < 0.002)
+    flags["apFlux_17_0_flag"] = (edge_dist < APERTURE_RADII[1]) | flags["apFlux_12_0_flag"]
+    flags["localBackground_flag"] = (u[7] > 0.995) | (edge_dist < 3.0)
+    # Truncated apertures at the very edge have no flux.
+    nan12 = edge_dist < 0.5 * APERTURE_RADII[0]
+    cols["apFlux_12_0_instFlux"] = np.where(nan12, np.nan, cols["apFlux_12_0_instFlux"])
+    nan17 = edge_dist < 0.5 * APERTURE_RADII[1]
+    cols["apFlux_17_0_instFlux"] = np.where(nan17, np.nan, cols["apFlux_17_0_instFlux"])
+
+    extendedness = np.concatenate([ext, np.ones(n_parent),
+                                   np.where(artefact[n_obj + n_parent:], 1.0, 0.0)])
+    extendedness[flags["centroid_flag"] & (u[6] < 0.002)] = np.nan
+    snr = cols["apFlux_12_0_instFlux"] / cols["apFlux_12_0_instFluxErr"]
+    psf_cand = ((kind == 0) & (np.concatenate([sky.is_star[obj], np.zeros(n_parent + n_junk,
+                                                                          dtype=bool)]))
+                & ~np.concatenate([child, np.zeros(n_parent + n_junk, dtype=bool)])
+                & (snr > 50.0) & (snr < 1000.0) & ~sat_a & (u[3] > 0.5))
+    n_child = np.concatenate([np.zeros(n_obj, dtype=np.int32), p_nchild,
+                              np.zeros(n_junk, dtype=np.int32)])
+    lbg_col = np.concatenate([lbg_true, np.zeros(n_parent + n_junk)])
+    lbg_col = lbg_col + rng.normal(0.0, 0.05, n_rows)
+
+    # --- sort by detector, assign ids ---------------------------------------------------
+    order = np.lexsort((y, all_det))
+    if n_rows >= (1 << SOURCE_ID_SHIFT):
+        raise ValueError(f"visit {visit}: {n_rows} sources do not fit in 2^{SOURCE_ID_SHIFT}")
+    source_id = (np.int64(visit) << np.int64(SOURCE_ID_SHIFT)) + np.arange(n_rows, dtype=np.int64)
+    new_pos = np.empty(n_rows, dtype=np.int64)
+    new_pos[order] = np.arange(n_rows)
+    parent_id = np.zeros(n_rows, dtype=np.int64)
+    if n_parent:
+        parent_rows = new_pos[n_obj + np.arange(n_parent)]
+        ch = np.flatnonzero(child)
+        parent_id[ch] = source_id[parent_rows[cg]]
+    is_primary = kind != 1
+
+    data: dict[str, np.ndarray] = {
+        "sourceId": source_id,
+        "visit": np.full(n_rows, visit, dtype=np.int64),
+        "detector": all_det[order].astype(np.int64),
+        "ccdVisitId": (visit * 1000 + all_det[order]).astype(np.int64),
+        "ra": ra[order],
+        "dec": dec[order],
+        "x": x[order],
+        "y": y[order],
+        "calib_psf_candidate": psf_cand[order],
+        "apFlux_12_0_instFlux": cols["apFlux_12_0_instFlux"][order],
+        "apFlux_12_0_instFluxErr": cols["apFlux_12_0_instFluxErr"][order],
+        "apFlux_12_0_flag": flags["apFlux_12_0_flag"][order],
+        "apFlux_17_0_instFlux": cols["apFlux_17_0_instFlux"][order],
+        "apFlux_17_0_instFluxErr": cols["apFlux_17_0_instFluxErr"][order],
+        "apFlux_17_0_flag": flags["apFlux_17_0_flag"][order],
+        "extendedness": extendedness[order],
+        "parentSourceId": parent_id[order],
+        "deblend_nChild": n_child[order],
+        "detect_isPrimary": is_primary[order],
+        "localBackground_instFlux": lbg_col[order],
+        "localBackground_flag": flags["localBackground_flag"][order],
+        "localWcs_CDMatrix_1_1": cd[order, 0, 0],
+        "localWcs_CDMatrix_1_2": cd[order, 0, 1],
+        "localWcs_CDMatrix_2_1": cd[order, 1, 0],
+        "localWcs_CDMatrix_2_2": cd[order, 1, 1],
+    }
+    for name in _FLAG_NAMES:
+        if name not in data:
+            data[name] = flags[name][order]
+    arrays = []
+    for fld in SOURCE_SCHEMA:
+        if fld.name == "band":
+            arrays.append(pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(n_rows, dtype=np.int32)), pa.array([plan.band[i]]))
+                .dictionary_decode())
+        elif fld.name == "physical_filter":
+            arrays.append(pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(n_rows, dtype=np.int32)), pa.array([plan.physical_filter[i]]))
+                .dictionary_decode())
+        else:
+            arrays.append(pa.array(data[fld.name], type=fld.type))
+    return pa.Table.from_arrays(arrays, schema=SOURCE_SCHEMA)
+
+
+
+# ------------------------------------------------------------------------------------------
+# Metadata tables
+# ------------------------------------------------------------------------------------------
+
+_MJD_UNIX_EPOCH = 40587.0
+
+
+def _mjd_to_timestamp(mjd: np.ndarray) -> pa.Array:
+    """Arrow timestamp[us] (TAI, no time zone) of MJDs."""
+    us = np.round((mjd - _MJD_UNIX_EPOCH) * 86400.0e6).astype(np.int64)
+    return pa.array(us.astype("datetime64[us]"), type=pa.timestamp("us"))
+
+
+def visit_table(plan: VisitPlan) -> pa.Table:
+    """DPDD ``Visit`` table (reference §1.2)."""
+    obs_start = plan.mjd_mid - 0.5 * plan.exptime / 86400.0
+    return pa.table({
+        "visit": pa.array(plan.visit, type=pa.int64()),
+        "physical_filter": pa.array(plan.physical_filter, type=pa.string()),
+        "band": pa.array(plan.band, type=pa.string()),
+        "ra": pa.array(plan.ra, type=pa.float64()),
+        "dec": pa.array(plan.dec, type=pa.float64()),
+        "skyRotation": pa.array(np.mod(plan.rotation, 360.0), type=pa.float64()),
+        "azimuth": pa.array(plan.azimuth, type=pa.float64()),
+        "altitude": pa.array(plan.altitude, type=pa.float64()),
+        "zenithDistance": pa.array(90.0 - plan.altitude, type=pa.float64()),
+        "airmass": pa.array(plan.airmass, type=pa.float64()),
+        "expTime": pa.array(plan.exptime, type=pa.float64()),
+        "expMidpt": _mjd_to_timestamp(plan.mjd_mid),
+        "expMidptMJD": pa.array(plan.mjd_mid, type=pa.float64()),
+        "obsStart": _mjd_to_timestamp(obs_start),
+        "obsStartMJD": pa.array(obs_start, type=pa.float64()),
+    })
+
+
+def ccd_visit_table(plan: VisitPlan, camera: Camera, cond: DetectorConditions) -> pa.Table:
+    """DPDD ``CcdVisit`` table (reference §1.2): one row per (visit, detector)."""
+    n_v, n_d = len(plan.visit), camera.n_detectors
+    vi = np.repeat(np.arange(n_v), n_d)
+    det = np.tile(np.arange(n_d, dtype=np.int64), n_v)
+    centers = camera.detector_centers()[det]
+    p, q = camera.distort(centers[:, 0], centers[:, 1])
+    c = np.cos(np.radians(plan.rotation[vi]))
+    s = np.sin(np.radians(plan.rotation[vi]))
+    xi, eta = -c * p - s * q, -s * p + c * q
+    ra = np.empty(len(vi))
+    dec = np.empty(len(vi))
+    for v in range(n_v):  # one tangent plane per visit
+        sel = slice(v * n_d, (v + 1) * n_d)
+        ra[sel], dec[sel] = inverse_gnomonic(xi[sel], eta[sel], float(plan.ra[v]),
+                                             float(plan.dec[v]))
+    exptime = plan.exptime[vi]
+    zp_exposure = cond.zp_per_second.ravel() + 2.5 * np.log10(exptime)
+    seeing = cond.seeing.ravel()
+    sky = cond.sky.ravel()
+    obs_start = plan.mjd_mid[vi] - 0.5 * exptime / 86400.0
+    alt = plan.altitude[vi]
+    return pa.table({
+        "ccdVisitId": pa.array(plan.visit[vi] * 1000 + det, type=pa.int64()),
+        "visitId": pa.array(plan.visit[vi], type=pa.int64()),
+        "detector": pa.array(det, type=pa.int64()),
+        "physical_filter": pa.array([plan.physical_filter[v] for v in vi], type=pa.string()),
+        "band": pa.array([plan.band[v] for v in vi], type=pa.string()),
+        "ra": pa.array(ra, type=pa.float64()),
+        "dec": pa.array(dec, type=pa.float64()),
+        "zenithDistance": pa.array(90.0 - alt, type=pa.float64()),
+        "zeroPoint": pa.array(zp_exposure, type=pa.float64()),
+        "psfSigma": pa.array(seeing / 2.3548 / PIXEL_SCALE_ARCSEC, type=pa.float64()),
+        "seeing": pa.array(seeing, type=pa.float64()),
+        "skyBg": pa.array(sky, type=pa.float64()),
+        "skyNoise": pa.array(np.sqrt(sky), type=pa.float64()),
+        "skyRotation": pa.array(np.mod(plan.rotation[vi], 360.0), type=pa.float64()),
+        "expMidpt": _mjd_to_timestamp(plan.mjd_mid[vi]),
+        "expMidptMJD": pa.array(plan.mjd_mid[vi], type=pa.float64()),
+        "expTime": pa.array(exptime, type=pa.float64()),
+        "obsStart": _mjd_to_timestamp(obs_start),
+        "obsStartMJD": pa.array(obs_start, type=pa.float64()),
+        "darkTime": pa.array(exptime + 1.0, type=pa.float64()),
+        "xSize": pa.array(np.full(len(vi), camera.n_pixels), type=pa.int64()),
+        "ySize": pa.array(np.full(len(vi), camera.n_pixels), type=pa.int64()),
+        "pixelScale": pa.array(np.full(len(vi), PIXEL_SCALE_ARCSEC), type=pa.float64()),
+    })
+
+
+def truth_table(sky: Sky, bands: Sequence[str]) -> pa.Table:
+    """Every true object: id (row number), position, magnitudes, classification, group."""
+    cols: dict[str, pa.Array] = {
+        "object_id": pa.array(np.arange(len(sky), dtype=np.int64)),
+        "ra": pa.array(sky.ra),
+        "dec": pa.array(sky.dec),
+        "is_star": pa.array(sky.is_star),
+        "extendedness": pa.array(sky.extendedness),
+        "size_arcsec": pa.array(sky.size_arcsec),
+        "group": pa.array(sky.group),
+        "group_min_sep": pa.array(np.where(np.isfinite(sky.group_min_sep), sky.group_min_sep,
+                                           np.nan)),
+    }
+    for k, b in enumerate(bands):
+        cols[f"mag_{b}"] = pa.array(sky.mags[:, k])
+    return pa.table(cols)
+
+
+# ------------------------------------------------------------------------------------------
+# Reference catalog
+# ------------------------------------------------------------------------------------------
+
+
+def htm_index(ra: np.ndarray, dec: np.ndarray, depth: int = REFCAT_DEPTH) -> np.ndarray:
+    """HTM trixel id at ``depth`` of each position (degrees), as ``lsst.sphgeom`` numbers it.
+
+    Vectorised: the trixels overlapping a circle around the points come from
+    ``HtmPixelization.envelope``; each trixel's triangle tests all remaining points at once.
+    """
+    import lsst.sphgeom as sphgeom
+
+    n = len(ra)
+    out = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return out
+    pix = sphgeom.HtmPixelization(depth)
+    xyz = radec_to_xyz(np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64))
+    mean = xyz.mean(axis=0)
+    norm = float(np.linalg.norm(mean))
+    if norm > 0.5:
+        centre = mean / norm
+        radius = float(np.arccos(np.clip(xyz @ centre, -1.0, 1.0)).max()) + 1e-6
+    if norm > 0.5 and radius < math.pi / 2:
+        circle = sphgeom.Circle(sphgeom.UnitVector3d(*centre), sphgeom.Angle.fromRadians(radius))
+        todo = np.arange(n)
+        for begin, end in pix.envelope(circle):
+            for trixel in range(begin, end):
+                if len(todo) == 0:
+                    break
+                inside = np.asarray(pix.triangle(trixel).contains(
+                    xyz[todo, 0], xyz[todo, 1], xyz[todo, 2]), dtype=bool)
+                out[todo[inside]] = trixel
+                todo = todo[~inside]
+    for k in np.flatnonzero(out < 0):  # fallback (points on no envelope trixel / huge regions)
+        out[k] = pix.index(sphgeom.UnitVector3d(sphgeom.LonLat.fromDegrees(float(ra[k]),
+                                                                          float(dec[k]))))
+    return out
+
+
+REFCAT_CONFIG_TEMPLATE = """import lsst.meas.algorithms.convertReferenceCatalog
+assert type(config)==lsst.meas.algorithms.convertReferenceCatalog.DatasetConfig, \
+'config is of type %s.%s instead of lsst.meas.algorithms.convertReferenceCatalog.DatasetConfig' \
+% (type(config).__module__, type(config).__name__)
+import lsst.meas.algorithms.indexerRegistry
+# Version number of the persisted on-disk storage format.
+# Version 0 had Jy as flux units (default 0 for unversioned catalogs).
+# Version 1 had nJy as flux units.
+# Version 2 had position-related covariances.
+config.format_version=1
+
+# Name of this reference catalog; this should match the name used during butler ingest.
+config.ref_dataset_name='{name}'
+
+# Depth of the HTM tree to make.  Default is depth=7 which gives ~ 0.3 sq. deg. per trixel.
+config.indexer['HTM'].depth={depth}
+
+config.indexer.name='HTM'
+"""
+
+
+def _refcat_hdu(ids: np.ndarray, ra: np.ndarray, dec: np.ndarray, flux: np.ndarray,
+                flux_err: np.ndarray, bands: Sequence[str]) -> object:
+    """One refcat FITS table HDU (afw-like column metadata, REFCAT_FORMAT_VERSION = 1)."""
+    from astropy.io import fits
+
+    columns = [
+        fits.Column(name="id", format="K", array=ids),
+        fits.Column(name="coord_ra", format="D", unit="rad", array=np.radians(ra)),
+        fits.Column(name="coord_dec", format="D", unit="rad", array=np.radians(dec)),
+    ]
+    for k, b in enumerate(bands):
+        columns.append(fits.Column(name=f"{b}_flux", format="D", unit="nJy", array=flux[:, k]))
+        columns.append(fits.Column(name=f"{b}_fluxErr", format="D", unit="nJy",
+                                   array=flux_err[:, k]))
+    hdu = fits.BinTableHDU.from_columns(columns)
+    hdu.header["HIERARCH REFCAT_FORMAT_VERSION"] = 1
+    hdu.header["HIERARCH AFW_TABLE_VERSION"] = 3
+    hdu.header["AFW_TYPE"] = ("SIMPLE", "Tells lsst::afw to load this as a Simple table.")
+    return hdu
+
+
+def write_reference_catalog(directory: Path, sky: Sky, bands: Sequence[str],
+                            rng: np.random.Generator, mag_limit: float = 21.5,
+                            completeness: float = 0.9) -> int:
+    """Write the HTM-7 refcat of the brighter true stars; returns the number of stars."""
+    from astropy.io import fits
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ref_k = list(bands).index("r") if "r" in bands else 0
+    sel = np.flatnonzero(sky.is_star & (sky.mags[:, ref_k] < mag_limit)
+                         & (rng.random(len(sky)) < completeness))
+    mags = sky.mags[sel]
+    frac_err = 0.005 + 0.02 * 10.0 ** (0.4 * (mags - 21.0))
+    flux = 10.0 ** (-0.4 * (mags - AB_ZERO_NJY))
+    flux_noisy = flux * (1.0 + frac_err * rng.standard_normal(mags.shape))
+    flux_err = flux * frac_err
+    ids = sel.astype(np.int64)  # = truth object_id
+    ra, dec = sky.ra[sel], sky.dec[sel]
+    shard = htm_index(ra, dec, REFCAT_DEPTH)
+    (directory / "config.py").write_text(
+        REFCAT_CONFIG_TEMPLATE.format(name=REFCAT_NAME, depth=REFCAT_DEPTH))
+    empty = np.zeros(0)
+    schema = _refcat_hdu(np.zeros(0, dtype=np.int64), empty, empty,
+                         np.zeros((0, len(bands))), np.zeros((0, len(bands))), bands)
+    fits.HDUList([fits.PrimaryHDU(), schema]).writeto(directory / "master_schema.fits",
+                                                      overwrite=True)
+    order = np.argsort(shard, kind="stable")
+    uniq, start = np.unique(shard[order], return_index=True)
+    stops = np.append(start[1:], len(order))
+    for trixel, a, b in zip(uniq, start, stops, strict=True):
+        rows = order[a:b]
+        hdu = _refcat_hdu(ids[rows], ra[rows], dec[rows], flux_noisy[rows], flux_err[rows], bands)
+        fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(directory / f"{int(trixel)}.fits",
+                                                       overwrite=True)
+    return len(sel)
+
+
+# ------------------------------------------------------------------------------------------
+# The survey
+# ------------------------------------------------------------------------------------------
+
+
+def _expected_detected_fraction(bands: Sequence[str], crowded: bool) -> float:
+    """Mean detection probability of a true object over the bands, in nominal conditions.
+
+    Uses a fixed private sample of objects (seed 0), so it does not consume the survey's
+    random stream.
+    """
+    rng = np.random.default_rng(0)
+    sample = make_sky(rng, 20000, bands, 0.0, 0.0, 0.5, crowded)
+    sigma_psf = 0.8 / 2.3548 / PIXEL_SCALE_ARCSEC
+    sigma = np.sqrt(sigma_psf**2 + (sample.size_arcsec / PIXEL_SCALE_ARCSEC) ** 2)
+    fractions = []
+    for k, b in enumerate(bands):
+        zp, sky_mag, _, _ = BAND_PROPERTIES.get(b, BAND_PROPERTIES["r"])
+        sky = 30.0 * 10.0 ** (-0.4 * (sky_mag - 2.5 * math.log10(PIXEL_SCALE_ARCSEC**2) - zp))
+        flux = 30.0 * 10.0 ** (-0.4 * (sample.mags[:, k] - zp))
+        snr = flux / np.sqrt(flux + 4.0 * math.pi * sigma**2 * sky)
+        fractions.append(float(np.mean(snr > 5.0)))
+    return max(float(np.mean(fractions)), 0.05)
+
+
+def _objects_for_density(sources_per_visit: int, n_junk: int, camera: Camera,
+                         field_radius_deg: float, bands: Sequence[str], crowded: bool) -> int:
+    """Number of primary true objects giving ~``sources_per_visit`` rows per visit."""
+    cap_area = 2.0 * math.pi * (1.0 - math.cos(math.radians(field_radius_deg)))
+    cap_area *= (180.0 / math.pi) ** 2
+    fov_area = camera.n_detectors * camera.detector_size_deg**2
+    detected_fraction = _expected_detected_fraction(bands, crowded)
+    companions = STAR_FRACTION * ((0.25 + 2 * 0.05) if crowded else 0.02)
+    per_visit = max(sources_per_visit - n_junk, 1)
+    return max(int(round(per_visit * cap_area / fov_area / detected_fraction
+                         / (1.0 + companions))), 1)
+
+
+def simulate_survey(out_dir: str | Path, n_visits: int, seed: int,
+                    sources_per_visit: int = 5000,
+                    bands: Sequence[str] = ("g", "r", "i", "z"),
+                    ra_center: float = 150.0, dec_center: float = 2.0,
+                    field_radius_deg: float = 1.0, n_detectors: int = 9,
+                    crowded: bool = False, write_refcat: bool = True,
+                    progress: bool = False) -> SimulatedSurvey:
+    """Simulate a survey and write it in the Rubin formats (see the module docstring).
+
+    Args:
+        out_dir: directory to write into (created).
+        n_visits: number of visits; bands cycle through ``bands``.
+        seed: random seed; identical arguments give byte-identical parquet files.
+        sources_per_visit: approximate rows per ``sourceTable_visit`` file.
+        bands: band names (u g r i z y have realistic properties; others behave like r).
+        ra_center, dec_center: field centre [deg]; any RA (wrapped to [0, 360)), any Dec.
+        field_radius_deg: radius of the cap holding the true objects [deg].
+        n_detectors: CCDs of the camera (a near-square grid of 4k x 4k 0.2" CCDs, shrunk to
+            fit small fields).
+        crowded: add many close star pairs (0.3-3"), chains of three and hence deblends.
+        write_refcat: write the HTM-7 reference catalog to ``out_dir/refcat``.
+        progress: show a tqdm progress bar over visits.
+
+    Returns:
+        A :class:`SimulatedSurvey` describing the files written.
+    """
+    if n_visits < 1:
+        raise ValueError(f"n_visits must be >= 1, got {n_visits}")
+    if not bands:
+        raise ValueError("bands must not be empty")
+    if sources_per_visit < 1:
+        raise ValueError(f"sources_per_visit must be >= 1, got {sources_per_visit}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ra_center = float(np.mod(ra_center, 360.0))
+    bands = [str(b) for b in bands]
+    seeds = np.random.SeedSequence(seed).spawn(n_visits + 3)
+    rng_sky, rng_plan, rng_ref = (np.random.default_rng(s) for s in seeds[:3])
+
+    max_dither = 0.3 * min(1.0, field_radius_deg)
+    camera = make_camera(n_detectors, field_radius_deg, max_dither)
+    n_junk = int(round(JUNK_FRACTION * sources_per_visit))
+    n_primary = _objects_for_density(sources_per_visit, n_junk, camera, field_radius_deg,
+                                     bands, crowded)
+    sky = make_sky(rng_sky, n_primary, bands, ra_center, dec_center, field_radius_deg, crowded)
+    plan = make_visit_plan(rng_plan, n_visits, bands, ra_center, dec_center, max_dither)
+    cond = make_detector_conditions(rng_plan, plan, camera)
+
+    paths: list[Path] = []
+    counts: list[int] = []
+    from tqdm import tqdm
+
+    for i in tqdm(range(n_visits), desc="simulating visits", unit="visit", disable=not progress):
+        rng = np.random.default_rng(seeds[3 + i])
+        table = simulate_visit(sky, camera, plan, cond, i, rng, n_junk)
+        path = out / f"sourceTable_visit_{int(plan.visit[i])}.parquet"
+        pq.write_table(table, path, compression="snappy")
+        paths.append(path)
+        counts.append(table.num_rows)
+
+    visit_path = out / "visitTable.parquet"
+    pq.write_table(visit_table(plan), visit_path)
+    ccd_path = out / "ccdVisitTable.parquet"
+    pq.write_table(ccd_visit_table(plan, camera, cond), ccd_path)
+    truth_path = out / "truth.parquet"
+    pq.write_table(truth_table(sky, bands), truth_path)
+    refcat_path: Path | None = None
+    n_ref = 0
+    if write_refcat:
+        refcat_path = out / "refcat"
+        n_ref = write_reference_catalog(refcat_path, sky, bands, rng_ref)
+    if int(plan.visit.max()) >= (1 << (63 - SOURCE_ID_SHIFT)):
+        raise ValueError("visit ids too large for sourceId packing")
+    return SimulatedSurvey(out_dir=out, visits=[int(v) for v in plan.visit], bands=list(plan.band),
+                           physical_filters=list(plan.physical_filter), source_paths=paths,
+                           visit_table_path=visit_path, ccd_visit_table_path=ccd_path,
+                           refcat_path=refcat_path, truth_path=truth_path,
+                           n_sources=int(sum(counts)), n_sources_per_visit=counts,
+                           n_objects=len(sky), n_refcat=n_ref, seed=seed)
+
