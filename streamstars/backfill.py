@@ -47,11 +47,12 @@ class BackfillReport:
     seconds: float = 0.0
     apply_seconds: list[tuple[int, float]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    without_sources: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when no visit failed."""
-        return not self.failed
+        """True when no visit failed and every file of the repository could be used."""
+        return not self.failed and not self.problems
 
 
 def file_signature(paths: list[Path]) -> list[list[object]]:
@@ -79,8 +80,6 @@ def _prepare(store: StarStore, visit: DiscoveredVisit) -> PreparedVisit:
         reason = visit.metadata_error or "no visitSummary / visitTable row names this visit"
         raise MissingMetadataError(f"visit {visit.visit}: no visit metadata ({reason}); "
                                    "add its visitSummary or visitTable/ccdVisitTable")
-    if not visit.source_paths:
-        raise MissingMetadataError(f"visit {visit.visit}: metadata but no source table")
     prepared = prepare_visit(VisitInput(visit.visit, visit.source_paths, visit.metadata),
                              store.config)
     prepared.files = file_signature(visit.source_paths)
@@ -95,7 +94,9 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
     start = time.perf_counter()
     inventory = inventory or discover_repo(repo, reference_ccd=store.config.referenceCCD)
     report = BackfillReport(problems=list(inventory.problems))
-    visits = [v for _, v in sorted(inventory.visits.items())]
+    # visits named by a metadata table whose source tables are not (yet) in the repository
+    report.without_sources = sorted(v for v, d in inventory.visits.items() if not d.source_paths)
+    visits = [v for _, v in sorted(inventory.visits.items()) if v.source_paths]
     todo = [v for v in visits if replace or not _unchanged(store, v)]
     report.skipped += len(visits) - len(todo)
     bar = _progress_bar(len(visits), progress, initial=len(visits) - len(todo))

@@ -12,7 +12,6 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from streamstars import __version__
 from streamstars.config import BuildStarsConfig, load_config
@@ -34,12 +33,16 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         with store.read() as txn:
             n_visits = sum(1 for _ in store.iter_visit_records(txn))
     for problem in report.problems:
-        print(f"warning: {problem}", file=sys.stderr)
+        print(f"PROBLEM {problem}", file=sys.stderr)
+    if report.without_sources:
+        print(f"note: {len(report.without_sources)} visits have metadata but no source table "
+              f"yet (first: {report.without_sources[:5]})", file=sys.stderr)
     for failure in report.failed:
         print(f"FAILED visit {failure.visit}: {failure.error}", file=sys.stderr)
     rate = report.sources_read / report.seconds if report.seconds else 0.0
     print(f"backfill: {report.applied} applied, {report.replaced} replaced, "
-          f"{report.skipped} skipped, {len(report.failed)} failed; "
+          f"{report.skipped} skipped, {len(report.failed)} failed, "
+          f"{len(report.problems)} unusable files; "
           f"{report.sources_read:,} sources read, {report.observations_selected:,} observations "
           f"selected in {report.seconds:.1f} s ({rate:,.0f} sources/s); "
           f"store holds {n_visits} visits")

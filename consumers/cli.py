@@ -1,0 +1,178 @@
+"""The ``run`` and ``publish`` subcommands (added to ``streamstars`` by :func:`add_commands`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_commands", "cmd_publish", "cmd_run"]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _iso_time(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a time zone (e.g. Z for UTC): {text!r}")
+    return when
+
+
+def _verbose_logging() -> None:
+    """The daemons log INFO lines even without ``-v`` (the root handler is set by main)."""
+    logging.getLogger("streamstars").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``streamstars run``: consume visit events until SIGTERM/SIGINT."""
+    from .kafka_config import load_kafka_properties
+    from .runner import Runner, RunOptions, parse_seek_offsets
+
+    _verbose_logging()
+    if not args.data_root:
+        print("streamstars run: error: give at least one --data-root (events may only name "
+              "files under these directories)", file=sys.stderr)
+        return 2
+    dead_letter = args.dead_letter_topic
+    if dead_letter is None:
+        dead_letter = f"{args.topic}.dead-letters"
+    options = RunOptions(
+        bootstrap=args.bootstrap_servers,
+        topic=args.topic,
+        state=Path(args.state),
+        group=args.group,
+        config_path=Path(args.config) if args.config else None,
+        data_roots=[Path(p) for p in args.data_root],
+        kafka_config=load_kafka_properties(args.kafka_config),
+        dead_letter_topic=dead_letter or None,
+        snapshot_dir=Path(args.snapshot_dir) if args.snapshot_dir else None,
+        snapshot_every_visits=args.snapshot_every_visits,
+        snapshot_every_seconds=args.snapshot_every_seconds,
+        snapshot_formats=tuple(f.strip() for f in args.snapshot_format.split(",") if f.strip()),
+        snapshot_on_exit=args.snapshot_on_exit,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        retry_max_seconds=args.retry_max_seconds,
+        exit_when_idle_seconds=args.exit_when_idle,
+        seek_offsets=parse_seek_offsets(args.seek_offset or []),
+        seek_time=args.seek_time,
+    )
+    if options.snapshot_dir is not None and not (
+        options.snapshot_every_visits or options.snapshot_every_seconds
+        or options.snapshot_on_exit
+    ):
+        options.snapshot_every_seconds = 600.0
+    return Runner(options).run()
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """``streamstars publish``: events for a repository's visits (once, or watching)."""
+    from streamstars.config import load_config
+
+    from .kafka_config import load_kafka_properties
+    from .publisher import publish_repo, watch_repo
+
+    _verbose_logging()
+    settings = load_kafka_properties(args.kafka_config)
+    reference_ccd = load_config(args.config).referenceCCD if args.config else 40
+    if not args.watch:
+        summary = publish_repo(args.repo, args.bootstrap_servers, args.topic, settings,
+                               reference_ccd=reference_ccd, instrument=args.instrument)
+        print(f"published {len(summary.published)} visit event(s) to {args.topic}; "
+              f"{len(summary.skipped)} visit(s) not publishable, "
+              f"{len(summary.problems)} discovery problem(s)")
+        return 0
+    state_file = Path(args.watch_state) if args.watch_state else \
+        Path(args.repo) / ".streamstars-published.json"
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    watch_repo(args.repo, args.bootstrap_servers, args.topic, state_file, settings,
+               poll_seconds=args.poll_seconds, reference_ccd=reference_ccd,
+               instrument=args.instrument, stop=stop, max_polls=args.max_polls)
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add ``run`` and ``publish`` to the ``streamstars`` argparse subparsers."""
+    p = subparsers.add_parser(
+        "run",
+        help="consume visit events from Kafka and apply them (nightly operation)",
+        description="Consume visit events and apply each visit exactly once to the LMDB "
+        "store.  Kafka client settings (security included) come only from --kafka-config.",
+    )
+    p.add_argument("--bootstrap-servers", required=True, metavar="HOST:PORT")
+    p.add_argument("--topic", required=True)
+    p.add_argument("--state", required=True, metavar="DIR", help="LMDB state directory")
+    p.add_argument("--group", default="streamstars", help="consumer group (default %(default)s)")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (fgcmcal field names)")
+    p.add_argument("--data-root", action="append", metavar="DIR",
+                   help="directory events may point into (repeatable; required)")
+    p.add_argument("--kafka-config", metavar="FILE",
+                   help="librdkafka properties file (SASL/SSL ...); never logged")
+    p.add_argument("--dead-letter-topic", metavar="TOPIC",
+                   help="topic for dead letters (default TOPIC.dead-letters; '' to only log)")
+    p.add_argument("--snapshot-dir", metavar="OUT", help="write periodic snapshots here")
+    p.add_argument("--snapshot-every-visits", type=_positive_int, metavar="N")
+    p.add_argument("--snapshot-every-seconds", type=_positive_float, metavar="T")
+    p.add_argument("--snapshot-format", default="fits,parquet", help="fits and/or parquet")
+    p.add_argument("--snapshot-on-exit", action="store_true",
+                   help="write a last snapshot when stopping (if anything changed)")
+    p.add_argument("--metrics-port", type=int, metavar="P",
+                   help="serve /metrics /healthz /readyz on this port (0: any free port)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics server binds to (default %(default)s)")
+    p.add_argument("--retry-max-seconds", type=_positive_float, default=300.0,
+                   help="give up on a transient error after this long and dead-letter the "
+                   "event (default %(default)s)")
+    p.add_argument("--seek-offset", action="append", metavar="PARTITION:OFFSET",
+                   help="replay: start this partition here at the first assignment")
+    p.add_argument("--seek-time", type=_iso_time, metavar="ISO8601",
+                   help="replay: start every partition at the first event at/after this time")
+    p.add_argument("--exit-when-idle", type=_positive_float, metavar="SECONDS",
+                   help="exit cleanly after this long without a message (batch replays)")
+    p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser(
+        "publish",
+        help="publish one visit event per visit of a repository (optionally watching it)",
+    )
+    p.add_argument("repo", help="repository directory (same discovery as backfill)")
+    p.add_argument("--bootstrap-servers", required=True, metavar="HOST:PORT")
+    p.add_argument("--topic", required=True)
+    p.add_argument("--kafka-config", metavar="FILE", help="librdkafka properties file")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration (for referenceCCD)")
+    p.add_argument("--instrument", help="instrument name when the metadata has none")
+    p.add_argument("--watch", action="store_true",
+                   help="keep watching and publish each visit once its files are complete")
+    p.add_argument("--poll-seconds", type=_positive_float, default=30.0)
+    p.add_argument("--watch-state", metavar="FILE",
+                   help="what was published (default REPO/.streamstars-published.json)")
+    p.add_argument("--max-polls", type=_positive_int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_publish)

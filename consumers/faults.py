@@ -1,0 +1,144 @@
+"""Test-only fault injection for the consumer (crash tests).  Inert unless the env var is set.
+
+``STREAMSTARS_TEST_KILL`` names where the consumer SIGKILLs itself, as comma-separated
+``POINT:N`` items (the N-th time the point is reached in this process, 1-based):
+
+``before_apply``         an event was parsed, nothing written yet;
+``during_apply:N:MS``    a timer fires MS milliseconds after the N-th apply started (read,
+                         select, association or LMDB commit, wherever it is by then);
+``lmdb_commit``          a timer armed just before the LMDB commit of the visit's write
+                         transaction fires within 0.5 ms, i.e. during ``mdb_txn_commit`` (which
+                         fsyncs) or right after it, before anything else runs;
+``after_lmdb_commit``    the visit and its offset are committed in LMDB, Kafka not yet;
+``after_kafka_commit``   both committed;
+``during_snapshot:N:MS`` MS milliseconds into the N-th periodic snapshot.
+
+``STREAMSTARS_APPLICATION_LOG`` names a file where each application that changed the store
+(status applied, replaced or retracted) is appended as one JSON line, plus a line
+``{"kill": POINT, "visit": V}`` written (and fsynced) right before a self-kill, so that a test
+can count applications per visit across crashes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+ENV_KILL = "STREAMSTARS_TEST_KILL"
+ENV_APPLICATION_LOG = "STREAMSTARS_APPLICATION_LOG"
+
+
+class Faults:
+    """Parsed ``STREAMSTARS_TEST_KILL`` plan; every method is a no-op when it is empty."""
+
+    def __init__(self, spec: str | None = None, log_path: str | None = None) -> None:
+        spec = os.environ.get(ENV_KILL, "") if spec is None else spec
+        self.log_path = os.environ.get(ENV_APPLICATION_LOG) if log_path is None else log_path
+        self.plan: dict[str, tuple[int, float]] = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            parts = item.split(":")
+            name = parts[0]
+            nth = int(parts[1]) if len(parts) > 1 else 1
+            delay_ms = float(parts[2]) if len(parts) > 2 else 0.0
+            self.plan[name] = (nth, delay_ms)
+        self.seen: Counter[str] = Counter()
+        self.visit: int | None = None
+
+    @property
+    def active(self) -> bool:
+        """True when any kill is planned."""
+        return bool(self.plan)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if not self.log_path:
+            return
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def record_application(self, visit: int, status: str, offset: int | None) -> None:
+        """Log one application that changed the store (when the log is enabled)."""
+        if status in ("applied", "replaced", "retracted"):
+            self._write({"visit": visit, "status": status, "offset": offset, "pid": os.getpid()})
+
+    def _die(self, point: str) -> None:
+        self._write({"kill": point, "visit": self.visit, "pid": os.getpid()})
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(10)  # never reached
+
+    def _due(self, point: str) -> tuple[bool, float]:
+        if point not in self.plan:
+            return False, 0.0
+        self.seen[point] += 1
+        nth, delay_ms = self.plan[point]
+        return self.seen[point] == nth, delay_ms
+
+    def point(self, point: str) -> None:
+        """Kill the process now if ``point`` is due."""
+        due, _ = self._due(point)
+        if due:
+            self._die(point)
+
+    def timer(self, point: str, default_ms: float = 0.0) -> None:
+        """If ``point`` is due, kill the process after its delay (from another thread)."""
+        due, delay_ms = self._due(point)
+        if not due:
+            return
+        delay = (delay_ms or default_ms) / 1000.0
+        self._write({"kill": point, "visit": self.visit, "pid": os.getpid(), "armed": True})
+
+        def fire() -> None:
+            time.sleep(delay)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=fire, daemon=True).start()
+
+
+class _TxnProxy:
+    """Wraps an ``lmdb.Transaction`` context so a fault timer is armed right before commit."""
+
+    def __init__(self, txn: Any, faults: Faults) -> None:
+        self._txn = txn
+        self._faults = faults
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._txn, name)
+
+    def __enter__(self) -> Any:
+        return self._txn.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        if exc[0] is None:
+            self._faults.timer("lmdb_commit", default_ms=random.uniform(0.0, 0.5))
+        result = self._txn.__exit__(*exc)
+        return result
+
+
+class _EnvProxy:
+    """Wraps an ``lmdb.Environment`` so that write transactions get :class:`_TxnProxy`."""
+
+    def __init__(self, env: Any, faults: Faults) -> None:
+        self._env = env
+        self._faults = faults
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env, name)
+
+    def begin(self, *args: Any, **kwargs: Any) -> Any:
+        txn = self._env.begin(*args, **kwargs)
+        if kwargs.get("write"):
+            return _TxnProxy(txn, self._faults)
+        return txn
+
+
+def instrument_store(store: Any, faults: Faults) -> None:
+    """Arm the ``lmdb_commit`` point on ``store`` (only when that point is planned)."""
+    if "lmdb_commit" in faults.plan:
+        store.env = _EnvProxy(store.env, faults)

@@ -1,0 +1,750 @@
+"""``streamstars run``: the long-running Kafka consumer that applies visit events.
+
+Effectively once per visit
+--------------------------
+Auto-commit is off.  For each message, the visit is read and selected outside any transaction,
+then applied in ONE LMDB write transaction that also stores the partition's next offset
+(:class:`streamstars.ingest.KafkaOffset`); only then is the offset committed to Kafka.  On
+partition assignment the consumer seeks every partition to the offset stored in LMDB (the
+beginning when the store has none), so the Kafka commit is only a convenience for monitoring
+tools: after any crash the store resumes exactly after the last visit it holds.  Duplicate
+and replayed events are counted no-ops (same content hash -> "skipped").
+
+Errors
+------
+* :class:`~streamstars.errors.TransientInputError` and ``OSError`` (file not there yet, I/O
+  timeout) are retried with exponential backoff for up to ``retry_max_seconds``, then
+  dead-lettered;
+* :class:`~streamstars.errors.PermanentInputError` (malformed event, forbidden path, unreadable
+  or invalid parquet, missing columns, conflicting content) is dead-lettered at once;
+* :class:`~streamstars.errors.StateError` and LMDB errors stop the consumer (exit code 3)
+  without committing, so nothing is lost.
+
+A dead letter is a JSON record (event, error, time, origin) produced to the dead-letter topic
+and acknowledged by the broker *before* the event's offset is recorded in LMDB.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from streamstars import __version__
+from streamstars.config import BuildStarsConfig, load_config
+from streamstars.errors import (
+    PermanentInputError,
+    StateError,
+    StreamstarsError,
+    TransientInputError,
+)
+from streamstars.events import (
+    ForbiddenPathError,
+    MalformedEventError,
+    VisitEvent,
+    inline_metadata,
+    now_iso,
+    parse_event,
+    resolve_uri,
+)
+from streamstars.visit import VisitMetadata
+
+from .faults import Faults, instrument_store
+from .kafka_config import redacted
+from .metrics import ConsumerMetrics, HealthServer, HealthState
+
+__all__ = ["RunOptions", "Runner", "run_consumer"]
+
+log = logging.getLogger("streamstars.run")
+
+DEAD_LETTER_SCHEMA = "streamstars-dead-letter/1"
+
+# Exit codes of `streamstars run`.
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_STATE = 3
+EXIT_KAFKA = 4
+
+
+@dataclass
+class RunOptions:
+    """Everything ``streamstars run`` is told (see ``docs/operations.md``)."""
+
+    bootstrap: str
+    topic: str
+    state: Path
+    group: str = "streamstars"
+    config_path: Path | None = None
+    data_roots: list[Path] = field(default_factory=list)
+    kafka_config: dict[str, str] = field(default_factory=dict)
+    dead_letter_topic: str | None = None
+    snapshot_dir: Path | None = None
+    snapshot_every_visits: int | None = None
+    snapshot_every_seconds: float | None = None
+    snapshot_formats: tuple[str, ...] = ("fits", "parquet")
+    snapshot_on_exit: bool = False
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    retry_initial_seconds: float = 0.5
+    retry_max_backoff_seconds: float = 30.0
+    retry_max_seconds: float = 300.0
+    exit_when_idle_seconds: float | None = None
+    seek_offsets: dict[int, int] = field(default_factory=dict)
+    seek_time: datetime | None = None
+    poll_seconds: float = 0.5
+
+
+class _Shutdown(Exception):
+    """Raised inside retry loops when a stop was requested: abandon the visit in flight."""
+
+
+@dataclass
+class _Outcome:
+    status: str
+    n_sources: int = 0
+    n_selected: int = 0
+    seconds: float = 0.0
+
+
+class Runner:
+    """One consumer process: a store, a Kafka consumer, a dead-letter producer, metrics."""
+
+    def __init__(self, options: RunOptions) -> None:
+        self.opts = options
+        self.metrics = ConsumerMetrics()
+        self.health = HealthState()
+        self.stop_requested = threading.Event()
+        self.faults = Faults()
+        self.store: Any = None
+        self.consumer: Any = None
+        self.producer: Any = None
+        self.http: HealthServer | None = None
+        self.assigned: set[int] = set()
+        self._seek_pending = bool(options.seek_offsets or options.seek_time)
+        self._signals = 0
+        self._last_message = time.monotonic()
+        self._changes_since_snapshot = 0
+        self._last_snapshot = time.monotonic()
+        self._snapshot_thread: threading.Thread | None = None
+        self._last_lag_update = 0.0
+        self.processed = 0
+
+    # ------------------------------------------------------------------ setup / teardown
+    def _open_store(self) -> None:
+        from streamstars.state.store import StarStore
+
+        opts = self.opts
+        config: BuildStarsConfig | None
+        if opts.config_path is not None:
+            config = load_config(opts.config_path)
+        elif (opts.state / "data.mdb").exists():
+            config = None  # the configuration the store was built with
+        else:
+            config = BuildStarsConfig()
+        self.store = StarStore.open(opts.state, config)
+        instrument_store(self.store, self.faults)
+        self.metrics.visits_stored.set(len(self.store.applied_visits()))
+
+    def _client_settings(self) -> dict[str, Any]:
+        opts = self.opts
+        settings: dict[str, Any] = {
+            "auto.offset.reset": "earliest",
+            "max.poll.interval.ms": int(max(300.0, opts.retry_max_seconds + 600.0) * 1000),
+        }
+        settings.update(opts.kafka_config)
+        settings.update(
+            {
+                "bootstrap.servers": opts.bootstrap,
+                "group.id": opts.group,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "client.id": f"streamstars-{socket.gethostname()}-{os.getpid()}",
+                "error_cb": self._on_kafka_error,
+            }
+        )
+        return settings
+
+    def _producer_settings(self) -> dict[str, Any]:
+        consumer_only = {
+            "auto.offset.reset", "max.poll.interval.ms", "session.timeout.ms",
+            "heartbeat.interval.ms", "group.id", "enable.auto.commit",
+            "enable.auto.offset.store", "fetch.wait.max.ms", "partition.assignment.strategy",
+            "group.instance.id", "fetch.min.bytes", "fetch.max.bytes", "isolation.level",
+            "auto.commit.interval.ms", "enable.partition.eof", "max.partition.fetch.bytes",
+            "check.crcs", "queued.min.messages", "queued.max.messages.kbytes",
+            "group.protocol.type", "coordinator.query.interval.ms",
+        }
+        settings: dict[str, Any] = {
+            k: v for k, v in self.opts.kafka_config.items() if k not in consumer_only
+        }
+        settings.update({"bootstrap.servers": self.opts.bootstrap, "acks": "all"})
+        return settings
+
+    def _on_kafka_error(self, err: Any) -> None:
+        log.warning("kafka: %s", err)
+        if getattr(err, "fatal", lambda: False)():
+            log.error("fatal Kafka error, stopping: %s", err)
+            self.stop_requested.set()
+
+    def _install_signals(self) -> None:
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            self._signals += 1
+            name = signal.Signals(signum).name
+            if self._signals == 1:
+                log.info("%s received: finishing the visit in flight, then stopping", name)
+                self.stop_requested.set()
+                self.health.set_ready(False, f"stopping ({name})")
+            else:
+                log.warning("%s received again: abandoning the visit in flight", name)
+                raise KeyboardInterrupt
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+            signal.signal(signal.SIGINT, handler)
+
+    # ------------------------------------------------------------------ assignment
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        from confluent_kafka import OFFSET_BEGINNING
+
+        stored = self.store.stored_offsets(self.opts.topic)
+        for tp in partitions:
+            if tp.partition in stored:
+                tp.offset = stored[tp.partition]
+                where = f"offset {tp.offset} (from the LMDB store)"
+            else:
+                tp.offset = OFFSET_BEGINNING
+                where = "the beginning (no offset in the store)"
+            log.info("assigned %s[%d]: starting at %s", tp.topic, tp.partition, where)
+        if self._seek_pending:
+            self._apply_seek_overrides(consumer, partitions)
+        consumer.assign(partitions)
+        self.assigned = {tp.partition for tp in partitions}
+        self.health.set_ready(True, f"consuming partitions {sorted(self.assigned)}")
+
+    def _apply_seek_overrides(self, consumer: Any, partitions: list[Any]) -> None:
+        """``--seek-offset`` / ``--seek-time``: replay from there, once, at first assignment."""
+        from confluent_kafka import TopicPartition
+
+        opts = self.opts
+        self._seek_pending = False
+        if opts.seek_time is not None:
+            millis = int(opts.seek_time.timestamp() * 1000)
+            query = [TopicPartition(tp.topic, tp.partition, millis) for tp in partitions]
+            found = consumer.offsets_for_times(query, timeout=30)
+            by_part = {tp.partition: tp.offset for tp in found}
+            for tp in partitions:
+                if by_part.get(tp.partition, -1) >= 0:
+                    tp.offset = by_part[tp.partition]
+                    log.info("replay: %s[%d] from offset %d (time %s)", tp.topic,
+                             tp.partition, tp.offset, opts.seek_time.isoformat())
+        for tp in partitions:
+            if tp.partition in opts.seek_offsets:
+                tp.offset = opts.seek_offsets[tp.partition]
+                log.info("replay: %s[%d] from offset %d", tp.topic, tp.partition, tp.offset)
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        log.info("partitions revoked: %s", sorted(tp.partition for tp in partitions))
+        consumer.unassign()
+        self.assigned = set()
+        self.health.set_ready(False, "rebalancing")
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        log.warning("partitions lost: %s", sorted(tp.partition for tp in partitions))
+        consumer.unassign()
+        self.assigned = set()
+        self.health.set_ready(False, "partitions lost")
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> int:
+        """Consume until stopped; returns the process exit code."""
+        from confluent_kafka import Consumer, KafkaError, Producer
+
+        opts = self.opts
+        self._install_signals()
+        if opts.metrics_port is not None:
+            self.http = HealthServer(self.metrics, self.health, opts.metrics_host,
+                                     opts.metrics_port)
+            self.http.start()
+            log.info("metrics on http://%s:%d/metrics", opts.metrics_host, self.http.port)
+        try:
+            self._open_store()
+        except StreamstarsError as exc:
+            log.error("cannot open the state %s: %s", opts.state, exc)
+            self._stop_http()
+            return EXIT_STATE
+        log.info("kafka client settings from --kafka-config: %s", redacted(opts.kafka_config))
+        self.consumer = Consumer(self._client_settings())
+        if opts.dead_letter_topic:
+            self.producer = Producer(self._producer_settings())
+        self.consumer.subscribe([opts.topic], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        log.info("consuming %s as group %s, state %s, data roots %s", opts.topic, opts.group,
+                 opts.state, [str(p) for p in opts.data_roots])
+        code = EXIT_OK
+        try:
+            while not self.stop_requested.is_set():
+                self.health.beat()
+                msg = self.consumer.poll(opts.poll_seconds)
+                if msg is None:
+                    self._idle_work()
+                    if self._idle_exit_due():
+                        log.info("idle for %.1f s: exiting", opts.exit_when_idle_seconds)
+                        break
+                    continue
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    log.warning("consumer error: %s", err)
+                    if err.fatal():
+                        code = EXIT_KAFKA
+                        break
+                    continue
+                self._last_message = time.monotonic()
+                try:
+                    self.handle_message(msg)
+                except _Shutdown:
+                    log.info("stop requested: visit at %s[%d]@%d abandoned (not applied, "
+                             "not committed; it will be consumed again)", msg.topic(),
+                             msg.partition(), msg.offset())
+                    break
+                self._idle_work()
+        except (StateError, _LmdbError) as exc:
+            log.error("state error, stopping without committing: %s", exc)
+            code = EXIT_STATE
+        except KeyboardInterrupt:
+            log.warning("interrupted")
+        finally:
+            self._shutdown()
+        return code
+
+    def _idle_exit_due(self) -> bool:
+        limit = self.opts.exit_when_idle_seconds
+        return (
+            limit is not None
+            and bool(self.assigned)
+            and time.monotonic() - self._last_message > limit
+        )
+
+    def _idle_work(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag_update > 2.0:
+            self._last_lag_update = now
+            self._update_lag()
+        self._maybe_snapshot()
+
+    def _update_lag(self) -> None:
+        from confluent_kafka import TopicPartition
+
+        if not self.assigned:
+            return
+        try:
+            tps = [TopicPartition(self.opts.topic, p) for p in sorted(self.assigned)]
+            positions = {tp.partition: tp.offset for tp in self.consumer.position(tps)}
+            for tp in tps:
+                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                pos = positions.get(tp.partition, -1)
+                if high is not None and high >= 0 and pos is not None and pos >= 0:
+                    self.metrics.lag.labels(self.opts.topic, str(tp.partition)).set(
+                        max(0, high - pos)
+                    )
+        except Exception as exc:  # noqa: BLE001 - metrics must never stop ingestion
+            log.debug("lag update failed: %s", exc)
+
+    # ------------------------------------------------------------------ one message
+    def handle_message(self, msg: Any) -> None:
+        """Apply, skip or dead-letter one message, then record and commit its offset."""
+        from streamstars.ingest import KafkaOffset
+
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        kafka_offset = KafkaOffset(topic, partition, offset + 1)
+        event: VisitEvent | None = None
+        self.faults.visit = None
+        try:
+            event = parsed = parse_event(msg.value(), msg.key())
+            self.faults.visit = parsed.visit
+            self.faults.point("before_apply")
+            outcome = self._with_retries(parsed, lambda: self._apply(parsed, kafka_offset))
+        except PermanentInputError as exc:
+            self._dead_letter(msg, event, exc, permanent=True)
+            self.store.record_offset(topic, partition, offset + 1)
+            outcome = _Outcome("dead_lettered")
+        except _RetriesExhausted as exc:
+            self._dead_letter(msg, event, exc.cause, permanent=False, attempts=exc.attempts)
+            self.store.record_offset(topic, partition, offset + 1)
+            outcome = _Outcome("dead_lettered")
+        self.faults.point("after_lmdb_commit")
+        self._commit(topic, partition, offset + 1)
+        self.faults.point("after_kafka_commit")
+        self.processed += 1
+        self._count(event, outcome)
+
+    def _count(self, event: VisitEvent | None, outcome: _Outcome) -> None:
+        m = self.metrics
+        status = outcome.status
+        if status in ("applied", "replaced"):
+            m.applied.labels("replace" if status == "replaced" else "apply").inc()
+        elif status == "retracted":
+            m.retracted.inc()
+        elif status == "skipped":
+            m.skipped.labels("duplicate").inc()
+        elif status == "absent":
+            m.skipped.labels("retract_absent").inc()
+        if status in ("applied", "replaced", "retracted"):
+            self._changes_since_snapshot += 1
+            delta = -1 if status == "retracted" else (1 if status == "applied" else 0)
+            m.visits_stored.inc(delta)
+        if status in ("applied", "replaced", "skipped"):
+            m.sources_read.inc(outcome.n_sources)
+            m.observations_selected.inc(outcome.n_selected if status != "skipped" else 0)
+            m.apply_seconds.observe(outcome.seconds)
+            stamp = event.published_at or event.finished_at if event is not None else None
+            if stamp and status != "skipped":
+                try:
+                    latency = time.time() - datetime.fromisoformat(stamp).timestamp()
+                    m.event_latency.observe(max(0.0, latency))
+                except ValueError:
+                    pass
+        if event is not None and status != "dead_lettered":
+            log.info("%s: %s (%d sources, %d selected, %.2f s)", event.describe(), status,
+                     outcome.n_sources, outcome.n_selected, outcome.seconds)
+
+    def _apply(self, event: VisitEvent, kafka_offset: Any) -> _Outcome:
+        """Resolve the event's files, prepare and apply the visit in one LMDB transaction."""
+        from streamstars.ingest import VisitInput, apply_prepared, prepare_visit, retract_visit
+
+        start = time.perf_counter()
+        if event.action == "retract":
+            result = retract_visit(self.store, event.visit, kafka_offset=kafka_offset)
+            self.faults.record_application(event.visit, result.status, kafka_offset.next_offset)
+            return _Outcome(result.status, result.n_sources, result.n_selected,
+                            time.perf_counter() - start)
+        roots = self.opts.data_roots
+        paths = [resolve_uri(u, roots, what=f"visit {event.visit} source table")
+                 for u in event.source_uris]
+        meta_path = (
+            resolve_uri(event.metadata_uri, roots, what=f"visit {event.visit} visitSummary")
+            if event.metadata_uri is not None
+            else None
+        )
+        for path in [*paths, *([meta_path] if meta_path else [])]:
+            if not path.exists():
+                raise TransientInputError(f"visit {event.visit}: {path} does not exist (yet)")
+        metadata = self._metadata(event, meta_path)
+        self.faults.timer("during_apply", default_ms=50.0)
+        prepared = prepare_visit(VisitInput(event.visit, paths, metadata), self.store.config)
+        try:
+            from streamstars.backfill import file_signature
+
+            prepared.files = file_signature(paths)
+        except (ImportError, OSError, AttributeError):
+            pass
+        result = apply_prepared(self.store, prepared, replace=event.action == "replace",
+                                kafka_offset=kafka_offset)
+        self.faults.record_application(event.visit, result.status, kafka_offset.next_offset)
+        return _Outcome(result.status, result.n_sources, result.n_selected,
+                        time.perf_counter() - start)
+
+    def _metadata(self, event: VisitEvent, meta_path: Path | None) -> VisitMetadata:
+        if meta_path is not None:
+            from streamstars.io.visitmeta import read_visit_summary
+
+            meta = read_visit_summary(meta_path, reference_ccd=self.store.config.referenceCCD)
+        else:
+            meta = inline_metadata(event.metadata_values or {})
+        if meta.visit != event.visit:
+            raise MalformedEventError(
+                f"visit {event.visit}: its metadata describes visit {meta.visit}"
+            )
+        if meta.physical_filter != event.physical_filter or meta.band != event.band:
+            raise MalformedEventError(
+                f"visit {event.visit}: event says band {event.band!r} / physical_filter "
+                f"{event.physical_filter!r} but its metadata says {meta.band!r} / "
+                f"{meta.physical_filter!r}"
+            )
+        return meta
+
+    def _with_retries(self, event: VisitEvent, body: Callable[[], _Outcome]) -> _Outcome:
+        """Run ``body``; retry transient errors with exponential backoff, within a budget."""
+        opts = self.opts
+        delay = opts.retry_initial_seconds
+        started = time.monotonic()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return body()
+            except PermanentInputError:
+                raise
+            except (TransientInputError, OSError) as exc:
+                if isinstance(exc, OSError) and _is_lmdb(exc):
+                    raise
+                elapsed = time.monotonic() - started
+                if elapsed + delay > opts.retry_max_seconds:
+                    raise _RetriesExhausted(exc, attempts) from exc
+                self.metrics.retries.inc()
+                log.warning("%s: transient error (attempt %d, retrying in %.1f s): %s",
+                            event.describe(), attempts, delay, exc)
+                self._sleep(delay)
+                delay = min(delay * 2.0, opts.retry_max_backoff_seconds)
+            except (StateError, KeyboardInterrupt, _Shutdown):
+                raise
+            except StreamstarsError as exc:
+                raise PermanentInputError(f"{event.describe()}: {exc}") from exc
+            except Exception as exc:
+                if _is_lmdb(exc):
+                    raise _LmdbError(str(exc)) from exc
+                log.error("%s: unexpected error, dead-lettering:\n%s", event.describe(),
+                          traceback.format_exc())
+                raise _UnexpectedError(f"{event.describe()}: {type(exc).__name__}: {exc}") \
+                    from exc
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait, but give up the visit in flight as soon as a stop is requested."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if self.stop_requested.is_set():
+                raise _Shutdown
+            if left <= 0:
+                return
+            self.health.beat()
+            self.stop_requested.wait(min(left, 0.5))
+
+    # ------------------------------------------------------------------ dead letters / commit
+    def _dead_letter(self, msg: Any, event: VisitEvent | None, exc: BaseException,
+                     *, permanent: bool, attempts: int = 1) -> None:
+        reason = _reason(exc)
+        value = msg.value() or b""
+        record: dict[str, Any] = {
+            "schema": DEAD_LETTER_SCHEMA,
+            "dead_lettered_at": now_iso(),
+            "source": {
+                "topic": msg.topic(),
+                "partition": msg.partition(),
+                "offset": msg.offset(),
+                "key": None if msg.key() is None else msg.key().decode("utf-8", "replace"),
+                "timestamp_ms": msg.timestamp()[1],
+            },
+            "visit": event.visit if event is not None else None,
+            "action": event.action if event is not None else None,
+            "error": {
+                "type": type(exc).__name__,
+                "reason": reason,
+                "message": str(exc),
+                "permanent": permanent,
+                "attempts": attempts,
+            },
+            "consumer": {
+                "group": self.opts.group,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "version": __version__,
+            },
+        }
+        try:
+            record["event"] = json.loads(value.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            try:
+                record["event_text"] = value.decode("utf-8")
+            except UnicodeDecodeError:
+                record["event_base64"] = base64.b64encode(value).decode("ascii")
+        payload = json.dumps(record, sort_keys=True).encode("utf-8")
+        log.error("dead letter (%s) for %s[%d]@%d: %s", reason, msg.topic(), msg.partition(),
+                  msg.offset(), exc)
+        if self.producer is not None and self.opts.dead_letter_topic:
+            self._produce_dead_letter(msg.key(), payload, reason)
+        self.metrics.dead_lettered.labels(reason).inc()
+
+    def _produce_dead_letter(self, key: bytes | None, payload: bytes, reason: str) -> None:
+        """Produce and wait for the acknowledgement; retry until delivered or stopped."""
+        delay = self.opts.retry_initial_seconds
+        errors: list[str] = []
+
+        def on_delivery(err: Any, _msg: Any) -> None:
+            if err is not None:
+                errors.append(str(err))
+
+        while True:
+            errors.clear()
+            try:
+                self.producer.produce(self.opts.dead_letter_topic, key=key, value=payload,
+                                      headers=[("streamstars-error", reason.encode())],
+                                      on_delivery=on_delivery)
+                left = self.producer.flush(30)
+            except (BufferError, Exception) as exc:  # noqa: BLE001 - KafkaException
+                errors.append(str(exc))
+                left = 1
+            if not left and not errors:
+                return
+            log.warning("dead-letter delivery failed (%s); retrying in %.1f s", errors or left,
+                        delay)
+            self._sleep(delay)
+            delay = min(delay * 2.0, self.opts.retry_max_backoff_seconds)
+
+    def _commit(self, topic: str, partition: int, next_offset: int) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        try:
+            self.consumer.commit(offsets=[TopicPartition(topic, partition, next_offset)],
+                                 asynchronous=False)
+        except KafkaException as exc:
+            self.metrics.kafka_commit_failures.inc()
+            log.warning("Kafka commit of %s[%d]@%d failed (the LMDB store holds it): %s",
+                        topic, partition, next_offset, exc)
+
+    # ------------------------------------------------------------------ snapshots
+    def _maybe_snapshot(self, force: bool = False) -> None:
+        opts = self.opts
+        if opts.snapshot_dir is None or self._changes_since_snapshot == 0:
+            return
+        if self._snapshot_thread is not None and self._snapshot_thread.is_alive():
+            return
+        due = force
+        if opts.snapshot_every_visits and self._changes_since_snapshot >= \
+                opts.snapshot_every_visits:
+            due = True
+        if opts.snapshot_every_seconds and \
+                time.monotonic() - self._last_snapshot >= opts.snapshot_every_seconds:
+            due = True
+        if not due:
+            return
+        self._changes_since_snapshot = 0
+        self._last_snapshot = time.monotonic()
+        self._snapshot_thread = threading.Thread(target=self._snapshot, name="snapshot",
+                                                 daemon=True)
+        self._snapshot_thread.start()
+        if force:
+            self._snapshot_thread.join()
+
+    def _snapshot(self) -> None:
+        """Write a snapshot from one LMDB read transaction (ingestion goes on meanwhile)."""
+        from streamstars.snapshot import write_store_snapshot
+
+        assert self.opts.snapshot_dir is not None
+        start = time.perf_counter()
+        self.faults.timer("during_snapshot", default_ms=100.0)
+        try:
+            summary = write_store_snapshot(
+                self.store, self.opts.snapshot_dir, formats=self.opts.snapshot_formats,
+                extra_metadata={"kafka_topic": self.opts.topic,
+                                "kafka_group": self.opts.group},
+            )
+        except Exception as exc:  # noqa: BLE001 - a failed snapshot must not stop ingestion
+            self.metrics.snapshot_failures.inc()
+            log.error("snapshot to %s failed: %s", self.opts.snapshot_dir, exc)
+            return
+        seconds = time.perf_counter() - start
+        self.metrics.snapshot_seconds.observe(seconds)
+        self.metrics.last_snapshot_time = time.time()
+        self.metrics.stars.set(summary.n_stars)
+        log.info("snapshot %s: %d visits, %d stars, %d observations in %.2f s",
+                 self.opts.snapshot_dir, summary.n_visits, summary.n_stars,
+                 summary.n_observations, seconds)
+
+    # ------------------------------------------------------------------ shutdown
+    def _shutdown(self) -> None:
+        self.health.set_ready(False, "stopped")
+        if self._snapshot_thread is not None:
+            self._snapshot_thread.join()
+        if self.opts.snapshot_on_exit and self.store is not None:
+            try:
+                self._maybe_snapshot(force=True)
+            except Exception as exc:  # noqa: BLE001
+                log.error("final snapshot failed: %s", exc)
+        if self.consumer is not None:
+            try:
+                self.consumer.close()  # leaves the group; offsets were committed per visit
+            except Exception as exc:  # noqa: BLE001
+                log.warning("closing the consumer: %s", exc)
+        if self.producer is not None:
+            self.producer.flush(10)
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        self._stop_http()
+        log.info("stopped after %d message(s)", self.processed)
+
+    def _stop_http(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
+
+
+class _RetriesExhausted(Exception):
+    def __init__(self, cause: BaseException, attempts: int) -> None:
+        super().__init__(f"transient error persisted after {attempts} attempt(s): {cause}")
+        self.cause = cause
+        self.attempts = attempts
+
+
+class _UnexpectedError(PermanentInputError):
+    """An unexpected exception while applying an event (a bug or unforeseen input)."""
+
+
+class _LmdbError(StateError):
+    """An LMDB error other than a full map (which the store handles)."""
+
+
+def _is_lmdb(exc: BaseException) -> bool:
+    try:
+        import lmdb
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, lmdb.Error)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, bounded label for the dead-letter metric."""
+    if isinstance(exc, ForbiddenPathError):
+        return "forbidden_path"
+    if isinstance(exc, MalformedEventError):
+        return "malformed_event"
+    if isinstance(exc, TransientInputError | OSError):
+        return "transient_exhausted"
+    if isinstance(exc, _UnexpectedError):
+        return "unexpected"
+    from streamstars.errors import (
+        InputFileError,
+        MissingMetadataError,
+        VisitConflictError,
+    )
+
+    if isinstance(exc, VisitConflictError):
+        return "conflict"
+    if isinstance(exc, MissingMetadataError):
+        return "missing_metadata"
+    if isinstance(exc, InputFileError):
+        return "invalid_input"
+    return "permanent"
+
+
+def parse_seek_offsets(values: Sequence[str]) -> dict[int, int]:
+    """``PARTITION:OFFSET`` strings -> {partition: offset}."""
+    out: dict[int, int] = {}
+    for value in values:
+        part, _, off = value.partition(":")
+        try:
+            out[int(part)] = int(off)
+        except ValueError as exc:
+            raise ValueError(f"--seek-offset takes PARTITION:OFFSET, got {value!r}") from exc
+    return out
+
+
+def run_consumer(options: RunOptions, extra_env: Mapping[str, str] | None = None) -> int:
+    """Run a consumer with ``options`` until it stops; returns the exit code."""
+    if extra_env:
+        os.environ.update(extra_env)
+    return Runner(options).run()

@@ -1,0 +1,436 @@
+"""The versioned JSON visit event carried on Kafka (see ``docs/events.md``).
+
+One message per visit and action; the message key is the visit id in decimal ASCII.  Schema
+version 1 (JSON Schema: ``streamstars/schemas/visit_event.schema.json``)::
+
+    {
+      "schema_version": 1,
+      "action": "apply",                      # apply | replace | retract
+      "visit": 2024120100123,
+      "instrument": "LSSTCam",
+      "band": "r",
+      "physical_filter": "r_57",
+      "source_uris": ["file:///data/repo/sourceTable_visit_2024120100123.parquet"],
+      "metadata": {"visit_summary_uri": "/data/repo/visitSummary_2024120100123.fits"},
+      "finished_at": "2024-12-02T03:14:15.926Z"
+    }
+
+``metadata`` is either ``{"visit_summary_uri": URI}`` or ``{"values": {...}}`` with the keys
+accepted by :func:`streamstars.io.visitmeta.metadata_from_values`.  A ``retract`` event needs
+only ``schema_version``, ``action`` and ``visit``.
+
+Security: :func:`resolve_uri` admits only local paths and ``file://`` URIs that resolve (after
+following symlinks) inside one of the configured data roots; anything else raises
+:class:`ForbiddenPathError` before any file is opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, cast
+from urllib.parse import quote, unquote, urlsplit
+
+from .errors import PermanentInputError
+from .visit import VisitMetadata
+
+__all__ = [
+    "ACTIONS",
+    "SCHEMA_VERSION",
+    "EventError",
+    "ForbiddenPathError",
+    "MalformedEventError",
+    "VisitEvent",
+    "event_key",
+    "parse_event",
+    "path_to_uri",
+    "resolve_uri",
+    "schema_path",
+]
+
+#: The schema version this streamstars writes and the highest one it reads.
+SCHEMA_VERSION = 1
+#: Allowed values of ``action``.
+ACTIONS: tuple[str, ...] = ("apply", "replace", "retract")
+#: Largest event accepted (bytes); a visit event is a few kB.
+MAX_EVENT_BYTES = 1 << 20
+
+Action = Literal["apply", "replace", "retract"]
+
+_TOP_KEYS = {
+    "schema_version",
+    "action",
+    "visit",
+    "instrument",
+    "band",
+    "physical_filter",
+    "source_uris",
+    "metadata",
+    "finished_at",
+    "published_at",
+    "producer",
+}
+
+
+class EventError(PermanentInputError):
+    """Base class of event problems: retrying will never help, the event is dead-lettered."""
+
+
+class MalformedEventError(EventError):
+    """The event is not valid JSON, or does not follow the visit-event schema."""
+
+
+class ForbiddenPathError(EventError):
+    """The event names a path outside the data roots, or a URI scheme that is not allowed."""
+
+
+def schema_path() -> Path:
+    """The JSON Schema file of the visit event (shipped as package data)."""
+    return Path(__file__).resolve().parent / "schemas" / "visit_event.schema.json"
+
+
+def event_key(visit: int) -> bytes:
+    """The Kafka message key of a visit's events: the visit id in decimal ASCII."""
+    return str(int(visit)).encode("ascii")
+
+
+@dataclass(frozen=True)
+class VisitEvent:
+    """One visit event (schema version 1).
+
+    Attributes:
+        action: ``apply`` (add a new visit; a duplicate with the same content is a no-op),
+            ``replace`` (re-process a visit with new data) or ``retract`` (remove it).
+        visit: visit id.
+        instrument, band, physical_filter: what the visit is (required unless ``retract``).
+        source_uris: the visit's ``sourceTable_visit`` file(s): local absolute paths or
+            ``file://`` URIs (required unless ``retract``).
+        metadata_uri: URI of the visit's visitSummary, or None when values are inline.
+        metadata_values: inline metadata values, or None when a visitSummary URI is given.
+        finished_at: when the visit finished (UTC, ISO 8601), or None for ``retract``.
+        published_at, producer: optional provenance written by publishers.
+        schema_version: the version the event was written with.
+    """
+
+    action: Action
+    visit: int
+    instrument: str = ""
+    band: str = ""
+    physical_filter: str = ""
+    source_uris: tuple[str, ...] = ()
+    metadata_uri: str | None = None
+    metadata_values: Mapping[str, Any] | None = None
+    finished_at: str | None = None
+    published_at: str | None = None
+    producer: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def key(self) -> bytes:
+        """The Kafka message key (visit id)."""
+        return event_key(self.visit)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this event (only the fields that are set)."""
+        out: dict[str, Any] = {
+            "schema_version": self.schema_version,
+            "action": self.action,
+            "visit": self.visit,
+        }
+        for name in ("instrument", "band", "physical_filter"):
+            value = getattr(self, name)
+            if value or self.action != "retract":
+                out[name] = value
+        if self.source_uris:
+            out["source_uris"] = list(self.source_uris)
+        if self.metadata_uri is not None:
+            out["metadata"] = {"visit_summary_uri": self.metadata_uri}
+        elif self.metadata_values is not None:
+            out["metadata"] = {"values": _json_safe(dict(self.metadata_values))}
+        for name in ("finished_at", "published_at", "producer"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+    def to_json(self) -> bytes:
+        """Canonical UTF-8 JSON (sorted keys, no NaN) -- the Kafka message value."""
+        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False).encode("utf-8")
+
+    def describe(self) -> str:
+        """Short human description for logs: ``apply visit 123``."""
+        return f"{self.action} visit {self.visit}"
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf floats become None (JSON has no NaN); tuples become lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _where(visit: Any) -> str:
+    return f"visit {visit}" if isinstance(visit, int) and not isinstance(visit, bool) else "event"
+
+
+def _need_str(data: Mapping[str, Any], name: str, where: str, required: bool) -> str:
+    if name not in data:
+        if required:
+            raise MalformedEventError(f"{where}: missing required field {name!r}")
+        return ""
+    value = data[name]
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise MalformedEventError(f"{where}: {name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _check_time(value: Any, name: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise MalformedEventError(f"{where}: {name!r} must be an ISO 8601 string, got {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise MalformedEventError(
+            f"{where}: {name!r} is not an ISO 8601 time ({value!r}); "
+            "use e.g. 2024-12-02T03:14:15Z"
+        ) from exc
+    if parsed.tzinfo is None:
+        raise MalformedEventError(
+            f"{where}: {name!r} has no time zone ({value!r}); append Z for UTC"
+        )
+    return value
+
+
+def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEvent:
+    """Decode and validate one event (a Kafka message value, and its key when given).
+
+    Raises:
+        MalformedEventError: not UTF-8 JSON, not an object, unknown or missing fields, wrong
+            types, a schema version this streamstars cannot read, or a key that is not the
+            event's visit id.  The message names the visit when it can.
+    """
+    if value is None:
+        raise MalformedEventError("event has no value (tombstone or empty message)")
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if len(value) > MAX_EVENT_BYTES:
+        raise MalformedEventError(f"event of {len(value)} bytes exceeds {MAX_EVENT_BYTES} bytes")
+    try:
+        data = json.loads(value.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedEventError(f"event is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MalformedEventError(f"event must be a JSON object, got {type(data).__name__}")
+
+    visit_raw = data.get("visit")
+    where = _where(visit_raw)
+    version = data.get("schema_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise MalformedEventError(f"{where}: 'schema_version' must be an integer, got {version!r}")
+    if version < 1 or version > SCHEMA_VERSION:
+        raise MalformedEventError(
+            f"{where}: schema_version {version} is not supported (this streamstars reads "
+            f"1..{SCHEMA_VERSION}); upgrade the consumers before the producers"
+        )
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise MalformedEventError(
+            f"{where}: unknown field(s) {', '.join(unknown)} in a schema_version {version} event"
+        )
+    if isinstance(visit_raw, bool) or not isinstance(visit_raw, int) or visit_raw < 0:
+        raise MalformedEventError(
+            f"event: 'visit' must be a non-negative integer, got {visit_raw!r}"
+        )
+    visit = int(visit_raw)
+    action = data.get("action")
+    if action not in ACTIONS:
+        raise MalformedEventError(
+            f"{where}: 'action' must be one of {', '.join(ACTIONS)}, got {action!r}"
+        )
+    if key is not None and key != event_key(visit):
+        raise MalformedEventError(
+            f"{where}: message key {key!r} is not the visit id {event_key(visit)!r}"
+        )
+    needs_data = action != "retract"
+    instrument = _need_str(data, "instrument", where, needs_data)
+    band = _need_str(data, "band", where, needs_data)
+    physical_filter = _need_str(data, "physical_filter", where, needs_data)
+
+    uris_raw = data.get("source_uris")
+    source_uris: tuple[str, ...] = ()
+    if uris_raw is None:
+        if needs_data:
+            raise MalformedEventError(f"{where}: missing required field 'source_uris'")
+    else:
+        if (
+            not isinstance(uris_raw, list)
+            or not uris_raw
+            or not all(isinstance(u, str) and u for u in uris_raw)
+        ):
+            raise MalformedEventError(
+                f"{where}: 'source_uris' must be a non-empty list of strings, got {uris_raw!r}"
+            )
+        if len(set(uris_raw)) != len(uris_raw):
+            raise MalformedEventError(f"{where}: 'source_uris' lists a file twice")
+        source_uris = tuple(uris_raw)
+
+    metadata_uri: str | None = None
+    metadata_values: dict[str, Any] | None = None
+    meta = data.get("metadata")
+    if meta is None:
+        if needs_data:
+            raise MalformedEventError(f"{where}: missing required field 'metadata'")
+    else:
+        if not isinstance(meta, dict) or len(meta) != 1:
+            raise MalformedEventError(
+                f"{where}: 'metadata' must be {{\"visit_summary_uri\": URI}} or "
+                f"{{\"values\": {{...}}}}, got {meta!r}"
+            )
+        if "visit_summary_uri" in meta:
+            metadata_uri = meta["visit_summary_uri"]
+            if not isinstance(metadata_uri, str) or not metadata_uri:
+                raise MalformedEventError(
+                    f"{where}: 'metadata.visit_summary_uri' must be a non-empty string"
+                )
+        elif "values" in meta:
+            metadata_values = meta["values"]
+            if not isinstance(metadata_values, dict):
+                raise MalformedEventError(f"{where}: 'metadata.values' must be an object")
+            inner = metadata_values.get("visit", visit)
+            if inner != visit:
+                raise MalformedEventError(
+                    f"{where}: 'metadata.values.visit' is {inner!r}, not the event's visit"
+                )
+        else:
+            raise MalformedEventError(
+                f"{where}: 'metadata' must hold 'visit_summary_uri' or 'values', got "
+                f"{', '.join(sorted(meta))}"
+            )
+
+    finished_at: str | None = None
+    if "finished_at" in data:
+        finished_at = _check_time(data["finished_at"], "finished_at", where)
+    elif needs_data:
+        raise MalformedEventError(f"{where}: missing required field 'finished_at'")
+    published_at = None
+    if "published_at" in data:
+        published_at = _check_time(data["published_at"], "published_at", where)
+    producer = data.get("producer")
+    if producer is not None and not isinstance(producer, str):
+        raise MalformedEventError(f"{where}: 'producer' must be a string")
+
+    return VisitEvent(
+        action=cast(Action, action),
+        visit=visit,
+        instrument=instrument,
+        band=band,
+        physical_filter=physical_filter,
+        source_uris=source_uris,
+        metadata_uri=metadata_uri,
+        metadata_values=metadata_values,
+        finished_at=finished_at,
+        published_at=published_at,
+        producer=producer,
+        schema_version=version,
+    )
+
+
+# ---------------------------------------------------------------------------- paths & URIs
+def path_to_uri(path: str | Path) -> str:
+    """``file://`` URI of an absolute local path (percent-encoded)."""
+    return "file://" + quote(str(Path(path).absolute()))
+
+
+def resolve_uri(uri: str, data_roots: Sequence[str | Path], *, what: str = "file") -> Path:
+    """The real local path of ``uri`` if, and only if, it lies inside a data root.
+
+    Accepted: absolute local paths and ``file:///...`` (or ``file://localhost/...``) URIs.
+    Symlinks are resolved on both the path and the roots before the containment check, so a
+    link inside a root pointing outside it is refused.  Nothing is opened here.
+
+    Raises:
+        ForbiddenPathError: another scheme, a remote host, a relative path, a NUL byte, no data
+            root configured, or a path outside every data root.
+    """
+    if "\x00" in uri:
+        raise ForbiddenPathError(f"{what} URI contains a NUL byte: {uri!r}")
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ForbiddenPathError(
+                f"{what} URI {uri!r} names host {parts.netloc!r}; only local files are allowed"
+            )
+        if parts.query or parts.fragment:
+            raise ForbiddenPathError(f"{what} URI {uri!r} has a query or fragment")
+        raw = unquote(parts.path)
+    elif scheme == "":
+        raw = uri
+    else:
+        raise ForbiddenPathError(
+            f"{what} URI scheme {scheme!r} is not allowed ({uri!r}); events may name only local "
+            "paths or file:// URIs under the configured --data-root directories"
+        )
+    if "\x00" in raw:
+        raise ForbiddenPathError(f"{what} URI contains a NUL byte: {uri!r}")
+    if not os.path.isabs(raw):
+        raise ForbiddenPathError(f"{what} path {raw!r} is not absolute")
+    if not data_roots:
+        raise ForbiddenPathError(
+            f"{what} {raw!r} refused: no --data-root is configured, so no path is allowed"
+        )
+    real = Path(os.path.realpath(raw))
+    for root in data_roots:
+        real_root = Path(os.path.realpath(root))
+        if real == real_root or real.is_relative_to(real_root):
+            return real
+    roots = ", ".join(str(r) for r in data_roots)
+    shown = raw if str(real) == os.path.normpath(raw) else f"{raw} (resolves to {real})"
+    raise ForbiddenPathError(f"{what} {shown} is outside the data roots ({roots}); not opened")
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601 with a ``Z`` suffix (millisecond precision)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def metadata_for_event(metadata: VisitMetadata) -> dict[str, Any]:
+    """Inline ``metadata.values`` for an event (``VisitMetadata.to_dict``, NaN as null)."""
+    return _json_safe(metadata.to_dict())  # type: ignore[no-any-return]
+
+
+def inline_metadata(values: Mapping[str, Any]) -> VisitMetadata:
+    """:class:`VisitMetadata` from an event's ``metadata.values``.
+
+    The values are validated by :func:`streamstars.io.visitmeta.metadata_from_values`.  When
+    they hold every :class:`VisitMetadata` field (as ``streamstars publish`` writes them), they
+    are taken verbatim with :meth:`VisitMetadata.from_dict`, so that the consumer applies
+    exactly the metadata ``backfill`` would (no recomputed hour angle for a null).
+
+    Raises:
+        PermanentInputError: missing/unknown keys or wrong types.
+    """
+    from .io.visitmeta import metadata_from_values
+
+    checked = metadata_from_values(values)
+    names = {f.name for f in dataclasses.fields(VisitMetadata)}
+    if names <= set(values):
+        try:
+            return VisitMetadata.from_dict(dict(values))
+        except (TypeError, ValueError) as exc:
+            raise MalformedEventError(f"visit {checked.visit}: bad metadata values: {exc}") from exc
+    return checked
