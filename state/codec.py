@@ -28,14 +28,19 @@ def encode_columns(columns: ColumnDict, schema: dict[str, np.dtype]) -> bytes:
     return b"".join(parts)
 
 
-def decode_columns(buffer: bytes, schema: dict[str, np.dtype]) -> ColumnDict:
-    """Decode a value written by :func:`encode_columns` with the same ``schema``."""
+def decode_columns(buffer: bytes, schema: dict[str, np.dtype],
+                   only: frozenset[str] | None = None) -> ColumnDict:
+    """Decode a value written by :func:`encode_columns` with the same ``schema``.
+
+    ``only`` restricts the result to these columns (the others are skipped, not decoded).
+    """
     (n,) = _COUNT.unpack_from(buffer, 0)
     offset = _COUNT.size
     out: ColumnDict = {}
     for name, dtype in schema.items():
         le = dtype.newbyteorder("<")
-        out[name] = np.frombuffer(buffer, dtype=le, count=n, offset=offset)
+        if only is None or name in only:
+            out[name] = np.frombuffer(buffer, dtype=le, count=n, offset=offset)
         offset += n * le.itemsize
     if offset != len(buffer):
         raise ValueError(f"columnar value has {len(buffer)} bytes, schema needs {offset}")

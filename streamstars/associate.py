@@ -210,15 +210,21 @@ def load_candidates(store: StarStore, txn: lmdb.Transaction, band: str,
             np.concatenate(pix) if pix else np.zeros(0, dtype=np.int64))
 
 
+#: The observation columns the association needs (identity and position).
+POSITION_COLUMNS = frozenset({"source_id", "visit", "ra", "dec"})
+_POSITION_DTYPES = {k: v for k, v in OBSERVATION_DTYPES.items() if k in POSITION_COLUMNS}
+
+
 def load_observations(store: StarStore, txn: lmdb.Transaction, band: str,
                       pixels: np.ndarray) -> ColumnDict:
-    """All stored observations of ``band`` in ``pixels`` (every visit)."""
+    """Identity and position (source_id, visit, ra, dec) of every stored observation of
+    ``band`` in ``pixels`` (all visits)."""
     parts = []
     for pixel in pixels:
         prefix = pixel_key(band, int(pixel))
         for _, value in store.prefix_items(txn, DB_OBSERVATIONS, prefix):
-            parts.append(decode_columns(value, OBSERVATION_DTYPES))
-    return concat(parts, OBSERVATION_DTYPES)
+            parts.append(decode_columns(value, OBSERVATION_DTYPES, POSITION_COLUMNS))
+    return concat(parts, _POSITION_DTYPES)
 
 
 def _write_grouped(txn: lmdb.Transaction, db: lmdb._Database, band: str, table: ColumnDict,
