@@ -179,35 +179,31 @@ def _replay_greedy(members: np.ndarray, visit: np.ndarray, source_id: np.ndarray
 # ---------------------------------------------------------------------------------------------
 # store access
 # ---------------------------------------------------------------------------------------------
+def _load_pixel_records(store: StarStore, txn: lmdb.Transaction, db: bytes, band: str,
+                        pixels: np.ndarray, schema: dict[str, np.dtype]
+                        ) -> tuple[ColumnDict, np.ndarray]:
+    """Writable columnar records of ``band`` under ``pixels`` in ``db`` and their pixels."""
+    parts, pix = [], []
+    for pixel in pixels:
+        raw = txn.get(pixel_key(band, int(pixel)), db=store.dbs[db])
+        if raw is not None:
+            part = decode_columns(bytes(raw), schema)
+            parts.append(part)
+            pix.append(np.full(len(part["comp_id"]), pixel, dtype=np.int64))
+    records = {k: np.array(v) for k, v in concat(parts, schema).items()}
+    return records, (np.concatenate(pix) if pix else np.zeros(0, dtype=np.int64))
+
+
 def load_components(store: StarStore, txn: lmdb.Transaction, band: str,
                     pixels: np.ndarray) -> tuple[ColumnDict, np.ndarray]:
     """Component records of ``band`` in ``pixels`` and the pixel each came from."""
-    db = store.dbs[DB_COMPONENTS]
-    parts, pix = [], []
-    for pixel in pixels:
-        raw = txn.get(pixel_key(band, int(pixel)), db=db)
-        if raw is not None:
-            part = decode_columns(raw, COMPONENT_DTYPES)
-            parts.append(part)
-            pix.append(np.full(len(part["comp_id"]), pixel, dtype=np.int64))
-    comps = concat(parts, COMPONENT_DTYPES)
-    comps = {k: np.array(v) for k, v in comps.items()}  # writable copies
-    return comps, (np.concatenate(pix) if pix else np.zeros(0, dtype=np.int64))
+    return _load_pixel_records(store, txn, DB_COMPONENTS, band, pixels, COMPONENT_DTYPES)
 
 
 def load_candidates(store: StarStore, txn: lmdb.Transaction, band: str,
                     pixels: np.ndarray) -> tuple[ColumnDict, np.ndarray]:
     """Non-clique candidates of ``band`` stored under ``pixels`` and their pixels."""
-    db = store.dbs[DB_CANDIDATES]
-    parts, pix = [], []
-    for pixel in pixels:
-        raw = txn.get(pixel_key(band, int(pixel)), db=db)
-        if raw is not None:
-            part = decode_columns(raw, CANDIDATE_DTYPES)
-            parts.append(part)
-            pix.append(np.full(len(part["comp_id"]), pixel, dtype=np.int64))
-    return (concat(parts, CANDIDATE_DTYPES),
-            np.concatenate(pix) if pix else np.zeros(0, dtype=np.int64))
+    return _load_pixel_records(store, txn, DB_CANDIDATES, band, pixels, CANDIDATE_DTYPES)
 
 
 #: The observation columns the association needs (identity and position).
