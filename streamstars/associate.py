@@ -136,44 +136,59 @@ def summarize_pieces(visit: np.ndarray, source_id: np.ndarray, fixed: np.ndarray
         "rmax": rmax, "clique": clique,
         "seed_visit": visit[order][starts], "seed_src": source_id[order][starts],
     }
-    candidate_parts = [
-        _replay_greedy(np.flatnonzero(labels == piece), visit, source_id, fixed, edges,
-                       min_per_band, int(comp_id[piece]))
-        for piece in np.flatnonzero(~clique)
-    ]
-    candidates = concat(candidate_parts, CANDIDATE_DTYPES)
+    nonclique_rows = ~clique[labels]
+    candidates = _replay_greedy(visit, source_id, fixed, labels, edges, nonclique_rows,
+                                comp_id, min_per_band)
     return components, candidates
 
 
-def _replay_greedy(members: np.ndarray, visit: np.ndarray, source_id: np.ndarray,
-                   fixed: np.ndarray, edges: np.ndarray, min_per_band: int,
-                   comp_id: int) -> ColumnDict:
-    """fgcm's greedy seeding replayed on the members of one non-clique component.
+def _replay_greedy(visit: np.ndarray, source_id: np.ndarray, fixed: np.ndarray,
+                   labels: np.ndarray, edges: np.ndarray, rows: np.ndarray,
+                   comp_id_of_label: np.ndarray, min_per_band: int) -> ColumnDict:
+    """fgcm's greedy seeding replayed on the rows ``rows`` (members of non-clique pieces).
 
-    A loop over the members of one component: only run for the rare non-clique components.
+    Pieces are independent, so one pass in canonical (label, visit, sourceId) order replays
+    them all.  The loop runs over potential seeds only (observations with enough
+    neighbours), with CSR adjacency slices: the rare non-clique components are the only
+    place association loops in Python.
     """
-    members = members[np.lexsort((source_id[members], visit[members]))]
-    position = {int(m): k for k, m in enumerate(members)}
-    in_piece = np.isin(edges[:, 0], members)
-    neighbours: list[set[int]] = [{k} for k in range(len(members))]
-    for a, b in edges[in_piece]:
-        ka, kb = position[int(a)], position[int(b)]
-        neighbours[ka].add(kb)
-        neighbours[kb].add(ka)
-    covered = np.zeros(len(members), dtype=bool)
-    rows = []
-    for k in range(len(members)):
-        if covered[k] or len(neighbours[k]) < min_per_band:
+    n = len(labels)
+    empty = {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()}
+    if not rows.any():
+        return empty
+    keep = rows[edges[:, 0]] if len(edges) else np.zeros(0, dtype=bool)
+    a = np.concatenate([edges[keep, 0], edges[keep, 1], np.flatnonzero(rows)])
+    b = np.concatenate([edges[keep, 1], edges[keep, 0], np.flatnonzero(rows)])
+    order_ab = np.argsort(a, kind="stable")
+    neighbours = b[order_ab]
+    indptr = np.searchsorted(a[order_ab], np.arange(n + 1))
+    degree = np.diff(indptr)  # includes the observation itself
+    canonical = np.lexsort((source_id, visit, labels))
+    candidates_rows = canonical[rows[canonical] & (degree[canonical] >= min_per_band)]
+    covered = np.zeros(n, dtype=bool)
+    seeds: list[int] = []
+    groups: list[np.ndarray] = []
+    for r in candidates_rows.tolist():
+        if covered[r]:
             continue
-        group = members[sorted(neighbours[k])]
-        covered[sorted(neighbours[k])] = True
-        s = fixed[group].sum(axis=0)
-        rows.append((comp_id, int(source_id[group].min()), len(group), int(s[0]), int(s[1]),
-                     int(s[2]), int(visit[members[k]]), int(source_id[members[k]])))
-    if not rows:
-        return {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()}
-    table = np.array(rows, dtype=np.int64)
-    return {name: table[:, i].astype(dt) for i, (name, dt) in enumerate(CANDIDATE_DTYPES.items())}
+        group = neighbours[indptr[r]:indptr[r + 1]]
+        covered[group] = True
+        seeds.append(r)
+        groups.append(group)
+    if not seeds:
+        return empty
+    seed = np.asarray(seeds, dtype=np.int64)
+    sizes = np.array([len(g) for g in groups], dtype=np.int64)
+    members = np.concatenate(groups)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    sums = np.add.reduceat(fixed[members], starts, axis=0)
+    return {
+        "comp_id": comp_id_of_label[labels[seed]].astype(np.int64),
+        "star_id": np.minimum.reduceat(source_id[members], starts).astype(np.int64),
+        "count": sizes,
+        "sx": sums[:, 0], "sy": sums[:, 1], "sz": sums[:, 2],
+        "seed_visit": visit[seed].astype(np.int64), "seed_src": source_id[seed].astype(np.int64),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
