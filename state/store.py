@@ -11,7 +11,11 @@ Sub-databases (all keys big-endian so that LMDB's byte order is numeric order):
 ``components``    band + pixel -> columnar records of the 1" friends-of-friends components of
                   that primary band whose centre lies in the pixel.
 ``candidates``    band + pixel -> columnar star candidates of the non-clique components there.
-``refmatch``      pixel -> columnar reference-star matches of that pixel (reference issue).
+``members``       band + component id -> member list (numpy records) of the components that
+                  went through the exact path ("tracked"), so later exact work reads them
+                  instead of re-reading the observations around them.
+``refmatch``      pixel -> columnar reference stars (selected, with magnitudes) lying in that
+                  pixel, cached for snapshot-time matching (see streamstars.references).
 ``offsets``       topic + partition -> next Kafka offset to consume (written in the same
                   transaction as the visit it belongs to).
 
@@ -26,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import lmdb
 
@@ -48,8 +52,10 @@ DB_OBSERVATIONS = b"observations"
 DB_COMPONENTS = b"components"
 DB_CANDIDATES = b"candidates"
 DB_REFMATCH = b"refmatch"
+DB_MEMBERS = b"members"
 DB_OFFSETS = b"offsets"
-ALL_DBS = (DB_META, DB_VISITS, DB_OBSERVATIONS, DB_COMPONENTS, DB_CANDIDATES, DB_REFMATCH,
+ALL_DBS = (DB_META, DB_VISITS, DB_OBSERVATIONS, DB_COMPONENTS, DB_CANDIDATES, DB_MEMBERS,
+           DB_REFMATCH,
            DB_OFFSETS)
 
 INITIAL_MAP_SIZE = 1 << 30
@@ -59,6 +65,9 @@ _U64 = struct.Struct(">Q")
 _SIGN = 1 << 63
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from streamstars.references import ReferenceSource
 
 
 def band_key(band: str) -> bytes:
@@ -115,6 +124,9 @@ class StarStore:
         self.readonly = readonly
         self.dbs = {name: env.open_db(name, create=False) if readonly else env.open_db(name)
                     for name in ALL_DBS}
+        #: the reference catalog visits cache stars from (streamstars.references.attach_references)
+        self.references: ReferenceSource | None = None
+        self.references_attached = False
 
     # ------------------------------------------------------------------ opening / closing
     @classmethod
@@ -286,7 +298,8 @@ def _write_meta(env: lmdb.Environment, config: BuildStarsConfig) -> None:
     meta_db = env.open_db(DB_META)
     with env.begin(write=True) as txn:
         txn.put(META_FORMAT_VERSION, str(FORMAT_VERSION).encode(), db=meta_db)
-        txn.put(META_CONFIG, json.dumps(to_dict(config), sort_keys=True).encode(), db=meta_db)
+        # key order kept: the order of fgcmLoadReferenceCatalog.filterMap is FILTERNAMES
+        txn.put(META_CONFIG, json.dumps(to_dict(config)).encode(), db=meta_db)
         txn.put(META_FINGERPRINT,
                 json.dumps(config.association_fingerprint(), sort_keys=True).encode(), db=meta_db)
         txn.put(META_CREATED, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode(),

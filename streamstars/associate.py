@@ -33,6 +33,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
+from streamstars.errors import StateError
 from streamstars.sky import (
     chord_from_arcsec,
     fixed_unit_vectors,
@@ -46,8 +47,11 @@ from streamstars.state.codec import decode_columns, encode_columns
 from streamstars.state.store import (
     DB_CANDIDATES,
     DB_COMPONENTS,
+    DB_MEMBERS,
     DB_OBSERVATIONS,
     StarStore,
+    band_key,
+    int_key,
     observation_key,
     pixel_key,
 )
@@ -66,7 +70,12 @@ COMPONENT_DTYPES: dict[str, np.dtype] = {
     "clique": np.dtype(np.bool_),
     "seed_visit": np.dtype(np.int64),
     "seed_src": np.dtype(np.int64),
+    "tracked": np.dtype(np.bool_),  # its member list is kept in the ``members`` sub-database
 }
+
+#: One member of a tracked component (row-oriented so that appending is a byte concatenation).
+MEMBER_DTYPE = np.dtype([("source_id", "<i8"), ("visit", "<i8"), ("x", "<i8"), ("y", "<i8"),
+                         ("z", "<i8")])
 
 CANDIDATE_DTYPES: dict[str, np.dtype] = {
     "comp_id": np.dtype(np.int64),
@@ -135,6 +144,7 @@ def summarize_pieces(visit: np.ndarray, source_id: np.ndarray, fixed: np.ndarray
         "sx": sums[:, 0], "sy": sums[:, 1], "sz": sums[:, 2],
         "rmax": rmax, "clique": clique,
         "seed_visit": visit[order][starts], "seed_src": source_id[order][starts],
+        "tracked": np.zeros(len(count), dtype=bool),
     }
     nonclique_rows = ~clique[labels]
     candidates = _replay_greedy(visit, source_id, fixed, labels, edges, nonclique_rows,
@@ -328,8 +338,15 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
             & (obs["source_id"][fast_idx] < comps["seed_src"][j]))
         comps["seed_visit"][j] = np.where(earlier, obs["visit"][fast_idx], comps["seed_visit"][j])
         comps["seed_src"][j] = np.where(earlier, obs["source_id"][fast_idx], comps["seed_src"][j])
+        old_id = comps["comp_id"][j].copy()
         comps["comp_id"][j] = np.minimum(comps["comp_id"][j], obs["source_id"][fast_idx])
         centres[j] = new_centre
+        tracked = comps["tracked"][j]
+        if tracked.any():
+            _append_members(store, txn, band, old_id[tracked], comps["comp_id"][j][tracked],
+                            _member_rows(obs["source_id"][fast_idx][tracked],
+                                         obs["visit"][fast_idx][tracked],
+                                         fixed_new[fast_idx][tracked]))
         changed[j] = True
         stats.fast = len(fast_idx)
 
@@ -340,6 +357,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
         "sx": fixed_new[lone_idx, 0], "sy": fixed_new[lone_idx, 1], "sz": fixed_new[lone_idx, 2],
         "rmax": np.full(len(lone_idx), EPS), "clique": np.ones(len(lone_idx), bool),
         "seed_visit": obs["visit"][lone_idx], "seed_src": obs["source_id"][lone_idx],
+        "tracked": np.zeros(len(lone_idx), bool),
     }
     stats.new_singletons = len(lone_idx)
 
@@ -381,30 +399,90 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     return stats
 
 
+def member_key(band: str, comp_id: int) -> bytes:
+    """Key of a tracked component's member list."""
+    return band_key(band) + int_key(comp_id)
+
+
+def _member_rows(source_id: np.ndarray, visit: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+    rows = np.zeros(len(source_id), dtype=MEMBER_DTYPE)
+    rows["source_id"], rows["visit"] = source_id, visit
+    rows["x"], rows["y"], rows["z"] = fixed[:, 0], fixed[:, 1], fixed[:, 2]
+    return rows
+
+
+def _member_list(txn: lmdb.Transaction, db: lmdb._Database, band: str, comp_id: int) -> bytes:
+    raw = txn.get(member_key(band, comp_id), db=db)
+    if raw is None:
+        raise StateError(f"store is inconsistent: band {band} component {comp_id} is tracked "
+                         "but has no member list; rebuild the store")
+    return bytes(raw)
+
+
+def _append_members(store: StarStore, txn: lmdb.Transaction, band: str, old_ids: np.ndarray,
+                    new_ids: np.ndarray, rows: np.ndarray) -> None:
+    """Append one member to each tracked component (loop over those components only)."""
+    db = store.dbs[DB_MEMBERS]
+    for old, new, row in zip(old_ids.tolist(), new_ids.tolist(), rows, strict=True):
+        old_key = member_key(band, old)
+        value = _member_list(txn, db, band, old) + row.tobytes()
+        if old != new:
+            txn.delete(old_key, db=db)
+        txn.put(member_key(band, new), value, db=db)
+
+
+def _read_members(store: StarStore, txn: lmdb.Transaction, band: str,
+                  comp_ids: np.ndarray) -> np.ndarray:
+    db = store.dbs[DB_MEMBERS]
+    parts = [np.frombuffer(_member_list(txn, db, band, c), dtype=MEMBER_DTYPE)
+             for c in comp_ids.tolist()]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=MEMBER_DTYPE)
+
+
+def delete_members(store: StarStore, txn: lmdb.Transaction, band: str,
+                   comp_ids: np.ndarray) -> None:
+    """Forget the member lists of (tracked) components that no longer exist."""
+    db = store.dbs[DB_MEMBERS]
+    for c in comp_ids.tolist():
+        txn.delete(member_key(band, c), db=db)
+
+
 def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs: ColumnDict,
                      new_fixed: np.ndarray, involved: ColumnDict, involved_centres: np.ndarray
                      ) -> tuple[ColumnDict, ColumnDict]:
-    """Exact components containing ``new_obs`` or the ``involved`` components' members."""
+    """Exact components containing ``new_obs`` or the ``involved`` components' members.
+
+    Members of tracked components come from their member lists; those of untracked ones
+    (cliques that only ever took the fast path) from the stored observations within their
+    ``rmax`` disc.  The resulting components are tracked: their member lists are written.
+    """
     config = store.config
     radius = _match_chord(config.matchRadius)
-    region_pixels = pixels_in_discs(involved_centres, involved["rmax"] + EPS, config.storeNside)
-    region = load_observations(store, txn, band, region_pixels)
-    region_fixed = fixed_unit_vectors(region["ra"], region["dec"])
-    if len(involved["comp_id"]) and len(region["source_id"]):
-        # members of the involved components: within rmax of their centre
-        near = cKDTree(vectors_from_fixed(region_fixed)).query_ball_point(
-            involved_centres, involved["rmax"] + EPS, return_sorted=False)
-        member_rows = np.unique(np.concatenate([np.asarray(n, dtype=np.int64) for n in near]))
-    else:
-        member_rows = np.zeros(0, dtype=np.int64)
-    visit = np.concatenate([region["visit"][member_rows], new_obs["visit"]])
-    source_id = np.concatenate([region["source_id"][member_rows], new_obs["source_id"]])
-    fixed = np.concatenate([region_fixed[member_rows], new_fixed])
-    _, first = np.unique(source_id, return_index=True)
-    visit, source_id, fixed = visit[first], source_id[first], fixed[first]
+    tracked = involved["tracked"]
+    known = _read_members(store, txn, band, involved["comp_id"][tracked])
+    visit = [known["visit"], new_obs["visit"]]
+    source_id = [known["source_id"], new_obs["source_id"]]
+    fixed = [np.stack([known["x"], known["y"], known["z"]], axis=1), new_fixed]
+    untracked = ~tracked
+    if untracked.any():
+        centres, rmax = involved_centres[untracked], involved["rmax"][untracked] + EPS
+        region = load_observations(store, txn, band,
+                                   pixels_in_discs(centres, rmax, config.storeNside))
+        if len(region["source_id"]):
+            region_fixed = fixed_unit_vectors(region["ra"], region["dec"])
+            near = cKDTree(vectors_from_fixed(region_fixed)).query_ball_point(
+                centres, rmax, return_sorted=False)
+            rows = np.unique(np.concatenate([np.asarray(n, dtype=np.int64) for n in near]))
+            visit.append(region["visit"][rows])
+            source_id.append(region["source_id"][rows])
+            fixed.append(region_fixed[rows])
+    all_visit, all_source, all_fixed = (np.concatenate(visit), np.concatenate(source_id),
+                                        np.concatenate(fixed))
+    _, first = np.unique(all_source, return_index=True)
+    all_visit, all_source, all_fixed = all_visit[first], all_source[first], all_fixed[first]
 
-    labels, edges = fof_labels(vectors_from_fixed(fixed), radius)
-    anchors = np.isin(source_id, np.concatenate([new_obs["source_id"], involved["seed_src"]]))
+    labels, edges = fof_labels(vectors_from_fixed(all_fixed), radius)
+    anchors = np.isin(all_source, np.concatenate([new_obs["source_id"], involved["seed_src"]]))
     wanted = np.unique(labels[anchors])
     rows = np.isin(labels, wanted)
     remap = np.full(labels.max() + 1 if len(labels) else 0, -1, dtype=np.int64)
@@ -413,8 +491,19 @@ def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs
     index_map[rows] = np.arange(rows.sum())
     keep_edges = rows[edges[:, 0]] if len(edges) else np.zeros(0, dtype=bool)
     sub_edges = index_map[edges[keep_edges]] if len(edges) else edges
-    return summarize_pieces(visit[rows], source_id[rows], fixed[rows], remap[labels[rows]],
-                            sub_edges, config.minPerBand)
+    piece = remap[labels[rows]]
+    comps, cands = summarize_pieces(all_visit[rows], all_source[rows], all_fixed[rows], piece,
+                                    sub_edges, config.minPerBand)
+    comps["tracked"][:] = True
+    delete_members(store, txn, band, involved["comp_id"][tracked])
+    members = _member_rows(all_source[rows], all_visit[rows], all_fixed[rows])
+    order = np.argsort(piece, kind="stable")
+    bounds = np.searchsorted(piece[order], np.arange(len(wanted) + 1))
+    db = store.dbs[DB_MEMBERS]
+    for k, comp_id in enumerate(comps["comp_id"].tolist()):
+        txn.put(member_key(band, comp_id), members[order[bounds[k]:bounds[k + 1]]].tobytes(),
+                db=db)
+    return comps, cands
 
 
 def _update_candidates(store: StarStore, txn: lmdb.Transaction, band: str,
@@ -500,6 +589,7 @@ def rebuild_after_removal(store: StarStore, txn: lmdb.Transaction, band: str,
     table_pixel = np.concatenate([old_pixel[stay], new_pixel, extra_pixel])
     _write_grouped(txn, store.dbs[DB_COMPONENTS], band, table, table_pixel, dirty,
                    COMPONENT_DTYPES)
+    delete_members(store, txn, band, removed["comp_id"][removed["tracked"]])
     nonclique = ~removed["clique"]
     _update_candidates(store, txn, band, removed["comp_id"][nonclique],
                        old_pixel[~stay][nonclique], new_comps, new_cands)
