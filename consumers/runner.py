@@ -18,7 +18,12 @@ Errors
 * :class:`~streamstars.errors.PermanentInputError` (malformed event, forbidden path, unreadable
   or invalid parquet, missing columns, conflicting content) is dead-lettered at once;
 * :class:`~streamstars.errors.StateError` and LMDB errors stop the consumer (exit code 3)
-  without committing, so nothing is lost.
+  without committing, so nothing is lost (a reference catalog that becomes unreadable
+  mid-stream is one: the visit is not applied);
+* a configured reference catalog is validated before the first event
+  (:func:`streamstars.references.attach_references`): a
+  :class:`~streamstars.errors.RefcatError` exits with code 2, a store caching another catalog
+  with code 3 (run ``streamstars refresh-refs``).
 
 A dead letter is a JSON record (event, error, time, origin) produced to the dead-letter topic
 and acknowledged by the broker *before* the event's offset is recorded in LMDB.
@@ -46,6 +51,7 @@ from streamstars import __version__
 from streamstars.config import BuildStarsConfig, load_config
 from streamstars.errors import (
     PermanentInputError,
+    RefcatError,
     StateError,
     StreamstarsError,
     TransientInputError,
@@ -153,7 +159,13 @@ class Runner:
             config = None  # the configuration the store was built with
         else:
             config = BuildStarsConfig()
+        from streamstars.references import attach_references, open_reference_source
+
+        # validate the reference catalog before the store is touched (when the config is
+        # given), and that the store caches the same catalog, before any event is consumed
+        source = open_reference_source(config.fgcmLoadReferenceCatalog) if config else None
         self.store = StarStore.open(opts.state, config)
+        attach_references(self.store, source)
         instrument_store(self.store, self.faults)
         self.metrics.visits_stored.set(len(self.store.applied_visits()))
 
@@ -282,8 +294,11 @@ class Runner:
             self._open_store()
         except StreamstarsError as exc:
             log.error("cannot open the state %s: %s", opts.state, exc)
+            if self.store is not None:
+                self.store.close()
+                self.store = None
             self._stop_http()
-            return EXIT_STATE
+            return EXIT_USAGE if isinstance(exc, RefcatError) else EXIT_STATE
         log.info("kafka client settings from --kafka-config: %s", redacted(opts.kafka_config))
         self.consumer = Consumer(self._client_settings())
         if opts.dead_letter_topic:

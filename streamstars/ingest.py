@@ -4,7 +4,9 @@
 tables with column projection, select, compute photometry and the content hash);
 :func:`apply_prepared` then applies it in ONE LMDB write transaction holding the visit's
 observations, the updated components of the pixels it touched, the visit record (metadata row,
-content hash) and, when it came from Kafka, the next offset of its partition.
+content hash), the reference stars of the touched pixels and their neighbours not cached yet
+(when a reference catalog is configured, :mod:`streamstars.references`) and, when it came from
+Kafka, the next offset of its partition.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, take
 from streamstars.config import BuildStarsConfig
 from streamstars.errors import InvalidSourceTableError, VisitConflictError
 from streamstars.io.sourcetable import read_source_tables
+from streamstars.references import ReferenceStats, cache_reference_pixels, ensure_references
 from streamstars.select import aperture_corrections, select_observations
 from streamstars.sky import fixed_unit_vectors, pixels_of, vectors_from_fixed
 from streamstars.state.codec import encode_columns
@@ -78,6 +81,11 @@ class ApplyResult:
     n_selected: int = 0
     seconds: float = 0.0
     association: BandUpdateStats | None = None
+    #: time spent caching reference stars inside the visit's transaction (0 without refcat)
+    reference_seconds: float = 0.0
+    #: pixels whose reference stars were loaded by this visit, and the stars cached
+    reference_pixels: int = 0
+    reference_stars: int = 0
 
 
 def prepare_visit(visit_input: VisitInput, config: BuildStarsConfig) -> PreparedVisit:
@@ -116,11 +124,13 @@ def apply_prepared(store: StarStore, prepared: PreparedVisit, *, replace: bool =
     the old observations first (status "replaced").
     """
     start = time.perf_counter()
+    ensure_references(store)  # validated once per open store, before the first visit
 
     def body(txn: lmdb.Transaction) -> ApplyResult:
         record = store.visit_record(txn, prepared.visit)
         status: Status = "applied"
         stats = None
+        refs = ReferenceStats()
         if record is not None:
             if record["content_hash"] == prepared.content_hash:
                 status = "skipped"
@@ -133,12 +143,13 @@ def apply_prepared(store: StarStore, prepared: PreparedVisit, *, replace: bool =
                 _remove_visit(store, txn, prepared.visit, record)
                 status = "replaced"
         if status != "skipped":
-            stats = _add_visit(store, txn, prepared, kafka_offset)
+            stats, refs = _add_visit(store, txn, prepared, kafka_offset)
         if kafka_offset is not None:
             store.put_offset(txn, kafka_offset.topic, kafka_offset.partition,
                              kafka_offset.next_offset)
         return ApplyResult(prepared.visit, status, prepared.n_sources,
-                           len(prepared.observations["source_id"]), 0.0, stats)
+                           len(prepared.observations["source_id"]), 0.0, stats,
+                           refs.seconds, refs.pixels_filled, refs.stars_cached)
 
     result = store.write(body)
     result.seconds = time.perf_counter() - start
@@ -179,7 +190,8 @@ def retract_visit(store: StarStore, visit: int, *,
 
 
 def _add_visit(store: StarStore, txn: lmdb.Transaction, prepared: PreparedVisit,
-               kafka_offset: KafkaOffset | None) -> BandUpdateStats | None:
+               kafka_offset: KafkaOffset | None,
+               ) -> tuple[BandUpdateStats | None, ReferenceStats]:
     obs = prepared.observations
     nside = store.config.storeNside
     # the same fixed-point vectors as the association, so keys and geometry always agree
@@ -209,9 +221,10 @@ def _add_visit(store: StarStore, txn: lmdb.Transaction, prepared: PreparedVisit,
     if kafka_offset is not None:
         record["kafka"] = [kafka_offset.topic, kafka_offset.partition, kafka_offset.next_offset]
     store.put_visit_record(txn, prepared.visit, record)
+    refs = cache_reference_pixels(store, txn, record["pixels"])
     if prepared.band in store.config.primaryBands:
-        return add_observations(store, txn, prepared.band, obs)
-    return None
+        return add_observations(store, txn, prepared.band, obs), refs
+    return None, refs
 
 
 def _remove_visit(store: StarStore, txn: lmdb.Transaction, visit: int,

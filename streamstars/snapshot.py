@@ -11,7 +11,10 @@ Steps (reference §4, all deterministic functions of the stored components and o
 5. requiredBands: >= minPerBand observations in each required band;
 6. density cut: in each ``densityCutNside`` pixel holding more than densityCutMaxPerPixel
    stars, keep the ones with the smallest seeded hash of their id (stable as the survey grows);
-7. reserve flag (obj_flag 16) for a seeded-hash fraction ``reserveFraction`` of the stars.
+7. reserve flag (obj_flag 16) for a seeded-hash fraction ``reserveFraction`` of the stars;
+8. reference stars (when the store caches a reference catalog): every cached reference star
+   is matched to its nearest final star within ``fgcmLoadReferenceCatalog.matchRadius``
+   (:func:`streamstars.references.snapshot_references`).
 A star's published id (``fgcm_id``) is the smallest sourceId among its members: stable as
 the survey grows unless the star's own observations change.  Stars are sorted by id;
 observations are grouped by star, each star's sorted by (visit, sourceId).
@@ -35,6 +38,7 @@ from streamstars.associate import CANDIDATE_DTYPES, COMPONENT_DTYPES
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
 from streamstars.config import BuildStarsConfig, to_dict
 from streamstars.io.snapshot_files import SnapshotCatalogs, write_snapshot
+from streamstars.references import snapshot_references
 from streamstars.sky import (
     chord_from_arcsec,
     fixed_unit_vectors,
@@ -283,12 +287,18 @@ def build_catalogs(store: StarStore, txn: lmdb.Transaction,
         "config": json.dumps(to_dict(config), sort_keys=True),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    reference, reference_filters, refcat = snapshot_references(
+        store, txn, config, stars.star_id, stars.ra, stars.dec)
+    if reference is not None and refcat is not None:
+        metadata["refcat"] = json.dumps(refcat, sort_keys=True)
     catalogs = SnapshotCatalogs(
         visits=visit_catalog(records),
         observations=stars.observations,
         stars={"fgcm_id": stars.star_id, "ra": stars.ra, "dec": stars.dec,
                "obs_arr_index": obs_arr_index, "n_obs": stars.n_obs,
                "obj_flag": stars.obj_flag},
+        reference=reference,
+        reference_filters=reference_filters,
         metadata=metadata,
     )
     return catalogs, stars

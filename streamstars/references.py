@@ -1,0 +1,610 @@
+"""Reference stars for the snapshot: cached per store pixel, matched to the final stars.
+
+fgcmcal's ``FgcmLoadReferenceCatalogTask`` (reference §1.3, §5) loads, per coarse sky region,
+the reference stars passing the reference selector, converts ``filterMap`` fluxes to AB
+magnitudes (optionally with colour terms) and gives each reference star its nearest star
+within ``matchRadius``.  streamstars splits this in two:
+
+1. **Per visit** (:func:`cache_reference_pixels`, called from the visit's ONE write
+   transaction): every ``storeNside`` (nest) pixel the visit touched, *plus its 8 neighbours*,
+   that has no record yet in the ``refmatch`` sub-database gets one: the reference stars whose
+   position lies in that pixel, already selected, with their magnitudes.  A pixel without
+   reference stars gets an empty record, so it is never reloaded.  Reference stars are thus
+   read from the catalog once per pixel over the life of the store.
+2. **At snapshot time** (:func:`snapshot_references`, same read transaction as the stars):
+   every cached reference star is matched to the FINAL stars with
+   :func:`streamstars.refmatch.match_reference_to_stars`, one global KD-tree: each reference
+   star picks its nearest star within ``fgcmLoadReferenceCatalog.matchRadius``; when two
+   reference stars pick the same star only the nearest keeps it (the other stays unmatched).
+   Since the cache holds the neighbours of every pixel holding observations, and a star is
+   within the association ``matchRadius`` of its observations, a reference star within
+   ``matchRadius`` of a star near a pixel border is always cached (it is in the star's pixel
+   or a neighbour as long as the two radii add up to less than a pixel, 13.7' at nside 256):
+   no edge misses.
+
+``refmatch`` records
+--------------------
+Key: the 8-byte big-endian pixel number (:func:`refs_key`).  Value: a columnar record
+(:func:`streamstars.state.codec.encode_columns`) with the schema :func:`record_schema`:
+``ref_id`` int64 (the refcat ``id``), ``ra``, ``dec`` float64 degrees (``coord_ra``/``coord_dec``
+converted, RA in [0, 360)), then one float32 column ``mag_<j>`` per filter and one float32
+column ``mag_err_<j>`` per filter, ``j`` indexing ``FILTERNAMES`` (the physical filters of
+``filterMap``, in the order given); 99 = missing.  Rows are sorted by ``ref_id``.  The number of
+filters is fixed per store by the ``refcat`` metadata below.
+
+``meta/refcat``
+---------------
+JSON (:meth:`ReferenceSource.identity`) naming the catalog in use: absolute ``path``,
+``dataset_name``, ``format_version``, HTM ``depth``, the refcat ``columns`` read, ``filters``
+(FILTERNAMES), ``filterMap``, ``applyColorTerms``, ``colorterms`` (those used),
+``referenceSelector`` and ``settings_hash`` (SHA-256 of the settings that shape the cached
+magnitudes and selection).  ``matchRadius`` is a snapshot-time setting and not part of it.  A
+store whose ``refcat`` differs from the configured catalog, or that holds visits applied
+without a catalog, is refused until ``streamstars refresh-refs`` (:func:`refresh_all`)
+rebuilds the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from streamstars.columns import ColumnDict
+from streamstars.config import BuildStarsConfig, RefcatLoadConfig, config_from_json, to_dict
+from streamstars.errors import RefcatError, StateError
+from streamstars.io.refcat import HtmRefcat
+from streamstars.refmatch import (
+    match_reference_to_stars,
+    reference_columns_needed,
+    reference_magnitudes,
+)
+from streamstars.sky import pixels_of, unit_vectors, with_neighbours
+from streamstars.state.codec import decode_columns, encode_columns
+from streamstars.state.store import (
+    DB_META,
+    DB_REFMATCH,
+    META_CONFIG,
+    META_REFCAT,
+    StarStore,
+)
+
+__all__ = [
+    "REFCACHE_FORMAT_VERSION",
+    "ReferenceSource",
+    "ReferenceStats",
+    "attach_references",
+    "cache_reference_pixels",
+    "ensure_references",
+    "open_reference_source",
+    "read_cached_references",
+    "record_schema",
+    "refresh_all",
+    "refs_key",
+    "snapshot_references",
+    "stored_refcat",
+]
+
+#: Version of the ``refmatch`` record layout and of the ``meta/refcat`` JSON.
+REFCACHE_FORMAT_VERSION = 1
+#: Pixels loaded from the refcat per batch in :func:`refresh_all` (nest order: compact regions).
+REFRESH_BATCH_PIXELS = 256
+
+_U64 = struct.Struct(">Q")
+_BASE_COLUMNS = ("id", "coord_ra", "coord_dec")
+
+
+def refs_key(pixel: int) -> bytes:
+    """Key of a pixel's record in ``refmatch``: the pixel as 8 big-endian bytes."""
+    return _U64.pack(int(pixel))
+
+
+def record_schema(n_filters: int) -> dict[str, np.dtype]:
+    """The fixed columnar schema of a ``refmatch`` record with ``n_filters`` filters."""
+    schema: dict[str, np.dtype] = {
+        "ref_id": np.dtype(np.int64),
+        "ra": np.dtype(np.float64),
+        "dec": np.dtype(np.float64),
+    }
+    for j in range(n_filters):
+        schema[f"mag_{j}"] = np.dtype(np.float32)
+    for j in range(n_filters):
+        schema[f"mag_err_{j}"] = np.dtype(np.float32)
+    return schema
+
+
+@dataclass
+class ReferenceStats:
+    """What one cache fill did (per visit or for a full refresh)."""
+
+    pixels_checked: int = 0
+    pixels_filled: int = 0
+    stars_cached: int = 0
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the configured catalog
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ReferenceSource:
+    """A validated reference catalog plus the ``[fgcmLoadReferenceCatalog]`` settings."""
+
+    refcat: HtmRefcat
+    config: RefcatLoadConfig
+    filters: tuple[str, ...]
+    columns: tuple[str, ...]
+    _identity: dict[str, Any] | None = dataclasses.field(default=None, init=False, repr=False)
+
+    @property
+    def schema(self) -> dict[str, np.dtype]:
+        """The ``refmatch`` record schema of this source."""
+        return record_schema(len(self.filters))
+
+    def settings(self) -> dict[str, Any]:
+        """The configuration that shapes the cached selection and magnitudes."""
+        return _settings(self.config)
+
+    def identity(self) -> dict[str, Any]:
+        """The ``meta/refcat`` JSON of this source (see the module docstring)."""
+        if self._identity is None:
+            self._identity = self._make_identity()
+        return dict(self._identity)
+
+    def _make_identity(self) -> dict[str, Any]:
+        settings = self.settings()
+        return {
+            "cache_format": REFCACHE_FORMAT_VERSION,
+            "path": str(Path(self.refcat.path).resolve()),
+            "dataset_name": self.refcat.dataset_name,
+            "format_version": self.refcat.format_version,
+            "depth": self.refcat.depth,
+            "columns": list(self.columns),
+            **settings,
+            "settings_hash": _settings_hash(settings),
+        }
+
+    def load_pixels(self, pixels: np.ndarray, nside: int) -> tuple[ColumnDict, np.ndarray]:
+        """Selected reference stars lying in the given nest pixels and the pixel of each.
+
+        Returns ``(columns, pixel)`` with columns of :func:`record_schema` (not yet sorted).
+        """
+        pixels = np.unique(np.asarray(pixels, dtype=np.int64))
+        shards = self.refcat.shards_for_healpix(pixels, nside, margin_arcsec=1.0)
+        data = self.refcat.load(shards, [*_BASE_COLUMNS, *self.columns])
+        ra = np.degrees(data["coord_ra"]) % 360.0
+        dec = np.degrees(data["coord_dec"])
+        pix = pixels_of(unit_vectors(ra, dec), nside)
+        cfg = self.config
+        mag, mag_err, keep = reference_magnitudes(
+            data, cfg.filterMap, self.filters, cfg.referenceSelector, cfg.colorterms,
+            cfg.applyColorTerms, self.refcat.flag_names)
+        rows = np.flatnonzero(keep & np.isin(pix, pixels) & np.isfinite(ra) & np.isfinite(dec))
+        out: ColumnDict = {
+            "ref_id": np.asarray(data["id"], dtype=np.int64)[rows],
+            "ra": ra[rows],
+            "dec": dec[rows],
+        }
+        for j in range(len(self.filters)):
+            out[f"mag_{j}"] = mag[rows, j]
+        for j in range(len(self.filters)):
+            out[f"mag_err_{j}"] = mag_err[rows, j]
+        return out, pix[rows]
+
+
+def _settings(cfg: RefcatLoadConfig) -> dict[str, Any]:
+    filters = list(cfg.filterMap)
+    colorterms = ({pf: to_dict(cfg.colorterms[pf]) for pf in filters if pf in cfg.colorterms}
+                  if cfg.applyColorTerms else {})
+    return {
+        "filters": filters,
+        "filterMap": dict(cfg.filterMap),
+        "applyColorTerms": bool(cfg.applyColorTerms),
+        "colorterms": colorterms,
+        "referenceSelector": to_dict(cfg.referenceSelector),
+    }
+
+
+def _settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def open_reference_source(cfg: RefcatLoadConfig) -> ReferenceSource | None:
+    """Open and validate the configured catalog (``None`` when ``path`` is empty).
+
+    Checks, before any visit is read: the directory, ``config.py`` and ``master_schema.fits``
+    exist; the format version is >= 1 (``config.py``, overridden by the FITS header); every
+    ``filterMap`` target has ``<f>_flux``/``<f>_fluxErr`` (or, with ``applyColorTerms``, every
+    colour term's primary and secondary); the selector's columns and flags exist; and the
+    header of EVERY shard file lists all of these columns and no version 0.
+
+    Raises:
+        RefcatError: naming the missing directory, file, column or the bad version.
+    """
+    if not cfg.path:
+        return None
+    refcat = HtmRefcat(cfg.path)
+    filters = tuple(cfg.filterMap)
+    if not filters:
+        raise RefcatError(
+            f"fgcmLoadReferenceCatalog.path is {cfg.path!r} but filterMap is empty; map each "
+            "physical filter to a reference catalog filter, e.g. filterMap = {\"r_57\" = \"r\"}")
+    if not cfg.matchRadius > 0:
+        raise RefcatError(
+            f"fgcmLoadReferenceCatalog.matchRadius must be > 0 arcsec, got {cfg.matchRadius}")
+    columns = tuple(reference_columns_needed(cfg.filterMap, filters, cfg.referenceSelector,
+                                             cfg.colorterms, cfg.applyColorTerms))
+    refcat.validate((), selector=None, extra_columns=[*_BASE_COLUMNS, *columns])
+    _check_all_shards(refcat, [*_BASE_COLUMNS, *columns])
+    return ReferenceSource(refcat, cfg, filters, columns)
+
+
+def _check_all_shards(refcat: HtmRefcat, required: list[str]) -> None:
+    """Every shard file's header lists the required columns (or flag bits); no version 0."""
+    for shard in refcat.existing_shards():
+        path = refcat.shard_path(shard)
+        cards = _fits_table_cards(path)
+        names = {v for k, v in cards.items() if k.startswith("TTYPE")}
+        flags = {v for k, v in cards.items() if k.startswith("TFLAG")} if "flags" in names \
+            else set()
+        missing = [c for c in required if c not in names and c not in flags]
+        if missing:
+            raise RefcatError(
+                f"reference shard {path} has no column(s) {missing}; its columns are "
+                f"{sorted(names)} -- the shard does not match master_schema.fits (needed by "
+                "fgcmLoadReferenceCatalog filterMap/referenceSelector)")
+        version = cards.get("REFCAT_FORMAT_VERSION")
+        if version is not None:
+            try:
+                number = int(version)
+            except ValueError as exc:
+                raise RefcatError(f"{path}: invalid REFCAT_FORMAT_VERSION {version!r}") from exc
+            if number < 1:
+                raise RefcatError(
+                    f"reference shard {path} has format version {number}: its fluxes are in Jy "
+                    "(LSST refcat format 0), which is no longer supported; convert the catalog "
+                    "to nJy (format version >= 1)")
+
+
+_BLOCK = 2880
+
+
+def _fits_table_cards(path: Path) -> dict[str, str]:
+    """TTYPEn / TFLAGn / REFCAT_FORMAT_VERSION cards of the first extension (fast, raw read).
+
+    Reads only the primary header, skips its data and reads the extension header: a few
+    kilobytes per file, so every shard of a large catalog can be checked at start-up.
+    """
+    try:
+        with open(path, "rb") as fh:
+            primary = _read_header_cards(fh, path)
+            skip = _data_bytes(primary)
+            fh.seek(skip, os.SEEK_CUR)
+            return _read_header_cards(fh, path)
+    except OSError as exc:
+        raise RefcatError(f"cannot read reference shard {path}: {exc}") from exc
+
+
+def _read_header_cards(fh: Any, path: Path) -> dict[str, str]:
+    cards: dict[str, str] = {}
+    while True:
+        block = fh.read(_BLOCK)
+        if len(block) < _BLOCK:
+            raise RefcatError(f"reference shard {path} is truncated or not a FITS table")
+        text = block.decode("ascii", errors="replace")
+        for i in range(0, _BLOCK, 80):
+            card = text[i:i + 80]
+            key = card[:8].strip()
+            if key == "END":
+                return cards
+            if key == "HIERARCH":
+                name, _, rest = card[9:].partition("=")
+                cards[name.strip()] = _card_value(rest)
+            elif card[8:10] == "= ":
+                cards[key] = _card_value(card[10:])
+
+
+def _card_value(raw: str) -> str:
+    raw = raw.strip()
+    if raw.startswith("'"):
+        end = 1
+        while True:
+            end = raw.find("'", end)
+            if end < 0:
+                return raw[1:].rstrip()
+            if raw[end + 1:end + 2] == "'":
+                end += 2
+                continue
+            return raw[1:end].replace("''", "'").rstrip()
+    return raw.split("/", 1)[0].strip()
+
+
+def _data_bytes(cards: dict[str, str]) -> int:
+    naxis = int(cards.get("NAXIS", "0"))
+    if naxis == 0:
+        return 0
+    size = abs(int(cards.get("BITPIX", "8"))) // 8
+    count = 1
+    for k in range(1, naxis + 1):
+        count *= int(cards.get(f"NAXIS{k}", "0"))
+    nbytes = size * int(cards.get("GCOUNT", "1")) * (int(cards.get("PCOUNT", "0")) + count)
+    return -(-nbytes // _BLOCK) * _BLOCK
+
+
+# ---------------------------------------------------------------------------------------------
+# store wiring
+# ---------------------------------------------------------------------------------------------
+def stored_refcat(store: StarStore, txn: lmdb.Transaction | None = None) -> dict[str, Any] | None:
+    """The ``meta/refcat`` JSON of a store, or ``None``."""
+    if txn is None:
+        raw = store.get_meta(META_REFCAT)
+    else:
+        value = txn.get(META_REFCAT, db=store.dbs[DB_META])
+        raw = None if value is None else bytes(value)
+    return None if raw is None else dict(json.loads(raw))
+
+
+def _refresh_hint(store: StarStore) -> str:
+    return (f"run `streamstars refresh-refs --state {store.path} [--config FILE]` to rebuild "
+            "the reference-star cache with the configured catalog")
+
+
+def attach_references(store: StarStore, source: ReferenceSource | None = None, *,
+                      check: bool = True) -> ReferenceSource | None:
+    """Open the store's configured catalog and put it on ``store.references``.
+
+    ``source`` may be an already validated :func:`open_reference_source` result for
+    ``store.config.fgcmLoadReferenceCatalog``.  With ``check`` (every caller but
+    ``refresh-refs``) the store's ``meta/refcat`` must agree with it; an empty store without
+    ``meta/refcat`` gets the configured one recorded.
+
+    Raises:
+        RefcatError: the configured catalog cannot be used.
+        StateError: the store caches another catalog (or none while it holds visits); the
+            message says to run ``streamstars refresh-refs``.
+    """
+    if source is None:
+        source = open_reference_source(store.config.fgcmLoadReferenceCatalog)
+    if check:
+        stored = stored_refcat(store)
+        if source is None:
+            if stored is not None:
+                raise StateError(
+                    f"{store.path} caches reference stars of {stored.get('dataset_name')!r} "
+                    f"({stored.get('path')}) but the configuration has no "
+                    "[fgcmLoadReferenceCatalog] path; use the same reference-catalog settings, or "
+                    + _refresh_hint(store) + " (with an empty path it drops the cache)")
+        elif stored is None:
+            with store.read() as txn:
+                has_visits = any(True for _ in store.iter_visit_records(txn))
+            if has_visits:
+                raise StateError(
+                    f"{store.path} holds visits applied without a reference catalog, and the "
+                    f"configuration now names {source.refcat.path}; " + _refresh_hint(store))
+            if not store.readonly:
+                encoded = json.dumps(source.identity(), sort_keys=True).encode()
+                store.write(lambda txn: store.put_meta(txn, META_REFCAT, encoded))
+        else:
+            identity = source.identity()
+            if stored != identity:
+                keys = sorted(k for k in set(stored) | set(identity)
+                              if stored.get(k) != identity.get(k) and k != "settings_hash")
+                details = "; ".join(f"{k}: stored {stored.get(k)!r}, configured "
+                                    f"{identity.get(k)!r}" for k in keys)
+                raise StateError(
+                    f"{store.path} caches reference stars of another reference catalog or "
+                    f"with other settings ({details}); " + _refresh_hint(store))
+    store.references = source
+    store.references_attached = True
+    return source
+
+
+def ensure_references(store: StarStore) -> ReferenceSource | None:
+    """:func:`attach_references` once per open store (a no-op when already attached)."""
+    if getattr(store, "references_attached", False):
+        return store.references
+    return attach_references(store)
+
+
+def _write_pixels(store: StarStore, txn: lmdb.Transaction, source: ReferenceSource,
+                  pixels: np.ndarray) -> int:
+    """Load and write the records of ``pixels`` (sorted unique); returns stars written."""
+    nside = store.config.storeNside
+    data, pix = source.load_pixels(pixels, nside)
+    order = np.lexsort((data["ref_id"], pix))
+    pix = pix[order]
+    schema = source.schema
+    # row range of each requested pixel (empty ranges -> empty records)
+    lo = np.searchsorted(pix, pixels, side="left")
+    hi = np.searchsorted(pix, pixels, side="right")
+    db = store.dbs[DB_REFMATCH]
+    sorted_cols = {k: v[order] for k, v in data.items()}
+    for p, a, b in zip(pixels.tolist(), lo.tolist(), hi.tolist(), strict=True):
+        txn.put(refs_key(p), encode_columns({k: v[a:b] for k, v in sorted_cols.items()},
+                                            schema), db=db)
+    return len(pix)
+
+
+def cache_reference_pixels(store: StarStore, txn: lmdb.Transaction,
+                           pixels: Iterable[int]) -> ReferenceStats:
+    """Cache the reference stars of ``pixels`` and their neighbours not cached yet.
+
+    Runs inside the caller's write transaction (the visit's).  A no-op without a catalog.
+
+    Raises:
+        StateError: the catalog could not be read mid-stream (the visit is not applied).
+    """
+    start = time.perf_counter()
+    source: ReferenceSource | None = getattr(store, "references", None)
+    stats = ReferenceStats()
+    # another process (refresh-refs) may have rebuilt the cache since this one attached
+    raw = txn.get(META_REFCAT, db=store.dbs[DB_META])
+    if source is None:
+        if raw is not None and getattr(store, "references_attached", False):
+            raise StateError(
+                f"{store.path} now caches reference stars (refresh-refs ran while this process "
+                "was running without a reference catalog); restart with the same "
+                "[fgcmLoadReferenceCatalog] settings")
+        return stats
+    if raw is None or json.loads(bytes(raw)) != source.identity():
+        raise StateError(
+            f"the reference-star cache of {store.path} was rebuilt for another catalog or other "
+            "settings (refresh-refs) while this process was running; restart it with the "
+            "configuration given to refresh-refs (nothing of the visit was stored)")
+    wanted = with_neighbours(np.fromiter(pixels, dtype=np.int64), store.config.storeNside)
+    db = store.dbs[DB_REFMATCH]
+    missing = np.array([p for p in wanted.tolist() if txn.get(refs_key(p), db=db) is None],
+                       dtype=np.int64)
+    stats.pixels_checked = len(wanted)
+    if len(missing):
+        try:
+            stats.stars_cached = _write_pixels(store, txn, source, missing)
+        except RefcatError as exc:
+            raise StateError(
+                f"reading the reference catalog {source.refcat.path} failed while applying a "
+                f"visit (nothing of the visit was stored): {exc}") from exc
+        stats.pixels_filled = len(missing)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _observed_pixels(store: StarStore, txn: lmdb.Transaction) -> np.ndarray:
+    pixels = [np.asarray(rec.get("pixels", []), dtype=np.int64)
+              for _, rec in store.iter_visit_records(txn)]
+    return np.unique(np.concatenate(pixels)) if pixels else np.zeros(0, dtype=np.int64)
+
+
+def refresh_all(store: StarStore, *, progress: bool = False,
+                batch_pixels: int = REFRESH_BATCH_PIXELS) -> tuple[int, float]:
+    """Drop and rebuild every ``refmatch`` record in ONE write transaction.
+
+    The catalog is ``store.references`` (attached with :func:`attach_references`, without the
+    check, when not yet attached).  Every pixel holding observations and its neighbours gets a
+    record; ``meta/refcat`` and the ``fgcmLoadReferenceCatalog`` table of the stored
+    configuration are updated to the configured catalog (both removed when it has no path,
+    which just drops the cache).
+
+    Returns:
+        ``(reference stars cached, seconds)``.
+    """
+    start = time.perf_counter()
+    if not getattr(store, "references_attached", False):
+        attach_references(store, check=False)
+    source: ReferenceSource | None = store.references
+
+    def body(txn: lmdb.Transaction) -> int:
+        txn.drop(store.dbs[DB_REFMATCH], delete=False)
+        meta_db = store.dbs[DB_META]
+        raw = txn.get(META_CONFIG, db=meta_db)
+        if raw is not None:
+            stored_cfg = config_from_json(bytes(raw).decode())
+            updated = dataclasses.replace(
+                stored_cfg, fgcmLoadReferenceCatalog=store.config.fgcmLoadReferenceCatalog)
+            # key order kept (filterMap order = FILTERNAMES), as StarStore writes it
+            store.put_meta(txn, META_CONFIG, json.dumps(to_dict(updated)).encode())
+        if source is None:
+            txn.delete(META_REFCAT, db=meta_db)
+            return 0
+        pixels = with_neighbours(_observed_pixels(store, txn), store.config.storeNside)
+        bar = _progress_bar(len(pixels), progress)
+        total = 0
+        try:
+            for lo in range(0, len(pixels), max(1, batch_pixels)):
+                chunk = pixels[lo:lo + batch_pixels]
+                total += _write_pixels(store, txn, source, chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+                    bar.set_postfix(refs=f"{total:,}")
+        finally:
+            if bar is not None:
+                bar.close()
+        store.put_meta(txn, META_REFCAT, json.dumps(source.identity(), sort_keys=True).encode())
+        return total
+
+    n = store.write(body)
+    return n, time.perf_counter() - start
+
+
+def _progress_bar(total: int, enabled: bool):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="pixel", desc="refresh-refs", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# snapshot
+# ---------------------------------------------------------------------------------------------
+def read_cached_references(store: StarStore, txn: lmdb.Transaction,
+                           n_filters: int) -> dict[str, np.ndarray]:
+    """Every cached reference star: ``ref_id``, ``ra``, ``dec``, ``refMag``, ``refMagErr``."""
+    schema = record_schema(n_filters)
+    parts = [decode_columns(bytes(v), schema)
+             for _, v in txn.cursor(db=store.dbs[DB_REFMATCH])]
+    parts = [p for p in parts if len(p["ref_id"])]
+
+    def cat(name: str) -> np.ndarray:
+        if not parts:
+            return np.zeros(0, dtype=schema[name])
+        return np.concatenate([p[name] for p in parts])
+
+    mags = [cat(f"mag_{j}") for j in range(n_filters)]
+    errs = [cat(f"mag_err_{j}") for j in range(n_filters)]
+    n = len(cat("ref_id"))
+    return {
+        "ref_id": cat("ref_id"),
+        "ra": cat("ra"),
+        "dec": cat("dec"),
+        "refMag": np.stack(mags, axis=1) if mags else np.zeros((n, 0), np.float32),
+        "refMagErr": np.stack(errs, axis=1) if errs else np.zeros((n, 0), np.float32),
+    }
+
+
+def snapshot_references(store: StarStore, txn: lmdb.Transaction, config: BuildStarsConfig,
+                        star_id: np.ndarray, star_ra: np.ndarray, star_dec: np.ndarray,
+                        ) -> tuple[dict[str, np.ndarray] | None, tuple[str, ...],
+                                   dict[str, Any] | None]:
+    """The ``fgcmReferenceStars`` rows of the final stars, from the cache in ``txn``.
+
+    Returns ``(reference, FILTERNAMES, meta/refcat)``; ``reference`` is ``None`` when the store
+    caches no catalog or ``config`` has no ``fgcmLoadReferenceCatalog.path`` (no matching
+    asked for).  Rows: ``fgcm_id`` int64 (sorted), ``refMag``/``refMagErr`` float32
+    (n, nFilters); ``ref_id`` is included for diagnostics.
+
+    Raises:
+        StateError: ``config``'s reference settings differ from those of the cache.
+    """
+    stored = stored_refcat(store, txn)
+    cfg = config.fgcmLoadReferenceCatalog
+    if stored is None or not cfg.path:
+        return None, (), stored
+    settings_hash = _settings_hash(_settings(cfg))
+    if settings_hash != stored.get("settings_hash"):
+        raise StateError(
+            f"the configuration's [fgcmLoadReferenceCatalog] settings differ from those the "
+            f"store's reference-star cache was built with ({stored.get('filters')}, selector "
+            f"{stored.get('referenceSelector')}); " + _refresh_hint(store))
+    filters = tuple(str(f) for f in stored["filters"])
+    refs = read_cached_references(store, txn, len(filters))
+    ri, si = match_reference_to_stars(refs["ra"], refs["dec"], star_ra, star_dec, star_id,
+                                      cfg.matchRadius, ref_ids=refs["ref_id"])
+    order = np.argsort(np.asarray(star_id)[si], kind="stable")
+    ri, si = ri[order], si[order]
+    reference = {
+        "fgcm_id": np.asarray(star_id, dtype=np.int64)[si],
+        "refMag": refs["refMag"][ri].astype(np.float32),
+        "refMagErr": refs["refMagErr"][ri].astype(np.float32),
+        "ref_id": refs["ref_id"][ri],
+    }
+    return reference, filters, stored
