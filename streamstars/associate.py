@@ -97,6 +97,8 @@ class BandUpdateStats:
     new_singletons: int = 0
     slow_observations: int = 0
     slow_components: int = 0
+    untracked_components: int = 0  # involved components whose members had to be re-read
+    region_observations: int = 0  # stored observations read for them
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,9 +233,39 @@ def load_candidates(store: StarStore, txn: lmdb.Transaction, band: str,
     return _load_pixel_records(store, txn, DB_CANDIDATES, band, pixels, CANDIDATE_DTYPES)
 
 
+#: Observations are stored per (band, storeNside pixel, visit), rows sorted by their pixel at
+#: ``storeNside * FINE_FACTOR`` (nest, so fine // FINE_FACTOR**2 is the store pixel): exact
+#: work reads only the rows of the few fine pixels (~13" at nside 256) it needs.
+FINE_FACTOR = 64
+_FINE_SHIFT = 12  # log2(FINE_FACTOR**2)
+STORED_OBSERVATION_DTYPES: dict[str, np.dtype] = {**OBSERVATION_DTYPES,
+                                                  "fine_pixel": np.dtype(np.int64)}
+
 #: The observation columns the association needs (identity and position).
 POSITION_COLUMNS = frozenset({"source_id", "visit", "ra", "dec"})
 _POSITION_DTYPES = {k: v for k, v in OBSERVATION_DTYPES.items() if k in POSITION_COLUMNS}
+_FINE_ONLY = frozenset({"fine_pixel"})
+
+
+def write_observations(store: StarStore, txn: lmdb.Transaction, band: str, visit: int,
+                       obs: ColumnDict) -> list[int]:
+    """Store one visit's observations per pixel; returns the pixels written (sorted)."""
+    if len(obs["source_id"]) == 0:
+        return []
+    nside = store.config.storeNside
+    # the same fixed-point vectors as the association, so keys and geometry always agree
+    v = vectors_from_fixed(fixed_unit_vectors(obs["ra"], obs["dec"]))
+    fine = pixels_of(v, nside * FINE_FACTOR)
+    order = np.lexsort((obs["source_id"], fine))
+    rows = {**take(obs, order), "fine_pixel": fine[order]}
+    pixel = fine[order] >> _FINE_SHIFT
+    bounds = np.flatnonzero(np.r_[True, pixel[1:] != pixel[:-1], True])
+    db = store.dbs[DB_OBSERVATIONS]
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        txn.put(observation_key(band, int(pixel[lo]), visit),
+                encode_columns({k: c[lo:hi] for k, c in rows.items()},
+                               STORED_OBSERVATION_DTYPES), db=db)
+    return pixel[bounds[:-1]].tolist()
 
 
 def load_observations(store: StarStore, txn: lmdb.Transaction, band: str,
@@ -244,7 +276,29 @@ def load_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     for pixel in pixels:
         prefix = pixel_key(band, int(pixel))
         for _, value in store.prefix_items(txn, DB_OBSERVATIONS, prefix):
-            parts.append(decode_columns(value, OBSERVATION_DTYPES, POSITION_COLUMNS))
+            parts.append(decode_columns(value, STORED_OBSERVATION_DTYPES, POSITION_COLUMNS))
+    return concat(parts, _POSITION_DTYPES)
+
+
+def load_observations_near(store: StarStore, txn: lmdb.Transaction, band: str,
+                           centres: np.ndarray, radii_chord: np.ndarray) -> ColumnDict:
+    """Identity and position of the stored observations of ``band`` in the fine pixels
+    touching discs (centre unit vectors, chord radii): a superset of those in the discs."""
+    fine = pixels_in_discs(centres, radii_chord, store.config.storeNside * FINE_FACTOR)
+    coarse = fine >> _FINE_SHIFT
+    parts = []
+    for pixel in np.unique(coarse).tolist():
+        wanted = fine[coarse == pixel]
+        for _, value in store.prefix_items(txn, DB_OBSERVATIONS, pixel_key(band, pixel)):
+            stored_fine = decode_columns(value, STORED_OBSERVATION_DTYPES, _FINE_ONLY)
+            fp = stored_fine["fine_pixel"]
+            lo, hi = np.searchsorted(fp, wanted), np.searchsorted(fp, wanted, side="right")
+            if not (hi > lo).any():
+                continue
+            rows = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=True)
+                                   if b > a])
+            columns = decode_columns(value, STORED_OBSERVATION_DTYPES, POSITION_COLUMNS)
+            parts.append({k: c[rows] for k, c in columns.items()})
     return concat(parts, _POSITION_DTYPES)
 
 
@@ -369,7 +423,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
         involved = np.unique(link_comp[slow[link_new]])
         slow_comps, slow_cands = _resolve_exactly(
             store, txn, band, take(obs, slow_idx), fixed_new[slow_idx],
-            {k: v[involved] for k, v in comps.items()}, centres[involved])
+            {k: v[involved] for k, v in comps.items()}, centres[involved], stats)
         deleted[involved] = True
         stats.slow_observations = len(slow_idx)
         stats.slow_components = len(involved)
@@ -448,8 +502,8 @@ def delete_members(store: StarStore, txn: lmdb.Transaction, band: str,
 
 
 def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs: ColumnDict,
-                     new_fixed: np.ndarray, involved: ColumnDict, involved_centres: np.ndarray
-                     ) -> tuple[ColumnDict, ColumnDict]:
+                     new_fixed: np.ndarray, involved: ColumnDict, involved_centres: np.ndarray,
+                     stats: BandUpdateStats) -> tuple[ColumnDict, ColumnDict]:
     """Exact components containing ``new_obs`` or the ``involved`` components' members.
 
     Members of tracked components come from their member lists; those of untracked ones
@@ -466,8 +520,9 @@ def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs
     untracked = ~tracked
     if untracked.any():
         centres, rmax = involved_centres[untracked], involved["rmax"][untracked] + EPS
-        region = load_observations(store, txn, band,
-                                   pixels_in_discs(centres, rmax, config.storeNside))
+        region = load_observations_near(store, txn, band, centres, rmax)
+        stats.untracked_components += int(untracked.sum())
+        stats.region_observations += len(region["source_id"])
         if len(region["source_id"]):
             region_fixed = fixed_unit_vectors(region["ra"], region["dec"])
             near = cKDTree(vectors_from_fixed(region_fixed)).query_ball_point(

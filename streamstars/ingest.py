@@ -21,16 +21,20 @@ from typing import Any, Literal
 import lmdb
 import numpy as np
 
-from streamstars.associate import BandUpdateStats, add_observations, rebuild_after_removal
-from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, take
+from streamstars.associate import (
+    BandUpdateStats,
+    add_observations,
+    rebuild_after_removal,
+    write_observations,
+)
+from streamstars.columns import OBSERVATION_DTYPES, ColumnDict
 from streamstars.config import BuildStarsConfig
 from streamstars.errors import InvalidSourceTableError, VisitConflictError
 from streamstars.io.sourcetable import read_source_tables
 from streamstars.references import ReferenceStats, cache_reference_pixels, ensure_references
 from streamstars.select import aperture_corrections, select_observations
-from streamstars.sky import fixed_unit_vectors, pixels_of, vectors_from_fixed
 from streamstars.state.codec import encode_columns
-from streamstars.state.store import DB_OBSERVATIONS, StarStore, observation_key
+from streamstars.state.store import StarStore
 from streamstars.visit import VisitMetadata
 
 Status = Literal["applied", "replaced", "skipped", "retracted", "absent"]
@@ -193,23 +197,13 @@ def _add_visit(store: StarStore, txn: lmdb.Transaction, prepared: PreparedVisit,
                kafka_offset: KafkaOffset | None,
                ) -> tuple[BandUpdateStats | None, ReferenceStats]:
     obs = prepared.observations
-    nside = store.config.storeNside
-    # the same fixed-point vectors as the association, so keys and geometry always agree
-    pixel = pixels_of(vectors_from_fixed(fixed_unit_vectors(obs["ra"], obs["dec"])), nside)
-    order = np.argsort(pixel, kind="stable")
-    sorted_pixel = pixel[order]
-    bounds = np.flatnonzero(np.r_[True, sorted_pixel[1:] != sorted_pixel[:-1], True])
-    db = store.dbs[DB_OBSERVATIONS]
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        rows = order[lo:hi]
-        txn.put(observation_key(prepared.band, int(sorted_pixel[lo]), prepared.visit),
-                encode_columns(take(obs, rows), OBSERVATION_DTYPES), db=db)
+    pixels = write_observations(store, txn, prepared.band, prepared.visit, obs)
     record: dict[str, Any] = {
         "visit": prepared.visit,
         "band": prepared.band,
         "metadata": prepared.metadata.to_dict(),
         "content_hash": prepared.content_hash,
-        "pixels": sorted_pixel[bounds[:-1]].tolist() if len(obs["source_id"]) else [],
+        "pixels": pixels,
         "n_sources": prepared.n_sources,
         "n_selected": len(obs["source_id"]),
         "delta_aper": prepared.delta_aper,

@@ -34,7 +34,11 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from streamstars import __version__
-from streamstars.associate import CANDIDATE_DTYPES, COMPONENT_DTYPES
+from streamstars.associate import (
+    CANDIDATE_DTYPES,
+    COMPONENT_DTYPES,
+    STORED_OBSERVATION_DTYPES,
+)
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
 from streamstars.config import BuildStarsConfig, to_dict
 from streamstars.io.snapshot_files import SnapshotCatalogs, write_snapshot
@@ -56,6 +60,8 @@ from streamstars.state.store import (
     band_key,
 )
 from streamstars.visit import BAD_DETECTOR_VALUE
+
+_OUTPUT_COLUMNS = frozenset(OBSERVATION_DTYPES)
 
 #: fgcm's objFlag value of a reserved star (``RESERVED = 2**4``).
 OBJ_FLAG_RESERVED = 16
@@ -118,7 +124,7 @@ def read_all_observations(store: StarStore, txn: lmdb.Transaction) -> tuple[Colu
     """All stored observations and the band of each."""
     parts, bands = [], []
     for key, value in txn.cursor(db=store.dbs[DB_OBSERVATIONS]):
-        part = decode_columns(value, OBSERVATION_DTYPES)
+        part = decode_columns(value, STORED_OBSERVATION_DTYPES, _OUTPUT_COLUMNS)
         parts.append(part)
         bands.append(np.full(len(part["source_id"]), band_from_key(key), dtype=object))
     obs = concat(parts, OBSERVATION_DTYPES)
