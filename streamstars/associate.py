@@ -110,23 +110,34 @@ def fof_labels(vectors: np.ndarray, radius_chord: float) -> tuple[np.ndarray, np
     if n == 0:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
     edges = cKDTree(vectors).query_pairs(radius_chord, output_type="ndarray").astype(np.int64)
+    return labels_from_edges(n, edges), edges
+
+
+def labels_from_edges(n: int, edges: np.ndarray) -> np.ndarray:
+    """Connected-component labels (0..k-1) of ``n`` nodes joined by ``edges`` (m, 2)."""
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
     graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])),
                        shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    return labels.astype(np.int64), edges
+    return connected_components(graph, directed=False)[1].astype(np.int64)
 
 
 def summarize_pieces(visit: np.ndarray, source_id: np.ndarray, fixed: np.ndarray,
-                     labels: np.ndarray, edges: np.ndarray, min_per_band: int
+                     labels: np.ndarray, radius: float, min_per_band: int
                      ) -> tuple[ColumnDict, ColumnDict]:
-    """Component records (and non-clique candidates) of FoF pieces given by ``labels``.
+    """Component records (and non-clique candidates) of complete FoF pieces.
 
-    ``edges`` are all member pairs within the match radius (index pairs into the arrays).
-    Every label value 0..max must occur.  Returns (components, candidates).
+    ``labels`` (every value 0..max occurring) gives each row's piece; every observation
+    within ``radius`` of a row must be in the rows and in the same piece.  Neighbour counts
+    come from a k-d tree (no pair list is built: the pieces of close pairs are dense).
+    Returns (components, candidates).
     """
     if len(labels) == 0:
         return ({k: np.zeros(0, dt) for k, dt in COMPONENT_DTYPES.items()},
                 {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()})
+    v_rows = vectors_from_fixed(fixed)
+    tree = cKDTree(v_rows)
+    n_near = np.asarray(tree.query_ball_point(v_rows, radius, return_length=True))
     order = np.lexsort((source_id, visit, labels))
     lab = labels[order]
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
@@ -134,13 +145,11 @@ def summarize_pieces(visit: np.ndarray, source_id: np.ndarray, fixed: np.ndarray
     sums = np.add.reduceat(fixed[order], starts, axis=0)
     comp_id = np.minimum.reduceat(source_id[order], starts)
     centres = normalized(sums)
-    v = vectors_from_fixed(fixed[order])
-    offsets = v - np.repeat(centres, count, axis=0)
+    offsets = v_rows[order] - np.repeat(centres, count, axis=0)
     dist = np.sqrt(np.einsum("ij,ij->i", offsets, offsets))
     rmax = np.maximum.reduceat(dist, starts) + EPS
-    n_edges = np.bincount(labels[edges[:, 0]], minlength=len(count)) if len(edges) else \
-        np.zeros(len(count), dtype=np.int64)
-    clique = n_edges == count * (count - 1) // 2
+    # a piece is a clique when every member has every member within the radius
+    clique = np.minimum.reduceat(n_near[order], starts) == count
     components = {
         "comp_id": comp_id, "count": count.astype(np.int64),
         "sx": sums[:, 0], "sy": sums[:, 1], "sz": sums[:, 2],
@@ -148,42 +157,35 @@ def summarize_pieces(visit: np.ndarray, source_id: np.ndarray, fixed: np.ndarray
         "seed_visit": visit[order][starts], "seed_src": source_id[order][starts],
         "tracked": np.zeros(len(count), dtype=bool),
     }
-    nonclique_rows = ~clique[labels]
-    candidates = _replay_greedy(visit, source_id, fixed, labels, edges, nonclique_rows,
-                                comp_id, min_per_band)
+    candidates = _replay_greedy(visit, source_id, fixed, labels, tree, n_near, ~clique[labels],
+                                comp_id, radius, min_per_band)
     return components, candidates
 
 
 def _replay_greedy(visit: np.ndarray, source_id: np.ndarray, fixed: np.ndarray,
-                   labels: np.ndarray, edges: np.ndarray, rows: np.ndarray,
-                   comp_id_of_label: np.ndarray, min_per_band: int) -> ColumnDict:
+                   labels: np.ndarray, tree: cKDTree, n_near: np.ndarray, rows: np.ndarray,
+                   comp_id_of_label: np.ndarray, radius: float, min_per_band: int
+                   ) -> ColumnDict:
     """fgcm's greedy seeding replayed on the rows ``rows`` (members of non-clique pieces).
 
     Pieces are independent, so one pass in canonical (label, visit, sourceId) order replays
     them all.  The loop runs over potential seeds only (observations with enough
-    neighbours), with CSR adjacency slices: the rare non-clique components are the only
-    place association loops in Python.
+    neighbours) and queries the tree for each seed's group: the rare non-clique components
+    are the only place association loops in Python.
     """
-    n = len(labels)
     empty = {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()}
     if not rows.any():
         return empty
-    keep = rows[edges[:, 0]] if len(edges) else np.zeros(0, dtype=bool)
-    a = np.concatenate([edges[keep, 0], edges[keep, 1], np.flatnonzero(rows)])
-    b = np.concatenate([edges[keep, 1], edges[keep, 0], np.flatnonzero(rows)])
-    order_ab = np.argsort(a, kind="stable")
-    neighbours = b[order_ab]
-    indptr = np.searchsorted(a[order_ab], np.arange(n + 1))
-    degree = np.diff(indptr)  # includes the observation itself
     canonical = np.lexsort((source_id, visit, labels))
-    candidates_rows = canonical[rows[canonical] & (degree[canonical] >= min_per_band)]
-    covered = np.zeros(n, dtype=bool)
+    potential = canonical[rows[canonical] & (n_near[canonical] >= min_per_band)]
+    covered = np.zeros(len(labels), dtype=bool)
+    v_rows = tree.data
     seeds: list[int] = []
     groups: list[np.ndarray] = []
-    for r in candidates_rows.tolist():
+    for r in potential.tolist():
         if covered[r]:
             continue
-        group = neighbours[indptr[r]:indptr[r + 1]]
+        group = np.asarray(tree.query_ball_point(v_rows[r], radius), dtype=np.int64)
         covered[group] = True
         seeds.append(r)
         groups.append(group)
@@ -358,6 +360,9 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
         link_new = link_comp = np.zeros(0, dtype=np.int64)
         sure = np.zeros(0, dtype=bool)
     new_pairs = tree_new.query_pairs(radius, output_type="ndarray").astype(np.int64)
+    if n_comp:
+        link_new, link_comp, sure = _refine_unsure_links(
+            store, txn, band, comps, v_new, link_new, link_comp, sure, radius)
 
     n_links = np.bincount(link_new, minlength=n_new)
     unsure = np.bincount(link_new[~sure], minlength=n_new) > 0
@@ -501,6 +506,44 @@ def delete_members(store: StarStore, txn: lmdb.Transaction, band: str,
         txn.delete(member_key(band, c), db=db)
 
 
+def _refine_unsure_links(store: StarStore, txn: lmdb.Transaction, band: str, comps: ColumnDict,
+                         v_new: np.ndarray, link_new: np.ndarray, link_comp: np.ndarray,
+                         sure: np.ndarray, radius: float
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decide unsure links to *tracked* components exactly from their member lists.
+
+    Bounds get loose for components next to a close neighbour; their member lists settle
+    most such links (no member within reach -> no link; every member within reach -> sure)
+    without the exact path.  Links to untracked components stay unsure.
+    """
+    check = np.flatnonzero(~sure & comps["tracked"][link_comp])
+    if len(check) == 0:
+        return link_new, link_comp, sure
+    wanted = np.unique(link_comp[check])
+    members = _read_members(store, txn, band, comps["comp_id"][wanted])
+    counts = comps["count"][wanted]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    slot = np.searchsorted(wanted, link_comp[check])
+    n_pairs = counts[slot]
+    pair_link = np.repeat(np.arange(len(check)), n_pairs)
+    first = np.repeat(starts[slot] - np.concatenate([[0], np.cumsum(n_pairs)[:-1]]), n_pairs)
+    member_row = np.arange(n_pairs.sum()) + first
+    member_v = vectors_from_fixed(np.stack([members["x"], members["y"], members["z"]], axis=1))
+    offsets = member_v[member_row] - v_new[link_new[check]][pair_link]
+    dist = np.sqrt(np.einsum("ij,ij->i", offsets, offsets))
+    pair_starts = np.concatenate([[0], np.cumsum(n_pairs)[:-1]])
+    nearest = np.minimum.reduceat(dist, pair_starts)
+    farthest = np.maximum.reduceat(dist, pair_starts)
+    # the same predicate as the exact FoF (cKDTree pairs within the radius), with a margin
+    none = nearest > radius + EPS
+    all_within = farthest <= radius - EPS
+    sure = sure.copy()
+    sure[check[all_within]] = True
+    keep = np.ones(len(link_new), dtype=bool)
+    keep[check[none]] = False
+    return link_new[keep], link_comp[keep], sure[keep]
+
+
 def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs: ColumnDict,
                      new_fixed: np.ndarray, involved: ColumnDict, involved_centres: np.ndarray,
                      stats: BandUpdateStats) -> tuple[ColumnDict, ColumnDict]:
@@ -514,6 +557,10 @@ def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs
     radius = _match_chord(config.matchRadius)
     tracked = involved["tracked"]
     known = _read_members(store, txn, band, involved["comp_id"][tracked])
+    n_new = len(new_obs["source_id"])
+    # block: which tracked component a row is a member of (-1: new or re-read observation)
+    blocks = [np.repeat(np.arange(int(tracked.sum())), involved["count"][tracked]),
+              np.full(n_new, -1, dtype=np.int64)]
     visit = [known["visit"], new_obs["visit"]]
     source_id = [known["source_id"], new_obs["source_id"]]
     fixed = [np.stack([known["x"], known["y"], known["z"]], axis=1), new_fixed]
@@ -528,27 +575,46 @@ def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs
             near = cKDTree(vectors_from_fixed(region_fixed)).query_ball_point(
                 centres, rmax, return_sorted=False)
             rows = np.unique(np.concatenate([np.asarray(n, dtype=np.int64) for n in near]))
+            blocks.append(np.full(len(rows), -1, dtype=np.int64))
             visit.append(region["visit"][rows])
             source_id.append(region["source_id"][rows])
             fixed.append(region_fixed[rows])
-    all_visit, all_source, all_fixed = (np.concatenate(visit), np.concatenate(source_id),
-                                        np.concatenate(fixed))
-    _, first = np.unique(all_source, return_index=True)
-    all_visit, all_source, all_fixed = all_visit[first], all_source[first], all_fixed[first]
-
-    labels, edges = fof_labels(vectors_from_fixed(all_fixed), radius)
-    anchors = np.isin(all_source, np.concatenate([new_obs["source_id"], involved["seed_src"]]))
+    all_block, all_visit, all_source, all_fixed = (
+        np.concatenate(blocks), np.concatenate(visit), np.concatenate(source_id),
+        np.concatenate(fixed))
+    _, first = np.unique(all_source, return_index=True)  # first copy wins: members, new, region
+    first = np.sort(first)
+    all_block, all_visit, all_source, all_fixed = (all_block[first], all_visit[first],
+                                                   all_source[first], all_fixed[first])
+    is_new = np.isin(all_source, new_obs["source_id"])
+    v_all = vectors_from_fixed(all_fixed)
+    # FoF without the dense member-member pairs: a tracked component is connected already
+    # (chain its members), re-read observations are linked among themselves, and anything
+    # else can only be joined through a new observation.
+    by_block = np.flatnonzero(all_block >= 0)
+    by_block = by_block[np.argsort(all_block[by_block], kind="stable")]
+    same = all_block[by_block[1:]] == all_block[by_block[:-1]]
+    edge_parts = [np.stack([by_block[:-1][same], by_block[1:][same]], axis=1)]
+    reread = np.flatnonzero((all_block < 0) & ~is_new)
+    if len(reread) > 1:
+        pairs = cKDTree(v_all[reread]).query_pairs(radius, output_type="ndarray")
+        edge_parts.append(reread[pairs.astype(np.int64)])
+    new_rows = np.flatnonzero(is_new)
+    hits = cKDTree(v_all).query_ball_point(v_all[new_rows], radius)
+    lengths = np.fromiter((len(h) for h in hits), dtype=np.int64, count=len(hits))
+    if lengths.sum():
+        edge_parts.append(np.stack([np.repeat(new_rows, lengths),
+                                    np.concatenate([np.asarray(h, dtype=np.int64)
+                                                    for h in hits if len(h)])], axis=1))
+    labels = labels_from_edges(len(all_source), np.concatenate(edge_parts).astype(np.int64))
+    anchors = is_new | np.isin(all_source, involved["seed_src"])
     wanted = np.unique(labels[anchors])
     rows = np.isin(labels, wanted)
     remap = np.full(labels.max() + 1 if len(labels) else 0, -1, dtype=np.int64)
     remap[wanted] = np.arange(len(wanted))
-    index_map = np.full(len(labels), -1, dtype=np.int64)
-    index_map[rows] = np.arange(rows.sum())
-    keep_edges = rows[edges[:, 0]] if len(edges) else np.zeros(0, dtype=bool)
-    sub_edges = index_map[edges[keep_edges]] if len(edges) else edges
     piece = remap[labels[rows]]
     comps, cands = summarize_pieces(all_visit[rows], all_source[rows], all_fixed[rows], piece,
-                                    sub_edges, config.minPerBand)
+                                    radius, config.minPerBand)
     comps["tracked"][:] = True
     delete_members(store, txn, band, involved["comp_id"][tracked])
     members = _member_rows(all_source[rows], all_visit[rows], all_fixed[rows])
@@ -616,20 +682,17 @@ def rebuild_after_removal(store: StarStore, txn: lmdb.Transaction, band: str,
     else:
         own_piece = np.zeros(0, dtype=bool)
     remaining = before["visit"] != removed_visit
-    labels_after, edges_after = fof_labels(v[remaining], radius)
+    labels_after, _ = fof_labels(v[remaining], radius)
     kept_rows = own_piece[labels_before[remaining]] if len(labels_before) else \
         np.zeros(0, dtype=bool)
     wanted = np.unique(labels_after[kept_rows])
     rows = np.isin(labels_after, wanted)
     remap = np.full(labels_after.max() + 1 if len(labels_after) else 0, -1, dtype=np.int64)
     remap[wanted] = np.arange(len(wanted))
-    index_map = np.full(len(labels_after), -1, dtype=np.int64)
-    index_map[rows] = np.arange(rows.sum())
-    edge_rows = rows[edges_after[:, 0]] if len(edges_after) else np.zeros(0, dtype=bool)
     sub = take(before, remaining)
     new_comps, new_cands = summarize_pieces(
         sub["visit"][rows], sub["source_id"][rows], fixed[remaining][rows],
-        remap[labels_after[rows]], index_map[edges_after[edge_rows]], config.minPerBand)
+        remap[labels_after[rows]], radius, config.minPerBand)
 
     old, old_pixel = load_components(store, txn, band, outer)
     stay = ~np.isin(old_pixel, inner)
