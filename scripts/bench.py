@@ -144,6 +144,37 @@ def measure_backfill(repo: Path, n_visits: int, state: Path) -> dict[str, object
     }
 
 
+#: physical filter -> band of the simulated survey (streamstars.simulate)
+SIM_FILTER_MAP = {"g_6": "g", "r_57": "r", "i_39": "i", "z_20": "z"}
+
+
+def measure_refs(repo: Path, n_visits: int, state: Path) -> dict[str, float]:
+    """Reference matching cost: per-visit cache refresh during a backfill, and a full refresh."""
+    from streamstars.state.store import StarStore
+
+    from streamstars.backfill import backfill
+    from streamstars.config import BuildStarsConfig, RefcatLoadConfig
+    from streamstars.references import refresh_all
+
+    shutil.rmtree(state, ignore_errors=True)
+    config = BuildStarsConfig(fgcmLoadReferenceCatalog=RefcatLoadConfig(
+        path=str(repo / "refcat"), filterMap=SIM_FILTER_MAP))
+    per_visit: list[float] = []
+    with StarStore.open(state, config) as store:
+        report = backfill(repo, store, inventory=_inventory(repo, n_visits), progress=False,
+                          on_result=lambda r: per_visit.append(r.reference_seconds))
+        assert store.references is not None
+        store.references.refcat.clear_cache()
+        stars, cold = refresh_all(store)
+        _, warm = refresh_all(store)
+    ordered = sorted(per_visit)
+    return {"visits": report.applied, "first_visit_ms": 1e3 * per_visit[0],
+            "median_visit_ms": 1e3 * ordered[len(ordered) // 2],
+            "mean_visit_ms": 1e3 * sum(per_visit) / len(per_visit),
+            "full_refresh_cold_s": cold, "full_refresh_warm_s": warm,
+            "reference_stars": stars}
+
+
 def measure_snapshot(state: Path, out: Path) -> dict[str, float]:
     """Snapshot a store (FITS + parquet)."""
     from streamstars.state.store import StarStore
@@ -475,6 +506,7 @@ def main() -> int:
                                                       Path(rest[2])),
                  "snapshot": lambda: measure_snapshot(Path(rest[0]), Path(rest[1])),
                  "batch": lambda: measure_batch(Path(rest[0]), int(rest[1])),
+                 "refs": lambda: measure_refs(Path(rest[0]), int(rest[1]), Path(rest[2])),
                  "kafka": lambda: measure_kafka(Path(rest[0]), Path(rest[1]), Path(rest[2]),
                                                 int(rest[3]), int(rest[4]), int(rest[5]))}
         print(json.dumps(funcs[kind]()))
@@ -518,6 +550,7 @@ def main() -> int:
                                          str(workdir / "state-small"))
         results["backfill"] = _run("backfill", str(repo), n, str(workdir / "state"))
         results["snapshot"] = _run("snapshot", str(workdir / "state"), str(workdir / "snapshot"))
+        results["refs"] = _run("refs", str(repo), small, str(workdir / "state-refs"))
         if not args.skip_batch:
             results["batch"] = _run("batch", str(repo), n)
     if args.kafka:
@@ -559,6 +592,14 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
     print(f"snapshot                    : {f('snapshot', 'seconds'):8.1f} s  "
           f"{results['snapshot']['stars']:,} stars, {results['snapshot']['observations']:,} obs, "
           f"peak RSS {f('snapshot', 'peak_rss_mb'):.0f} MB")
+    if "refs" in results:
+        r = results["refs"]
+        print(f"reference cache ({r['visits']} visits): first visit "
+              f"{f('refs', 'first_visit_ms'):.0f} ms,"
+              f" median {f('refs', 'median_visit_ms'):.1f} ms/visit, mean "
+              f"{f('refs', 'mean_visit_ms'):.1f} ms/visit; full refresh-refs "
+              f"{f('refs', 'full_refresh_cold_s'):.2f} s cold / "
+              f"{f('refs', 'full_refresh_warm_s'):.2f} s warm ({r['reference_stars']:,} refs)")
     if "batch" in results:
         print(f"batch reference             : {f('batch', 'seconds'):8.1f} s  "
               f"(read+select {f('batch', 'read_select_seconds'):.1f} s), "
