@@ -205,3 +205,12 @@ def test_map_grows_when_full(repo: Path, tmp_path: Path, monkeypatch: pytest.Mon
     with StarStore.open(state, readonly=True) as store:
         assert store.env.info()["map_size"] > 64 * 1024
         assert len(store.applied_visits()) == N_VISITS
+
+
+def test_prefetch_depth_does_not_change_the_catalogs(repo: Path, tmp_path: Path) -> None:
+    for depth in ("1", "4"):
+        state = tmp_path / f"state{depth}"
+        assert main(["backfill", str(repo), "--state", str(state), "--no-progress",
+                     "--prefetch", depth]) == 0
+        assert main(["snapshot", str(tmp_path / f"snap{depth}"), "--state", str(state)]) == 0
+    assert compare_snapshots(tmp_path / "snap1", tmp_path / "snap4") == []
