@@ -1,0 +1,90 @@
+"""A deliberately hostile field for the exact paths: dense close pairs and large scatter.
+
+Observations are made directly (no source tables), with 0.3" astrometric scatter and a
+companion for every fifth object at 0.3"-3", so most components are non-cliques, links are
+often unsure and components merge across visits.  The incremental store must still equal
+the batch reference and be independent of the visit order, also after retractions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from batch_reference import batch_build
+from streamstars.state.store import StarStore
+from survey_helpers import PreparedSurvey, all_observations, assert_same_stars, ingest, members_of
+
+from streamstars.columns import OBSERVATION_DTYPES
+from streamstars.config import BuildStarsConfig
+from streamstars.ingest import PreparedVisit, apply_prepared, retract_visit
+from streamstars.snapshot import build_catalogs
+from streamstars.visit import VisitMetadata
+
+CONFIG = BuildStarsConfig(primaryBands=("i", "r", "g", "z"), storeNside=1024)
+
+
+def hostile_survey(seed: int, n_visits: int = 12, n_objects: int = 2500) -> PreparedSurvey:
+    rng = np.random.default_rng(seed)
+    ra0, dec0 = 359.98, -5.0  # straddles RA = 0/360
+    ra = ra0 + rng.uniform(-0.04, 0.04, n_objects)
+    dec = dec0 + rng.uniform(-0.04, 0.04, n_objects)
+    k = n_objects // 5
+    sep = rng.uniform(0.3, 3.0, k) / 3600
+    angle = rng.uniform(0, 2 * np.pi, k)
+    ra = np.r_[ra, ra[:k] + sep * np.cos(angle) / np.cos(np.deg2rad(dec0))]
+    dec = np.r_[dec, dec[:k] + sep * np.sin(angle)]
+    visits = []
+    for v in range(n_visits):
+        band = ("i", "r", "g", "z", "y")[v % 5]
+        seen = rng.random(len(ra)) < 0.8
+        n = int(seen.sum())
+        r = ra[seen] + rng.normal(0, 0.3 / 3600, n) / np.cos(np.deg2rad(dec0))
+        d = dec[seen] + rng.normal(0, 0.3 / 3600, n)
+        junk = int(rng.integers(5, 30))
+        r = np.r_[r, ra0 + rng.uniform(-0.04, 0.04, junk)] % 360.0
+        d = np.r_[d, dec0 + rng.uniform(-0.04, 0.04, junk)]
+        visit = 100 + v
+        obs = {name: np.zeros(len(r), dt) for name, dt in OBSERVATION_DTYPES.items()}
+        obs.update(source_id=(visit << 20) + rng.permutation(len(r)), visit=np.full(len(r), visit),
+                   ra=r, dec=d)
+        order = np.argsort(obs["source_id"])
+        obs = {name: values[order] for name, values in obs.items()}
+        meta = VisitMetadata(visit=visit, physical_filter=f"{band}_x", band=band, telra=ra0,
+                             teldec=dec0, telha=0.0, telrot=0.0, mjd=60000.0 + v, exptime=30.0)
+        visits.append(PreparedVisit(visit, band, meta, obs, len(r), 0.0, {}, f"h{visit}"))
+    return PreparedSurvey(Path("."), visits, CONFIG)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_hostile_field_equals_batch_in_any_order(seed: int, tmp_path: Path) -> None:
+    survey = hostile_survey(seed)
+    n = len(survey.visits)
+    reference = ingest(tmp_path / "sorted", survey, range(n))
+    obs, bands = all_observations(survey.visits)
+    batch = batch_build(obs["visit"], obs["source_id"], obs["ra"], obs["dec"], bands, CONFIG)
+    np.testing.assert_array_equal(reference.star_id, batch.star_id)
+    mine = members_of(reference)
+    for star_id, members in batch.members.items():
+        np.testing.assert_array_equal(mine[star_id], members)
+    for i, order in enumerate([list(range(n))[::-1],
+                               np.random.default_rng(seed).permutation(n).tolist()]):
+        assert_same_stars(reference, ingest(tmp_path / f"order{i}", survey, order))
+
+
+def test_hostile_field_retract_and_reapply(tmp_path: Path) -> None:
+    survey = hostile_survey(3)
+    with StarStore.open(tmp_path / "s", CONFIG) as store:
+        results = [apply_prepared(store, visit) for visit in survey.visits]
+        exact = sum(r.association.slow_components for r in results if r.association)
+        reread = sum(r.association.untracked_components for r in results if r.association)
+        assert exact > 1000 and reread > 100  # the exact paths really are exercised
+        for index in (0, 5, 11):
+            retract_visit(store, survey.visits[index].visit)
+        for index in (5, 0):
+            apply_prepared(store, survey.visits[index])
+        with store.read() as txn:
+            _, stars = build_catalogs(store, txn)
+    expected = ingest(tmp_path / "direct", survey, [i for i in range(12) if i != 11])
+    assert_same_stars(stars, expected)
