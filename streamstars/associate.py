@@ -123,7 +123,8 @@ def labels_from_edges(n: int, edges: np.ndarray) -> np.ndarray:
 
 
 def summarize_pieces(visit: np.ndarray, source_id: np.ndarray, fixed: np.ndarray,
-                     labels: np.ndarray, radius: float, min_per_band: int
+                     labels: np.ndarray, radius: float, min_per_band: int,
+                     known_nonclique: np.ndarray | None = None
                      ) -> tuple[ColumnDict, ColumnDict]:
     """Component records (and non-clique candidates) of complete FoF pieces.
 
@@ -137,11 +138,16 @@ def summarize_pieces(visit: np.ndarray, source_id: np.ndarray, fixed: np.ndarray
                 {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()})
     v_rows = vectors_from_fixed(fixed)
     tree = cKDTree(v_rows)
-    n_near = np.asarray(tree.query_ball_point(v_rows, radius, return_length=True))
     order = np.lexsort((source_id, visit, labels))
     lab = labels[order]
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
     count = np.diff(np.r_[starts, len(lab)])
+    skip = np.zeros(len(count), dtype=bool) if known_nonclique is None or min_per_band > 2 \
+        else known_nonclique & (count >= 2)
+    n_near = np.full(len(labels), 2, dtype=np.int64)  # stands for ">= 2" in skipped pieces
+    counted = ~skip[labels]
+    if counted.any():
+        n_near[counted] = tree.query_ball_point(v_rows[counted], radius, return_length=True)
     sums = np.add.reduceat(fixed[order], starts, axis=0)
     comp_id = np.minimum.reduceat(source_id[order], starts)
     centres = normalized(sums)
@@ -149,7 +155,7 @@ def summarize_pieces(visit: np.ndarray, source_id: np.ndarray, fixed: np.ndarray
     dist = np.sqrt(np.einsum("ij,ij->i", offsets, offsets))
     rmax = np.maximum.reduceat(dist, starts) + EPS
     # a piece is a clique when every member has every member within the radius
-    clique = np.minimum.reduceat(n_near[order], starts) == count
+    clique = (np.minimum.reduceat(n_near[order], starts) == count) & ~skip
     components = {
         "comp_id": comp_id, "count": count.astype(np.int64),
         "sx": sums[:, 0], "sy": sums[:, 1], "sz": sums[:, 2],
@@ -613,8 +619,12 @@ def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs
     remap = np.full(labels.max() + 1 if len(labels) else 0, -1, dtype=np.int64)
     remap[wanted] = np.arange(len(wanted))
     piece = remap[labels[rows]]
+    # a piece holding a member of a non-clique component is a non-clique itself
+    nonclique_blocks = np.flatnonzero(~involved["clique"][tracked])
+    in_nonclique = np.isin(all_block[rows], nonclique_blocks) & (all_block[rows] >= 0)
+    known_nonclique = np.bincount(piece[in_nonclique], minlength=len(wanted)) > 0
     comps, cands = summarize_pieces(all_visit[rows], all_source[rows], all_fixed[rows], piece,
-                                    radius, config.minPerBand)
+                                    radius, config.minPerBand, known_nonclique)
     comps["tracked"][:] = True
     delete_members(store, txn, band, involved["comp_id"][tracked])
     members = _member_rows(all_source[rows], all_visit[rows], all_fixed[rows])
