@@ -2,7 +2,8 @@
 # The main job on an embedded default: no Kafka, a small simulated survey.
 # Makes a virtualenv, installs streamstars, simulates a survey in the Rubin formats
 # (sourceTable_visit parquet + visitTable/ccdVisitTable + an HTM reference catalog),
-# backfills it into an LMDB store, writes a snapshot of the fgcm catalogs and prints a summary.
+# backfills it into an LMDB store (matching the simulated reference catalog), writes a snapshot
+# of the fgcm catalogs (fgcmReferenceStars included) and prints a summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${STREAMSTARS_VENV:-.venv}"
@@ -13,7 +14,13 @@ OUT="${1:-demo-output}"
 SS="$VENV/bin/streamstars"
 rm -rf "$OUT"
 "$SS" simulate "$OUT/repo" --visits 24 --seed 1 --sources-per-visit 5000
-"$SS" backfill "$OUT/repo" --state "$OUT/state"
+# match to the simulated HTM reference catalog (fgcmcal's [fgcmLoadReferenceCatalog] table)
+cat > "$OUT/demo.toml" <<TOML
+[fgcmLoadReferenceCatalog]
+path = "$OUT/repo/refcat"
+filterMap = { "g_6" = "g", "r_57" = "r", "i_39" = "i", "z_20" = "z" }
+TOML
+"$SS" backfill "$OUT/repo" --state "$OUT/state" --config "$OUT/demo.toml"
 "$SS" snapshot "$OUT/snapshot" --state "$OUT/state"
 "$SS" status --state "$OUT/state"
 echo "snapshot files:"
