@@ -37,6 +37,7 @@ from streamstars.errors import StateError
 from streamstars.sky import (
     chord_from_arcsec,
     fixed_unit_vectors,
+    kdtree,
     normalized,
     pixels_in_discs,
     pixels_of,
@@ -109,7 +110,7 @@ def fof_labels(vectors: np.ndarray, radius_chord: float) -> tuple[np.ndarray, np
     n = len(vectors)
     if n == 0:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
-    edges = cKDTree(vectors).query_pairs(radius_chord, output_type="ndarray").astype(np.int64)
+    edges = kdtree(vectors).query_pairs(radius_chord, output_type="ndarray").astype(np.int64)
     return labels_from_edges(n, edges), edges
 
 
@@ -137,7 +138,7 @@ def summarize_pieces(visit: np.ndarray, source_id: np.ndarray, fixed: np.ndarray
         return ({k: np.zeros(0, dt) for k, dt in COMPONENT_DTYPES.items()},
                 {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()})
     v_rows = vectors_from_fixed(fixed)
-    tree = cKDTree(v_rows)
+    tree = kdtree(v_rows)
     order = np.lexsort((source_id, visit, labels))
     lab = labels[order]
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
@@ -350,11 +351,11 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     centres = normalized(np.stack([comps["sx"], comps["sy"], comps["sz"]], axis=1)) \
         if n_comp else np.zeros((0, 3))
 
-    tree_new = cKDTree(v_new)
+    tree_new = kdtree(v_new)
     # links new observation -> component (everything not surely out of reach)
     if n_comp:
         reach = radius + float(comps["rmax"].max()) + EPS
-        pairs = tree_new.sparse_distance_matrix(cKDTree(centres), reach, output_type="ndarray")
+        pairs = tree_new.sparse_distance_matrix(kdtree(centres), reach, output_type="ndarray")
         link_new = pairs["i"].astype(np.int64)
         link_comp = pairs["j"].astype(np.int64)
         dist = pairs["v"]
@@ -578,7 +579,7 @@ def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs
         stats.region_observations += len(region["source_id"])
         if len(region["source_id"]):
             region_fixed = fixed_unit_vectors(region["ra"], region["dec"])
-            near = cKDTree(vectors_from_fixed(region_fixed)).query_ball_point(
+            near = kdtree(vectors_from_fixed(region_fixed)).query_ball_point(
                 centres, rmax, return_sorted=False)
             rows = np.unique(np.concatenate([np.asarray(n, dtype=np.int64) for n in near]))
             blocks.append(np.full(len(rows), -1, dtype=np.int64))
@@ -603,10 +604,10 @@ def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs
     edge_parts = [np.stack([by_block[:-1][same], by_block[1:][same]], axis=1)]
     reread = np.flatnonzero((all_block < 0) & ~is_new)
     if len(reread) > 1:
-        pairs = cKDTree(v_all[reread]).query_pairs(radius, output_type="ndarray")
+        pairs = kdtree(v_all[reread]).query_pairs(radius, output_type="ndarray")
         edge_parts.append(reread[pairs.astype(np.int64)])
     new_rows = np.flatnonzero(is_new)
-    hits = cKDTree(v_all).query_ball_point(v_all[new_rows], radius)
+    hits = kdtree(v_all).query_ball_point(v_all[new_rows], radius)
     lengths = np.fromiter((len(h) for h in hits), dtype=np.int64, count=len(hits))
     if lengths.sum():
         edge_parts.append(np.stack([np.repeat(new_rows, lengths),

@@ -31,7 +31,6 @@ from typing import Any
 import healpy as hp
 import lmdb
 import numpy as np
-from scipy.spatial import cKDTree
 
 from streamstars import __version__
 from streamstars.associate import (
@@ -46,6 +45,7 @@ from streamstars.references import snapshot_references
 from streamstars.sky import (
     chord_from_arcsec,
     fixed_unit_vectors,
+    kdtree,
     normalized,
     radec_from_vectors,
     vectors_from_fixed,
@@ -162,7 +162,7 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
         v = normalized(np.stack([cand["sx"], cand["sy"], cand["sz"]], axis=1))
         if vecs:
             accepted = np.concatenate(vecs)
-            near = cKDTree(accepted).query_ball_point(v, match, return_length=True)
+            near = kdtree(accepted).query_ball_point(v, match, return_length=True)
             keep = np.asarray(near) == 0
             v = v[keep]
             ids.append(cand["star_id"][keep])
@@ -173,14 +173,14 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
     star_v = np.concatenate(vecs) if vecs else np.zeros((0, 3))
 
     if len(star_id) > 1:
-        close = cKDTree(star_v).query_pairs(isolation, output_type="ndarray")
+        close = kdtree(star_v).query_pairs(isolation, output_type="ndarray")
         isolated = np.ones(len(star_id), dtype=bool)
         isolated[close.ravel()] = False
         star_id, star_v = star_id[isolated], star_v[isolated]
 
     obs_v = vectors_from_fixed(fixed_unit_vectors(observations["ra"], observations["dec"]))
     if len(star_id) and len(obs_v):
-        dist, nearest = cKDTree(star_v).query(obs_v, k=1, distance_upper_bound=match * 1.001)
+        dist, nearest = kdtree(star_v).query(obs_v, k=1, distance_upper_bound=match * 1.001)
         member = dist <= match
     else:
         nearest = np.zeros(len(obs_v), dtype=np.int64)
