@@ -112,10 +112,9 @@ def measure_floor(repo: Path, n_visits: int) -> dict[str, float]:
 
 def measure_backfill(repo: Path, n_visits: int, state: Path) -> dict[str, object]:
     """Backfill the first ``n_visits`` visits into a fresh store."""
-    from streamstars.state.store import StarStore
-
     from streamstars.backfill import backfill
     from streamstars.config import BuildStarsConfig
+    from streamstars.state.store import StarStore
 
     shutil.rmtree(state, ignore_errors=True)
     inventory = _inventory(repo, n_visits)
@@ -150,11 +149,10 @@ SIM_FILTER_MAP = {"g_6": "g", "r_57": "r", "i_39": "i", "z_20": "z"}
 
 def measure_refs(repo: Path, n_visits: int, state: Path) -> dict[str, float]:
     """Reference matching cost: per-visit cache refresh during a backfill, and a full refresh."""
-    from streamstars.state.store import StarStore
-
     from streamstars.backfill import backfill
     from streamstars.config import BuildStarsConfig, RefcatLoadConfig
     from streamstars.references import refresh_all
+    from streamstars.state.store import StarStore
 
     shutil.rmtree(state, ignore_errors=True)
     config = BuildStarsConfig(fgcmLoadReferenceCatalog=RefcatLoadConfig(
@@ -177,9 +175,8 @@ def measure_refs(repo: Path, n_visits: int, state: Path) -> dict[str, float]:
 
 def measure_snapshot(state: Path, out: Path) -> dict[str, float]:
     """Snapshot a store (FITS + parquet)."""
-    from streamstars.state.store import StarStore
-
     from streamstars.snapshot import write_store_snapshot
+    from streamstars.state.store import StarStore
 
     with StarStore.open(state, readonly=True) as store:
         summary = write_store_snapshot(store, out)
@@ -348,8 +345,8 @@ def measure_kafka(repo: Path, workdir: Path, state: Path, n_visits: int, n_paced
         tansu_binary,
         write_kafka_config,
     )
-    from streamstars.consumers.publisher import event_for_visit, make_producer, publish_events
 
+    from streamstars.consumers.publisher import event_for_visit, make_producer, publish_events
     from streamstars.io.discover import discover_repo
 
     if tansu_binary() is None:

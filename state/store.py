@@ -25,6 +25,8 @@ One write transaction per visit; the map grows automatically on ``MapFullError``
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -142,18 +144,12 @@ class StarStore:
             StateError: not a store, another format version, or an incompatible config.
         """
         path = Path(path)
-        if readonly or config is None:
-            if not (path / "data.mdb").exists():
+        if not (path / "data.mdb").exists():
+            if readonly or config is None:
                 raise StateError(f"{path} is not a streamstars state directory (no data.mdb); "
                                  "create one with `streamstars backfill` or `streamstars run`")
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-        try:
-            env = lmdb.open(str(path), max_dbs=len(ALL_DBS) + 2, map_size=INITIAL_MAP_SIZE,
-                            readonly=readonly, subdir=True, metasync=True, sync=True,
-                            readahead=False, max_readers=256, lock=True)
-        except lmdb.Error as exc:
-            raise StateError(f"cannot open LMDB environment {path}: {exc}") from exc
+            _create(path, config)
+        env = _open_env(path, readonly)
         try:
             stored = _read_meta(env, readonly)
             if stored is None:
@@ -282,6 +278,40 @@ class StarStore:
             if not key.startswith(prefix):
                 return
             yield key, bytes(value)
+
+
+def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
+    try:
+        return lmdb.open(str(path), max_dbs=len(ALL_DBS) + 2, map_size=INITIAL_MAP_SIZE,
+                         readonly=readonly, subdir=True, metasync=True, sync=True,
+                         readahead=False, max_readers=256, lock=True)
+    except lmdb.Error as exc:
+        raise StateError(f"cannot open LMDB environment {path}: {exc}") from exc
+
+
+def _create(path: Path, config: BuildStarsConfig) -> None:
+    """Create a new store atomically: built beside ``path`` with its metadata and every
+    sub-database, then renamed into place, so a reader never sees a half-created store."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise StateError(f"{path} exists and is not a streamstars state directory (no "
+                         "data.mdb); give an empty or new directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    building = path.parent / f".{path.name}.creating-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    env = _open_env(building, readonly=False)
+    try:
+        for name in ALL_DBS:
+            env.open_db(name)
+        _write_meta(env, config)
+    finally:
+        env.close()
+    try:
+        os.rename(building, path)  # replaces an empty directory atomically
+    except OSError:
+        shutil.rmtree(building, ignore_errors=True)
+        if not (path / "data.mdb").exists():  # another process did not just create it
+            raise
 
 
 def _read_meta(env: lmdb.Environment, readonly: bool) -> dict[str, bytes] | None:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from streamstars.state.store import StarStore
 
 from streamstars.columns import OBSERVATION_DTYPES
 from streamstars.config import BuildStarsConfig
@@ -15,6 +14,7 @@ from streamstars.ingest import PreparedVisit, VisitInput, apply_prepared, prepar
 from streamstars.io.discover import discover_repo
 from streamstars.simulate import simulate_survey
 from streamstars.snapshot import StarCatalog, build_catalogs
+from streamstars.state.store import StarStore
 
 
 @dataclass

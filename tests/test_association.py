@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from batch_reference import batch_build
-from streamstars.state.store import StarStore
 from survey_helpers import (
     PreparedSurvey,
     all_observations,
@@ -22,6 +21,7 @@ from streamstars.config import BuildStarsConfig, SourceSelectorConfig, Unresolve
 from streamstars.ingest import apply_prepared, retract_visit
 from streamstars.sky import radec_from_vectors, unit_vectors
 from streamstars.snapshot import build_catalogs
+from streamstars.state.store import StarStore
 
 CONFIG = BuildStarsConfig(primaryBands=("i", "r", "g", "z"))
 # a loose star/galaxy cut lets galaxies through, as the issue asks for the crowded case

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from batch_reference import batch_build
-from streamstars.state.store import StarStore
 from survey_helpers import PreparedSurvey, all_observations, assert_same_stars, ingest, members_of
 
 from streamstars.columns import OBSERVATION_DTYPES
 from streamstars.config import BuildStarsConfig
 from streamstars.ingest import PreparedVisit, apply_prepared, retract_visit
 from streamstars.snapshot import build_catalogs
+from streamstars.state.store import StarStore
 from streamstars.visit import VisitMetadata
 
 CONFIG = BuildStarsConfig(primaryBands=("i", "r", "g", "z"), storeNside=1024)

@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from streamstars.state.store import StarStore
 
 from streamstars.cli import main
 from streamstars.io.snapshot_files import compare_snapshots, read_snapshot
 from streamstars.simulate import simulate_survey
+from streamstars.state.store import StarStore
 
 N_VISITS = 6
 

@@ -143,7 +143,6 @@ def _publish_cli(broker: TansuBroker, repo: Path, topic: str) -> None:
 
 def _repo_events(repo: Path) -> dict[int, VisitEvent]:
     from streamstars.consumers.publisher import events_for_inventory
-
     from streamstars.io.discover import discover_repo
 
     events, skipped = events_for_inventory(discover_repo(repo))

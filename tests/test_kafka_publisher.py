@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 from kafka_broker import TansuBroker
-from streamstars.consumers.publisher import watch_repo
 
+from streamstars.consumers.publisher import watch_repo
 from streamstars.events import parse_event
 
 

@@ -8,11 +8,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from streamstars.consumers.faults import Faults
 from streamstars.consumers.kafka_config import load_kafka_properties, redacted
 from streamstars.consumers.metrics import ConsumerMetrics, HealthServer, HealthState
 from streamstars.consumers.runner import parse_seek_offsets
-
 from streamstars.errors import ConfigError
 
 

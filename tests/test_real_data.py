@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from streamstars.state.store import StarStore
 
 from streamstars.cli import main
 from streamstars.config import BuildStarsConfig
 from streamstars.ingest import VisitInput, apply_visit
 from streamstars.io.snapshot_files import read_snapshot
 from streamstars.io.visitmeta import metadata_from_values
+from streamstars.state.store import StarStore
 
 CFHT_FILES = ("sourceTable-849375.parq", "sourceTable-850587.parq",
               "visitSummary-849375.fits", "visitSummary-850587.fits")

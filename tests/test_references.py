@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
-from streamstars.state.store import DB_REFMATCH, META_REFCAT, StarStore
 
 from streamstars.backfill import backfill
 from streamstars.cli import main
@@ -40,6 +39,7 @@ from streamstars.refmatch import (
 from streamstars.simulate import simulate_survey
 from streamstars.sky import ARCSEC_RAD, pixels_of, unit_vectors
 from streamstars.snapshot import build_catalogs
+from streamstars.state.store import DB_REFMATCH, META_REFCAT, StarStore
 
 SIM_FILTERS = {"g_6": "g", "r_57": "r", "i_39": "i", "z_20": "z"}
 #: small pixels (3.4') so that many stars lie within 2" of a pixel border
