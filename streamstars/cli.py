@@ -12,10 +12,11 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from streamstars import __version__
 from streamstars.config import BuildStarsConfig, load_config
-from streamstars.errors import StreamstarsError
+from streamstars.errors import ConfigError, StreamstarsError
 
 
 def _config(args: argparse.Namespace) -> BuildStarsConfig | None:
@@ -27,6 +28,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from streamstars.references import attach_references, open_reference_source
     from streamstars.state.store import StarStore
 
+    if not Path(args.repo).is_dir():
+        raise ConfigError(f"repository {args.repo} is not a directory")
     config = _config(args) or BuildStarsConfig()
     # a bad reference catalog is refused before the store is even created (exit code 2)
     source = open_reference_source(config.fgcmLoadReferenceCatalog)
@@ -43,6 +46,11 @@ def cmd_backfill(args: argparse.Namespace) -> int:
               f"yet (first: {report.without_sources[:5]})", file=sys.stderr)
     for failure in report.failed:
         print(f"FAILED visit {failure.visit}: {failure.error}", file=sys.stderr)
+    if report.applied + report.replaced + report.skipped + len(report.failed) == 0 \
+            and not report.problems:
+        print(f"streamstars: no source tables (sourceTable_visit*.parq*, sourceTable-*.parq) "
+              f"found under {args.repo}", file=sys.stderr)
+        return 1
     rate = report.sources_read / report.seconds if report.seconds else 0.0
     print(f"backfill: {report.applied} applied, {report.replaced} replaced, "
           f"{report.skipped} skipped, {len(report.failed)} failed, "

@@ -214,3 +214,15 @@ def test_prefetch_depth_does_not_change_the_catalogs(repo: Path, tmp_path: Path)
                      "--prefetch", depth]) == 0
         assert main(["snapshot", str(tmp_path / f"snap{depth}"), "--state", str(state)]) == 0
     assert compare_snapshots(tmp_path / "snap1", tmp_path / "snap4") == []
+
+
+def test_missing_or_empty_repository_is_an_error(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["backfill", str(tmp_path / "absent"), "--state", str(tmp_path / "s1"),
+                 "--no-progress"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "s1").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["backfill", str(tmp_path / "empty"), "--state", str(tmp_path / "s2"),
+                 "--no-progress"]) == 1
+    assert "no source tables" in capsys.readouterr().err
