@@ -16,8 +16,12 @@ Per visit and band only the components near the new observations are read:
 - a new observation surely within 1" of every member of one clique (triangle inequality with
   ``rmax``), linked to nothing else, joins it (vectorised fast path);
 - an observation linked to nothing starts a singleton component;
+- unsure links to *tracked* components (those with a stored member list) are settled from
+  their members;
 - anything else (merges, partial links, non-cliques, links between new observations) is
-  resolved exactly from the stored observations near the components involved (slow path).
+  resolved exactly (slow path) from the member lists of the components involved, or, the
+  first time a component is involved, from the stored observations of the fine sub-pixels
+  around it; the resulting components are tracked from then on.
 Candidates, cross-band merging, isolation, membership, requiredBands and the density cut are
 derived from the components at snapshot time (:mod:`streamstars.snapshot`).
 """
