@@ -20,6 +20,7 @@ from scipy.spatial import cKDTree
 from .config import ColortermConfig, ReferenceSelectorConfig
 from .errors import RefcatError
 from .io.refcat import ab_mag_err_from_flux_err, ab_mag_from_flux
+from .sky import arcsec_from_chord, unit_vectors
 
 __all__ = [
     "MISSING_MAG",
@@ -28,7 +29,6 @@ __all__ = [
     "reference_columns_needed",
     "reference_magnitudes",
     "reference_selection",
-    "unit_vectors",
 ]
 
 #: Value of ``refMag``/``refMagErr`` for a missing measurement (fgcmcal's convention).
@@ -196,18 +196,6 @@ def reference_magnitudes(
     return mag.astype(np.float32), mag_err.astype(np.float32), keep
 
 
-def unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
-    """(n, 3) unit vectors of positions in degrees."""
-    ra = np.radians(np.asarray(ra_deg, dtype=np.float64))
-    dec = np.radians(np.asarray(dec_deg, dtype=np.float64))
-    cos_dec = np.cos(dec)
-    return np.column_stack((cos_dec * np.cos(ra), cos_dec * np.sin(ra), np.sin(dec)))
-
-
-def _chord_to_arcsec(chord: np.ndarray) -> np.ndarray:
-    return np.degrees(2.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))) * 3600.0
-
-
 def angular_separation_arcsec(
     ra1_deg: np.ndarray, dec1_deg: np.ndarray, ra2_deg: np.ndarray, dec2_deg: np.ndarray
 ) -> np.ndarray:
@@ -215,7 +203,7 @@ def angular_separation_arcsec(
     chord = np.linalg.norm(
         unit_vectors(ra1_deg, dec1_deg) - unit_vectors(ra2_deg, dec2_deg), axis=1
     )
-    return _chord_to_arcsec(chord)
+    return arcsec_from_chord(chord)
 
 
 def match_reference_to_stars(

@@ -36,6 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from streamstars.sky import radec_from_vectors, unit_vectors
+
 #: Rubin Observatory site (deg, deg east, m).
 SITE_LATITUDE = -30.2446
 SITE_LONGITUDE = -70.7494
@@ -113,23 +115,6 @@ class SimulatedSurvey:
 # ------------------------------------------------------------------------------------------
 
 
-def radec_to_xyz(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    """Unit vectors, shape (n, 3), of RA/Dec in degrees."""
-    ra_r = np.radians(ra)
-    dec_r = np.radians(dec)
-    cd = np.cos(dec_r)
-    return np.stack([cd * np.cos(ra_r), cd * np.sin(ra_r), np.sin(dec_r)], axis=-1)
-
-
-def xyz_to_radec(xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """RA in [0, 360) and Dec in degrees of (not necessarily unit) vectors, shape (n, 3)."""
-    norm = np.sqrt(np.sum(xyz * xyz, axis=-1))
-    ra = np.mod(np.degrees(np.arctan2(xyz[..., 1], xyz[..., 0])), 360.0)
-    ra = np.where(ra >= 360.0, 0.0, ra)
-    dec = np.degrees(np.arcsin(np.clip(xyz[..., 2] / norm, -1.0, 1.0)))
-    return ra, dec
-
-
 def tangent_basis(ra: float | np.ndarray, dec: float | np.ndarray) -> tuple[np.ndarray, ...]:
     """Position, east and north unit vectors at RA/Dec (degrees); well defined at the poles."""
     ra_r = np.radians(ra)
@@ -144,7 +129,7 @@ def tangent_basis(ra: float | np.ndarray, dec: float | np.ndarray) -> tuple[np.n
 
 def offset_xyz(xyz: np.ndarray, sep_deg: np.ndarray, pa_deg: np.ndarray) -> np.ndarray:
     """Move unit vectors by ``sep_deg`` towards position angle ``pa_deg`` (east of north)."""
-    ra, dec = xyz_to_radec(xyz)
+    ra, dec = radec_from_vectors(xyz)
     _, east, north = tangent_basis(ra, dec)
     s = np.radians(sep_deg)[:, None]
     pa = np.radians(pa_deg)[:, None]
@@ -165,7 +150,7 @@ def inverse_gnomonic(xi: np.ndarray, eta: np.ndarray, ra0: float,
     pos, east, north = tangent_basis(ra0, dec0)
     vec = (pos[None, :] + np.radians(xi)[:, None] * east[None, :]
            + np.radians(eta)[:, None] * north[None, :])
-    return xyz_to_radec(vec)
+    return radec_from_vectors(vec)
 
 
 def random_in_cap(rng: np.random.Generator, n: int, ra0: float, dec0: float,
@@ -403,7 +388,7 @@ def make_sky(rng: np.random.Generator, n_objects: int, bands: Sequence[str], ra_
     size = np.concatenate([size, np.zeros(n_new)])
     group = np.concatenate([group, pair_primary, chain_primary, chain_primary])
     min_sep = np.concatenate([min_sep, pair_sep, chain_step, chain_step])
-    ra, dec = xyz_to_radec(xyz)
+    ra, dec = radec_from_vectors(xyz)
     return Sky(xyz=xyz, ra=ra, dec=dec, mags=_band_mags(r_mag, colour, bands), is_star=is_star,
                extendedness=ext, size_arcsec=size, group=group, group_min_sep=min_sep)
 
@@ -610,7 +595,7 @@ def simulate_visit(sky: Sky, camera: Camera, plan: VisitPlan, conditions: Detect
                               seeing=conditions.seeing[i], sky=conditions.sky[i])
 
     # --- true objects on the focal plane -------------------------------------------------
-    pos0 = radec_to_xyz(np.array([ra0]), np.array([dec0]))[0]
+    pos0 = unit_vectors(np.array([ra0]), np.array([dec0]))[0]
     reach = math.radians(camera.half_diagonal_deg * 1.05 + 0.01)
     cand = np.flatnonzero(sky.xyz @ pos0 > math.cos(reach))
     xi, eta = gnomonic(sky.xyz[cand], ra0, dec0)
@@ -946,7 +931,7 @@ def htm_index(ra: np.ndarray, dec: np.ndarray, depth: int = REFCAT_DEPTH) -> np.
     if n == 0:
         return out
     pix = sphgeom.HtmPixelization(depth)
-    xyz = radec_to_xyz(np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64))
+    xyz = unit_vectors(np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64))
     mean = xyz.mean(axis=0)
     norm = float(np.linalg.norm(mean))
     if norm > 0.5:

@@ -25,7 +25,7 @@ def chord_from_arcsec(radius_arcsec: float) -> float:
 
 
 def unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
-    """Unit vectors (n, 3) of RA/Dec in degrees."""
+    """Unit vectors (..., 3) of RA/Dec in degrees (any matching shapes)."""
     ra = np.deg2rad(np.asarray(ra_deg, dtype=np.float64))
     dec = np.deg2rad(np.asarray(dec_deg, dtype=np.float64))
     cos_dec = np.cos(dec)
@@ -50,10 +50,16 @@ def normalized(sums: np.ndarray) -> np.ndarray:
 
 
 def radec_from_vectors(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """RA in [0, 360) and Dec in degrees of vectors (n, 3) (need not be normalised)."""
-    ra = np.rad2deg(np.arctan2(v[:, 1], v[:, 0])) % 360.0
-    dec = np.rad2deg(np.arctan2(v[:, 2], np.hypot(v[:, 0], v[:, 1])))
+    """RA in [0, 360) and Dec in degrees of vectors (..., 3) (need not be normalised)."""
+    ra = np.rad2deg(np.arctan2(v[..., 1], v[..., 0])) % 360.0
+    ra = np.where(ra >= 360.0, 0.0, ra)  # -tiny % 360 rounds to 360.0
+    dec = np.rad2deg(np.arctan2(v[..., 2], np.hypot(v[..., 0], v[..., 1])))
     return ra, dec
+
+
+def arcsec_from_chord(chord: np.ndarray) -> np.ndarray:
+    """Angular separation in arcseconds of chord lengths on the unit sphere."""
+    return np.rad2deg(2.0 * np.arcsin(np.clip(np.asarray(chord) / 2.0, 0.0, 1.0))) * 3600.0
 
 
 def pixels_of(v: np.ndarray, nside: int) -> np.ndarray:

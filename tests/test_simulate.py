@@ -16,9 +16,9 @@ from streamstars.simulate import (
     SOURCE_ID_SHIFT,
     SimulatedSurvey,
     htm_index,
-    radec_to_xyz,
     simulate_survey,
 )
+from streamstars.sky import unit_vectors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def _all_sources(survey: SimulatedSurvey, names: list[str]) -> dict[str, np.ndar
 
 
 def _pairs_within(ra: np.ndarray, dec: np.ndarray, radius_arcsec: float) -> np.ndarray:
-    tree = cKDTree(radec_to_xyz(ra, dec))
+    tree = cKDTree(unit_vectors(ra, dec))
     return tree.query_pairs(2.0 * math.sin(math.radians(radius_arcsec / 3600.0) / 2.0),
                             output_type="ndarray")
 
@@ -160,8 +160,8 @@ def test_overlapping_visits_share_objects(survey: SimulatedSurvey) -> None:
     b = _columns(survey.source_paths[4], names)  # same band (g), different pointing
     bright_a = (a["apFlux_12_0_instFlux"] / a["apFlux_12_0_instFluxErr"] > 20) & (
         a["extendedness"] < 0.5)
-    tree = cKDTree(radec_to_xyz(b["ra"], b["dec"]))
-    dist, _ = tree.query(radec_to_xyz(a["ra"][bright_a], a["dec"][bright_a]))
+    tree = cKDTree(unit_vectors(b["ra"], b["dec"]))
+    dist, _ = tree.query(unit_vectors(a["ra"][bright_a], a["dec"][bright_a]))
     sep = np.degrees(2 * np.arcsin(dist / 2)) * 3600.0
     # Heavy overlap, and repeat observations of a star are well within 1".
     assert np.mean(sep < 1.0) > 0.4
@@ -307,8 +307,8 @@ def test_crowded_pairs_and_deblends(crowded: SimulatedSurvey) -> None:
         counts = np.bincount(parent_rows, minlength=len(parent))
         assert np.array_equal(counts[parent], c["deblend_nChild"][parent])
         sep = np.degrees(np.arccos(np.clip(np.sum(
-            radec_to_xyz(c["ra"][child], c["dec"][child])
-            * radec_to_xyz(c["ra"][parent_rows], c["dec"][parent_rows]), axis=1), -1, 1)))
+            unit_vectors(c["ra"][child], c["dec"][child])
+            * unit_vectors(c["ra"][parent_rows], c["dec"][parent_rows]), axis=1), -1, 1)))
         assert np.all(sep * 3600.0 < 1.0)
         n_children += int(child.sum())
         # Isolated (never deblended) sources closer than 1" to each other: matcher stress.

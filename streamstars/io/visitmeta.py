@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from astropy.io import fits
 
 from ..errors import InputFileError, PermanentInputError
+from ..sky import unit_vectors
 from ..visit import BAD_DETECTOR_VALUE, VisitMetadata
 
 __all__ = [
@@ -119,14 +120,6 @@ def hour_angle_deg(
 # ---------------------------------------------------------------------------------------------
 
 
-def _unit_vectors(ra_deg: FloatArray, dec_deg: FloatArray) -> FloatArray:
-    """Unit vectors (..., 3) of sky positions [deg]."""
-    ra = np.radians(ra_deg)
-    dec = np.radians(dec_deg)
-    cd = np.cos(dec)
-    return np.stack([cd * np.cos(ra), cd * np.sin(ra), np.sin(dec)], axis=-1)
-
-
 def pixel_scale_from_corners(
     ra_corners_deg: npt.ArrayLike,
     dec_corners_deg: npt.ArrayLike,
@@ -151,7 +144,7 @@ def pixel_scale_from_corners(
     ra = np.atleast_2d(np.asarray(ra_corners_deg, dtype=np.float64))
     dec = np.atleast_2d(np.asarray(dec_corners_deg, dtype=np.float64))
     npix = np.asarray(nx, dtype=np.float64) * np.asarray(ny, dtype=np.float64)
-    vec = _unit_vectors(ra, dec)  # (n, 4, 3)
+    vec = unit_vectors(ra, dec)  # (n, 4, 3)
     centre = vec.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         centre /= np.linalg.norm(centre, axis=1, keepdims=True)
