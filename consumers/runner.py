@@ -460,12 +460,6 @@ class Runner:
         metadata = self._metadata(event, meta_path)
         self.faults.timer("during_apply", default_ms=50.0)
         prepared = prepare_visit(VisitInput(event.visit, paths, metadata), self.store.config)
-        try:
-            from streamstars.backfill import file_signature
-
-            prepared.files = file_signature(paths)
-        except (ImportError, OSError, AttributeError):
-            pass
         result = apply_prepared(self.store, prepared, replace=event.action == "replace",
                                 kafka_offset=kafka_offset)
         self.faults.record_application(event.visit, result.status, kafka_offset.next_offset)

@@ -12,7 +12,6 @@ validated (:func:`streamstars.references.ensure_references`) before any visit is
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamstars.errors import MissingMetadataError, StreamstarsError
-from streamstars.ingest import ApplyResult, PreparedVisit, VisitInput, apply_prepared, prepare_visit
+from streamstars.ingest import (
+    ApplyResult,
+    PreparedVisit,
+    VisitInput,
+    apply_prepared,
+    file_signature,
+    prepare_visit,
+)
 from streamstars.io.discover import DiscoveredVisit, RepoInventory, discover_repo
 from streamstars.references import ensure_references
 from streamstars.state.store import StarStore
@@ -57,15 +63,6 @@ class BackfillReport:
         return not self.failed and not self.problems
 
 
-def file_signature(paths: list[Path]) -> list[list[object]]:
-    """(path, size, mtime_ns) of each file: cheap change detection for resuming."""
-    out: list[list[object]] = []
-    for p in paths:
-        st = os.stat(p)
-        out.append([str(p), st.st_size, st.st_mtime_ns])
-    return out
-
-
 def _unchanged(store: StarStore, visit: DiscoveredVisit) -> bool:
     with store.read() as txn:
         record = store.visit_record(txn, visit.visit)
@@ -82,10 +79,8 @@ def _prepare(store: StarStore, visit: DiscoveredVisit) -> PreparedVisit:
         reason = visit.metadata_error or "no visitSummary / visitTable row names this visit"
         raise MissingMetadataError(f"visit {visit.visit}: no visit metadata ({reason}); "
                                    "add its visitSummary or visitTable/ccdVisitTable")
-    prepared = prepare_visit(VisitInput(visit.visit, visit.source_paths, visit.metadata),
-                             store.config)
-    prepared.files = file_signature(visit.source_paths)
-    return prepared
+    return prepare_visit(VisitInput(visit.visit, visit.source_paths, visit.metadata),
+                         store.config)
 
 
 def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,

@@ -12,6 +12,7 @@ Kafka, the next offset of its partition.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,15 @@ class ApplyResult:
     reference_stars: int = 0
 
 
+def file_signature(paths: Sequence[Path | str]) -> list[list[object]]:
+    """(path, size, mtime_ns) of each file: cheap change detection for resuming backfills."""
+    out: list[list[object]] = []
+    for p in paths:
+        st = os.stat(p)
+        out.append([str(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
 def prepare_visit(visit_input: VisitInput, config: BuildStarsConfig) -> PreparedVisit:
     """Read, check and select one visit (no store access).
 
@@ -116,7 +126,8 @@ def prepare_visit(visit_input: VisitInput, config: BuildStarsConfig) -> Prepared
         visit=visit_input.visit, band=band, metadata=metadata, observations=observations,
         n_sources=table.num_rows, delta_aper=float(delta_aper),
         delta_aper_detector={int(k): float(v) for k, v in per_detector.items()},
-        content_hash=digest.hexdigest(), source_paths=[str(p) for p in visit_input.source_paths])
+        content_hash=digest.hexdigest(), source_paths=[str(p) for p in visit_input.source_paths],
+        files=file_signature(visit_input.source_paths))
 
 
 def apply_prepared(store: StarStore, prepared: PreparedVisit, *, replace: bool = False,
