@@ -611,12 +611,9 @@ def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs
         pairs = kdtree(v_all[reread]).query_pairs(radius, output_type="ndarray")
         edge_parts.append(reread[pairs.astype(np.int64)])
     new_rows = np.flatnonzero(is_new)
-    hits = kdtree(v_all).query_ball_point(v_all[new_rows], radius)
-    lengths = np.fromiter((len(h) for h in hits), dtype=np.int64, count=len(hits))
-    if lengths.sum():
-        edge_parts.append(np.stack([np.repeat(new_rows, lengths),
-                                    np.concatenate([np.asarray(h, dtype=np.int64)
-                                                    for h in hits if len(h)])], axis=1))
+    hits = kdtree(v_all[new_rows]).sparse_distance_matrix(kdtree(v_all), radius,
+                                                          output_type="ndarray")
+    edge_parts.append(np.stack([new_rows[hits["i"]], hits["j"].astype(np.int64)], axis=1))
     labels = labels_from_edges(len(all_source), np.concatenate(edge_parts).astype(np.int64))
     anchors = is_new | np.isin(all_source, involved["seed_src"])
     wanted = np.unique(labels[anchors])
