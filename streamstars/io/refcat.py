@@ -383,13 +383,14 @@ class HtmRefcat:
             return np.zeros(0, dtype=np.int64)
         return np.zeros(0, dtype=np.float64)
 
-    def _check_columns(self, columns: Sequence[str]) -> None:
+    def _check_columns(self, columns: Sequence[str], needed_by: str = "") -> None:
         known = set(self.columns) | set(self.flag_names)
         missing = [c for c in columns if c not in known]
         if missing:
             raise RefcatError(
-                f"reference catalog {self.path} has no column(s) {missing}; "
-                f"its columns are {list(self.columns)} and flag bits {list(self.flag_names)}"
+                f"reference catalog {self.path}: master_schema.fits has no column(s) {missing}"
+                f"{needed_by}; its columns are {list(self.columns)} and flag bits "
+                f"{list(self.flag_names)}"
             )
 
     def load_shard(self, shard_id: int, columns: Sequence[str]) -> dict[str, np.ndarray] | None:
@@ -529,14 +530,8 @@ class HtmRefcat:
                 required += [*selector.flags.good, *selector.flags.bad]
         required += list(extra_columns)
         required = list(dict.fromkeys(required))
-        known = set(self.columns) | set(self.flag_names)
-        missing = [c for c in required if c not in known]
-        if missing:
-            raise RefcatError(
-                f"reference catalog {self.path}: master_schema.fits has no column(s) {missing} "
-                f"(needed by fgcmLoadReferenceCatalog filterMap/referenceSelector); available "
-                f"columns: {list(self.columns)}, flag bits: {list(self.flag_names)}"
-            )
+        self._check_columns(required, " (needed by fgcmLoadReferenceCatalog filterMap/"
+                                      "referenceSelector)")
         shards = self.existing_shards()
         if not shards:
             raise RefcatError(f"reference catalog {self.path} has no shard files (<htmId>.fits)")
