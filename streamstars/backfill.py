@@ -18,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from streamstars.errors import MissingMetadataError, StreamstarsError
 from streamstars.ingest import (
     ApplyResult,
@@ -102,8 +104,9 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
     visits = [v for _, v in sorted(inventory.visits.items()) if v.source_paths]
     todo = [v for v in visits if replace or not _unchanged(store, v)]
     report.skipped += len(visits) - len(todo)
-    bar = _progress_bar(len(visits), progress, initial=len(visits) - len(todo))
-    with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
+    with (ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool,
+          tqdm(total=len(visits), initial=len(visits) - len(todo), unit="visit",
+               desc="backfill", dynamic_ncols=True, disable=not progress) as bar):
         for visit, future in _prefetched(pool, store, todo, prefetch):
             try:
                 prepared = future.result()
@@ -123,14 +126,11 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
                 report.apply_seconds.append((visit.visit, result.seconds))
                 if on_result is not None:
                     on_result(result)
-            if bar is not None:
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(visits_s=f"{bar.n / elapsed:.1f}",
-                                sources_s=f"{report.sources_read / elapsed:,.0f}",
-                                failed=len(report.failed))
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(visits_s=f"{bar.n / elapsed:.1f}",
+                            sources_s=f"{report.sources_read / elapsed:,.0f}",
+                            failed=len(report.failed))
+            bar.update(1)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -146,11 +146,3 @@ def _prefetched(pool: ThreadPoolExecutor, store: StarStore, visits: list[Discove
             yield queue.pop(0)
     while queue:
         yield queue.pop(0)
-
-
-def _progress_bar(total: int, enabled: bool, initial: int = 0):  # type: ignore[no-untyped-def]
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="visit", desc="backfill", dynamic_ncols=True)

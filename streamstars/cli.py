@@ -13,10 +13,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streamstars import __version__
 from streamstars.config import BuildStarsConfig, load_config
 from streamstars.errors import ConfigError, StreamstarsError
+
+if TYPE_CHECKING:
+    from streamstars.state.store import StarStore
 
 
 def _config(args: argparse.Namespace) -> BuildStarsConfig | None:
@@ -91,7 +95,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_readonly(path: str):  # type: ignore[no-untyped-def]
+def _open_readonly(path: str) -> StarStore:
     from streamstars.state.store import StarStore
 
     return StarStore.open(path, readonly=True)

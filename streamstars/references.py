@@ -59,6 +59,7 @@ from typing import Any
 
 import lmdb
 import numpy as np
+from tqdm import tqdm
 
 from streamstars.columns import ColumnDict
 from streamstars.config import BuildStarsConfig, RefcatLoadConfig, config_from_json, to_dict
@@ -516,31 +517,19 @@ def refresh_all(store: StarStore, *, progress: bool = False,
             txn.delete(META_REFCAT, db=meta_db)
             return 0
         pixels = with_neighbours(_observed_pixels(store, txn), store.config.storeNside)
-        bar = _progress_bar(len(pixels), progress)
         total = 0
-        try:
+        with tqdm(total=len(pixels), unit="pixel", desc="refresh-refs", dynamic_ncols=True,
+                  disable=not progress) as bar:
             for lo in range(0, len(pixels), max(1, batch_pixels)):
                 chunk = pixels[lo:lo + batch_pixels]
                 total += _write_pixels(store, txn, source, chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
-                    bar.set_postfix(refs=f"{total:,}")
-        finally:
-            if bar is not None:
-                bar.close()
+                bar.update(len(chunk))
+                bar.set_postfix(refs=f"{total:,}")
         store.put_meta(txn, META_REFCAT, json.dumps(source.identity(), sort_keys=True).encode())
         return total
 
     n = store.write(body)
     return n, time.perf_counter() - start
-
-
-def _progress_bar(total: int, enabled: bool):  # type: ignore[no-untyped-def]
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="pixel", desc="refresh-refs", dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------------------------------------
