@@ -109,13 +109,19 @@ class BandUpdateStats:
 # ---------------------------------------------------------------------------------------------
 # exact component summaries from member observations
 # ---------------------------------------------------------------------------------------------
-def fof_labels(vectors: np.ndarray, radius_chord: float) -> tuple[np.ndarray, np.ndarray]:
-    """Friends-of-friends labels (0..k-1) of vectors within ``radius_chord``, and the edges."""
-    n = len(vectors)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
+def centres_of(records: ColumnDict) -> np.ndarray:
+    """Unit-vector centres (n, 3) of component or candidate records (from their sums)."""
+    if len(records["sx"]) == 0:
+        return np.zeros((0, 3))
+    return normalized(np.stack([records["sx"], records["sy"], records["sz"]], axis=1))
+
+
+def fof_labels(vectors: np.ndarray, radius_chord: float) -> np.ndarray:
+    """Friends-of-friends labels (0..k-1) of vectors within ``radius_chord``."""
+    if len(vectors) == 0:
+        return np.zeros(0, dtype=np.int64)
     edges = kdtree(vectors).query_pairs(radius_chord, output_type="ndarray").astype(np.int64)
-    return labels_from_edges(n, edges), edges
+    return labels_from_edges(len(vectors), edges)
 
 
 def labels_from_edges(n: int, edges: np.ndarray) -> np.ndarray:
@@ -352,8 +358,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     loaded_pixels = with_neighbours(pix_new, nside)
     comps, comp_pixel = load_components(store, txn, band, loaded_pixels)
     n_comp = len(comps["comp_id"])
-    centres = normalized(np.stack([comps["sx"], comps["sy"], comps["sz"]], axis=1)) \
-        if n_comp else np.zeros((0, 3))
+    centres = centres_of(comps)
 
     tree_new = kdtree(v_new)
     # links new observation -> component (everything not surely out of reach)
@@ -399,7 +404,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
         comps["sx"][j] += fixed_new[fast_idx, 0]
         comps["sy"][j] += fixed_new[fast_idx, 1]
         comps["sz"][j] += fixed_new[fast_idx, 2]
-        new_centre = normalized(np.stack([comps["sx"][j], comps["sy"][j], comps["sz"][j]], 1))
+        new_centre = centres_of({k: comps[k][j] for k in ("sx", "sy", "sz")})
         shift = np.linalg.norm(new_centre - old_centre, axis=1)
         own = np.linalg.norm(v_new[fast_idx] - new_centre, axis=1)
         comps["rmax"][j] = np.maximum(comps["rmax"][j] + shift, own) + EPS
@@ -452,8 +457,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     kept_pixel = pixels_of(centres[keep_rows], nside)
     kept_changed = changed[keep_rows]
     added = concat([singles, slow_comps], COMPONENT_DTYPES)
-    added_pixel = pixels_of(normalized(np.stack([added["sx"], added["sy"], added["sz"]], 1)),
-                            nside) if len(added["comp_id"]) else np.zeros(0, np.int64)
+    added_pixel = pixels_of(centres_of(added), nside)
     dirty = np.unique(np.concatenate([
         comp_pixel[changed | deleted], kept_pixel[kept_changed], added_pixel]))
     outside = np.setdiff1d(dirty, loaded_pixels)
@@ -644,9 +648,7 @@ def _update_candidates(store: StarStore, txn: lmdb.Transaction, band: str,
                        new_comps: ColumnDict, new_cands: ColumnDict) -> None:
     """Replace the explicit candidates of removed non-clique components by the new ones."""
     nside = store.config.storeNside
-    new_pixel_of_comp = pixels_of(normalized(np.stack(
-        [new_comps["sx"], new_comps["sy"], new_comps["sz"]], 1)), nside) \
-        if len(new_comps["comp_id"]) else np.zeros(0, np.int64)
+    new_pixel_of_comp = pixels_of(centres_of(new_comps), nside)
     cand_pixel = np.zeros(0, np.int64)
     if len(new_cands["comp_id"]):
         order = np.argsort(new_comps["comp_id"])
@@ -685,7 +687,7 @@ def rebuild_after_removal(store: StarStore, txn: lmdb.Transaction, band: str,
         return
     fixed = fixed_unit_vectors(before["ra"], before["dec"])
     v = vectors_from_fixed(fixed)
-    labels_before, _ = fof_labels(v, radius)
+    labels_before = fof_labels(v, radius)
     if len(labels_before):
         sums = np.zeros((labels_before.max() + 1, 3), dtype=np.int64)
         np.add.at(sums, labels_before, fixed)
@@ -694,7 +696,7 @@ def rebuild_after_removal(store: StarStore, txn: lmdb.Transaction, band: str,
     else:
         own_piece = np.zeros(0, dtype=bool)
     remaining = before["visit"] != removed_visit
-    labels_after, _ = fof_labels(v[remaining], radius)
+    labels_after = fof_labels(v[remaining], radius)
     kept_rows = own_piece[labels_before[remaining]] if len(labels_before) else \
         np.zeros(0, dtype=bool)
     wanted = np.unique(labels_after[kept_rows])
@@ -709,9 +711,7 @@ def rebuild_after_removal(store: StarStore, txn: lmdb.Transaction, band: str,
     old, old_pixel = load_components(store, txn, band, outer)
     stay = ~np.isin(old_pixel, inner)
     removed = take(old, ~stay)
-    new_pixel = pixels_of(normalized(np.stack([new_comps["sx"], new_comps["sy"],
-                                               new_comps["sz"]], 1)), nside) \
-        if len(new_comps["comp_id"]) else np.zeros(0, np.int64)
+    new_pixel = pixels_of(centres_of(new_comps), nside)
     dirty = np.unique(np.concatenate([inner, new_pixel]))
     outside = np.setdiff1d(dirty, outer)
     extra, extra_pixel = load_components(store, txn, band, outside)

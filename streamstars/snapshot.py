@@ -37,6 +37,7 @@ from streamstars.associate import (
     CANDIDATE_DTYPES,
     COMPONENT_DTYPES,
     STORED_OBSERVATION_DTYPES,
+    centres_of,
 )
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
 from streamstars.config import BuildStarsConfig, to_dict
@@ -46,7 +47,6 @@ from streamstars.sky import (
     chord_from_arcsec,
     fixed_unit_vectors,
     kdtree,
-    normalized,
     radec_from_vectors,
     vectors_from_fixed,
 )
@@ -159,7 +159,7 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
         cand = candidates.get(band)
         if cand is None or len(cand["star_id"]) == 0:
             continue
-        v = normalized(np.stack([cand["sx"], cand["sy"], cand["sz"]], axis=1))
+        v = centres_of(cand)
         if vecs:
             accepted = np.concatenate(vecs)
             near = kdtree(accepted).query_ball_point(v, match, return_length=True)
