@@ -75,7 +75,7 @@ def batch_build(visit: np.ndarray, source_id: np.ndarray, ra: np.ndarray, dec: n
         vec = _unit(sums)
         if star_vecs:
             prior = cKDTree(np.concatenate(star_vecs))
-            drop = np.array([len(x) > 0 for x in prior.query_ball_point(vec, match)], dtype=bool)
+            drop = np.asarray(prior.query_ball_point(vec, match, return_length=True)) > 0
             ids, vec = ids[~drop], vec[~drop]
         star_ids.append(ids)
         star_vecs.append(vec)
@@ -85,20 +85,22 @@ def batch_build(visit: np.ndarray, source_id: np.ndarray, ra: np.ndarray, dec: n
     vec = np.concatenate(star_vecs)
     # isolation: both members of every close pair go
     tree = cKDTree(vec)
-    crowded = np.array([len(x) > 1 for x in tree.query_ball_point(vec, isolation)], dtype=bool)
+    crowded = np.asarray(tree.query_ball_point(vec, isolation, return_length=True)) > 1
     ids, vec = ids[~crowded], vec[~crowded]
     # membership
     obs_vec = fixed.astype(np.float64) / FIXED_SCALE
     tree = cKDTree(vec)
-    hits = tree.query_ball_point(obs_vec, match)
-    owner = np.array([h[0] if len(h) == 1 else (-1 if not h else -2) for h in hits])
-    assert (owner != -2).all(), "an observation within matchRadius of two isolated stars"
+    n_hits = np.asarray(tree.query_ball_point(obs_vec, match, return_length=True))
+    assert (n_hits <= 1).all(), "an observation within matchRadius of two isolated stars"
+    _, nearest = tree.query(obs_vec[n_hits == 1])
+    owner = np.full(len(obs_vec), -1, dtype=np.int64)
+    owner[n_hits == 1] = nearest
     # published id: smallest member sourceId; stars without members are dropped
-    published = np.full(len(ids), -1, dtype=np.int64)
-    for i, s in zip(owner[owner >= 0], source_id[owner >= 0], strict=True):
-        published[i] = s if published[i] < 0 else min(published[i], s)
-    ids = published
-    keep = ids >= 0
+    none = np.iinfo(np.int64).max
+    published = np.full(len(ids), none, dtype=np.int64)
+    np.minimum.at(published, owner[owner >= 0], source_id[owner >= 0])
+    keep = published != none
+    ids = np.where(keep, published, -1)
     for b in config.requiredBands:
         counts = np.bincount(owner[(owner >= 0) & (band == b)], minlength=len(ids))
         keep &= counts >= config.minPerBand
@@ -109,6 +111,10 @@ def batch_build(visit: np.ndarray, source_id: np.ndarray, ra: np.ndarray, dec: n
         if len(in_pixel) > config.densityCutMaxPerPixel:
             ranked = in_pixel[np.lexsort((ids[in_pixel], draw[in_pixel]))]
             keep[ranked[config.densityCutMaxPerPixel:]] = False
-    members = {int(ids[i]): np.sort(source_id[owner == i]) for i in np.flatnonzero(keep)}
+    kept_rows = np.flatnonzero((owner >= 0) & keep[np.maximum(owner, 0)])
+    kept_rows = kept_rows[np.lexsort((source_id[kept_rows], owner[kept_rows]))]
+    bounds = np.flatnonzero(np.diff(owner[kept_rows])) + 1
+    members = {int(ids[owner[rows[0]]]): source_id[rows]
+               for rows in np.split(kept_rows, bounds) if len(rows)}
     order = np.argsort(ids[keep])
     return BatchResult(ids[keep][order], vec[keep][order], members)
