@@ -240,22 +240,17 @@ class StarStore:
         """Record an offset in its own transaction (events that change nothing else)."""
         self.write(lambda txn: self.put_offset(txn, topic, partition, next_offset))
 
+    def iter_offsets(self, txn: lmdb.Transaction) -> Iterator[tuple[str, int, int]]:
+        """(topic, partition, next offset) of every recorded Kafka position."""
+        for raw_key, value in txn.cursor(db=self.dbs[DB_OFFSETS]):
+            key = bytes(raw_key)  # topic + NUL + uint32 partition (see offset_key)
+            yield (key[:-5].decode(), struct.unpack(">I", key[-4:])[0],
+                   int(_U64.unpack(bytes(value))[0]))
+
     def stored_offsets(self, topic: str) -> dict[int, int]:
         """partition -> next offset to consume, for ``topic``."""
-        prefix = topic.encode() + b"\0"
-        out: dict[int, int] = {}
         with self.read() as txn:
-            cursor = txn.cursor(db=self.dbs[DB_OFFSETS])
-            if cursor.set_range(prefix):
-                for raw_key, value in cursor:
-                    key = bytes(raw_key)
-                    if not key.startswith(prefix) or len(key) != len(prefix) + 4:
-                        if not key.startswith(prefix):
-                            break
-                        continue
-                    partition = struct.unpack(">I", key[len(prefix):])[0]
-                    out[partition] = int(_U64.unpack(bytes(value))[0])
-        return out
+            return {p: o for t, p, o in self.iter_offsets(txn) if t == topic}
 
     def get_meta(self, key: bytes) -> bytes | None:
         """A raw value of the ``meta`` sub-database."""

@@ -12,7 +12,6 @@ from streamstars.state.codec import decode_columns
 from streamstars.state.store import (
     DB_COMPONENTS,
     DB_OBSERVATIONS,
-    DB_OFFSETS,
     FORMAT_VERSION,
     META_CREATED,
     META_REFCAT,
@@ -43,11 +42,8 @@ def store_status(store: StarStore) -> dict[str, Any]:
             components[band] += len(comps["comp_id"])
             candidates[band] += int(np.count_nonzero(
                 comps["clique"] & (comps["count"] >= config.minPerBand)))
-        offsets = {}
-        for key, value in txn.cursor(db=store.dbs[DB_OFFSETS]):
-            topic, _, partition = key.partition(b"\0")
-            offsets[f"{topic.decode()}/{int.from_bytes(partition, 'big')}"] = \
-                int.from_bytes(value, "big")
+        offsets = {f"{topic}/{partition}": offset
+                   for topic, partition, offset in store.iter_offsets(txn)}
     info = store.env.info()
     stat = store.env.stat()
     used = (info["last_pgno"] + 1) * stat["psize"]

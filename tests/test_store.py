@@ -9,6 +9,7 @@ import pytest
 from streamstars.config import BuildStarsConfig
 from streamstars.errors import StateError
 from streamstars.state.store import StarStore
+from streamstars.status import store_status
 
 
 def test_creation_is_atomic_and_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -46,3 +47,5 @@ def test_offsets_are_recorded_per_topic_and_partition(tmp_path: Path) -> None:
         assert store.stored_offsets("visits") == {0: 18, 1: 4}
         assert store.stored_offsets("other") == {0: 99}
         assert store.stored_offsets("vis") == {}
+        assert store_status(store)["kafka_offsets"] == {"visits/0": 18, "visits/1": 4,
+                                                        "other/0": 99}
