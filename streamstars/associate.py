@@ -98,7 +98,8 @@ CANDIDATE_DTYPES: dict[str, np.dtype] = {
 class BandUpdateStats:
     """What one band's update did (for logs, metrics and tests)."""
 
-    fast: int = 0
+    fast: int = 0  # joined a clique that stays one
+    extended: int = 0  # extended the greedy of a tracked component (in canonical order)
     new_singletons: int = 0
     slow_observations: int = 0
     slow_components: int = 0
@@ -380,50 +381,60 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
         link_new, link_comp, sure = _refine_unsure_links(
             store, txn, band, comps, v_new, link_new, link_comp, sure, radius)
 
-    n_links = np.bincount(link_new, minlength=n_new)
-    unsure = np.bincount(link_new[~sure], minlength=n_new) > 0
-    paired = np.bincount(new_pairs.ravel(), minlength=n_new) > 0
-    new_per_comp = np.bincount(link_comp, minlength=n_comp)
-    target = np.full(n_new, -1, dtype=np.int64)
-    target[link_new] = link_comp  # meaningful where n_links == 1
-    single = (n_links == 1) & ~unsure & ~paired
-    fast = single.copy()
-    fast[single] = comps["clique"][target[single]] & (new_per_comp[target[single]] == 1)
-    lone = (n_links == 0) & ~paired
-    slow = ~(fast | lone)
-
+    groups = _link_groups(n_new, n_comp, new_pairs, link_new, link_comp, sure, comps)
+    lone = groups.lone
     changed = np.zeros(n_comp, dtype=bool)
     deleted = np.zeros(n_comp, dtype=bool)
 
-    # fast path: join a clique that every member is surely within reach of
-    fast_idx = np.flatnonzero(fast)
-    if len(fast_idx):
-        j = target[fast_idx]
+    # group join: observations that are all surely within reach of every member of one clique
+    # and of each other keep it a clique (sums, bound and seed updated in place)
+    join_idx = np.flatnonzero(groups.join)
+    if len(join_idx):
+        j_obs = groups.comp_of_obs[join_idx]
+        j = np.unique(j_obs)
         old_centre = centres[j]
-        comps["count"][j] += 1
-        comps["sx"][j] += fixed_new[fast_idx, 0]
-        comps["sy"][j] += fixed_new[fast_idx, 1]
-        comps["sz"][j] += fixed_new[fast_idx, 2]
-        new_centre = centres_of({k: comps[k][j] for k in ("sx", "sy", "sz")})
-        shift = np.linalg.norm(new_centre - old_centre, axis=1)
-        own = np.linalg.norm(v_new[fast_idx] - new_centre, axis=1)
-        comps["rmax"][j] = np.maximum(comps["rmax"][j] + shift, own) + EPS
-        earlier = (obs["visit"][fast_idx] < comps["seed_visit"][j]) | (
-            (obs["visit"][fast_idx] == comps["seed_visit"][j])
-            & (obs["source_id"][fast_idx] < comps["seed_src"][j]))
-        comps["seed_visit"][j] = np.where(earlier, obs["visit"][fast_idx], comps["seed_visit"][j])
-        comps["seed_src"][j] = np.where(earlier, obs["source_id"][fast_idx], comps["seed_src"][j])
-        old_id = comps["comp_id"][j].copy()
-        comps["comp_id"][j] = np.minimum(comps["comp_id"][j], obs["source_id"][fast_idx])
-        centres[j] = new_centre
-        tracked = comps["tracked"][j]
-        if tracked.any():
-            _append_members(store, txn, band, old_id[tracked], comps["comp_id"][j][tracked],
-                            _member_rows(obs["source_id"][fast_idx][tracked],
-                                         obs["visit"][fast_idx][tracked],
-                                         fixed_new[fast_idx][tracked]))
+        added_fixed = np.zeros((n_comp, 3), dtype=np.int64)
+        np.add.at(added_fixed, j_obs, fixed_new[join_idx])
+        comps["count"][j] += np.bincount(j_obs, minlength=n_comp)[j]
+        for axis, key in enumerate(("sx", "sy", "sz")):
+            comps[key][j] += added_fixed[j, axis]
+        centres[j] = centres_of({k: comps[k][j] for k in ("sx", "sy", "sz")})
+        shift = np.linalg.norm(centres[j] - old_centre, axis=1)
+        own = np.zeros(n_comp)
+        np.maximum.at(own, j_obs, np.linalg.norm(v_new[join_idx] - centres[j_obs], axis=1))
+        comps["rmax"][j] = np.maximum(comps["rmax"][j] + shift, own[j]) + EPS
+        # the earliest new observation of each component (canonical order) may seed it now
+        first = np.lexsort((obs["source_id"][join_idx], obs["visit"][join_idx], j_obs))
+        first = first[np.r_[True, j_obs[first][1:] != j_obs[first][:-1]]]
+        f_visit, f_src = obs["visit"][join_idx][first], obs["source_id"][join_idx][first]
+        earlier = (f_visit < comps["seed_visit"][j]) | (
+            (f_visit == comps["seed_visit"][j]) & (f_src < comps["seed_src"][j]))
+        comps["seed_visit"][j] = np.where(earlier, f_visit, comps["seed_visit"][j])
+        comps["seed_src"][j] = np.where(earlier, f_src, comps["seed_src"][j])
+        old_id = comps["comp_id"].copy()
+        np.minimum.at(comps["comp_id"], j_obs, obs["source_id"][join_idx])
+        in_tracked = comps["tracked"][j_obs]
+        if in_tracked.any():
+            _append_members(store, txn, band, old_id, comps["comp_id"], j_obs[in_tracked],
+                            _member_rows(obs["source_id"][join_idx][in_tracked],
+                                         obs["visit"][join_idx][in_tracked],
+                                         fixed_new[join_idx][in_tracked]))
         changed[j] = True
-        stats.fast = len(fast_idx)
+        stats.fast = len(join_idx)
+
+    # observations that come after every member of one tracked component (canonical order):
+    # its greedy seeding is extended, not replayed
+    slow = ~(groups.join | lone)
+    ext_comps = {k: np.zeros(0, dt) for k, dt in COMPONENT_DTYPES.items()}
+    ext_cands = {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()}
+    ext_idx = np.flatnonzero(groups.extend)
+    if len(ext_idx) and config.minPerBand <= 2:
+        ext_comps, ext_cands, done = _extend_in_order(
+            store, txn, band, comps, comp_pixel, groups.comp_of_obs[ext_idx], obs,
+            fixed_new, ext_idx, new_pairs, radius, config.minPerBand)
+        slow[ext_idx[done]] = False
+        deleted[np.unique(groups.comp_of_obs[ext_idx[done]])] = True
+        stats.extended = int(done.sum())
 
     # lone observations: singleton components
     lone_idx = np.flatnonzero(lone)
@@ -442,6 +453,8 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     slow_cands = {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()}
     if len(slow_idx):
         involved = np.unique(link_comp[slow[link_new]])
+        if np.any(deleted[involved]):
+            raise AssertionError("a component is both extended and resolved exactly")
         slow_comps, slow_cands = _resolve_exactly(
             store, txn, band, take(obs, slow_idx), fixed_new[slow_idx],
             {k: v[involved] for k, v in comps.items()}, centres[involved], stats)
@@ -456,7 +469,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     kept = take(comps, keep_rows)
     kept_pixel = pixels_of(centres[keep_rows], nside)
     kept_changed = changed[keep_rows]
-    added = concat([singles, slow_comps], COMPONENT_DTYPES)
+    added = concat([singles, slow_comps, ext_comps], COMPONENT_DTYPES)
     added_pixel = pixels_of(centres_of(added), nside)
     dirty = np.unique(np.concatenate([
         comp_pixel[changed | deleted], kept_pixel[kept_changed], added_pixel]))
@@ -467,10 +480,226 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     _write_grouped(txn, store.dbs[DB_COMPONENTS], band, table, table_pixel, dirty,
                    COMPONENT_DTYPES)
 
-    if len(removed_noncliques) or len(slow_cands["comp_id"]):
+    new_cands = concat([slow_cands, ext_cands], CANDIDATE_DTYPES)
+    if len(removed_noncliques) or len(new_cands["comp_id"]):
         _update_candidates(store, txn, band, removed_noncliques, removed_nonclique_pixels,
-                           slow_comps, slow_cands)
+                           concat([slow_comps, ext_comps], COMPONENT_DTYPES), new_cands)
     return stats
+
+
+@dataclass
+class _Groups:
+    """How each new observation of a visit is folded in (see :func:`_link_groups`)."""
+
+    lone: np.ndarray  # bool per new observation: linked to nothing -> singleton component
+    join: np.ndarray  # bool: its group keeps one clique a clique
+    extend: np.ndarray  # bool: its group touches exactly one tracked component (candidates)
+    comp_of_obs: np.ndarray  # the one component of its group (-1 if none or several)
+
+
+def _link_groups(n_new: int, n_comp: int, new_pairs: np.ndarray, link_new: np.ndarray,
+                 link_comp: np.ndarray, sure: np.ndarray, comps: ColumnDict) -> _Groups:
+    """Connected groups of new observations and the components they link to.
+
+    A group of new observations linked to exactly one clique, every observation surely within
+    reach of every member (a sure link) and of every other observation of the group, keeps it
+    a clique (*join*).  Any other group linked to exactly one *tracked* component can be
+    extended from its member list (*extend*; checked further by :func:`_extend_in_order`).
+    Everything else is resolved exactly.
+    """
+    edges = np.concatenate([new_pairs, np.stack([link_new, n_new + link_comp], axis=1)])
+    label = labels_from_edges(n_new + n_comp, edges.astype(np.int64))
+    n_groups = int(label.max()) + 1
+    g_new = label[:n_new]
+    linked = np.bincount(link_comp, minlength=n_comp) > 0
+    g_comp = label[n_new:][linked]
+    new_in = np.bincount(g_new, minlength=n_groups)
+    comps_in = np.bincount(g_comp, minlength=n_groups)
+    comp_of_group = np.full(n_groups, -1, dtype=np.int64)
+    comp_of_group[g_comp] = np.flatnonzero(linked)
+    comp_of_group[comps_in != 1] = -1
+    pairs_in = np.bincount(g_new[new_pairs[:, 0]], minlength=n_groups) if len(new_pairs) \
+        else np.zeros(n_groups, dtype=np.int64)
+    n_links = np.bincount(link_new, minlength=n_new)
+    not_sure = (n_links != 1) | (np.bincount(link_new[~sure], minlength=n_new) > 0)
+    all_sure = np.bincount(g_new[not_sure], minlength=n_groups) == 0
+    one = comp_of_group >= 0
+    target = comp_of_group[one]
+    join_g, extend_g = np.zeros(n_groups, dtype=bool), np.zeros(n_groups, dtype=bool)
+    join_g[one] = comps["clique"][target] & all_sure[one] & (
+        pairs_in[one] == new_in[one] * (new_in[one] - 1) // 2)
+    extend_g[one] = ~join_g[one] & comps["tracked"][target]
+    lone_g = (new_in == 1) & (comps_in == 0)
+    return _Groups(lone=lone_g[g_new], join=join_g[g_new], extend=extend_g[g_new],
+                   comp_of_obs=comp_of_group[g_new])
+
+
+def _extend_in_order(store: StarStore, txn: lmdb.Transaction, band: str, comps: ColumnDict,
+                     comp_pixel: np.ndarray, owner: np.ndarray, obs: ColumnDict,
+                     fixed_new: np.ndarray, rows: np.ndarray, new_pairs: np.ndarray,
+                     radius: float, min_per_band: int
+                     ) -> tuple[ColumnDict, ColumnDict, np.ndarray]:
+    """Extend fgcm's greedy of tracked components by new observations that come last.
+
+    ``rows`` are new observations, ``owner`` the one tracked component each is connected to.
+    When every member of a component precedes its new observations in canonical order and
+    ``min_per_band`` <= 2, every member is already covered or a seed (a member of a FoF
+    component of two or more has a neighbour; a lone member becomes a seed now), so the old
+    decisions stand: each old candidate's group gains the new observations within the radius
+    of its seed, and the new observations then seed, in canonical order, when uncovered with
+    enough neighbours.  No work is proportional to the number of other components.
+
+    Returns (updated component records, their explicit candidates, per row: done).  Rows not
+    done (a member is not earlier, or a distance sits within rounding of the radius) are left
+    for the exact path.
+    """
+    done = np.zeros(len(rows), dtype=bool)
+    empty = ({k: np.zeros(0, dt) for k, dt in COMPONENT_DTYPES.items()},
+             {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()})
+    targets, slot = np.unique(owner, return_inverse=True)
+    members = _read_members(store, txn, band, comps["comp_id"][targets])
+    counts = comps["count"][targets]
+    if len(members) != counts.sum():
+        raise StateError(f"store is inconsistent: band {band} member lists do not match the "
+                         "component counts; rebuild the store")
+    m_slot = np.repeat(np.arange(len(targets)), counts)
+    m_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    m_fixed = np.stack([members["x"], members["y"], members["z"]], axis=1)
+    m_vec = vectors_from_fixed(m_fixed)
+    v_rows = vectors_from_fixed(fixed_new[rows])
+    # every (new observation, member of its component) pair
+    n_pairs = counts[slot]
+    pair_row = np.repeat(np.arange(len(rows)), n_pairs)
+    pair_start = np.concatenate([[0], np.cumsum(n_pairs)[:-1]])
+    pair_member = np.arange(int(n_pairs.sum())) - np.repeat(pair_start - m_start[slot], n_pairs)
+    offsets = m_vec[pair_member] - v_rows[pair_row]
+    dist = np.sqrt(np.einsum("ij,ij->i", offsets, offsets))
+    within = dist <= radius
+    # usable: members strictly earlier, no distance within rounding of the radius
+    latest = np.maximum.reduceat(members["visit"], m_start) if len(members) else counts
+    ok = latest < np.minimum.reduceat(obs["visit"][rows][np.argsort(slot, kind="stable")],
+                                      np.searchsorted(np.sort(slot), np.arange(len(targets))))
+    ambiguous = np.abs(dist - radius) <= EPS
+    ok &= np.bincount(slot[pair_row[ambiguous]], minlength=len(targets)) == 0
+    if not ok.any():
+        return (*empty, done)
+    done = ok[slot]
+
+    # old candidates: explicit ones of non-cliques, the implicit one of a clique
+    nonclique = ~comps["clique"][targets]
+    stored, _ = load_candidates(store, txn, band, np.unique(comp_pixel[targets[nonclique]]))
+    stored = take(stored, np.isin(stored["comp_id"], comps["comp_id"][targets[nonclique & ok]]))
+    cl = targets[~nonclique & ok]
+    implicit = {"comp_id": comps["comp_id"][cl], "star_id": comps["comp_id"][cl],
+                "count": comps["count"][cl], "sx": comps["sx"][cl], "sy": comps["sy"][cl],
+                "sz": comps["sz"][cl], "seed_visit": comps["seed_visit"][cl],
+                "seed_src": comps["seed_src"][cl]}
+    cands = {k: np.array(v) for k, v in concat([stored, implicit], CANDIDATE_DTYPES).items()}
+    by_src = np.argsort(members["source_id"])
+    seed_member = by_src[np.searchsorted(members["source_id"], cands["seed_src"],
+                                         sorter=by_src)] if len(cands["seed_src"]) else \
+        np.zeros(0, dtype=np.int64)
+    if len(seed_member) and np.any(members["source_id"][seed_member] != cands["seed_src"]):
+        raise StateError(f"store is inconsistent: band {band} candidate seeds are not members "
+                         "of their components; rebuild the store")
+    cand_of_member = np.full(len(members), -1, dtype=np.int64)
+    cand_of_member[seed_member] = np.arange(len(seed_member))
+
+    # old candidates gain the new observations within the radius of their seed
+    use = within & done[pair_row]
+    gains = use & (cand_of_member[pair_member] >= 0)
+    g_cand, g_row = cand_of_member[pair_member[gains]], rows[pair_row[gains]]
+    np.add.at(cands["count"], g_cand, 1)
+    for axis, key in enumerate(("sx", "sy", "sz")):
+        np.add.at(cands[key], g_cand, fixed_new[g_row, axis])
+    np.minimum.at(cands["star_id"], g_cand, obs["source_id"][g_row])
+    covered = np.bincount(pair_row[gains], minlength=len(rows)) > 0
+
+    # neighbours of each new observation: members, other new observations, itself
+    local = np.full(len(obs["source_id"]), -1, dtype=np.int64)
+    local[rows] = np.arange(len(rows))
+    pr = local[new_pairs] if len(new_pairs) else np.zeros((0, 2), dtype=np.int64)
+    pr = pr[(pr >= 0).all(axis=1)] if len(pr) else pr
+    n_near = np.bincount(pair_row[use], minlength=len(rows)) + 1 + np.bincount(
+        pr.ravel(), minlength=len(rows))
+    # new seeds: uncovered with enough neighbours, in canonical order (rare: a new star)
+    potential = np.flatnonzero(done & ~covered & (n_near >= min_per_band))
+    new_cands = []
+    if len(potential):
+        neighbours: dict[int, list[int]] = {}
+        for a, b in pr.tolist():
+            neighbours.setdefault(a, []).append(b)
+            neighbours.setdefault(b, []).append(a)
+        order = potential[np.lexsort((obs["source_id"][rows[potential]],
+                                      obs["visit"][rows[potential]], slot[potential]))]
+        for r in order.tolist():
+            if covered[r]:
+                continue
+            near_new = np.array([r, *neighbours.get(r, [])], dtype=np.int64)
+            near_members = pair_member[(pair_row == r) & within]
+            covered[near_new] = True
+            group_src = np.concatenate([members["source_id"][near_members],
+                                        obs["source_id"][rows[near_new]]])
+            group_sum = m_fixed[near_members].sum(axis=0) + fixed_new[rows[near_new]].sum(axis=0)
+            new_cands.append({
+                "comp_id": np.array([0]), "star_id": np.array([group_src.min()]),
+                "count": np.array([len(group_src)]), "sx": np.array([group_sum[0]]),
+                "sy": np.array([group_sum[1]]), "sz": np.array([group_sum[2]]),
+                "seed_visit": np.array([obs["visit"][rows[r]]]),
+                "seed_src": np.array([obs["source_id"][rows[r]]]),
+                "_slot": np.array([slot[r]])})
+
+    # the extended component records
+    t = np.flatnonzero(ok)
+    rows_ok = np.flatnonzero(done)
+    s_ok = slot[rows_ok]
+    add_fixed = np.zeros((len(targets), 3), dtype=np.int64)
+    np.add.at(add_fixed, s_ok, fixed_new[rows[rows_ok]])
+    min_src = np.full(len(targets), np.iinfo(np.int64).max)
+    np.minimum.at(min_src, s_ok, obs["source_id"][rows[rows_ok]])
+    out = take(comps, targets)
+    out["count"] = out["count"] + np.bincount(s_ok, minlength=len(targets))
+    for axis, key in enumerate(("sx", "sy", "sz")):
+        out[key] = out[key] + add_fixed[:, axis]
+    old_ids = out["comp_id"].copy()
+    out["comp_id"] = np.minimum(out["comp_id"], min_src)
+    centre = centres_of(out)
+    m_off = m_vec - centre[m_slot]
+    n_off = v_rows[rows_ok] - centre[s_ok]
+    rmax = np.zeros(len(targets))
+    np.maximum.at(rmax, m_slot, np.sqrt(np.einsum("ij,ij->i", m_off, m_off)))
+    np.maximum.at(rmax, s_ok, np.sqrt(np.einsum("ij,ij->i", n_off, n_off)))
+    out["rmax"] = rmax + EPS
+    # a clique stays one when every new observation is within the radius of every member and
+    # of every other new observation
+    far = np.bincount(slot[pair_row[~within]], minlength=len(targets)) > 0
+    k_new = np.bincount(slot, minlength=len(targets))
+    k_pairs = np.bincount(slot[pr[:, 0]], minlength=len(targets)) if len(pr) else \
+        np.zeros(len(targets), dtype=np.int64)
+    out["clique"] = out["clique"] & ~far & (k_pairs == k_new * (k_new - 1) // 2)
+    out["tracked"] = np.ones(len(targets), dtype=bool)
+    # member lists: old bytes + the new rows
+    db = store.dbs[DB_MEMBERS]
+    new_rows = _member_rows(obs["source_id"][rows], obs["visit"][rows], fixed_new[rows])
+    order = rows_ok[np.argsort(s_ok, kind="stable")]
+    bounds = np.searchsorted(slot[order], np.arange(len(targets) + 1))
+    for k in t.tolist():
+        value = members[m_start[k]:m_start[k] + counts[k]].tobytes() + \
+            new_rows[order[bounds[k]:bounds[k + 1]]].tobytes()
+        if old_ids[k] != out["comp_id"][k]:
+            txn.delete(member_key(band, int(old_ids[k])), db=db)
+        txn.put(member_key(band, int(out["comp_id"][k])), value, db=db)
+    # candidates of the components that are not cliques now, under their new ids
+    new_id_of = dict(zip(old_ids[t].tolist(), out["comp_id"][t].tolist(), strict=True))
+    cands["comp_id"] = np.array([new_id_of[c] for c in cands["comp_id"].tolist()],
+                                dtype=np.int64)
+    if new_cands:
+        extra = {k: np.concatenate([c[k] for c in new_cands]) for k in new_cands[0]}
+        extra["comp_id"] = out["comp_id"][extra.pop("_slot")]
+        cands = concat([cands, extra], CANDIDATE_DTYPES)
+    still_clique = out["comp_id"][t[out["clique"][t]]]
+    cands = take(cands, ~np.isin(cands["comp_id"], still_clique))
+    return take(out, ok), cands, done
 
 
 def member_key(band: str, comp_id: int) -> bytes:
@@ -494,14 +723,18 @@ def _member_list(txn: lmdb.Transaction, db: lmdb._Database, band: str, comp_id: 
 
 
 def _append_members(store: StarStore, txn: lmdb.Transaction, band: str, old_ids: np.ndarray,
-                    new_ids: np.ndarray, rows: np.ndarray) -> None:
-    """Append one member to each tracked component (loop over those components only)."""
+                    new_ids: np.ndarray, owner: np.ndarray, rows: np.ndarray) -> None:
+    """Append ``rows`` to the member lists of the tracked components ``owner`` (indices into
+    ``old_ids``/``new_ids``: the component id before and after the update)."""
     db = store.dbs[DB_MEMBERS]
-    for old, new, row in zip(old_ids.tolist(), new_ids.tolist(), rows, strict=True):
-        old_key = member_key(band, old)
-        value = _member_list(txn, db, band, old) + row.tobytes()
+    order = np.argsort(owner, kind="stable")
+    owner, rows = owner[order], rows[order]
+    bounds = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1], True])
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        old, new = int(old_ids[owner[lo]]), int(new_ids[owner[lo]])
+        value = _member_list(txn, db, band, old) + rows[lo:hi].tobytes()
         if old != new:
-            txn.delete(old_key, db=db)
+            txn.delete(member_key(band, old), db=db)
         txn.put(member_key(band, new), value, db=db)
 
 

@@ -81,13 +81,16 @@ def test_incremental_equals_batch_fgcm_semantics(survey_name: str,
         np.testing.assert_array_equal(mine[star_id], members)
 
 
-def test_crowded_field_exercises_the_exact_path(crowded: PreparedSurvey, tmp_path: Path) -> None:
-    """The crowded survey really has non-clique components (close pairs, deblend duplicates)."""
+def test_crowded_field_exercises_every_path(crowded: PreparedSurvey, tmp_path: Path) -> None:
+    """The crowded survey really has non-clique components (close pairs, deblend duplicates):
+    in visit order they are extended in order, cliques take several observations of a visit
+    at once, and merges still go through the exact path."""
     with StarStore.open(tmp_path / "s", crowded.config) as store:
-        slow = sum(
-            (r.association.slow_components if r.association else 0)
-            for r in (apply_prepared(store, v) for v in crowded.visits))
-    assert slow > 0
+        stats = [r.association for r in (apply_prepared(store, v) for v in crowded.visits)
+                 if r.association]
+    assert sum(s.slow_components for s in stats) > 0
+    assert sum(s.extended for s in stats) > 0
+    assert sum(s.fast for s in stats) > 0
 
 
 def test_reingesting_a_visit_is_a_skipped_no_op(clean: PreparedSurvey, tmp_path: Path) -> None:

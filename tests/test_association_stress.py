@@ -47,8 +47,10 @@ def hostile_survey(seed: int, n_visits: int = 12, n_objects: int = 2500) -> Prep
         d = np.r_[d, dec0 + rng.uniform(-0.04, 0.04, junk)]
         visit = 100 + v
         obs = {name: np.zeros(len(r), dt) for name, dt in OBSERVATION_DTYPES.items()}
-        obs.update(source_id=(visit << 20) + rng.permutation(len(r)), visit=np.full(len(r), visit),
-                   ra=r, dec=d)
+        # later visits get smaller sourceIds: the smallest member (the star id) is then often
+        # not the earliest one (the seed), which the incremental paths must not confuse
+        obs.update(source_id=((n_visits - v) << 20) + rng.permutation(len(r)),
+                   visit=np.full(len(r), visit), ra=r, dec=d)
         order = np.argsort(obs["source_id"])
         obs = {name: values[order] for name, values in obs.items()}
         meta = VisitMetadata(visit=visit, physical_filter=f"{band}_x", band=band, telra=ra0,
@@ -79,7 +81,9 @@ def test_hostile_field_retract_and_reapply(tmp_path: Path) -> None:
         results = [apply_prepared(store, visit) for visit in survey.visits]
         exact = sum(r.association.slow_components for r in results if r.association)
         reread = sum(r.association.untracked_components for r in results if r.association)
+        extended = sum(r.association.extended for r in results if r.association)
         assert exact > 1000 and reread > 100  # the exact paths really are exercised
+        assert extended > 1000  # and so is the in-order extension of tracked components
         for index in (0, 4, 5, 11):  # visit 4 is in band y, not a primary band
             retract_visit(store, survey.visits[index].visit)
         for index in (5, 0, 4):
