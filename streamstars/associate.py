@@ -44,6 +44,7 @@ from streamstars.sky import (
     kdtree,
     normalized,
     pixels_in_discs,
+    pixels_near,
     pixels_of,
     vectors_from_fixed,
     with_neighbours,
@@ -53,6 +54,7 @@ from streamstars.state.store import (
     DB_CANDIDATES,
     DB_COMPONENTS,
     DB_MEMBERS,
+    DB_META,
     DB_OBSERVATIONS,
     StarStore,
     band_key,
@@ -237,7 +239,9 @@ def _load_pixel_records(store: StarStore, txn: lmdb.Transaction, db: bytes, band
             part = decode_columns(bytes(raw), schema)
             parts.append(part)
             pix.append(np.full(len(part["comp_id"]), pixel, dtype=np.int64))
-    records = {k: np.array(v) for k, v in concat(parts, schema).items()}
+    records = concat(parts, schema)
+    if len(parts) == 1:  # concat copies several parts; one part is a read-only view
+        records = {k: np.array(v) for k, v in records.items()}
     return records, (np.concatenate(pix) if pix else np.zeros(0, dtype=np.int64))
 
 
@@ -337,6 +341,39 @@ def _write_grouped(txn: lmdb.Transaction, db: lmdb._Database, band: str, table: 
             txn.delete(key, db=db)
 
 
+def _max_rmax_key(band: str) -> bytes:
+    return b"max_rmax:" + band.encode()
+
+
+def max_rmax(store: StarStore, txn: lmdb.Transaction, band: str) -> float:
+    """An upper bound on ``rmax`` of every stored component of ``band`` (chord).
+
+    Kept in the ``meta`` sub-database and raised whenever components are written; a store
+    written before the bound existed gets it computed once from its components.
+    """
+    raw = txn.get(_max_rmax_key(band), db=store.dbs[DB_META])
+    if raw is not None:
+        return float(np.frombuffer(raw, dtype="<f8")[0])
+    bound = 0.0
+    for _, value in store.prefix_items(txn, DB_COMPONENTS, band_key(band)):
+        rmax = decode_columns(value, COMPONENT_DTYPES, frozenset({"rmax"}))["rmax"]
+        bound = max(bound, float(rmax.max(initial=0.0)))
+    txn.put(_max_rmax_key(band), np.float64(bound).astype("<f8").tobytes(), db=store.dbs[DB_META])
+    return bound
+
+
+def _write_components(store: StarStore, txn: lmdb.Transaction, band: str, table: ColumnDict,
+                      pixel: np.ndarray, pixels_to_write: np.ndarray) -> None:
+    """Write the component records of ``pixels_to_write`` and keep the ``rmax`` bound."""
+    _write_grouped(txn, store.dbs[DB_COMPONENTS], band, table, pixel, pixels_to_write,
+                   COMPONENT_DTYPES)
+    if len(table["rmax"]):
+        top = float(table["rmax"].max())
+        if top > max_rmax(store, txn, band):
+            txn.put(_max_rmax_key(band), np.float64(top).astype("<f8").tobytes(),
+                    db=store.dbs[DB_META])
+
+
 # ---------------------------------------------------------------------------------------------
 # per-visit update
 # ---------------------------------------------------------------------------------------------
@@ -355,8 +392,8 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
         return stats
     fixed_new = fixed_unit_vectors(obs["ra"], obs["dec"])
     v_new = vectors_from_fixed(fixed_new)
-    pix_new = pixels_of(v_new, nside)
-    loaded_pixels = with_neighbours(pix_new, nside)
+    # every component whose centre is within reach of a new observation
+    loaded_pixels = pixels_near(v_new, nside, radius + max_rmax(store, txn, band) + 2 * EPS)
     comps, comp_pixel = load_components(store, txn, band, loaded_pixels)
     n_comp = len(comps["comp_id"])
     centres = centres_of(comps)
@@ -465,20 +502,18 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     # write back every pixel whose component set changed
     removed_noncliques = comps["comp_id"][deleted & ~comps["clique"]]
     removed_nonclique_pixels = comp_pixel[deleted & ~comps["clique"]]
-    keep_rows = ~deleted
-    kept = take(comps, keep_rows)
-    kept_pixel = pixels_of(centres[keep_rows], nside)
-    kept_changed = changed[keep_rows]
+    new_pixel = comp_pixel.copy()  # only a changed component can move to another pixel
+    new_pixel[changed] = pixels_of(centres[changed], nside)
     added = concat([singles, slow_comps, ext_comps], COMPONENT_DTYPES)
     added_pixel = pixels_of(centres_of(added), nside)
     dirty = np.unique(np.concatenate([
-        comp_pixel[changed | deleted], kept_pixel[kept_changed], added_pixel]))
+        comp_pixel[changed | deleted], new_pixel[changed], added_pixel]))
+    keep_rows = ~deleted & np.isin(new_pixel, dirty)
     outside = np.setdiff1d(dirty, loaded_pixels)
     extra, extra_pixel = load_components(store, txn, band, outside)
-    table = concat([kept, added, extra], COMPONENT_DTYPES)
-    table_pixel = np.concatenate([kept_pixel, added_pixel, extra_pixel])
-    _write_grouped(txn, store.dbs[DB_COMPONENTS], band, table, table_pixel, dirty,
-                   COMPONENT_DTYPES)
+    table = concat([take(comps, keep_rows), added, extra], COMPONENT_DTYPES)
+    table_pixel = np.concatenate([new_pixel[keep_rows], added_pixel, extra_pixel])
+    _write_components(store, txn, band, table, table_pixel, dirty)
 
     new_cands = concat([slow_cands, ext_cands], CANDIDATE_DTYPES)
     if len(removed_noncliques) or len(new_cands["comp_id"]):
@@ -950,8 +985,7 @@ def rebuild_after_removal(store: StarStore, txn: lmdb.Transaction, band: str,
     extra, extra_pixel = load_components(store, txn, band, outside)
     table = concat([take(old, stay), new_comps, extra], COMPONENT_DTYPES)
     table_pixel = np.concatenate([old_pixel[stay], new_pixel, extra_pixel])
-    _write_grouped(txn, store.dbs[DB_COMPONENTS], band, table, table_pixel, dirty,
-                   COMPONENT_DTYPES)
+    _write_components(store, txn, band, table, table_pixel, dirty)
     delete_members(store, txn, band, removed["comp_id"][removed["tracked"]])
     nonclique = ~removed["clique"]
     _update_candidates(store, txn, band, removed["comp_id"][nonclique],

@@ -15,11 +15,12 @@ import pytest
 from batch_reference import batch_build
 from survey_helpers import PreparedSurvey, all_observations, assert_same_stars, ingest, members_of
 
+from streamstars.associate import COMPONENT_DTYPES, max_rmax
 from streamstars.columns import OBSERVATION_DTYPES
 from streamstars.config import BuildStarsConfig
 from streamstars.ingest import PreparedVisit, apply_prepared, retract_visit
-from streamstars.snapshot import build_catalogs
-from streamstars.state.store import StarStore
+from streamstars.snapshot import build_catalogs, read_band_table
+from streamstars.state.store import DB_COMPONENTS, StarStore
 from streamstars.visit import VisitMetadata
 
 CONFIG = BuildStarsConfig(primaryBands=("i", "r", "g", "z"), storeNside=1024)
@@ -90,5 +91,8 @@ def test_hostile_field_retract_and_reapply(tmp_path: Path) -> None:
             apply_prepared(store, survey.visits[index])
         with store.read() as txn:
             _, stars = build_catalogs(store, txn)
+            for band in CONFIG.primaryBands:  # the bound that decides which pixels are read
+                comps = read_band_table(store, txn, DB_COMPONENTS, band, COMPONENT_DTYPES)
+                assert comps["rmax"].max() <= max_rmax(store, txn, band)
     expected = ingest(tmp_path / "direct", survey, [i for i in range(12) if i != 11])
     assert_same_stars(stars, expected)

@@ -1,0 +1,54 @@
+"""Geometry helpers: the pixel sets the association loads must never miss a component."""
+
+from __future__ import annotations
+
+import healpy as hp
+import numpy as np
+import pytest
+
+from streamstars.sky import chord_from_arcsec, pixels_near, radec_from_vectors, unit_vectors
+
+
+def _points(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Random points plus the hard places: poles, RA 0/360, base-pixel corners."""
+    ra = np.r_[rng.uniform(0, 360, n), 0.0, 359.9999, 45.0, 90.0, 135.0, 0.0, 0.0, 180.0]
+    dec = np.r_[np.degrees(np.arcsin(rng.uniform(-1, 1, n))), 0.0, 0.0,
+                41.8103, -41.8103, 0.0, 89.9999, -89.9999, 89.99]
+    return unit_vectors(ra, dec)
+
+
+@pytest.mark.parametrize("nside,margin_arcsec", [(256, 2.5), (256, 6.0), (64, 20.0), (256, 60.0)])
+def test_pixels_near_never_misses_a_pixel_within_the_margin(nside: int,
+                                                            margin_arcsec: float) -> None:
+    rng = np.random.default_rng(nside)
+    v = _points(rng, 3000)
+    margin = chord_from_arcsec(margin_arcsec)
+    # points scattered to the margin around each vector, and the pixels they fall in
+    near = pixels_near(v, nside, margin)
+    assert np.all(np.diff(near) > 0)
+    ra, dec = radec_from_vectors(v)
+    for k in range(8):
+        angle = rng.uniform(0, 2 * np.pi, len(v))
+        step = margin_arcsec / 3600 * (0.999 if k % 2 else rng.uniform(0, 1, len(v)))
+        d = np.clip(dec + step * np.sin(angle), -90, 90)
+        r = (ra + step * np.cos(angle) / np.maximum(np.cos(np.radians(d)), 1e-6)) % 360
+        moved = unit_vectors(r, d)
+        within = np.linalg.norm(moved - v, axis=1) <= margin
+        pix = hp.vec2pix(nside, *moved[within].T, nest=True)
+        assert np.isin(pix, near).all()
+    # exact check on a few points: every pixel touching the margin disc is included
+    for c in v[-8:]:
+        disc = hp.query_disc(nside, c, 2 * np.arcsin(margin / 2), inclusive=False, nest=True)
+        assert np.isin(disc, near).all()
+
+
+def test_pixels_near_is_smaller_than_whole_neighbour_rings() -> None:
+    """A compact footprint does not drag in the full ring of neighbouring pixels."""
+    rng = np.random.default_rng(1)
+    ra = 150 + rng.uniform(-0.3, 0.3, 20000)
+    dec = 2 + rng.uniform(-0.3, 0.3, 20000)
+    v = unit_vectors(ra, dec)
+    near = pixels_near(v, 256, chord_from_arcsec(2.5))
+    own = np.unique(hp.vec2pix(256, *v.T, nest=True))
+    ring = np.unique(np.r_[own, hp.get_all_neighbours(256, own, nest=True).ravel()])
+    assert set(own) <= set(near) and len(near) < len(ring)
