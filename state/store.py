@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -121,11 +122,20 @@ class StarStore:
     def __init__(self, path: Path, env: lmdb.Environment, config: BuildStarsConfig,
                  readonly: bool) -> None:
         self.path = path
-        self.env = env
         self.config = config
         self.readonly = readonly
-        self.dbs = {name: env.open_db(name, create=False) if readonly else env.open_db(name)
-                    for name in ALL_DBS}
+        #: wraps every environment this store opens (fault injection in the consumer tests)
+        self.env_wrapper: Callable[[Any], Any] | None = None
+        self.env: Any = env
+        self.dbs: dict[bytes, Any] = {}
+        self._open_dbs()
+        #: file-backed resident memory (LMDB map) allowed before the map is released; see
+        #: :meth:`release_map_if_large`
+        self.map_rss_budget = _map_rss_budget()
+        self._rss_file_baseline = _rss_file_bytes()
+        self._readers = 0
+        self._env_lock = threading.Lock()
+        self.map_releases = 0
         #: the reference catalog visits cache stars from (streamstars.references.attach_references)
         self.references: ReferenceSource | None = None
         self.references_attached = False
@@ -144,6 +154,7 @@ class StarStore:
             StateError: not a store, another format version, or an incompatible config.
         """
         path = Path(path)
+        _map_rss_budget()  # a bad setting fails before anything is created
         if not (path / "data.mdb").exists():
             if readonly or config is None:
                 raise StateError(f"{path} is not a streamstars state directory (no data.mdb); "
@@ -168,6 +179,44 @@ class StarStore:
         """Close the environment (idempotent)."""
         self.env.close()
 
+    def _open_dbs(self) -> None:
+        self.dbs.update({name: self.env.open_db(name, create=False) if self.readonly
+                         else self.env.open_db(name) for name in ALL_DBS})
+
+    def wrap_env(self, wrapper: Callable[[Any], Any]) -> None:
+        """Wrap the environment, now and whenever it is reopened."""
+        self.env_wrapper = wrapper
+        self.env = wrapper(self.env)
+
+    def release_map_if_large(self) -> bool:
+        """Reopen the environment when the LMDB pages mapped into this process grow large.
+
+        Pages of the memory map that were read stay resident (and count in the process's
+        RSS) for as long as the map exists, so a long backfill or consumer would grow to the
+        size of the store.  Past ``map_rss_budget`` bytes of file-backed resident memory
+        (``STREAMSTARS_MAP_RSS_MB``, default 256; 0 disables) and with no read transaction
+        open in this process, the environment is closed and reopened: the kernel keeps the
+        pages in its page cache, the process no longer holds them.  Returns True if it did.
+        """
+        if not self.map_rss_budget or self.readonly:
+            return False
+        rss = _rss_file_bytes()
+        if rss is None or self._rss_file_baseline is None or \
+                rss - self._rss_file_baseline <= self.map_rss_budget:
+            return False
+        with self._env_lock:
+            if self._readers:
+                return False
+            map_size = self.env.info()["map_size"]
+            self.env.close()
+            env = _open_env(self.path, self.readonly)
+            if env.info()["map_size"] < map_size:
+                env.set_mapsize(map_size)
+            self.env = self.env_wrapper(env) if self.env_wrapper else env
+            self._open_dbs()
+            self.map_releases += 1
+        return True
+
     def __enter__(self) -> StarStore:
         return self
 
@@ -186,24 +235,31 @@ class StarStore:
         while True:
             try:
                 with self.env.begin(write=True) as txn:
-                    return body(txn)
+                    result = body(txn)
+                break
             except lmdb.MapFullError:
                 new_size = self.env.info()["map_size"] * 2
                 self.env.set_mapsize(new_size)
+        self.release_map_if_large()
+        return result
 
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
         """A read transaction: one consistent MVCC view while writers go on."""
-        while True:
-            try:
-                txn = self.env.begin(write=False)
-                break
-            except lmdb.MapResizedError:
-                self.env.set_mapsize(0)
+        with self._env_lock:
+            while True:
+                try:
+                    txn = self.env.begin(write=False)
+                    break
+                except lmdb.MapResizedError:
+                    self.env.set_mapsize(0)
+            self._readers += 1
         try:
             yield txn
         finally:
             txn.abort()
+            with self._env_lock:
+                self._readers -= 1
 
     # ------------------------------------------------------------------ small records
     def visit_record(self, txn: lmdb.Transaction, visit: int) -> dict[str, Any] | None:
@@ -273,6 +329,28 @@ class StarStore:
             if not key.startswith(prefix):
                 return
             yield key, bytes(value)
+
+
+def _map_rss_budget() -> int:
+    raw = os.environ.get("STREAMSTARS_MAP_RSS_MB", "256")
+    try:
+        megabytes = float(raw)
+    except ValueError as exc:
+        raise StateError(f"STREAMSTARS_MAP_RSS_MB must be a number of megabytes, not {raw!r}") \
+            from exc
+    return int(max(megabytes, 0.0) * 1024 * 1024)
+
+
+def _rss_file_bytes() -> int | None:
+    """File-backed resident memory of this process (Linux ``RssFile``), None elsewhere."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _open_env(path: Path, readonly: bool) -> lmdb.Environment:

@@ -18,10 +18,11 @@ from survey_helpers import (
 )
 
 from streamstars.config import BuildStarsConfig, SourceSelectorConfig, UnresolvedConfig
+from streamstars.errors import StateError
 from streamstars.ingest import apply_prepared, retract_visit
 from streamstars.sky import radec_from_vectors, unit_vectors
 from streamstars.snapshot import build_catalogs
-from streamstars.state.store import StarStore
+from streamstars.state.store import DB_COMPONENTS, StarStore
 
 CONFIG = BuildStarsConfig(primaryBands=("i", "r", "g", "z"))
 # a loose star/galaxy cut lets galaxies through, as the issue asks for the crowded case
@@ -188,3 +189,34 @@ def test_positions_at_ra_wrap_and_poles(ra: float, dec: float, tmp_path: Path) -
     obs, bands = all_observations(survey.visits)
     batch = batch_build(obs["visit"], obs["source_id"], obs["ra"], obs["dec"], bands, CONFIG)
     np.testing.assert_array_equal(stars.star_id, batch.star_id)
+
+
+def test_releasing_the_map_keeps_memory_bounded_and_changes_nothing(
+        crowded: PreparedSurvey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a tiny map budget the environment is reopened between visits (never under an open
+    read transaction) and the catalogs are those of an unbounded run."""
+    expected = ingest(tmp_path / "unbounded", crowded, range(len(crowded.visits)))
+    monkeypatch.setenv("STREAMSTARS_MAP_RSS_MB", "0.01")
+    with StarStore.open(tmp_path / "bounded", crowded.config) as store:
+        assert store.map_rss_budget == int(0.01 * 1024 * 1024)
+        for visit in crowded.visits[:5]:
+            apply_prepared(store, visit)
+        assert store.map_releases >= 1
+        with store.read() as txn:  # a reader pins the map: no release under it
+            before = store.map_releases
+            assert not store.release_map_if_large()
+            assert store.map_releases == before
+            assert txn.stat(store.dbs[DB_COMPONENTS])["entries"] > 0
+        for visit in crowded.visits[5:]:
+            apply_prepared(store, visit)
+        with store.read() as txn:
+            _, stars = build_catalogs(store, txn)
+    assert_same_stars(expected, stars)
+
+
+def test_a_bad_map_budget_is_a_clear_error(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMSTARS_MAP_RSS_MB", "lots")
+    with pytest.raises(StateError, match="STREAMSTARS_MAP_RSS_MB"):
+        StarStore.open(tmp_path / "s", CONFIG)
+    assert not (tmp_path / "s").exists()  # refused before anything was created
