@@ -194,7 +194,7 @@ class StarStore:
         Pages of the memory map that were read stay resident (and count in the process's
         RSS) for as long as the map exists, so a long backfill or consumer would grow to the
         size of the store.  Past ``map_rss_budget`` bytes of file-backed resident memory
-        (``STREAMSTARS_MAP_RSS_MB``, default 256; 0 disables) and with no read transaction
+        (``STREAMSTARS_MAP_RSS_MB``, default 64; 0 disables) and with no read transaction
         open in this process, the environment is closed and reopened: the kernel keeps the
         pages in its page cache, the process no longer holds them.  Returns True if it did.
         """
@@ -332,7 +332,7 @@ class StarStore:
 
 
 def _map_rss_budget() -> int:
-    raw = os.environ.get("STREAMSTARS_MAP_RSS_MB", "256")
+    raw = os.environ.get("STREAMSTARS_MAP_RSS_MB", "64")
     try:
         megabytes = float(raw)
     except ValueError as exc:
