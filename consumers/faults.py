@@ -141,4 +141,4 @@ class _EnvProxy:
 def instrument_store(store: Any, faults: Faults) -> None:
     """Arm the ``lmdb_commit`` point on ``store`` (only when that point is planned)."""
     if "lmdb_commit" in faults.plan:
-        store.wrap_env(lambda env: _EnvProxy(env, faults))
+        store.env = _EnvProxy(store.env, faults)

@@ -24,11 +24,11 @@ One write transaction per visit; the map grows automatically on ``MapFullError``
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -124,18 +124,14 @@ class StarStore:
         self.path = path
         self.config = config
         self.readonly = readonly
-        #: wraps every environment this store opens (fault injection in the consumer tests)
-        self.env_wrapper: Callable[[Any], Any] | None = None
         self.env: Any = env
-        self.dbs: dict[bytes, Any] = {}
-        self._open_dbs()
-        #: file-backed resident memory (LMDB map) allowed before the map is released; see
-        #: :meth:`release_map_if_large`
+        self.dbs = {name: env.open_db(name, create=False) if readonly else env.open_db(name)
+                    for name in ALL_DBS}
+        #: file-backed resident memory (LMDB map) allowed before the map is trimmed; see
+        #: :meth:`trim_map_if_large`
         self.map_rss_budget = _map_rss_budget()
         self._rss_file_baseline = _rss_file_bytes()
-        self._readers = 0
-        self._env_lock = threading.Lock()
-        self.map_releases = 0
+        self.map_trims = 0
         #: the reference catalog visits cache stars from (streamstars.references.attach_references)
         self.references: ReferenceSource | None = None
         self.references_attached = False
@@ -179,43 +175,28 @@ class StarStore:
         """Close the environment (idempotent)."""
         self.env.close()
 
-    def _open_dbs(self) -> None:
-        self.dbs.update({name: self.env.open_db(name, create=False) if self.readonly
-                         else self.env.open_db(name) for name in ALL_DBS})
+    def trim_map_if_large(self) -> bool:
+        """Drop the LMDB map's pages from this process when they grow large.
 
-    def wrap_env(self, wrapper: Callable[[Any], Any]) -> None:
-        """Wrap the environment, now and whenever it is reopened."""
-        self.env_wrapper = wrapper
-        self.env = wrapper(self.env)
-
-    def release_map_if_large(self) -> bool:
-        """Reopen the environment when the LMDB pages mapped into this process grow large.
-
-        Pages of the memory map that were read stay resident (and count in the process's
-        RSS) for as long as the map exists, so a long backfill or consumer would grow to the
-        size of the store.  Past ``map_rss_budget`` bytes of file-backed resident memory
-        (``STREAMSTARS_MAP_RSS_MB``, default 64; 0 disables) and with no read transaction
-        open in this process, the environment is closed and reopened: the kernel keeps the
-        pages in its page cache, the process no longer holds them.  Returns True if it did.
+        Pages of the memory map that were read stay mapped (and count in the process's RSS)
+        until unmapped, and the kernel maps whole page-cache folios around each page touched
+        (hundreds of kB per small value read), so a long backfill or consumer would grow
+        towards the size of the store.  Past ``map_rss_budget`` bytes of file-backed resident
+        memory (``STREAMSTARS_MAP_RSS_MB``, default 64; 0 disables) the map's range is
+        ``madvise(MADV_DONTNEED)``-ed: the process no longer holds the pages, the kernel keeps
+        them in its page cache, and the next read maps them again.  The map is read-only
+        (LMDB writes with ``pwrite``), so this never loses data and is safe under open
+        transactions and zero-copy buffers.  Linux only (a no-op elsewhere).  Returns True if
+        it trimmed.
         """
-        if not self.map_rss_budget or self.readonly:
+        if not self.map_rss_budget or self._rss_file_baseline is None:
             return False
         rss = _rss_file_bytes()
-        if rss is None or self._rss_file_baseline is None or \
-                rss - self._rss_file_baseline <= self.map_rss_budget:
+        if rss is None or rss - self._rss_file_baseline <= self.map_rss_budget:
             return False
-        with self._env_lock:
-            if self._readers:
-                return False
-            map_size = self.env.info()["map_size"]
-            self.env.close()
-            env = _open_env(self.path, self.readonly)
-            if env.info()["map_size"] < map_size:
-                env.set_mapsize(map_size)
-            self.env = self.env_wrapper(env) if self.env_wrapper else env
-            self._open_dbs()
-            self.map_releases += 1
-        return True
+        trimmed = _drop_mapped_pages(self.path / "data.mdb")
+        self.map_trims += trimmed
+        return bool(trimmed)
 
     def __enter__(self) -> StarStore:
         return self
@@ -234,32 +215,30 @@ class StarStore:
             raise StateError(f"store {self.path} was opened read-only")
         while True:
             try:
-                with self.env.begin(write=True) as txn:
+                # buffers: values are read in place from the map (zero-copy) where the code
+                # asks for it (prefix_items(copy=False)); everything else copies with bytes()
+                with self.env.begin(write=True, buffers=True) as txn:
                     result = body(txn)
                 break
             except lmdb.MapFullError:
                 new_size = self.env.info()["map_size"] * 2
                 self.env.set_mapsize(new_size)
-        self.release_map_if_large()
+        self.trim_map_if_large()
         return result
 
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
         """A read transaction: one consistent MVCC view while writers go on."""
-        with self._env_lock:
-            while True:
-                try:
-                    txn = self.env.begin(write=False)
-                    break
-                except lmdb.MapResizedError:
-                    self.env.set_mapsize(0)
-            self._readers += 1
+        while True:
+            try:
+                txn = self.env.begin(write=False)
+                break
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
         try:
             yield txn
         finally:
             txn.abort()
-            with self._env_lock:
-                self._readers -= 1
 
     # ------------------------------------------------------------------ small records
     def visit_record(self, txn: lmdb.Transaction, visit: int) -> dict[str, Any] | None:
@@ -318,9 +297,14 @@ class StarStore:
         """Set a raw value of the ``meta`` sub-database inside ``txn``."""
         txn.put(key, value, db=self.dbs[DB_META])
 
-    def prefix_items(self, txn: lmdb.Transaction, db: bytes,
-                     prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """(key, value) of every key starting with ``prefix`` in sub-database ``db``."""
+    def prefix_items(self, txn: lmdb.Transaction, db: bytes, prefix: bytes, *,
+                     copy: bool = True) -> Iterator[tuple[bytes, Any]]:
+        """(key, value) of every key starting with ``prefix`` in sub-database ``db``.
+
+        ``copy=False`` yields the value as the transaction returns it: in a write transaction
+        (begun with ``buffers=True``) a zero-copy view of the map, valid only until the next
+        write in that transaction; only the pages actually read are faulted in.
+        """
         cursor = txn.cursor(db=self.dbs[db])
         if not cursor.set_range(prefix):
             return
@@ -328,7 +312,7 @@ class StarStore:
             key = bytes(raw_key)
             if not key.startswith(prefix):
                 return
-            yield key, bytes(value)
+            yield key, (bytes(value) if copy else value)
 
 
 def _map_rss_budget() -> int:
@@ -351,6 +335,32 @@ def _rss_file_bytes() -> int | None:
     except OSError:
         return None
     return None
+
+
+_MADV_DONTNEED = 4  # Linux <sys/mman.h>
+
+
+def _drop_mapped_pages(data_file: Path) -> int:
+    """``madvise(MADV_DONTNEED)`` every mapping of ``data_file`` in this process; returns how
+    many ranges were trimmed (0 where /proc/self/maps or libc are not available)."""
+    target = str(data_file.resolve())
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((start, end - start))
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    done = 0
+    for start, length in ranges:
+        if libc.madvise(start, length, _MADV_DONTNEED) == 0:
+            done += 1
+    return done
 
 
 def _open_env(path: Path, readonly: bool) -> lmdb.Environment:

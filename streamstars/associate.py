@@ -313,7 +313,9 @@ def load_observations_near(store: StarStore, txn: lmdb.Transaction, band: str,
     parts = []
     for pixel in np.unique(coarse).tolist():
         wanted = fine[coarse == pixel]
-        for _, value in store.prefix_items(txn, DB_OBSERVATIONS, pixel_key(band, pixel)):
+        # in place: only the fine-pixel column and the rows wanted are read from the map
+        for _, value in store.prefix_items(txn, DB_OBSERVATIONS, pixel_key(band, pixel),
+                                           copy=False):
             stored_fine = decode_columns(value, STORED_OBSERVATION_DTYPES, _FINE_ONLY)
             fp = stored_fine["fine_pixel"]
             lo, hi = np.searchsorted(fp, wanted), np.searchsorted(fp, wanted, side="right")
@@ -323,6 +325,7 @@ def load_observations_near(store: StarStore, txn: lmdb.Transaction, band: str,
                                    if b > a])
             columns = decode_columns(value, STORED_OBSERVATION_DTYPES, POSITION_COLUMNS)
             parts.append({k: c[rows] for k, c in columns.items()})
+        store.trim_map_if_large()  # every visit's record of the pixel was touched
     return concat(parts, _POSITION_DTYPES)
 
 
@@ -771,6 +774,7 @@ def _append_members(store: StarStore, txn: lmdb.Transaction, band: str, old_ids:
         if old != new:
             txn.delete(member_key(band, old), db=db)
         txn.put(member_key(band, new), value, db=db)
+    store.trim_map_if_large()
 
 
 def _read_members(store: StarStore, txn: lmdb.Transaction, band: str,
@@ -778,6 +782,7 @@ def _read_members(store: StarStore, txn: lmdb.Transaction, band: str,
     db = store.dbs[DB_MEMBERS]
     parts = [np.frombuffer(_member_list(txn, db, band, c), dtype=MEMBER_DTYPE)
              for c in comp_ids.tolist()]
+    store.trim_map_if_large()  # small values scattered over the map: many pages touched
     return np.concatenate(parts) if parts else np.zeros(0, dtype=MEMBER_DTYPE)
 
 
