@@ -227,11 +227,15 @@ class StarStore:
         return result
 
     @contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
-        """A read transaction: one consistent MVCC view while writers go on."""
+    def read(self, *, buffers: bool = False) -> Iterator[lmdb.Transaction]:
+        """A read transaction: one consistent MVCC view while writers go on.
+
+        ``buffers=True``: values are zero-copy views of the map, valid until the transaction
+        ends (callers must copy what they keep).
+        """
         while True:
             try:
-                txn = self.env.begin(write=False)
+                txn = self.env.begin(write=False, buffers=buffers)
                 break
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)

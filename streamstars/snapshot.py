@@ -41,6 +41,7 @@ from streamstars.associate import (
 )
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
 from streamstars.config import BuildStarsConfig, to_dict
+from streamstars.errors import StateError
 from streamstars.io.snapshot_files import SnapshotCatalogs, write_snapshot
 from streamstars.references import snapshot_references
 from streamstars.sky import (
@@ -119,16 +120,66 @@ def read_band_table(store: StarStore, txn: lmdb.Transaction, db: bytes, band: st
     return concat(parts, schema)
 
 
-def read_all_observations(store: StarStore, txn: lmdb.Transaction) -> tuple[ColumnDict,
-                                                                               np.ndarray]:
-    """All stored observations and the band of each."""
-    parts, bands = [], []
-    for key, value in txn.cursor(db=store.dbs[DB_OBSERVATIONS]):
-        part = decode_columns(value, STORED_OBSERVATION_DTYPES, _OUTPUT_COLUMNS)
-        parts.append(part)
-        bands.append(np.full(len(part["source_id"]), band_from_key(key), dtype=object))
-    obs = concat(parts, OBSERVATION_DTYPES)
-    return obs, (np.concatenate(bands) if bands else np.zeros(0, dtype=object))
+#: What pass 1 of a snapshot reads of every observation: identity, visit and position.
+_PASS1_COLUMNS = frozenset({"source_id", "visit", "ra", "dec"})
+_PASS1_DTYPES = {k: v for k, v in OBSERVATION_DTYPES.items() if k in _PASS1_COLUMNS}
+#: Trim the map (:meth:`StarStore.trim_map_if_large`) after this many records read.
+_TRIM_EVERY = 64
+
+
+@dataclass
+class ObservationPositions:
+    """Pass 1 of a snapshot: every stored observation's identity and position, its band (as
+    an index into ``band_names``) and where each stored record's rows start."""
+
+    columns: ColumnDict
+    band_code: np.ndarray  # uint8
+    band_names: list[str]
+    record_starts: np.ndarray  # int64, one per record in cursor order, plus the total
+
+
+def read_observation_positions(store: StarStore, txn: lmdb.Transaction) -> ObservationPositions:
+    """Pass 1: identity and position of every stored observation (``txn`` should be begun
+    with ``buffers=True``: only these columns' pages are read, nothing is copied twice)."""
+    parts, codes, starts = [], [], [0]
+    names: dict[str, int] = {}
+    for i, (key, value) in enumerate(txn.cursor(db=store.dbs[DB_OBSERVATIONS])):
+        part = decode_columns(value, STORED_OBSERVATION_DTYPES, _PASS1_COLUMNS)
+        parts.append({k: np.array(c) for k, c in part.items()})  # copies: map pages may go
+        code = names.setdefault(band_from_key(bytes(key)), len(names))
+        codes.append(np.full(len(part["source_id"]), code, dtype=np.uint8))
+        starts.append(starts[-1] + len(part["source_id"]))
+        if i % _TRIM_EVERY == _TRIM_EVERY - 1:
+            store.trim_map_if_large()
+    if len(names) > 255:
+        raise StateError(f"store {store.path} holds more than 255 bands")
+    return ObservationPositions(
+        concat(parts, _PASS1_DTYPES),
+        np.concatenate(codes) if codes else np.zeros(0, dtype=np.uint8),
+        list(names), np.asarray(starts, dtype=np.int64))
+
+
+def read_observation_rows(store: StarStore, txn: lmdb.Transaction,
+                          positions: ObservationPositions, rows: np.ndarray) -> ColumnDict:
+    """Pass 2: every column of the observations ``rows`` (indices of pass 1, in the order
+    given), read record by record in the same transaction and cursor order as pass 1."""
+    out = {k: np.empty(len(rows), dtype=dt) for k, dt in OBSERVATION_DTYPES.items()}
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    bounds = np.searchsorted(sorted_rows, positions.record_starts)
+    for i, (_, value) in enumerate(txn.cursor(db=store.dbs[DB_OBSERVATIONS])):
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        if hi > lo:
+            local = sorted_rows[lo:hi] - positions.record_starts[i]
+            part = decode_columns(value, STORED_OBSERVATION_DTYPES, _OUTPUT_COLUMNS)
+            if len(part["source_id"]) != positions.record_starts[i + 1] - \
+                    positions.record_starts[i]:
+                raise StateError("observations changed between the two snapshot passes")
+            for name, column in part.items():
+                out[name][order[lo:hi]] = column[local]
+        if i % _TRIM_EVERY == _TRIM_EVERY - 1:
+            store.trim_map_if_large()
+    return out
 
 
 def band_candidates(store: StarStore, txn: lmdb.Transaction, band: str) -> ColumnDict:
@@ -148,8 +199,14 @@ def band_candidates(store: StarStore, txn: lmdb.Transaction, band: str) -> Colum
 # the global, deterministic part
 # ---------------------------------------------------------------------------------------------
 def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
-                observation_bands: np.ndarray, config: BuildStarsConfig) -> StarCatalog:
-    """Steps 2-7 of the module docstring from per-band candidates and all observations."""
+                band_code: np.ndarray, band_names: list[str],
+                config: BuildStarsConfig) -> tuple[StarCatalog, np.ndarray]:
+    """Steps 2-7 of the module docstring from per-band candidates and all observations
+    (source_id, visit, ra, dec; the band of each as an index into ``band_names``).
+
+    Returns the stars, their observations' identity and position, and the rows of
+    ``observations`` those are (grouped by star, in star order).
+    """
     match = chord_from_arcsec(config.matchRadius)
     isolation = chord_from_arcsec(config.isolationRadius)
 
@@ -196,7 +253,8 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
 
     keep = star_id != big  # a star needs members
     for band in config.requiredBands:
-        in_band = member & (observation_bands == band)
+        code = band_names.index(band) if band in band_names else -1
+        in_band = member & (band_code == code)
         keep &= np.bincount(owner[in_band], minlength=len(star_id)) >= config.minPerBand
 
     if len(star_id):
@@ -227,7 +285,7 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
     reserve_draw = seeded_hash(final_id, config.randomSeed, _RESERVE_SALT)
     threshold = np.uint64(int(config.reserveFraction * float(1 << 64)) & 0xFFFFFFFFFFFFFFFF)
     obj_flag = np.where(reserve_draw < threshold, OBJ_FLAG_RESERVED, 0).astype(np.int32)
-    return StarCatalog(final_id, ra, dec, n_obs, obj_flag, take(observations, rows))
+    return StarCatalog(final_id, ra, dec, n_obs, obj_flag, take(observations, rows)), rows
 
 
 def visit_catalog(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -276,8 +334,11 @@ def build_catalogs(store: StarStore, txn: lmdb.Transaction,
     config = config or store.config
     records = [rec for _, rec in store.iter_visit_records(txn)]
     candidates = {band: band_candidates(store, txn, band) for band in config.primaryBands}
-    observations, bands = read_all_observations(store, txn)
-    stars = build_stars(candidates, observations, bands, config)
+    positions = read_observation_positions(store, txn)
+    stars, rows = build_stars(candidates, positions.columns, positions.band_code,
+                              positions.band_names, config)
+    positions.columns = {}  # pass 2 reads every column of the member rows only
+    stars.observations = read_observation_rows(store, txn, positions, rows)
     obs_arr_index = np.concatenate([[0], np.cumsum(stars.n_obs)[:-1]]).astype(np.int64) \
         if len(stars.n_obs) else np.zeros(0, np.int64)
     offsets: dict[str, int] = {}
@@ -316,7 +377,7 @@ def write_store_snapshot(store: StarStore, out_dir: str | Path,
                          config: BuildStarsConfig | None = None) -> SnapshotSummary:
     """Compute the catalogs from one read transaction and write them atomically to out_dir."""
     start = time.perf_counter()
-    with store.read() as txn:
+    with store.read(buffers=True) as txn:
         catalogs, stars = build_catalogs(store, txn, config)
     catalogs.metadata.update(extra_metadata or {})
     files = write_snapshot(Path(out_dir), catalogs, formats=formats)
