@@ -314,8 +314,10 @@ def load_observations_near(store: StarStore, txn: lmdb.Transaction, band: str,
     for pixel in np.unique(coarse).tolist():
         wanted = fine[coarse == pixel]
         # in place: only the fine-pixel column and the rows wanted are read from the map
-        for _, value in store.prefix_items(txn, DB_OBSERVATIONS, pixel_key(band, pixel),
-                                           copy=False):
+        for k, (_, value) in enumerate(store.prefix_items(
+                txn, DB_OBSERVATIONS, pixel_key(band, pixel), copy=False)):
+            if k % _TRIM_EVERY == _TRIM_EVERY - 1:
+                store.trim_map_if_large()
             stored_fine = decode_columns(value, STORED_OBSERVATION_DTYPES, _FINE_ONLY)
             fp = stored_fine["fine_pixel"]
             lo, hi = np.searchsorted(fp, wanted), np.searchsorted(fp, wanted, side="right")
@@ -370,6 +372,7 @@ def _write_components(store: StarStore, txn: lmdb.Transaction, band: str, table:
     """Write the component records of ``pixels_to_write`` and keep the ``rmax`` bound."""
     _write_grouped(txn, store.dbs[DB_COMPONENTS], band, table, pixel, pixels_to_write,
                    COMPONENT_DTYPES)
+    store.trim_map_if_large()  # replacing a value touches its old pages
     if len(table["rmax"]):
         top = float(table["rmax"].max())
         if top > max_rmax(store, txn, band):
@@ -727,6 +730,7 @@ def _extend_in_order(store: StarStore, txn: lmdb.Transaction, band: str, comps: 
         if old_ids[k] != out["comp_id"][k]:
             txn.delete(member_key(band, int(old_ids[k])), db=db)
         txn.put(member_key(band, int(out["comp_id"][k])), value, db=db)
+    store.trim_map_if_large()
     # candidates of the components that are not cliques now, under their new ids
     new_id_of = dict(zip(old_ids[t].tolist(), out["comp_id"][t].tolist(), strict=True))
     cands["comp_id"] = np.array([new_id_of[c] for c in cands["comp_id"].tolist()],
@@ -738,6 +742,11 @@ def _extend_in_order(store: StarStore, txn: lmdb.Transaction, band: str, comps: 
     still_clique = out["comp_id"][t[out["clique"][t]]]
     cands = take(cands, ~np.isin(cands["comp_id"], still_clique))
     return take(out, ok), cands, done
+
+
+#: Scattered reads and writes check the map's resident size (StarStore.trim_map_if_large)
+#: every this many values.
+_TRIM_EVERY = 32
 
 
 def member_key(band: str, comp_id: int) -> bytes:
@@ -768,21 +777,26 @@ def _append_members(store: StarStore, txn: lmdb.Transaction, band: str, old_ids:
     order = np.argsort(owner, kind="stable")
     owner, rows = owner[order], rows[order]
     bounds = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1], True])
-    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+    for k, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)):
         old, new = int(old_ids[owner[lo]]), int(new_ids[owner[lo]])
         value = _member_list(txn, db, band, old) + rows[lo:hi].tobytes()
         if old != new:
             txn.delete(member_key(band, old), db=db)
         txn.put(member_key(band, new), value, db=db)
+        if k % _TRIM_EVERY == _TRIM_EVERY - 1:
+            store.trim_map_if_large()
     store.trim_map_if_large()
 
 
 def _read_members(store: StarStore, txn: lmdb.Transaction, band: str,
                   comp_ids: np.ndarray) -> np.ndarray:
     db = store.dbs[DB_MEMBERS]
-    parts = [np.frombuffer(_member_list(txn, db, band, c), dtype=MEMBER_DTYPE)
-             for c in comp_ids.tolist()]
-    store.trim_map_if_large()  # small values scattered over the map: many pages touched
+    parts = []
+    for k, c in enumerate(comp_ids.tolist()):
+        parts.append(np.frombuffer(_member_list(txn, db, band, c), dtype=MEMBER_DTYPE))
+        if k % _TRIM_EVERY == _TRIM_EVERY - 1:
+            store.trim_map_if_large()  # small values scattered over the map: many pages
+    store.trim_map_if_large()
     return np.concatenate(parts) if parts else np.zeros(0, dtype=MEMBER_DTYPE)
 
 
@@ -913,6 +927,7 @@ def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs
     for k, comp_id in enumerate(comps["comp_id"].tolist()):
         txn.put(member_key(band, comp_id), members[order[bounds[k]:bounds[k + 1]]].tobytes(),
                 db=db)
+    store.trim_map_if_large()
     return comps, cands
 
 
