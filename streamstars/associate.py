@@ -405,6 +405,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     centres = centres_of(comps)
 
     tree_new = kdtree(v_new)
+    member_cache: dict[int, bytes] = {}  # member lists read in this visit (see _read_members)
     # links new observation -> component (everything not surely out of reach)
     if n_comp:
         reach = radius + float(comps["rmax"].max()) + EPS
@@ -422,7 +423,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     new_pairs = tree_new.query_pairs(radius, output_type="ndarray").astype(np.int64)
     if n_comp:
         link_new, link_comp, sure = _refine_unsure_links(
-            store, txn, band, comps, v_new, link_new, link_comp, sure, radius)
+            store, txn, band, comps, v_new, link_new, link_comp, sure, radius, member_cache)
 
     groups = _link_groups(n_new, n_comp, new_pairs, link_new, link_comp, sure, comps)
     lone = groups.lone
@@ -461,7 +462,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
             _append_members(store, txn, band, old_id, comps["comp_id"], j_obs[in_tracked],
                             _member_rows(obs["source_id"][join_idx][in_tracked],
                                          obs["visit"][join_idx][in_tracked],
-                                         fixed_new[join_idx][in_tracked]))
+                                         fixed_new[join_idx][in_tracked]), member_cache)
         changed[j] = True
         stats.fast = len(join_idx)
 
@@ -474,7 +475,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     if len(ext_idx) and config.minPerBand <= 2:
         ext_comps, ext_cands, done = _extend_in_order(
             store, txn, band, comps, comp_pixel, groups.comp_of_obs[ext_idx], obs,
-            fixed_new, ext_idx, new_pairs, radius, config.minPerBand)
+            fixed_new, ext_idx, new_pairs, radius, config.minPerBand, member_cache)
         slow[ext_idx[done]] = False
         deleted[np.unique(groups.comp_of_obs[ext_idx[done]])] = True
         stats.extended = int(done.sum())
@@ -578,7 +579,7 @@ def _link_groups(n_new: int, n_comp: int, new_pairs: np.ndarray, link_new: np.nd
 def _extend_in_order(store: StarStore, txn: lmdb.Transaction, band: str, comps: ColumnDict,
                      comp_pixel: np.ndarray, owner: np.ndarray, obs: ColumnDict,
                      fixed_new: np.ndarray, rows: np.ndarray, new_pairs: np.ndarray,
-                     radius: float, min_per_band: int
+                     radius: float, min_per_band: int, cache: dict[int, bytes]
                      ) -> tuple[ColumnDict, ColumnDict, np.ndarray]:
     """Extend fgcm's greedy of tracked components by new observations that come last.
 
@@ -598,7 +599,7 @@ def _extend_in_order(store: StarStore, txn: lmdb.Transaction, band: str, comps: 
     empty = ({k: np.zeros(0, dt) for k, dt in COMPONENT_DTYPES.items()},
              {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()})
     targets, slot = np.unique(owner, return_inverse=True)
-    members = _read_members(store, txn, band, comps["comp_id"][targets])
+    members = _read_members(store, txn, band, comps["comp_id"][targets], cache)
     counts = comps["count"][targets]
     if len(members) != counts.sum():
         raise StateError(f"store is inconsistent: band {band} member lists do not match the "
@@ -727,6 +728,7 @@ def _extend_in_order(store: StarStore, txn: lmdb.Transaction, band: str, comps: 
     for k in t.tolist():
         value = members[m_start[k]:m_start[k] + counts[k]].tobytes() + \
             new_rows[order[bounds[k]:bounds[k + 1]]].tobytes()
+        cache.pop(int(old_ids[k]), None)
         if old_ids[k] != out["comp_id"][k]:
             txn.delete(member_key(band, int(old_ids[k])), db=db)
         txn.put(member_key(band, int(out["comp_id"][k])), value, db=db)
@@ -770,16 +772,20 @@ def _member_list(txn: lmdb.Transaction, db: lmdb._Database, band: str, comp_id: 
 
 
 def _append_members(store: StarStore, txn: lmdb.Transaction, band: str, old_ids: np.ndarray,
-                    new_ids: np.ndarray, owner: np.ndarray, rows: np.ndarray) -> None:
+                    new_ids: np.ndarray, owner: np.ndarray, rows: np.ndarray,
+                    cache: dict[int, bytes]) -> None:
     """Append ``rows`` to the member lists of the tracked components ``owner`` (indices into
-    ``old_ids``/``new_ids``: the component id before and after the update)."""
+    ``old_ids``/``new_ids``: the component id before and after the update); the lists leave
+    the visit's ``cache``."""
     db = store.dbs[DB_MEMBERS]
     order = np.argsort(owner, kind="stable")
     owner, rows = owner[order], rows[order]
     bounds = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1], True])
     for k, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)):
         old, new = int(old_ids[owner[lo]]), int(new_ids[owner[lo]])
-        value = _member_list(txn, db, band, old) + rows[lo:hi].tobytes()
+        cached = cache.pop(old, None)
+        value = (cached if cached is not None else _member_list(txn, db, band, old)) + \
+            rows[lo:hi].tobytes()
         if old != new:
             txn.delete(member_key(band, old), db=db)
         txn.put(member_key(band, new), value, db=db)
@@ -789,15 +795,26 @@ def _append_members(store: StarStore, txn: lmdb.Transaction, band: str, old_ids:
 
 
 def _read_members(store: StarStore, txn: lmdb.Transaction, band: str,
-                  comp_ids: np.ndarray) -> np.ndarray:
+                  comp_ids: np.ndarray, cache: dict[int, bytes] | None = None) -> np.ndarray:
+    """The member rows of tracked components, concatenated in the order of ``comp_ids``.
+
+    ``cache`` (comp_id -> member list bytes) serves lists already read in this visit and keeps
+    the ones read now; lists are only rewritten after their last read in a visit.
+    """
     db = store.dbs[DB_MEMBERS]
     parts = []
     for k, c in enumerate(comp_ids.tolist()):
-        parts.append(np.frombuffer(_member_list(txn, db, band, c), dtype=MEMBER_DTYPE))
+        raw = cache.get(c) if cache is not None else None
+        if raw is None:
+            raw = _member_list(txn, db, band, c)
+            if cache is not None:
+                cache[c] = raw
+        parts.append(raw)
         if k % _TRIM_EVERY == _TRIM_EVERY - 1:
             store.trim_map_if_large()  # small values scattered over the map: many pages
     store.trim_map_if_large()
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=MEMBER_DTYPE)
+    # one buffer, one view: concatenating structured arrays is slow
+    return np.frombuffer(b"".join(parts), dtype=MEMBER_DTYPE)
 
 
 def delete_members(store: StarStore, txn: lmdb.Transaction, band: str,
@@ -810,7 +827,7 @@ def delete_members(store: StarStore, txn: lmdb.Transaction, band: str,
 
 def _refine_unsure_links(store: StarStore, txn: lmdb.Transaction, band: str, comps: ColumnDict,
                          v_new: np.ndarray, link_new: np.ndarray, link_comp: np.ndarray,
-                         sure: np.ndarray, radius: float
+                         sure: np.ndarray, radius: float, cache: dict[int, bytes]
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decide unsure links to *tracked* components exactly from their member lists.
 
@@ -822,7 +839,7 @@ def _refine_unsure_links(store: StarStore, txn: lmdb.Transaction, band: str, com
     if len(check) == 0:
         return link_new, link_comp, sure
     wanted = np.unique(link_comp[check])
-    members = _read_members(store, txn, band, comps["comp_id"][wanted])
+    members = _read_members(store, txn, band, comps["comp_id"][wanted], cache)
     counts = comps["count"][wanted]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     slot = np.searchsorted(wanted, link_comp[check])

@@ -8,6 +8,7 @@ the batch reference and be independent of the visit order, also after retraction
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,30 @@ def test_hostile_field_equals_batch_in_any_order(seed: int, tmp_path: Path) -> N
     for i, order in enumerate([list(range(n))[::-1],
                                np.random.default_rng(seed).permutation(n).tolist()]):
         assert_same_stars(reference, ingest(tmp_path / f"order{i}", survey, order))
+
+
+@pytest.mark.parametrize("min_per_band", [1, 3])
+def test_other_min_per_band_equals_batch_in_any_order(min_per_band: int, tmp_path: Path) -> None:
+    """minPerBand 1 keeps the in-order extension (every member is a seed or covered);
+    minPerBand 3 cannot use it (a member with two neighbours may seed later) and takes the
+    exact path: both equal the batch reference, whatever the order."""
+    config = dataclasses.replace(CONFIG, minPerBand=min_per_band)
+    base = hostile_survey(4, n_visits=10, n_objects=1500)
+    survey = PreparedSurvey(base.repo, base.visits, config)
+    n = len(survey.visits)
+    with StarStore.open(tmp_path / "sorted", config) as store:
+        results = [apply_prepared(store, visit) for visit in survey.visits]
+        with store.read() as txn:
+            _, reference = build_catalogs(store, txn)
+    extended = sum(r.association.extended for r in results if r.association)
+    assert (extended > 0) == (min_per_band <= 2)
+    obs, bands = all_observations(survey.visits)
+    batch = batch_build(obs["visit"], obs["source_id"], obs["ra"], obs["dec"], bands, config)
+    np.testing.assert_array_equal(reference.star_id, batch.star_id)
+    mine = members_of(reference)
+    for star_id, members in batch.members.items():
+        np.testing.assert_array_equal(mine[star_id], members)
+    assert_same_stars(reference, ingest(tmp_path / "reversed", survey, list(range(n))[::-1]))
 
 
 def test_hostile_field_retract_and_reapply(tmp_path: Path) -> None:
