@@ -45,3 +45,30 @@ def decode_columns(buffer: bytes, schema: dict[str, np.dtype],
     if offset != len(buffer):
         raise ValueError(f"columnar value has {len(buffer)} bytes, schema needs {offset}")
     return out
+
+
+class ColumnReader:
+    """Reads single columns of values encoded with one ``schema`` (offsets precomputed):
+    the cheap path for scanning many values for one column."""
+
+    def __init__(self, schema: dict[str, np.dtype]) -> None:
+        self._dtypes = {name: dt.newbyteorder("<") for name, dt in schema.items()}
+        self._before: dict[str, int] = {}
+        size = 0
+        for name, dt in self._dtypes.items():
+            self._before[name] = size
+            size += dt.itemsize
+        self._row_size = size
+
+    def rows(self, buffer: bytes) -> int:
+        """Row count of a value (checked against its length)."""
+        (n,) = _COUNT.unpack_from(buffer, 0)
+        if len(buffer) != _COUNT.size + n * self._row_size:
+            raise ValueError(f"columnar value has {len(buffer)} bytes, schema needs "
+                             f"{_COUNT.size + n * self._row_size}")
+        return int(n)
+
+    def column(self, buffer: bytes, name: str, n: int) -> np.ndarray:
+        """Zero-copy view of column ``name`` of a value of ``n`` rows."""
+        return np.frombuffer(buffer, dtype=self._dtypes[name], count=n,
+                             offset=_COUNT.size + n * self._before[name])

@@ -49,7 +49,7 @@ from streamstars.sky import (
     vectors_from_fixed,
     with_neighbours,
 )
-from streamstars.state.codec import decode_columns, encode_columns
+from streamstars.state.codec import ColumnReader, decode_columns, encode_columns
 from streamstars.state.store import (
     DB_CANDIDATES,
     DB_COMPONENTS,
@@ -268,7 +268,7 @@ STORED_OBSERVATION_DTYPES: dict[str, np.dtype] = {**OBSERVATION_DTYPES,
 #: The observation columns the association needs (identity and position).
 POSITION_COLUMNS = frozenset({"source_id", "visit", "ra", "dec"})
 _POSITION_DTYPES = {k: v for k, v in OBSERVATION_DTYPES.items() if k in POSITION_COLUMNS}
-_FINE_ONLY = frozenset({"fine_pixel"})
+_OBS_READER = ColumnReader(STORED_OBSERVATION_DTYPES)
 
 
 def write_observations(store: StarStore, txn: lmdb.Transaction, band: str, visit: int,
@@ -318,15 +318,16 @@ def load_observations_near(store: StarStore, txn: lmdb.Transaction, band: str,
                 txn, DB_OBSERVATIONS, pixel_key(band, pixel), copy=False)):
             if k % _TRIM_EVERY == _TRIM_EVERY - 1:
                 store.trim_map_if_large()
-            stored_fine = decode_columns(value, STORED_OBSERVATION_DTYPES, _FINE_ONLY)
-            fp = stored_fine["fine_pixel"]
+            n = _OBS_READER.rows(value)
+            fp = _OBS_READER.column(value, "fine_pixel", n)
             lo, hi = np.searchsorted(fp, wanted), np.searchsorted(fp, wanted, side="right")
-            if not (hi > lo).any():
+            hit = hi > lo
+            if not hit.any():
                 continue
-            rows = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi, strict=True)
-                                   if b > a])
-            columns = decode_columns(value, STORED_OBSERVATION_DTYPES, POSITION_COLUMNS)
-            parts.append({k: c[rows] for k, c in columns.items()})
+            lo, length = lo[hit], (hi - lo)[hit]
+            rows = np.repeat(lo - np.cumsum(length) + length, length) + np.arange(length.sum())
+            parts.append({name: _OBS_READER.column(value, name, n)[rows]
+                          for name in _POSITION_DTYPES})
         store.trim_map_if_large()  # every visit's record of the pixel was touched
     return concat(parts, _POSITION_DTYPES)
 
