@@ -20,7 +20,7 @@ from streamstars.associate import COMPONENT_DTYPES, max_rmax
 from streamstars.columns import OBSERVATION_DTYPES
 from streamstars.config import BuildStarsConfig
 from streamstars.ingest import PreparedVisit, apply_prepared, retract_visit
-from streamstars.snapshot import build_catalogs, read_band_table
+from streamstars.snapshot import StarCatalog, build_catalogs, read_band_table
 from streamstars.state.store import DB_COMPONENTS, StarStore
 from streamstars.visit import VisitMetadata
 
@@ -61,17 +61,23 @@ def hostile_survey(seed: int, n_visits: int = 12, n_objects: int = 2500) -> Prep
     return PreparedSurvey(Path("."), visits, CONFIG)
 
 
+def _assert_equals_batch(stars: StarCatalog, survey: PreparedSurvey) -> None:
+    """Every star id and every member set equal the batch reference's."""
+    obs, bands = all_observations(survey.visits)
+    batch = batch_build(obs["visit"], obs["source_id"], obs["ra"], obs["dec"], bands,
+                        survey.config)
+    np.testing.assert_array_equal(stars.star_id, batch.star_id)
+    mine = members_of(stars)
+    for star_id, members in batch.members.items():
+        np.testing.assert_array_equal(mine[star_id], members)
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_hostile_field_equals_batch_in_any_order(seed: int, tmp_path: Path) -> None:
     survey = hostile_survey(seed)
     n = len(survey.visits)
     reference = ingest(tmp_path / "sorted", survey, range(n))
-    obs, bands = all_observations(survey.visits)
-    batch = batch_build(obs["visit"], obs["source_id"], obs["ra"], obs["dec"], bands, CONFIG)
-    np.testing.assert_array_equal(reference.star_id, batch.star_id)
-    mine = members_of(reference)
-    for star_id, members in batch.members.items():
-        np.testing.assert_array_equal(mine[star_id], members)
+    _assert_equals_batch(reference, survey)
     for i, order in enumerate([list(range(n))[::-1],
                                np.random.default_rng(seed).permutation(n).tolist()]):
         assert_same_stars(reference, ingest(tmp_path / f"order{i}", survey, order))
@@ -92,12 +98,7 @@ def test_other_min_per_band_equals_batch_in_any_order(min_per_band: int, tmp_pat
             _, reference = build_catalogs(store, txn)
     extended = sum(r.association.extended for r in results if r.association)
     assert (extended > 0) == (min_per_band <= 2)
-    obs, bands = all_observations(survey.visits)
-    batch = batch_build(obs["visit"], obs["source_id"], obs["ra"], obs["dec"], bands, config)
-    np.testing.assert_array_equal(reference.star_id, batch.star_id)
-    mine = members_of(reference)
-    for star_id, members in batch.members.items():
-        np.testing.assert_array_equal(mine[star_id], members)
+    _assert_equals_batch(reference, survey)
     assert_same_stars(reference, ingest(tmp_path / "reversed", survey, list(range(n))[::-1]))
 
 
