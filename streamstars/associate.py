@@ -43,9 +43,11 @@ from streamstars.sky import (
     fixed_unit_vectors,
     kdtree,
     normalized,
+    pairs_within,
     pixels_in_discs,
     pixels_near,
     pixels_of,
+    self_pairs_within,
     vectors_from_fixed,
     with_neighbours,
 )
@@ -410,10 +412,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     # links new observation -> component (everything not surely out of reach)
     if n_comp:
         reach = radius + float(comps["rmax"].max()) + EPS
-        pairs = tree_new.sparse_distance_matrix(kdtree(centres), reach, output_type="ndarray")
-        link_new = pairs["i"].astype(np.int64)
-        link_comp = pairs["j"].astype(np.int64)
-        dist = pairs["v"]
+        link_new, link_comp, dist = pairs_within(v_new, kdtree(centres), reach)
         rmax = comps["rmax"][link_comp]
         keep = dist - rmax <= radius + EPS
         link_new, link_comp, dist, rmax = link_new[keep], link_comp[keep], dist[keep], rmax[keep]
@@ -421,7 +420,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     else:
         link_new = link_comp = np.zeros(0, dtype=np.int64)
         sure = np.zeros(0, dtype=bool)
-    new_pairs = tree_new.query_pairs(radius, output_type="ndarray").astype(np.int64)
+    new_pairs = self_pairs_within(tree_new, radius)
     if n_comp:
         link_new, link_comp, sure = _refine_unsure_links(
             store, txn, band, comps, v_new, link_new, link_comp, sure, radius, member_cache)

@@ -114,6 +114,57 @@ def pixels_in_discs(centres: np.ndarray, radii_chord: np.ndarray, nside: int) ->
     return np.unique(np.concatenate(found))
 
 
+#: Relative slack on the nearest-neighbour pre-filter of :func:`pairs_within` and
+#: :func:`self_pairs_within`: the filter only has to keep a superset.
+_PREFILTER_SLACK = 1e-9
+
+
+def pairs_within(points: np.ndarray, tree: cKDTree, radius: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, distance) of every point ``points[i]`` and tree point ``j`` within ``radius``.
+
+    Most points have at most one tree point within the radius: a two-nearest-neighbour query
+    (threaded) settles those, and only points with two or more go through the exact pair
+    search (``sparse_distance_matrix``), which gives the distances of everything returned.
+    """
+    if len(points) == 0 or tree.n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0)
+    k = min(2, tree.n)
+    dist, index = tree.query(points, k=k, distance_upper_bound=radius * (1 + _PREFILTER_SLACK),
+                             workers=-1)
+    dist, index = dist.reshape(len(points), k), index.reshape(len(points), k)
+    several = np.isfinite(dist[:, 1]) if k == 2 else np.zeros(len(points), dtype=bool)
+    single = np.isfinite(dist[:, 0]) & ~several
+    rows = np.flatnonzero(single)
+    within = dist[rows, 0] <= radius
+    rows = rows[within]
+    i_parts, j_parts, d_parts = [rows], [index[rows, 0]], [dist[rows, 0]]
+    many = np.flatnonzero(several)
+    if len(many):
+        found = kdtree(points[many]).sparse_distance_matrix(tree, radius, output_type="ndarray")
+        i_parts.append(many[found["i"]])
+        j_parts.append(found["j"].astype(np.int64))
+        d_parts.append(found["v"])
+    return (np.concatenate(i_parts).astype(np.int64), np.concatenate(j_parts).astype(np.int64),
+            np.concatenate(d_parts))
+
+
+def self_pairs_within(tree: cKDTree, radius: float) -> np.ndarray:
+    """Pairs (m, 2) of points of ``tree`` within ``radius`` of each other, i < j (the same
+    pairs as ``query_pairs``, found among the points whose nearest other point is close)."""
+    if tree.n < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    dist, _ = tree.query(tree.data, k=2, distance_upper_bound=radius * (1 + _PREFILTER_SLACK),
+                         workers=-1)
+    close = np.flatnonzero(np.isfinite(dist[:, 1]))
+    if len(close) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    pairs = kdtree(tree.data[close]).query_pairs(radius, output_type="ndarray")
+    pairs = np.sort(close[pairs.astype(np.int64)], axis=1)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
 def kdtree(vectors: np.ndarray) -> cKDTree:
     """A k-d tree over unit vectors, built for speed (queries are exact either way).
 

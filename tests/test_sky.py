@@ -6,7 +6,15 @@ import healpy as hp
 import numpy as np
 import pytest
 
-from streamstars.sky import chord_from_arcsec, pixels_near, radec_from_vectors, unit_vectors
+from streamstars.sky import (
+    chord_from_arcsec,
+    kdtree,
+    pairs_within,
+    pixels_near,
+    radec_from_vectors,
+    self_pairs_within,
+    unit_vectors,
+)
 
 
 def _points(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -52,3 +60,34 @@ def test_pixels_near_is_smaller_than_whole_neighbour_rings() -> None:
     own = np.unique(hp.vec2pix(256, *v.T, nest=True))
     ring = np.unique(np.r_[own, hp.get_all_neighbours(256, own, nest=True).ravel()])
     assert set(own) <= set(near) and len(near) < len(ring)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pair_searches_equal_the_plain_kdtree_searches(seed: int) -> None:
+    """The nearest-neighbour pre-filtered searches return exactly the pairs (and distances)
+    of scipy's pair searches: clustered points, exact duplicates, empty and tiny inputs."""
+    rng = np.random.default_rng(seed)
+    centre = unit_vectors(np.array([10.0]), np.array([-30.0]))[0]
+    spread = chord_from_arcsec(60.0)
+    points = centre + rng.normal(0, spread, (3000, 3))
+    points = np.r_[points, points[:50], points[:5] + 1e-9]  # duplicates and near-duplicates
+    points /= np.linalg.norm(points, axis=1)[:, None]
+    others = centre + rng.normal(0, spread, (2000, 3))
+    others /= np.linalg.norm(others, axis=1)[:, None]
+    radius = chord_from_arcsec(1.0)
+    tree = kdtree(others)
+    i, j, d = pairs_within(points, tree, radius)
+    expected = kdtree(points).sparse_distance_matrix(tree, radius, output_type="ndarray")
+    got = sorted(zip(i.tolist(), j.tolist(), d.tolist(), strict=True))
+    want = sorted(zip(expected["i"].tolist(), expected["j"].tolist(), expected["v"].tolist(),
+                      strict=True))
+    assert [g[:2] for g in got] == [w[:2] for w in want] and len(got) > 100
+    np.testing.assert_allclose([g[2] for g in got], [w[2] for w in want], rtol=0, atol=1e-15)
+    pairs = self_pairs_within(kdtree(points), radius)
+    plain = np.sort(kdtree(points).query_pairs(radius, output_type="ndarray"), axis=1)
+    assert sorted(map(tuple, pairs.tolist())) == sorted(map(tuple, plain.tolist()))
+    assert len(pairs) > 50
+    one = kdtree(points[:1])
+    assert len(pairs_within(points, one, radius)[0]) >= 1
+    assert self_pairs_within(one, radius).shape == (0, 2)
+    assert len(pairs_within(points[:0], tree, radius)[0]) == 0
