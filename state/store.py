@@ -182,7 +182,7 @@ class StarStore:
         until unmapped, and the kernel maps whole page-cache folios around each page touched
         (hundreds of kB per small value read), so a long backfill or consumer would grow
         towards the size of the store.  Past ``map_rss_budget`` bytes of file-backed resident
-        memory (``STREAMSTARS_MAP_RSS_MB``, default 64; 0 disables) the map's range is
+        memory (``STREAMSTARS_MAP_RSS_MB``, default 32; 0 disables) the map's range is
         ``madvise(MADV_DONTNEED)``-ed: the process no longer holds the pages, the kernel keeps
         them in its page cache, and the next read maps them again.  The map is read-only
         (LMDB writes with ``pwrite``), so this never loses data and is safe under open
@@ -320,7 +320,7 @@ class StarStore:
 
 
 def _map_rss_budget() -> int:
-    raw = os.environ.get("STREAMSTARS_MAP_RSS_MB", "64")
+    raw = os.environ.get("STREAMSTARS_MAP_RSS_MB", "32")
     try:
         megabytes = float(raw)
     except ValueError as exc:
