@@ -14,6 +14,13 @@ from typing import Any
 __all__ = ["add_commands", "cmd_publish", "cmd_run"]
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -78,6 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         exit_when_idle_seconds=args.exit_when_idle,
         seek_offsets=parse_seek_offsets(args.seek_offset or []),
         seek_time=args.seek_time,
+        read_ahead=args.read_ahead,
     )
     if options.snapshot_dir is not None and not (
         options.snapshot_every_visits or options.snapshot_every_seconds
@@ -157,6 +165,9 @@ def add_commands(subparsers: Any) -> None:
                    help="replay: start every partition at the first event at/after this time")
     p.add_argument("--exit-when-idle", type=_positive_float, metavar="SECONDS",
                    help="exit cleanly after this long without a message (batch replays)")
+    p.add_argument("--read-ahead", type=_non_negative_int, default=1, metavar="N",
+                   help="visits of a backlog read and selected while the previous one is "
+                   "applied (default %(default)s; 0: one at a time)")
     p.set_defaults(func=cmd_run)
 
     p = subparsers.add_parser(

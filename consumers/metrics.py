@@ -64,6 +64,13 @@ class ConsumerMetrics:
         self.observations_selected = Counter(
             "streamstars_observations_selected", "Observations selected and stored", registry=r
         )
+        self.read_ahead = Counter(
+            "streamstars_visits_read_ahead",
+            "Visits read and selected while the previous one was applied, by whether the "
+            "result was used or read again (failed read-ahead)",
+            ["outcome"],
+            registry=r,
+        )
         self.kafka_commit_failures = Counter(
             "streamstars_kafka_commit_failures",
             "Kafka offset commits that failed (harmless: LMDB holds the offsets)",

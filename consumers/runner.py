@@ -27,6 +27,16 @@ Errors
 
 A dead letter is a JSON record (event, error, time, origin) produced to the dead-letter topic
 and acknowledged by the broker *before* the event's offset is recorded in LMDB.
+
+Read-ahead
+----------
+Messages already fetched are taken in batches (up to ``read_ahead + 1``, without waiting;
+one blocking ``poll`` when there are none).  Inside a batch the next visit is read and
+selected in a background thread while the current one is applied, so a backlog is consumed
+at the writer's pace.  Nothing else changes: visits are applied and committed one by one, in
+order; a visit whose read-ahead failed is read again by the normal path (with its retries);
+messages left in a batch at a stop are neither applied nor committed.  No Kafka callback can
+run between two messages of a batch (callbacks only run inside ``consume``/``poll``).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -110,6 +121,12 @@ class RunOptions:
     seek_offsets: dict[int, int] = field(default_factory=dict)
     seek_time: datetime | None = None
     poll_seconds: float = 0.5
+    #: visits read and selected ahead of the one being applied (0: none)
+    read_ahead: int = 1
+
+
+#: At most this many already-fetched messages are taken at once (see "Read-ahead").
+_BATCH = 16
 
 
 class _Shutdown(Exception):
@@ -146,6 +163,9 @@ class Runner:
         self._snapshot_thread: threading.Thread | None = None
         self._last_lag_update = 0.0
         self.processed = 0
+        #: (topic, partition, offset) -> the visit read ahead for that message
+        self._ahead: dict[tuple[str, int, int], Future[Any]] = {}
+        self._ahead_pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ setup / teardown
     def _open_store(self) -> None:
@@ -308,34 +328,47 @@ class Runner:
         log.info("consuming %s as group %s, state %s, data roots %s", opts.topic, opts.group,
                  opts.state, [str(p) for p in opts.data_roots])
         code = EXIT_OK
+        if opts.read_ahead > 0:
+            self._ahead_pool = ThreadPoolExecutor(max_workers=1,
+                                                  thread_name_prefix="read-ahead")
         try:
             while not self.stop_requested.is_set():
                 self.health.beat()
-                msg = self.consumer.poll(opts.poll_seconds)
-                if msg is None:
+                batch = self._next_messages()
+                if not batch:
                     self._idle_work()
                     if self._idle_exit_due():
                         log.info("idle for %.1f s: exiting", opts.exit_when_idle_seconds)
                         break
                     continue
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
+                stop = False
+                for k, msg in enumerate(batch):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            continue
+                        log.warning("consumer error: %s", err)
+                        if err.fatal():
+                            code, stop = EXIT_KAFKA, True
+                            break
                         continue
-                    log.warning("consumer error: %s", err)
-                    if err.fatal():
-                        code = EXIT_KAFKA
+                    if self.stop_requested.is_set():
+                        stop = True
                         break
-                    continue
-                self._last_message = time.monotonic()
-                try:
-                    self.handle_message(msg)
-                except _Shutdown:
-                    log.info("stop requested: visit at %s[%d]@%d abandoned (not applied, "
-                             "not committed; it will be consumed again)", msg.topic(),
-                             msg.partition(), msg.offset())
+                    self._last_message = time.monotonic()
+                    self._read_ahead(batch[k + 1:])
+                    try:
+                        self.handle_message(msg)
+                    except _Shutdown:
+                        log.info("stop requested: visit at %s[%d]@%d abandoned (not applied, "
+                                 "not committed; it will be consumed again)", msg.topic(),
+                                 msg.partition(), msg.offset())
+                        stop = True
+                        break
+                    self._idle_work()
+                self._ahead.clear()  # what a stop left behind is consumed again later
+                if stop:
                     break
-                self._idle_work()
         except (StateError, _LmdbError) as exc:
             log.error("state error, stopping without committing: %s", exc)
             code = EXIT_STATE
@@ -344,6 +377,37 @@ class Runner:
         finally:
             self._shutdown()
         return code
+
+    def _next_messages(self) -> list[Any]:
+        """The messages already fetched (up to ``_BATCH``, no waiting), or those of one
+        blocking poll."""
+        batch = self.consumer.consume(num_messages=_BATCH, timeout=0) \
+            if self.opts.read_ahead > 0 else []
+        if not batch:
+            msg = self.consumer.poll(self.opts.poll_seconds)
+            batch = [] if msg is None else [msg]
+        return list(batch)
+
+    def _read_ahead(self, following: list[Any]) -> None:
+        """Keep the next ``read_ahead`` visits of the batch being read in the background."""
+        if self._ahead_pool is None:
+            return
+        wanted = self.opts.read_ahead
+        for msg in following:
+            if wanted <= 0:
+                return
+            if msg.error() is not None:
+                continue
+            key = (msg.topic(), msg.partition(), msg.offset())
+            wanted -= 1
+            if key in self._ahead:
+                continue
+            try:
+                event = parse_event(msg.value(), msg.key())
+            except StreamstarsError:
+                continue  # the normal path dead-letters it
+            if event.action != "retract":
+                self._ahead[key] = self._ahead_pool.submit(self._prepare_event, event)
 
     def _idle_exit_due(self) -> bool:
         limit = self.opts.exit_when_idle_seconds
@@ -438,7 +502,7 @@ class Runner:
 
     def _apply(self, event: VisitEvent, kafka_offset: Any) -> _Outcome:
         """Resolve the event's files, prepare and apply the visit in one LMDB transaction."""
-        from streamstars.ingest import VisitInput, apply_prepared, prepare_visit, retract_visit
+        from streamstars.ingest import apply_prepared, retract_visit
 
         start = time.perf_counter()
         if event.action == "retract":
@@ -446,6 +510,30 @@ class Runner:
             self.faults.record_application(event.visit, result.status, kafka_offset.next_offset)
             return _Outcome(result.status, result.n_sources, result.n_selected,
                             time.perf_counter() - start)
+        ahead = self._ahead.pop((kafka_offset.topic, kafka_offset.partition,
+                                 kafka_offset.next_offset - 1), None)
+        prepared = None
+        if ahead is not None:
+            try:
+                prepared = ahead.result()
+                self.metrics.read_ahead.labels("used").inc()
+            except Exception as exc:  # noqa: BLE001 - read again below, with the retries
+                self.metrics.read_ahead.labels("failed").inc()
+                log.debug("%s: read-ahead failed (%s); reading it again", event.describe(), exc)
+        if prepared is None or prepared.visit != event.visit:
+            prepared = self._prepare_event(event)
+        self.faults.timer("during_apply", default_ms=50.0)
+        result = apply_prepared(self.store, prepared, replace=event.action == "replace",
+                                kafka_offset=kafka_offset)
+        self.faults.record_application(event.visit, result.status, kafka_offset.next_offset)
+        return _Outcome(result.status, result.n_sources, result.n_selected,
+                        time.perf_counter() - start)
+
+    def _prepare_event(self, event: VisitEvent) -> Any:
+        """Resolve the event's files and metadata, read and select the visit (no store
+        access: safe in the read-ahead thread)."""
+        from streamstars.ingest import VisitInput, prepare_visit
+
         roots = self.opts.data_roots
         paths = [resolve_uri(u, roots, what=f"visit {event.visit} source table")
                  for u in event.source_uris]
@@ -458,13 +546,7 @@ class Runner:
             if not path.exists():
                 raise TransientInputError(f"visit {event.visit}: {path} does not exist (yet)")
         metadata = self._metadata(event, meta_path)
-        self.faults.timer("during_apply", default_ms=50.0)
-        prepared = prepare_visit(VisitInput(event.visit, paths, metadata), self.store.config)
-        result = apply_prepared(self.store, prepared, replace=event.action == "replace",
-                                kafka_offset=kafka_offset)
-        self.faults.record_application(event.visit, result.status, kafka_offset.next_offset)
-        return _Outcome(result.status, result.n_sources, result.n_selected,
-                        time.perf_counter() - start)
+        return prepare_visit(VisitInput(event.visit, paths, metadata), self.store.config)
 
     def _metadata(self, event: VisitEvent, meta_path: Path | None) -> VisitMetadata:
         if meta_path is not None:
@@ -673,6 +755,9 @@ class Runner:
                 self._maybe_snapshot(force=True)
             except Exception as exc:  # noqa: BLE001
                 log.error("final snapshot failed: %s", exc)
+        if self._ahead_pool is not None:
+            self._ahead_pool.shutdown(wait=True, cancel_futures=True)
+            self._ahead.clear()
         if self.consumer is not None:
             try:
                 self.consumer.close()  # leaves the group; offsets were committed per visit

@@ -185,6 +185,10 @@ def test_publish_consume_equals_backfill_metrics_and_sigterm(
             assert name in metrics, name
         sources = sum(survey.n_sources_per_visit)
         assert f"streamstars_sources_read_total {float(sources)}" in metrics
+        # the backlog was there before the consumer: visits were read while others applied
+        read_ahead = [line for line in metrics.splitlines()
+                      if line.startswith('streamstars_visits_read_ahead_total{outcome="used"}')]
+        assert read_ahead and float(read_ahead[0].split()[-1]) >= 1, metrics
     finally:
         consumer.proc.send_signal(signal.SIGTERM)
     assert consumer.wait(60) == 0, consumer.text()
