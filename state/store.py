@@ -40,6 +40,9 @@ import lmdb
 from streamstars.config import BuildStarsConfig, config_from_json, to_dict
 from streamstars.errors import StateError
 
+#: The writer's cache of small values read again and again (member lists) is emptied past this.
+CACHE_MAX_BYTES = 128 * 1024 * 1024
+
 #: Bumped whenever the on-disk layout changes; a store of another version is refused.
 FORMAT_VERSION = 1
 
@@ -132,6 +135,10 @@ class StarStore:
         self.map_rss_budget = _map_rss_budget()
         self._rss_file_baseline = _rss_file_bytes()
         self.map_trims = 0
+        self._cache: dict[tuple[bytes, bytes], bytes] = {}
+        self._cache_bytes = 0
+        self._cache_txnid = -1
+        self._overlay: dict[tuple[bytes, bytes], bytes | None] | None = None
         #: the reference catalog visits cache stars from (streamstars.references.attach_references)
         self.references: ReferenceSource | None = None
         self.references_attached = False
@@ -214,17 +221,85 @@ class StarStore:
         if self.readonly:
             raise StateError(f"store {self.path} was opened read-only")
         while True:
+            self._begin_overlay()
             try:
                 # buffers: values are read in place from the map (zero-copy) where the code
                 # asks for it (prefix_items(copy=False)); everything else copies with bytes()
                 with self.env.begin(write=True, buffers=True) as txn:
+                    txn_id = txn.id()
                     result = body(txn)
                 break
             except lmdb.MapFullError:
+                self._overlay = None
                 new_size = self.env.info()["map_size"] * 2
                 self.env.set_mapsize(new_size)
+            except BaseException:
+                self._overlay = None
+                raise
+        self._commit_overlay(txn_id)
         self.trim_map_if_large()
         return result
+
+    # ------------------------------------------------------------------ cached values
+    # Member lists are small values scattered over the map and read again visit after visit;
+    # reading them through the map touches (and maps) many pages.  The writer keeps the
+    # committed values it has read or written in memory.  Writes inside a transaction go to an
+    # overlay merged only after the commit (an aborted transaction leaves the cache as it
+    # was); a commit by another process (LMDB's last transaction id is not ours) empties it.
+    def _begin_overlay(self) -> None:
+        if self.env.info()["last_txnid"] != self._cache_txnid:
+            self._cache.clear()
+            self._cache_bytes = 0
+        self._overlay = {}
+
+    def _commit_overlay(self, txn_id: int) -> None:
+        overlay, self._overlay = self._overlay or {}, None
+        for key, value in overlay.items():
+            self._cache_forget(key)
+            if value is not None:
+                self._cache_keep(key, value)
+        self._cache_txnid = txn_id
+
+    def _cache_forget(self, key: tuple[bytes, bytes]) -> None:
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cache_bytes -= len(old)
+
+    def _cache_keep(self, key: tuple[bytes, bytes], value: bytes) -> None:
+        if self._cache_bytes + len(value) > CACHE_MAX_BYTES:
+            self._cache.clear()
+            self._cache_bytes = 0
+        self._cache[key] = value
+        self._cache_bytes += len(value)
+
+    def cached_get(self, txn: lmdb.Transaction, db: bytes, key: bytes) -> bytes | None:
+        """``txn.get`` of ``db`` through the writer's cache (write transactions only)."""
+        if self._overlay is None:  # not inside write(): no cache
+            raw = txn.get(key, db=self.dbs[db])
+            return None if raw is None else bytes(raw)
+        ckey = (db, key)
+        if ckey in self._overlay:
+            return self._overlay[ckey]
+        value = self._cache.get(ckey)
+        if value is None:
+            raw = txn.get(key, db=self.dbs[db])
+            if raw is None:
+                return None
+            value = bytes(raw)
+            self._cache_keep(ckey, value)  # a committed value: valid for later visits too
+        return value
+
+    def cached_put(self, txn: lmdb.Transaction, db: bytes, key: bytes, value: bytes) -> None:
+        """``txn.put`` into ``db``, remembered by the cache once committed."""
+        txn.put(key, value, db=self.dbs[db])
+        if self._overlay is not None:
+            self._overlay[(db, key)] = value
+
+    def cached_delete(self, txn: lmdb.Transaction, db: bytes, key: bytes) -> None:
+        """``txn.delete`` from ``db``, forgotten by the cache once committed."""
+        txn.delete(key, db=self.dbs[db])
+        if self._overlay is not None:
+            self._overlay[(db, key)] = None
 
     @contextmanager
     def read(self, *, buffers: bool = False) -> Iterator[lmdb.Transaction]:

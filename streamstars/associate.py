@@ -271,6 +271,9 @@ STORED_OBSERVATION_DTYPES: dict[str, np.dtype] = {**OBSERVATION_DTYPES,
 POSITION_COLUMNS = frozenset({"source_id", "visit", "ra", "dec"})
 _POSITION_DTYPES = {k: v for k, v in OBSERVATION_DTYPES.items() if k in POSITION_COLUMNS}
 _OBS_READER = ColumnReader(STORED_OBSERVATION_DTYPES)
+#: Scans of many stored values check the map's resident size (StarStore.trim_map_if_large)
+#: every this many values.
+_TRIM_EVERY = 32
 
 
 def write_observations(store: StarStore, txn: lmdb.Transaction, band: str, visit: int,
@@ -408,7 +411,6 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     centres = centres_of(comps)
 
     tree_new = kdtree(v_new)
-    member_cache: dict[int, bytes] = {}  # member lists read in this visit (see _read_members)
     # links new observation -> component (everything not surely out of reach)
     if n_comp:
         reach = radius + float(comps["rmax"].max()) + EPS
@@ -423,7 +425,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     new_pairs = self_pairs_within(tree_new, radius)
     if n_comp:
         link_new, link_comp, sure = _refine_unsure_links(
-            store, txn, band, comps, v_new, link_new, link_comp, sure, radius, member_cache)
+            store, txn, band, comps, v_new, link_new, link_comp, sure, radius)
 
     groups = _link_groups(n_new, n_comp, new_pairs, link_new, link_comp, sure, comps)
     lone = groups.lone
@@ -462,7 +464,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
             _append_members(store, txn, band, old_id, comps["comp_id"], j_obs[in_tracked],
                             _member_rows(obs["source_id"][join_idx][in_tracked],
                                          obs["visit"][join_idx][in_tracked],
-                                         fixed_new[join_idx][in_tracked]), member_cache)
+                                         fixed_new[join_idx][in_tracked]))
         changed[j] = True
         stats.fast = len(join_idx)
 
@@ -475,7 +477,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     if len(ext_idx) and config.minPerBand <= 2:
         ext_comps, ext_cands, done = _extend_in_order(
             store, txn, band, comps, comp_pixel, groups.comp_of_obs[ext_idx], obs,
-            fixed_new, ext_idx, new_pairs, radius, config.minPerBand, member_cache)
+            fixed_new, ext_idx, new_pairs, radius, config.minPerBand)
         slow[ext_idx[done]] = False
         deleted[np.unique(groups.comp_of_obs[ext_idx[done]])] = True
         stats.extended = int(done.sum())
@@ -579,7 +581,7 @@ def _link_groups(n_new: int, n_comp: int, new_pairs: np.ndarray, link_new: np.nd
 def _extend_in_order(store: StarStore, txn: lmdb.Transaction, band: str, comps: ColumnDict,
                      comp_pixel: np.ndarray, owner: np.ndarray, obs: ColumnDict,
                      fixed_new: np.ndarray, rows: np.ndarray, new_pairs: np.ndarray,
-                     radius: float, min_per_band: int, cache: dict[int, bytes]
+                     radius: float, min_per_band: int
                      ) -> tuple[ColumnDict, ColumnDict, np.ndarray]:
     """Extend fgcm's greedy of tracked components by new observations that come last.
 
@@ -599,7 +601,7 @@ def _extend_in_order(store: StarStore, txn: lmdb.Transaction, band: str, comps: 
     empty = ({k: np.zeros(0, dt) for k, dt in COMPONENT_DTYPES.items()},
              {k: np.zeros(0, dt) for k, dt in CANDIDATE_DTYPES.items()})
     targets, slot = np.unique(owner, return_inverse=True)
-    members = _read_members(store, txn, band, comps["comp_id"][targets], cache)
+    members = _read_members(store, txn, band, comps["comp_id"][targets])
     counts = comps["count"][targets]
     if len(members) != counts.sum():
         raise StateError(f"store is inconsistent: band {band} member lists do not match the "
@@ -721,17 +723,15 @@ def _extend_in_order(store: StarStore, txn: lmdb.Transaction, band: str, comps: 
     out["clique"] = out["clique"] & ~far & (k_pairs == k_new * (k_new - 1) // 2)
     out["tracked"] = np.ones(len(targets), dtype=bool)
     # member lists: old bytes + the new rows
-    db = store.dbs[DB_MEMBERS]
     new_rows = _member_rows(obs["source_id"][rows], obs["visit"][rows], fixed_new[rows])
     order = rows_ok[np.argsort(s_ok, kind="stable")]
     bounds = np.searchsorted(slot[order], np.arange(len(targets) + 1))
     for k in t.tolist():
         value = members[m_start[k]:m_start[k] + counts[k]].tobytes() + \
             new_rows[order[bounds[k]:bounds[k + 1]]].tobytes()
-        cache.pop(int(old_ids[k]), None)
         if old_ids[k] != out["comp_id"][k]:
-            txn.delete(member_key(band, int(old_ids[k])), db=db)
-        txn.put(member_key(band, int(out["comp_id"][k])), value, db=db)
+            store.cached_delete(txn, DB_MEMBERS, member_key(band, int(old_ids[k])))
+        store.cached_put(txn, DB_MEMBERS, member_key(band, int(out["comp_id"][k])), value)
     store.trim_map_if_large()
     # candidates of the components that are not cliques now, under their new ids
     new_id_of = dict(zip(old_ids[t].tolist(), out["comp_id"][t].tolist(), strict=True))
@@ -746,11 +746,6 @@ def _extend_in_order(store: StarStore, txn: lmdb.Transaction, band: str, comps: 
     return take(out, ok), cands, done
 
 
-#: Scattered reads and writes check the map's resident size (StarStore.trim_map_if_large)
-#: every this many values.
-_TRIM_EVERY = 32
-
-
 def member_key(band: str, comp_id: int) -> bytes:
     """Key of a tracked component's member list."""
     return band_key(band) + int_key(comp_id)
@@ -763,55 +758,35 @@ def _member_rows(source_id: np.ndarray, visit: np.ndarray, fixed: np.ndarray) ->
     return rows
 
 
-def _member_list(txn: lmdb.Transaction, db: lmdb._Database, band: str, comp_id: int) -> bytes:
-    raw = txn.get(member_key(band, comp_id), db=db)
+def _member_list(store: StarStore, txn: lmdb.Transaction, band: str, comp_id: int) -> bytes:
+    raw = store.cached_get(txn, DB_MEMBERS, member_key(band, comp_id))
     if raw is None:
         raise StateError(f"store is inconsistent: band {band} component {comp_id} is tracked "
                          "but has no member list; rebuild the store")
-    return bytes(raw)
+    return raw
 
 
 def _append_members(store: StarStore, txn: lmdb.Transaction, band: str, old_ids: np.ndarray,
-                    new_ids: np.ndarray, owner: np.ndarray, rows: np.ndarray,
-                    cache: dict[int, bytes]) -> None:
+                    new_ids: np.ndarray, owner: np.ndarray, rows: np.ndarray) -> None:
     """Append ``rows`` to the member lists of the tracked components ``owner`` (indices into
-    ``old_ids``/``new_ids``: the component id before and after the update); the lists leave
-    the visit's ``cache``."""
-    db = store.dbs[DB_MEMBERS]
+    ``old_ids``/``new_ids``: the component id before and after the update)."""
     order = np.argsort(owner, kind="stable")
     owner, rows = owner[order], rows[order]
     bounds = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1], True])
-    for k, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)):
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
         old, new = int(old_ids[owner[lo]]), int(new_ids[owner[lo]])
-        cached = cache.pop(old, None)
-        value = (cached if cached is not None else _member_list(txn, db, band, old)) + \
-            rows[lo:hi].tobytes()
+        value = _member_list(store, txn, band, old) + rows[lo:hi].tobytes()
         if old != new:
-            txn.delete(member_key(band, old), db=db)
-        txn.put(member_key(band, new), value, db=db)
-        if k % _TRIM_EVERY == _TRIM_EVERY - 1:
-            store.trim_map_if_large()
+            store.cached_delete(txn, DB_MEMBERS, member_key(band, old))
+        store.cached_put(txn, DB_MEMBERS, member_key(band, new), value)
     store.trim_map_if_large()
 
 
 def _read_members(store: StarStore, txn: lmdb.Transaction, band: str,
-                  comp_ids: np.ndarray, cache: dict[int, bytes] | None = None) -> np.ndarray:
-    """The member rows of tracked components, concatenated in the order of ``comp_ids``.
-
-    ``cache`` (comp_id -> member list bytes) serves lists already read in this visit and keeps
-    the ones read now; lists are only rewritten after their last read in a visit.
-    """
-    db = store.dbs[DB_MEMBERS]
-    parts = []
-    for k, c in enumerate(comp_ids.tolist()):
-        raw = cache.get(c) if cache is not None else None
-        if raw is None:
-            raw = _member_list(txn, db, band, c)
-            if cache is not None:
-                cache[c] = raw
-        parts.append(raw)
-        if k % _TRIM_EVERY == _TRIM_EVERY - 1:
-            store.trim_map_if_large()  # small values scattered over the map: many pages
+                  comp_ids: np.ndarray) -> np.ndarray:
+    """The member rows of tracked components, concatenated in the order of ``comp_ids``
+    (through the writer's cache: :meth:`StarStore.cached_get`)."""
+    parts = [_member_list(store, txn, band, c) for c in comp_ids.tolist()]
     store.trim_map_if_large()
     # one buffer, one view: concatenating structured arrays is slow
     return np.frombuffer(b"".join(parts), dtype=MEMBER_DTYPE)
@@ -820,14 +795,13 @@ def _read_members(store: StarStore, txn: lmdb.Transaction, band: str,
 def delete_members(store: StarStore, txn: lmdb.Transaction, band: str,
                    comp_ids: np.ndarray) -> None:
     """Forget the member lists of (tracked) components that no longer exist."""
-    db = store.dbs[DB_MEMBERS]
     for c in comp_ids.tolist():
-        txn.delete(member_key(band, c), db=db)
+        store.cached_delete(txn, DB_MEMBERS, member_key(band, c))
 
 
 def _refine_unsure_links(store: StarStore, txn: lmdb.Transaction, band: str, comps: ColumnDict,
                          v_new: np.ndarray, link_new: np.ndarray, link_comp: np.ndarray,
-                         sure: np.ndarray, radius: float, cache: dict[int, bytes]
+                         sure: np.ndarray, radius: float
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decide unsure links to *tracked* components exactly from their member lists.
 
@@ -839,7 +813,7 @@ def _refine_unsure_links(store: StarStore, txn: lmdb.Transaction, band: str, com
     if len(check) == 0:
         return link_new, link_comp, sure
     wanted = np.unique(link_comp[check])
-    members = _read_members(store, txn, band, comps["comp_id"][wanted], cache)
+    members = _read_members(store, txn, band, comps["comp_id"][wanted])
     counts = comps["count"][wanted]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     slot = np.searchsorted(wanted, link_comp[check])
@@ -940,10 +914,9 @@ def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs
     members = _member_rows(all_source[rows], all_visit[rows], all_fixed[rows])
     order = np.argsort(piece, kind="stable")
     bounds = np.searchsorted(piece[order], np.arange(len(wanted) + 1))
-    db = store.dbs[DB_MEMBERS]
     for k, comp_id in enumerate(comps["comp_id"].tolist()):
-        txn.put(member_key(band, comp_id), members[order[bounds[k]:bounds[k + 1]]].tobytes(),
-                db=db)
+        store.cached_put(txn, DB_MEMBERS, member_key(band, comp_id),
+                         members[order[bounds[k]:bounds[k + 1]]].tobytes())
     store.trim_map_if_large()
     return comps, cands
 

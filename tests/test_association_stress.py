@@ -27,7 +27,8 @@ from streamstars.visit import VisitMetadata
 CONFIG = BuildStarsConfig(primaryBands=("i", "r", "g", "z"), storeNside=1024)
 
 
-def hostile_survey(seed: int, n_visits: int = 12, n_objects: int = 2500) -> PreparedSurvey:
+def hostile_survey(seed: int, n_visits: int = 12, n_objects: int = 2500,
+                   increasing_ids: bool = False) -> PreparedSurvey:
     rng = np.random.default_rng(seed)
     ra0, dec0 = 359.98, -5.0  # straddles RA = 0/360
     ra = ra0 + rng.uniform(-0.04, 0.04, n_objects)
@@ -51,7 +52,8 @@ def hostile_survey(seed: int, n_visits: int = 12, n_objects: int = 2500) -> Prep
         obs = {name: np.zeros(len(r), dt) for name, dt in OBSERVATION_DTYPES.items()}
         # later visits get smaller sourceIds: the smallest member (the star id) is then often
         # not the earliest one (the seed), which the incremental paths must not confuse
-        obs.update(source_id=((n_visits - v) << 20) + rng.permutation(len(r)),
+        id_base = (v + 1 if increasing_ids else n_visits - v) << 20
+        obs.update(source_id=id_base + rng.permutation(len(r)),
                    visit=np.full(len(r), visit), ra=r, dec=d)
         order = np.argsort(obs["source_id"])
         obs = {name: values[order] for name, values in obs.items()}
@@ -122,3 +124,49 @@ def test_hostile_field_retract_and_reapply(tmp_path: Path) -> None:
                 assert comps["rmax"].max() <= max_rmax(store, txn, band)
     expected = ingest(tmp_path / "direct", survey, [i for i in range(12) if i != 11])
     assert_same_stars(stars, expected)
+
+
+def test_writer_cache_survives_aborts_and_other_writers(tmp_path: Path) -> None:
+    """The writer keeps member lists in memory: an aborted transaction must not leave its
+    writes in that cache, and a commit by another process must empty it (its later visits of
+    the same band read the lists that process appended to)."""
+    import pickle
+    import subprocess
+    import sys
+
+    from streamstars.ingest import _add_visit
+
+    # sourceIds growing with the visit, as LSST's: a component keeps its id (and its member
+    # list its key) when it takes observations of later visits
+    survey = hostile_survey(5, n_visits=21, n_objects=800, increasing_ids=True)
+    with StarStore.open(tmp_path / "s", CONFIG) as store:
+        for visit in survey.visits[:11]:
+            apply_prepared(store, visit)
+
+        def aborted(txn: object) -> None:
+            _add_visit(store, txn, survey.visits[11], None)  # type: ignore[arg-type]
+            raise RuntimeError("abort after the association wrote member lists")
+
+        with pytest.raises(RuntimeError, match="abort"):
+            store.write(aborted)
+        assert store._cache  # member lists are cached
+        for visit in survey.visits[11:15]:  # visit 11 again, for real: same band as 16
+            apply_prepared(store, visit)
+        # another process applies visit 15 (band i): it appends to member lists this writer
+        # has cached; visit 20 (band i) reads them again here
+        (tmp_path / "v15.pickle").write_bytes(pickle.dumps(survey.visits[15]))
+        done = subprocess.run(
+            [sys.executable, "-c",
+             "import pickle, sys; from streamstars.state.store import StarStore; "
+             "from streamstars.ingest import apply_prepared; "
+             "s = StarStore.open(sys.argv[1]); "
+             "v = pickle.loads(open(sys.argv[2], 'rb').read()); "
+             "print(apply_prepared(s, v).status)",
+             str(tmp_path / "s"), str(tmp_path / "v15.pickle")],
+            capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip() == "applied", done.stderr
+        for visit in survey.visits[16:]:
+            apply_prepared(store, visit)
+        with store.read() as txn:
+            _, stars = build_catalogs(store, txn)
+    assert_same_stars(stars, ingest(tmp_path / "direct", survey, range(len(survey.visits))))
