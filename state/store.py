@@ -41,7 +41,7 @@ from streamstars.config import BuildStarsConfig, config_from_json, to_dict
 from streamstars.errors import StateError
 
 #: The writer's cache of small values read again and again (member lists) is emptied past this.
-CACHE_MAX_BYTES = 128 * 1024 * 1024
+CACHE_MAX_BYTES = 32 * 1024 * 1024
 
 #: Bumped whenever the on-disk layout changes; a store of another version is refused.
 FORMAT_VERSION = 1
