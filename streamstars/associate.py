@@ -12,16 +12,19 @@ bound ``rmax`` on the member distance from the centre, the clique flag and the s
 components (close pairs, deblend duplicates, chains: rare) also keep the candidates of their
 replayed greedy.
 
-Per visit and band only the components near the new observations are read:
-- a new observation surely within 1" of every member of one clique (triangle inequality with
-  ``rmax``), linked to nothing else, joins it (vectorised fast path);
-- an observation linked to nothing starts a singleton component;
-- unsure links to *tracked* components (those with a stored member list) are settled from
-  their members;
-- anything else (merges, partial links, non-cliques, links between new observations) is
-  resolved exactly (slow path) from the member lists of the components involved, or, the
+Per visit and band only the components within reach of the new observations are read; the
+new observations and the components they link to form connected groups, and each group takes
+one path:
+- *lone*: an observation linked to nothing starts a singleton component;
+- *join* (vectorised): observations surely within 1" of every member of one clique (triangle
+  inequality with ``rmax``) and of each other keep it a clique;
+- *in order*: a group linked to one *tracked* component (one with a stored member list) whose
+  members all precede it in canonical order extends that component's greedy;
+- *exact*: anything else (merges, unsure links to untracked components, groups of new
+  observations only) is resolved from the member lists of the components involved, or, the
   first time a component is involved, from the stored observations of the fine sub-pixels
   around it; the resulting components are tracked from then on.
+Unsure links to tracked components are first settled from their member lists.
 Candidates, cross-band merging, isolation, membership, requiredBands and the density cut are
 derived from the components at snapshot time (:mod:`streamstars.snapshot`).
 """
@@ -102,8 +105,8 @@ CANDIDATE_DTYPES: dict[str, np.dtype] = {
 class BandUpdateStats:
     """What one band's update did (for logs, metrics and tests)."""
 
-    fast: int = 0  # joined a clique that stays one
-    extended: int = 0  # extended the greedy of a tracked component (in canonical order)
+    fast: int = 0  # observations that joined a clique that stays one (join path)
+    extended: int = 0  # observations that extended a tracked component's greedy (in order)
     new_singletons: int = 0
     slow_observations: int = 0
     slow_components: int = 0
