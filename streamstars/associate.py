@@ -737,9 +737,9 @@ def _extend_in_order(store: StarStore, txn: lmdb.Transaction, band: str, comps: 
         store.cached_put(txn, DB_MEMBERS, member_key(band, int(out["comp_id"][k])), value)
     store.trim_map_if_large()
     # candidates of the components that are not cliques now, under their new ids
-    new_id_of = dict(zip(old_ids[t].tolist(), out["comp_id"][t].tolist(), strict=True))
-    cands["comp_id"] = np.array([new_id_of[c] for c in cands["comp_id"].tolist()],
-                                dtype=np.int64)
+    by_old = np.argsort(old_ids[t])
+    cands["comp_id"] = out["comp_id"][t][by_old][np.searchsorted(old_ids[t], cands["comp_id"],
+                                                                 sorter=by_old)]
     if new_cands:
         extra = {k: np.concatenate([c[k] for c in new_cands]) for k in new_cands[0]}
         extra["comp_id"] = out["comp_id"][extra.pop("_slot")]
