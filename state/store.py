@@ -127,7 +127,7 @@ class StarStore:
         self.path = path
         self.config = config
         self.readonly = readonly
-        self.env: Any = env
+        self.env = env
         self.dbs = {name: env.open_db(name, create=False) if readonly else env.open_db(name)
                     for name in ALL_DBS}
         #: file-backed resident memory (LMDB map) allowed before the map is trimmed; see
@@ -310,7 +310,8 @@ class StarStore:
         """
         while True:
             try:
-                txn = self.env.begin(write=False, buffers=buffers)
+                txn: lmdb.Transaction = (self.env.begin(write=False, buffers=True) if buffers
+                                         else self.env.begin(write=False))
                 break
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)
@@ -417,6 +418,15 @@ def _rss_file_bytes() -> int | None:
 
 
 _MADV_DONTNEED = 4  # Linux <sys/mman.h>
+_LIBC: list[ctypes.CDLL] = []  # loaded once, on the first trim
+
+
+def _libc() -> ctypes.CDLL:
+    if not _LIBC:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        _LIBC.append(libc)
+    return _LIBC[0]
 
 
 def _drop_mapped_pages(data_file: Path) -> int:
@@ -431,10 +441,9 @@ def _drop_mapped_pages(data_file: Path) -> int:
                 if len(fields) == 6 and fields[5].rstrip("\n") == target:
                     start, end = (int(x, 16) for x in fields[0].split("-"))
                     ranges.append((start, end - start))
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
     except OSError:
         return 0
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     done = 0
     for start, length in ranges:
         if libc.madvise(start, length, _MADV_DONTNEED) == 0:

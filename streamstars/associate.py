@@ -31,6 +31,7 @@ derived from the components at snapshot time (:mod:`streamstars.snapshot`).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import lmdb
@@ -272,7 +273,7 @@ STORED_OBSERVATION_DTYPES: dict[str, np.dtype] = {**OBSERVATION_DTYPES,
 
 #: The observation columns the association needs (identity and position).
 POSITION_COLUMNS = frozenset({"source_id", "visit", "ra", "dec"})
-_POSITION_DTYPES = {k: v for k, v in OBSERVATION_DTYPES.items() if k in POSITION_COLUMNS}
+POSITION_DTYPES = {k: v for k, v in OBSERVATION_DTYPES.items() if k in POSITION_COLUMNS}
 _OBS_READER = ColumnReader(STORED_OBSERVATION_DTYPES)
 #: Scans of many stored values check the map's resident size (StarStore.trim_map_if_large)
 #: every this many values.
@@ -309,7 +310,7 @@ def load_observations(store: StarStore, txn: lmdb.Transaction, band: str,
         prefix = pixel_key(band, int(pixel))
         for _, value in store.prefix_items(txn, DB_OBSERVATIONS, prefix):
             parts.append(decode_columns(value, STORED_OBSERVATION_DTYPES, POSITION_COLUMNS))
-    return concat(parts, _POSITION_DTYPES)
+    return concat(parts, POSITION_DTYPES)
 
 
 def load_observations_near(store: StarStore, txn: lmdb.Transaction, band: str,
@@ -335,9 +336,9 @@ def load_observations_near(store: StarStore, txn: lmdb.Transaction, band: str,
             lo, length = lo[hit], (hi - lo)[hit]
             rows = np.repeat(lo - np.cumsum(length) + length, length) + np.arange(length.sum())
             parts.append({name: _OBS_READER.column(value, name, n)[rows]
-                          for name in _POSITION_DTYPES})
+                          for name in POSITION_DTYPES})
         store.trim_map_if_large()  # every visit's record of the pixel was touched
-    return concat(parts, _POSITION_DTYPES)
+    return concat(parts, POSITION_DTYPES)
 
 
 def _write_grouped(txn: lmdb.Transaction, db: lmdb._Database, band: str, table: ColumnDict,
@@ -367,13 +368,17 @@ def max_rmax(store: StarStore, txn: lmdb.Transaction, band: str) -> float:
     """
     raw = txn.get(_max_rmax_key(band), db=store.dbs[DB_META])
     if raw is not None:
-        return float(np.frombuffer(raw, dtype="<f8")[0])
+        return float(struct.unpack("<d", bytes(raw))[0])
     bound = 0.0
     for _, value in store.prefix_items(txn, DB_COMPONENTS, band_key(band)):
         rmax = decode_columns(value, COMPONENT_DTYPES, frozenset({"rmax"}))["rmax"]
         bound = max(bound, float(rmax.max(initial=0.0)))
-    txn.put(_max_rmax_key(band), np.float64(bound).astype("<f8").tobytes(), db=store.dbs[DB_META])
+    _set_max_rmax(store, txn, band, bound)
     return bound
+
+
+def _set_max_rmax(store: StarStore, txn: lmdb.Transaction, band: str, bound: float) -> None:
+    txn.put(_max_rmax_key(band), struct.pack("<d", bound), db=store.dbs[DB_META])
 
 
 def _write_components(store: StarStore, txn: lmdb.Transaction, band: str, table: ColumnDict,
@@ -385,8 +390,7 @@ def _write_components(store: StarStore, txn: lmdb.Transaction, band: str, table:
     if len(table["rmax"]):
         top = float(table["rmax"].max())
         if top > max_rmax(store, txn, band):
-            txn.put(_max_rmax_key(band), np.float64(top).astype("<f8").tobytes(),
-                    db=store.dbs[DB_META])
+            _set_max_rmax(store, txn, band, top)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,16 +615,10 @@ def _extend_in_order(store: StarStore, txn: lmdb.Transaction, band: str, comps: 
                          "component counts; rebuild the store")
     m_slot = np.repeat(np.arange(len(targets)), counts)
     m_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    m_fixed = np.stack([members["x"], members["y"], members["z"]], axis=1)
-    m_vec = vectors_from_fixed(m_fixed)
+    m_fixed, m_vec = _member_vectors(members)
     v_rows = vectors_from_fixed(fixed_new[rows])
     # every (new observation, member of its component) pair
-    n_pairs = counts[slot]
-    pair_row = np.repeat(np.arange(len(rows)), n_pairs)
-    pair_start = np.concatenate([[0], np.cumsum(n_pairs)[:-1]])
-    pair_member = np.arange(int(n_pairs.sum())) - np.repeat(pair_start - m_start[slot], n_pairs)
-    offsets = m_vec[pair_member] - v_rows[pair_row]
-    dist = np.sqrt(np.einsum("ij,ij->i", offsets, offsets))
+    pair_row, pair_member, dist = _member_distances(v_rows, m_vec, m_start[slot], counts[slot])
     within = dist <= radius
     # usable: members strictly earlier, no distance within rounding of the radius
     latest = np.maximum.reduceat(members["visit"], m_start) if len(members) else counts
@@ -802,6 +800,24 @@ def delete_members(store: StarStore, txn: lmdb.Transaction, band: str,
         store.cached_delete(txn, DB_MEMBERS, member_key(band, c))
 
 
+def _member_vectors(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed-point (n, 3) and unit vectors of member rows."""
+    fixed = np.stack([members["x"], members["y"], members["z"]], axis=1)
+    return fixed, vectors_from_fixed(fixed)
+
+
+def _member_distances(points: np.ndarray, member_v: np.ndarray, start: np.ndarray,
+                      count: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distance of every point to every member of its component (``member_v[start[i]:
+    start[i] + count[i]]`` for point ``i``): (point index, member index, distance), grouped
+    by point."""
+    pair_point = np.repeat(np.arange(len(points)), count)
+    pair_start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    pair_member = np.arange(int(count.sum())) + np.repeat(start - pair_start, count)
+    offsets = member_v[pair_member] - points[pair_point]
+    return pair_point, pair_member, np.sqrt(np.einsum("ij,ij->i", offsets, offsets))
+
+
 def _refine_unsure_links(store: StarStore, txn: lmdb.Transaction, band: str, comps: ColumnDict,
                          v_new: np.ndarray, link_new: np.ndarray, link_comp: np.ndarray,
                          sure: np.ndarray, radius: float
@@ -820,14 +836,9 @@ def _refine_unsure_links(store: StarStore, txn: lmdb.Transaction, band: str, com
     counts = comps["count"][wanted]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     slot = np.searchsorted(wanted, link_comp[check])
-    n_pairs = counts[slot]
-    pair_link = np.repeat(np.arange(len(check)), n_pairs)
-    first = np.repeat(starts[slot] - np.concatenate([[0], np.cumsum(n_pairs)[:-1]]), n_pairs)
-    member_row = np.arange(n_pairs.sum()) + first
-    member_v = vectors_from_fixed(np.stack([members["x"], members["y"], members["z"]], axis=1))
-    offsets = member_v[member_row] - v_new[link_new[check]][pair_link]
-    dist = np.sqrt(np.einsum("ij,ij->i", offsets, offsets))
-    pair_starts = np.concatenate([[0], np.cumsum(n_pairs)[:-1]])
+    _, _, dist = _member_distances(v_new[link_new[check]], _member_vectors(members)[1],
+                                   starts[slot], counts[slot])
+    pair_starts = np.concatenate([[0], np.cumsum(counts[slot])[:-1]])
     nearest = np.minimum.reduceat(dist, pair_starts)
     farthest = np.maximum.reduceat(dist, pair_starts)
     # the same predicate as the exact FoF (cKDTree pairs within the radius), with a margin
@@ -859,7 +870,7 @@ def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs
               np.full(n_new, -1, dtype=np.int64)]
     visit = [known["visit"], new_obs["visit"]]
     source_id = [known["source_id"], new_obs["source_id"]]
-    fixed = [np.stack([known["x"], known["y"], known["z"]], axis=1), new_fixed]
+    fixed = [_member_vectors(known)[0], new_fixed]
     untracked = ~tracked
     if untracked.any():
         centres, rmax = involved_centres[untracked], involved["rmax"][untracked] + EPS

@@ -36,6 +36,8 @@ from streamstars import __version__
 from streamstars.associate import (
     CANDIDATE_DTYPES,
     COMPONENT_DTYPES,
+    POSITION_COLUMNS,
+    POSITION_DTYPES,
     STORED_OBSERVATION_DTYPES,
     centres_of,
 )
@@ -120,9 +122,6 @@ def read_band_table(store: StarStore, txn: lmdb.Transaction, db: bytes, band: st
     return concat(parts, schema)
 
 
-#: What pass 1 of a snapshot reads of every observation: identity, visit and position.
-_PASS1_COLUMNS = frozenset({"source_id", "visit", "ra", "dec"})
-_PASS1_DTYPES = {k: v for k, v in OBSERVATION_DTYPES.items() if k in _PASS1_COLUMNS}
 #: Trim the map (:meth:`StarStore.trim_map_if_large`) after this many records read.
 _TRIM_EVERY = 64
 
@@ -144,8 +143,10 @@ def read_observation_positions(store: StarStore, txn: lmdb.Transaction) -> Obser
     parts, codes, starts = [], [], [0]
     names: dict[str, int] = {}
     for i, (key, value) in enumerate(txn.cursor(db=store.dbs[DB_OBSERVATIONS])):
-        part = decode_columns(value, STORED_OBSERVATION_DTYPES, _PASS1_COLUMNS)
-        parts.append({k: np.array(c) for k, c in part.items()})  # copies: map pages may go
+        # pass 1 reads what the association reads of an observation: identity and position
+        part = decode_columns(value, STORED_OBSERVATION_DTYPES, POSITION_COLUMNS)
+        # copy the four columns now: views would keep whole values alive (buffers=False)
+        parts.append({k: np.array(c) for k, c in part.items()})
         code = names.setdefault(band_from_key(bytes(key)), len(names))
         codes.append(np.full(len(part["source_id"]), code, dtype=np.uint8))
         starts.append(starts[-1] + len(part["source_id"]))
@@ -154,7 +155,7 @@ def read_observation_positions(store: StarStore, txn: lmdb.Transaction) -> Obser
     if len(names) > 255:
         raise StateError(f"store {store.path} holds more than 255 bands")
     return ObservationPositions(
-        concat(parts, _PASS1_DTYPES),
+        concat(parts, POSITION_DTYPES),
         np.concatenate(codes) if codes else np.zeros(0, dtype=np.uint8),
         list(names), np.asarray(starts, dtype=np.int64))
 
