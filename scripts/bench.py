@@ -91,6 +91,29 @@ def _inventory(repo: Path, n_visits: int):  # type: ignore[no-untyped-def]
 
 
 # --------------------------------------------------------------------------- measurements
+def _cpu_seconds() -> float:
+    """CPU time of this process so far (user + system, every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure_prepare(repo: Path, n_visits: int) -> dict[str, float]:
+    """Read + check + select every visit, one after the other, with the backfill's own code
+    (``prepare_visit``, what its read-ahead threads run) and no store: the part of a backfill
+    that does not depend on the association."""
+    from streamstars.config import BuildStarsConfig
+    from streamstars.ingest import VisitInput, prepare_visit
+
+    config = BuildStarsConfig()
+    inventory = _inventory(repo, n_visits)
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    for v in inventory.visits.values():
+        if v.metadata is not None:
+            prepare_visit(VisitInput(v.visit, v.source_paths, v.metadata), config)
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu_start,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
 def measure_floor(repo: Path, n_visits: int) -> dict[str, float]:
     """Read the needed columns of each source table (the I/O + decode floor)."""
     import pyarrow.parquet as pq
@@ -120,14 +143,33 @@ def measure_backfill(repo: Path, n_visits: int, state: Path) -> dict[str, object
     shutil.rmtree(state, ignore_errors=True)
     inventory = _inventory(repo, n_visits)
     peak_anon = [0.0]
+    work: dict[int, tuple[int, int]] = {}  # visit -> (new observations, components in reach)
 
-    def sample(_: object) -> None:
+    def sample(result: Any) -> None:
         peak_anon[0] = max(peak_anon[0], _rss_split_mb().get("RssAnon", 0.0))
+        if result.association is not None:
+            work[result.visit] = (result.n_selected, result.association.components_in_reach)
 
+    cpu_start = _cpu_seconds()
     with StarStore.open(state, BuildStarsConfig()) as store:
         report = backfill(repo, store, inventory=inventory, progress=False, on_result=sample)
+    cpu = _cpu_seconds() - cpu_start
     latencies = [seconds for _, seconds in report.apply_seconds]
+    # the work a visit's apply step faces: its own observations and the components within
+    # reach of them (what the association must look at); latency per unit of that work
+    units = [sum(work.get(v, (0, 0))) for v, _ in report.apply_seconds]
+    reach = [work.get(v, (0, 0))[1] for v, _ in report.apply_seconds]
+
+    def per_10k(lo: int | None, hi: int | None) -> float:
+        return 1e7 * sum(latencies[lo:hi]) / max(sum(units[lo:hi]), 1)
+
     return {
+        "cpu_seconds": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "components_in_reach_first10": statistics.mean(reach[:10]) if reach else 0.0,
+        "components_in_reach_last10": statistics.mean(reach[-10:]) if reach else 0.0,
+        "apply_per_10k_first10_ms": per_10k(None, 10),
+        "apply_per_10k_last10_ms": per_10k(-10, None),
         "seconds": report.seconds,
         "visits": report.applied,
         "failed": len(report.failed),
@@ -505,6 +547,7 @@ def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "_measure":
         kind, rest = sys.argv[2], sys.argv[3:]
         funcs = {"floor": lambda: measure_floor(Path(rest[0]), int(rest[1])),
+                 "prepare": lambda: measure_prepare(Path(rest[0]), int(rest[1])),
                  "backfill": lambda: measure_backfill(Path(rest[0]), int(rest[1]),
                                                       Path(rest[2])),
                  "snapshot": lambda: measure_snapshot(Path(rest[0]), Path(rest[1])),
@@ -557,6 +600,7 @@ def main() -> int:
         results["floor"] = min(first_floor, second_floor,
                                key=lambda r: float(r["seconds"]))  # type: ignore[arg-type]
         results["floor"]["readings_s"] = [first_floor["seconds"], second_floor["seconds"]]
+        results["prepare"] = _run("prepare", str(repo), n)
         results["snapshot"] = _run("snapshot", str(workdir / "state"), str(workdir / "snapshot"))
         results["refs"] = _run("refs", str(repo), small, str(workdir / "state-refs"))
         if not args.skip_batch:
@@ -618,6 +662,20 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
         print(f"batch reference             : {f('batch', 'seconds'):8.1f} s  "
               f"(read+select {f('batch', 'read_select_seconds'):.1f} s), "
               f"{results['batch']['stars']:,} stars, peak RSS {f('batch', 'peak_rss_mb'):.0f} MB")
+    print("\n-- where the time goes --")
+    floor = f("floor", "seconds")
+    print(f"read + select alone         : {f('prepare', 'seconds'):8.1f} s  "
+          f"({f('prepare', 'seconds') / floor:.1f}x the floor; serial, no store)")
+    cores = f("backfill", "cores")
+    print(f"backfill CPU time           : {f('backfill', 'cpu_seconds'):8.1f} s  on {cores:.0f} "
+          f"cores: wall >= {f('backfill', 'cpu_seconds') / cores:.1f} s = "
+          f"{f('backfill', 'cpu_seconds') / cores / floor:.1f}x the floor at this CPU cost")
+    print(f"components in reach / visit : {f('backfill', 'components_in_reach_first10'):8,.0f} "
+          f"first 10, {f('backfill', 'components_in_reach_last10'):,.0f} last 10")
+    unit_first, unit_last = (f("backfill", "apply_per_10k_first10_ms"),
+                             f("backfill", "apply_per_10k_last10_ms"))
+    print(f"apply per 10k (new obs + components in reach): {unit_first:.1f} ms first 10, "
+          f"{unit_last:.1f} ms last 10 (ratio {unit_last / unit_first:.2f})")
     print("\n-- targets --")
     print(f"backfill / floor            : {f('backfill', 'seconds') / f('floor', 'seconds'):6.2f}"
           "  (target <= 5)")

@@ -40,8 +40,13 @@ import lmdb
 from streamstars.config import BuildStarsConfig, config_from_json, to_dict
 from streamstars.errors import StateError
 
-#: The writer's cache of small values read again and again (member lists) is emptied past this.
-CACHE_MAX_BYTES = 32 * 1024 * 1024
+#: The writer's cache of small values read again and again (member lists) holds at most this
+#: many bytes; past it, the least recently used values are dropped.  It is heap memory that
+#: grows with the store up to this bound, so it is kept small against the map budget.
+CACHE_MAX_BYTES = 16 * 1024 * 1024
+
+#: Scattered accesses of the map between two checks of its resident size (note_access).
+TRIM_CHECK_EVERY = 32
 
 #: Bumped whenever the on-disk layout changes; a store of another version is refused.
 FORMAT_VERSION = 1
@@ -138,6 +143,7 @@ class StarStore:
         self._cache: dict[tuple[bytes, bytes], bytes] = {}
         self._cache_bytes = 0
         self._cache_txnid = -1
+        self._accesses = 0
         self._overlay: dict[tuple[bytes, bytes], bytes | None] | None = None
         #: the reference catalog visits cache stars from (streamstars.references.attach_references)
         self.references: ReferenceSource | None = None
@@ -205,6 +211,16 @@ class StarStore:
         self.map_trims += trimmed
         return bool(trimmed)
 
+    def note_access(self) -> None:
+        """Count one scattered access of the map (a value read, written or replaced: LMDB
+        reads a replaced value's old pages to free them); every ``TRIM_CHECK_EVERY`` of them,
+        :meth:`trim_map_if_large`.  Loops over many values call it, so the map cannot grow far
+        past its budget between two checks."""
+        self._accesses += 1
+        if self._accesses >= TRIM_CHECK_EVERY:
+            self._accesses = 0
+            self.trim_map_if_large()
+
     def __enter__(self) -> StarStore:
         return self
 
@@ -258,7 +274,10 @@ class StarStore:
             self._cache_forget(key)
             if value is not None:
                 self._cache_keep(key, value)
-        self._cache_txnid = txn_id
+        # LMDB does not record a transaction that wrote nothing (its id is then given to the
+        # next writer, maybe another process): only a transaction with cached writes surely
+        # is the last one; otherwise the next transaction starts with an empty cache
+        self._cache_txnid = txn_id if overlay else -1
 
     def _cache_forget(self, key: tuple[bytes, bytes]) -> None:
         old = self._cache.pop(key, None)
@@ -266,9 +285,9 @@ class StarStore:
             self._cache_bytes -= len(old)
 
     def _cache_keep(self, key: tuple[bytes, bytes], value: bytes) -> None:
-        if self._cache_bytes + len(value) > CACHE_MAX_BYTES:
-            self._cache.clear()
-            self._cache_bytes = 0
+        # least recently used first: dicts keep insertion order and a hit re-inserts its key
+        while self._cache and self._cache_bytes + len(value) > CACHE_MAX_BYTES:
+            self._cache_bytes -= len(self._cache.pop(next(iter(self._cache))))
         self._cache[key] = value
         self._cache_bytes += len(value)
 
@@ -280,8 +299,11 @@ class StarStore:
         ckey = (db, key)
         if ckey in self._overlay:
             return self._overlay[ckey]
-        value = self._cache.get(ckey)
-        if value is None:
+        value = self._cache.pop(ckey, None)
+        if value is not None:
+            self._cache[ckey] = value  # most recently used now
+        else:
+            self.note_access()
             raw = txn.get(key, db=self.dbs[db])
             if raw is None:
                 return None
@@ -291,12 +313,14 @@ class StarStore:
 
     def cached_put(self, txn: lmdb.Transaction, db: bytes, key: bytes, value: bytes) -> None:
         """``txn.put`` into ``db``, remembered by the cache once committed."""
+        self.note_access()
         txn.put(key, value, db=self.dbs[db])
         if self._overlay is not None:
             self._overlay[(db, key)] = value
 
     def cached_delete(self, txn: lmdb.Transaction, db: bytes, key: bytes) -> None:
         """``txn.delete`` from ``db``, forgotten by the cache once committed."""
+        self.note_access()
         txn.delete(key, db=self.dbs[db])
         if self._overlay is not None:
             self._overlay[(db, key)] = None

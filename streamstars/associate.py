@@ -113,6 +113,7 @@ class BandUpdateStats:
     slow_components: int = 0
     untracked_components: int = 0  # involved components whose members had to be re-read
     region_observations: int = 0  # stored observations read for them
+    components_in_reach: int = 0  # component records loaded: the local work besides new ones
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +241,7 @@ def _load_pixel_records(store: StarStore, txn: lmdb.Transaction, db: bytes, band
     """Writable columnar records of ``band`` under ``pixels`` in ``db`` and their pixels."""
     parts, pix = [], []
     for pixel in pixels:
+        store.note_access()
         raw = txn.get(pixel_key(band, int(pixel)), db=store.dbs[db])
         if raw is not None:
             part = decode_columns(bytes(raw), schema)
@@ -275,9 +277,6 @@ STORED_OBSERVATION_DTYPES: dict[str, np.dtype] = {**OBSERVATION_DTYPES,
 POSITION_COLUMNS = frozenset({"source_id", "visit", "ra", "dec"})
 POSITION_DTYPES = {k: v for k, v in OBSERVATION_DTYPES.items() if k in POSITION_COLUMNS}
 _OBS_READER = ColumnReader(STORED_OBSERVATION_DTYPES)
-#: Scans of many stored values check the map's resident size (StarStore.trim_map_if_large)
-#: every this many values.
-_TRIM_EVERY = 32
 
 
 def write_observations(store: StarStore, txn: lmdb.Transaction, band: str, visit: int,
@@ -295,6 +294,7 @@ def write_observations(store: StarStore, txn: lmdb.Transaction, band: str, visit
     bounds = np.flatnonzero(np.r_[True, pixel[1:] != pixel[:-1], True])
     db = store.dbs[DB_OBSERVATIONS]
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        store.note_access()
         txn.put(observation_key(band, int(pixel[lo]), visit),
                 encode_columns({k: c[lo:hi] for k, c in rows.items()},
                                STORED_OBSERVATION_DTYPES), db=db)
@@ -323,10 +323,9 @@ def load_observations_near(store: StarStore, txn: lmdb.Transaction, band: str,
     for pixel in np.unique(coarse).tolist():
         wanted = fine[coarse == pixel]
         # in place: only the fine-pixel column and the rows wanted are read from the map
-        for k, (_, value) in enumerate(store.prefix_items(
-                txn, DB_OBSERVATIONS, pixel_key(band, pixel), copy=False)):
-            if k % _TRIM_EVERY == _TRIM_EVERY - 1:
-                store.trim_map_if_large()
+        for _, value in store.prefix_items(txn, DB_OBSERVATIONS, pixel_key(band, pixel),
+                                           copy=False):
+            store.note_access()
             n = _OBS_READER.rows(value)
             fp = _OBS_READER.column(value, "fine_pixel", n)
             lo, hi = np.searchsorted(fp, wanted), np.searchsorted(fp, wanted, side="right")
@@ -341,19 +340,21 @@ def load_observations_near(store: StarStore, txn: lmdb.Transaction, band: str,
     return concat(parts, POSITION_DTYPES)
 
 
-def _write_grouped(txn: lmdb.Transaction, db: lmdb._Database, band: str, table: ColumnDict,
-                   pixel: np.ndarray, pixels_to_write: np.ndarray,
+def _write_grouped(store: StarStore, txn: lmdb.Transaction, db: bytes, band: str,
+                   table: ColumnDict, pixel: np.ndarray, pixels_to_write: np.ndarray,
                    schema: dict[str, np.dtype]) -> None:
     """Write ``table`` rows grouped by ``pixel`` for each of ``pixels_to_write`` (sorted by id)."""
+    handle = store.dbs[db]
     order = np.lexsort((table["comp_id"], pixel))
     sorted_pixels = pixel[order]
     for p in pixels_to_write:
         lo, hi = np.searchsorted(sorted_pixels, [p, p + 1])
         key = pixel_key(band, int(p))
+        store.note_access()
         if hi > lo:
-            txn.put(key, encode_columns(take(table, order[lo:hi]), schema), db=db)
+            txn.put(key, encode_columns(take(table, order[lo:hi]), schema), db=handle)
         else:
-            txn.delete(key, db=db)
+            txn.delete(key, db=handle)
 
 
 def _max_rmax_key(band: str) -> bytes:
@@ -384,7 +385,7 @@ def _set_max_rmax(store: StarStore, txn: lmdb.Transaction, band: str, bound: flo
 def _write_components(store: StarStore, txn: lmdb.Transaction, band: str, table: ColumnDict,
                       pixel: np.ndarray, pixels_to_write: np.ndarray) -> None:
     """Write the component records of ``pixels_to_write`` and keep the ``rmax`` bound."""
-    _write_grouped(txn, store.dbs[DB_COMPONENTS], band, table, pixel, pixels_to_write,
+    _write_grouped(store, txn, DB_COMPONENTS, band, table, pixel, pixels_to_write,
                    COMPONENT_DTYPES)
     store.trim_map_if_large()  # replacing a value touches its old pages
     if len(table["rmax"]):
@@ -415,6 +416,7 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     loaded_pixels = pixels_near(v_new, nside, radius + max_rmax(store, txn, band) + 2 * EPS)
     comps, comp_pixel = load_components(store, txn, band, loaded_pixels)
     n_comp = len(comps["comp_id"])
+    stats.components_in_reach = n_comp
     centres = centres_of(comps)
 
     tree_new = kdtree(v_new)
@@ -951,7 +953,7 @@ def _update_candidates(store: StarStore, txn: lmdb.Transaction, band: str,
     keep = ~np.isin(existing["comp_id"], removed_ids)
     table = concat([take(existing, keep), new_cands], CANDIDATE_DTYPES)
     table_pixel = np.concatenate([existing_pixel[keep], cand_pixel])
-    _write_grouped(txn, store.dbs[DB_CANDIDATES], band, table, table_pixel, dirty,
+    _write_grouped(store, txn, DB_CANDIDATES, band, table, table_pixel, dirty,
                    CANDIDATE_DTYPES)
 
 

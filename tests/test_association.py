@@ -92,6 +92,9 @@ def test_crowded_field_exercises_every_path(crowded: PreparedSurvey, tmp_path: P
     assert sum(s.slow_components for s in stats) > 0
     assert sum(s.extended for s in stats) > 0
     assert sum(s.fast for s in stats) > 0
+    # the first visit meets an empty store; later ones load the components within reach
+    assert stats[0].components_in_reach == 0
+    assert max(s.components_in_reach for s in stats) > stats[0].new_singletons // 2
 
 
 def test_reingesting_a_visit_is_a_skipped_no_op(clean: PreparedSurvey, tmp_path: Path) -> None:

@@ -49,3 +49,39 @@ def test_offsets_are_recorded_per_topic_and_partition(tmp_path: Path) -> None:
         assert store.stored_offsets("vis") == {}
         assert store_status(store)["kafka_offsets"] == {"visits/0": 18, "visits/1": 4,
                                                         "other/0": 99}
+
+
+def test_writer_cache_drops_least_recently_used_values_past_its_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's cache is heap memory: it never holds more than CACHE_MAX_BYTES, keeps
+    the values used last, and still answers from LMDB for what it dropped."""
+    import streamstars.state.store as store_module
+    from streamstars.state.store import DB_MEMBERS
+
+    monkeypatch.setattr(store_module, "CACHE_MAX_BYTES", 3000)
+    values = {bytes([k]) * 8: bytes([k]) * 1000 for k in range(5)}
+    with StarStore.open(tmp_path / "s", BuildStarsConfig()) as store:
+        def put_all(txn: object) -> None:
+            for key, value in values.items():
+                store.cached_put(txn, DB_MEMBERS, key, value)  # type: ignore[arg-type]
+
+        store.write(put_all)
+        keys = list(values)
+        assert store._cache_bytes <= 3000
+        assert [k for _, k in store._cache] == keys[2:]  # the last three written
+        marker = b"z" * 8  # a cached write: the transaction is surely recorded by LMDB
+
+        def get(wanted: list[bytes]) -> list[bytes | None]:
+            def body(txn: object) -> list[bytes | None]:
+                found = [store.cached_get(txn, DB_MEMBERS, k) for k in wanted]  # type: ignore[arg-type]
+                store.cached_put(txn, DB_MEMBERS, marker, b"")  # type: ignore[arg-type]
+                return found
+            return store.write(body)
+
+        # a hit makes a value the most recently used: keys[2] survives the two misses
+        assert get([keys[2], keys[0], keys[1]]) == [values[k] for k in (keys[2], keys[0], keys[1])]
+        assert [k for _, k in store._cache if k != marker] == [keys[2], keys[0], keys[1]]
+        assert store._cache_bytes == 3000
+        # dropped values still come from LMDB
+        assert get([keys[3]]) == [values[keys[3]]]
+        assert [k for _, k in store._cache if k != marker] == [keys[0], keys[1], keys[3]]
