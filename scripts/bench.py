@@ -183,7 +183,8 @@ def measure_backfill(repo: Path, n_visits: int, state: Path) -> dict[str, object
         # mean latency of each block of 10 visits: how flat it is over the whole run
         "apply_blocks_ms": [round(1e3 * statistics.mean(latencies[i:i + 10]), 1)
                             for i in range(0, len(latencies), 10)],
-        "store_mb": sum(f.stat().st_size for f in state.iterdir()) / 1e6,
+        # allocated bytes: a writer's data.mdb is a sparse file as large as the map
+        "store_mb": sum(f.stat().st_blocks * 512 for f in state.iterdir()) / 1e6,
         "peak_rss_mb": _peak_rss_mb(),
         "rss_at_end_mb": _rss_split_mb(),
         # heap only: peak RSS also counts the LMDB file pages mapped while reading

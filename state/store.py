@@ -38,12 +38,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import lmdb
 
 from streamstars.config import BuildStarsConfig, config_from_json, to_dict
-from streamstars.errors import StateError
+from streamstars.errors import DiskFullError, StateError
 
 #: The writer's cache of small values read again and again (member lists) holds at most this
 #: many bytes; past it, the least recently used values are dropped.  It is heap memory that
 #: grows with the store up to this bound, so it is kept small against the map budget.
 CACHE_MAX_BYTES = 16 * 1024 * 1024
+
+#: A write transaction is only begun with this much free space on the store's file system
+#: (writers write through the memory map: a full disk would otherwise kill them with SIGBUS).
+MIN_FREE_DISK_BYTES = 64 * 1024 * 1024
 
 #: Scattered accesses of the map between two checks of its resident size (note_access).
 TRIM_CHECK_EVERY = 32
@@ -236,6 +240,7 @@ class StarStore:
         """
         if self.readonly:
             raise StateError(f"store {self.path} was opened read-only")
+        self._check_free_disk()
         while True:
             self._begin_overlay()
             try:
@@ -255,6 +260,23 @@ class StarStore:
         self._commit_overlay(txn_id)
         self.trim_map_if_large()
         return result
+
+    def _check_free_disk(self) -> None:
+        """Refuse to write when the store's file system is nearly full.
+
+        Writers write through the memory map (``writemap``) into a sparse file, and the kernel
+        signals a write to a page it cannot allocate with SIGBUS, not with an error LMDB could
+        report; so a transaction is only begun with ``MIN_FREE_DISK_BYTES`` free.
+        """
+        try:
+            fs = os.statvfs(self.path)
+        except OSError:
+            return
+        free = fs.f_bavail * fs.f_frsize
+        if free < MIN_FREE_DISK_BYTES:
+            raise DiskFullError(f"the disk of {self.path} is nearly full ({free / 2**20:.0f} MiB "
+                             f"free, {MIN_FREE_DISK_BYTES / 2**20:.0f} MiB needed to write); "
+                             "free some space and run the command again (nothing was written)")
 
     # ------------------------------------------------------------------ cached values
     # Member lists are small values scattered over the map and read again visit after visit;
@@ -476,10 +498,11 @@ def _drop_mapped_pages(data_file: Path) -> int:
 
 
 def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
+    """Open the environment; writers use a writable map (``writemap``, docs/state.md)."""
     try:
         return lmdb.open(str(path), max_dbs=len(ALL_DBS) + 2, map_size=INITIAL_MAP_SIZE,
                          readonly=readonly, subdir=True, metasync=True, sync=True,
-                         readahead=False, max_readers=256, lock=True)
+                         readahead=False, max_readers=256, lock=True, writemap=not readonly)
     except lmdb.Error as exc:
         raise StateError(f"cannot open LMDB environment {path}: {exc}") from exc
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from streamstars.errors import MissingMetadataError, StreamstarsError
+from streamstars.errors import DiskFullError, MissingMetadataError, StreamstarsError
 from streamstars.ingest import (
     ApplyResult,
     PreparedVisit,
@@ -94,6 +94,8 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
     Raises:
         RefcatError, StateError: the configured reference catalog is unusable or differs from
             the one the store caches (before any visit is read).
+        DiskFullError: the store's disk is nearly full (the visits applied so far stay; run
+            again once space is freed).
     """
     start = time.perf_counter()
     ensure_references(store)
@@ -111,6 +113,8 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
             try:
                 prepared = future.result()
                 result = apply_prepared(store, prepared, replace=replace)
+            except DiskFullError:
+                raise  # every later visit would fail the same way; resumable once freed
             except StreamstarsError as exc:
                 report.failed.append(VisitFailure(visit.visit, str(exc)))
                 log.error("visit %d failed: %s", visit.visit, exc)

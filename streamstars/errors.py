@@ -50,3 +50,8 @@ class SourceFileMissingError(TransientInputError):
 
 class StateError(StreamstarsError):
     """The state directory cannot be used (other format version, incompatible config)."""
+
+
+class DiskFullError(StateError):
+    """The store's file system is (nearly) full: nothing more can be written until space is
+    freed; a backfill stops (it resumes where it stopped), the consumer exits."""

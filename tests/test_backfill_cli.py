@@ -226,3 +226,35 @@ def test_missing_or_empty_repository_is_an_error(tmp_path: Path,
     assert main(["backfill", str(tmp_path / "empty"), "--state", str(tmp_path / "s2"),
                  "--no-progress"]) == 1
     assert "no source tables" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_the_backfill_clearly_and_it_resumes(
+        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Writers write through the map, where a full disk would be a SIGBUS: a write transaction
+    is only begun with enough free space, so a backfill stops with a clear error after the
+    visits it could apply, and the next run goes on from there."""
+    import streamstars.state.store as store_module
+    from streamstars.backfill import backfill
+    from streamstars.config import BuildStarsConfig
+    from streamstars.errors import DiskFullError
+
+    state = tmp_path / "state"
+
+    def fill_disk_after_two(result: object) -> None:
+        if result.visit == sorted(map(visit_of, source_files(repo)))[1]:  # type: ignore[attr-defined]
+            monkeypatch.setattr(store_module, "MIN_FREE_DISK_BYTES", 1 << 62)
+
+    with StarStore.open(state, BuildStarsConfig()) as store:
+        assert store.env.flags()["writemap"]
+        with pytest.raises(DiskFullError, match=r"nearly full .*\(nothing was written\)"):
+            backfill(repo, store, progress=False, on_result=fill_disk_after_two)
+        assert len(store.applied_visits()) == 2
+    assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) != 0
+    assert "nearly full" in capsys.readouterr().err
+    monkeypatch.undo()  # space freed
+    assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 0
+    assert "2 skipped" in capsys.readouterr().out
+    with StarStore.open(state, readonly=True) as store:
+        assert not store.env.flags()["writemap"]  # readers map the file read-only
+        assert len(store.applied_visits()) == N_VISITS
