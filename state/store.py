@@ -45,9 +45,10 @@ from streamstars.errors import DiskFullError, StateError
 #: grows with the store up to this bound, so it is kept small against the map budget.
 CACHE_MAX_BYTES = 16 * 1024 * 1024
 
-#: A write transaction is only begun with this much free space on the store's file system
-#: (writers write through the memory map: a full disk would otherwise kill them with SIGBUS).
-MIN_FREE_DISK_BYTES = 64 * 1024 * 1024
+#: A write transaction is only begun with this many MiB free on the store's file system
+#: (writers write through the memory map: a full disk would otherwise kill them with SIGBUS);
+#: ``STREAMSTARS_MIN_FREE_DISK_MB`` overrides it.
+MIN_FREE_DISK_MB = 64
 
 #: Scattered accesses of the map between two checks of its resident size (note_access).
 TRIM_CHECK_EVERY = 32
@@ -142,6 +143,8 @@ class StarStore:
         #: file-backed resident memory (LMDB map) allowed before the map is trimmed; see
         #: :meth:`trim_map_if_large`
         self.map_rss_budget = _map_rss_budget()
+        #: free bytes the store's file system must have for a write transaction to begin
+        self.min_free_disk = _min_free_disk()
         self._rss_file_baseline = _rss_file_bytes()
         self.map_trims = 0
         self._cache: dict[tuple[bytes, bytes], bytes] = {}
@@ -167,7 +170,8 @@ class StarStore:
             StateError: not a store, another format version, or an incompatible config.
         """
         path = Path(path)
-        _map_rss_budget()  # a bad setting fails before anything is created
+        _map_rss_budget()  # bad settings fail before anything is created
+        _min_free_disk()
         if not (path / "data.mdb").exists():
             if readonly or config is None:
                 raise StateError(f"{path} is not a streamstars state directory (no data.mdb); "
@@ -201,10 +205,11 @@ class StarStore:
         towards the size of the store.  Past ``map_rss_budget`` bytes of file-backed resident
         memory (``STREAMSTARS_MAP_RSS_MB``, default 32; 0 disables) the map's range is
         ``madvise(MADV_DONTNEED)``-ed: the process no longer holds the pages, the kernel keeps
-        them in its page cache, and the next read maps them again.  The map is read-only
-        (LMDB writes with ``pwrite``), so this never loses data and is safe under open
-        transactions and zero-copy buffers.  Linux only (a no-op elsewhere).  Returns True if
-        it trimmed.
+        them in its page cache, and the next access maps them again.  The map is a shared
+        file mapping (read-only for readers; writers write through it, ``writemap``): the
+        kernel moves a dropped page's dirty state to the page cache, so this never loses data
+        and is safe under open transactions and zero-copy buffers.  Linux only (a no-op
+        elsewhere).  Returns True if it trimmed.
         """
         if not self.map_rss_budget or self._rss_file_baseline is None:
             return False
@@ -266,17 +271,19 @@ class StarStore:
 
         Writers write through the memory map (``writemap``) into a sparse file, and the kernel
         signals a write to a page it cannot allocate with SIGBUS, not with an error LMDB could
-        report; so a transaction is only begun with ``MIN_FREE_DISK_BYTES`` free.
+        report; so a transaction is only begun with ``min_free_disk`` bytes free
+        (``STREAMSTARS_MIN_FREE_DISK_MB``, default 64).
         """
         try:
             fs = os.statvfs(self.path)
         except OSError:
             return
         free = fs.f_bavail * fs.f_frsize
-        if free < MIN_FREE_DISK_BYTES:
+        if free < self.min_free_disk:
             raise DiskFullError(f"the disk of {self.path} is nearly full ({free / 2**20:.0f} MiB "
-                             f"free, {MIN_FREE_DISK_BYTES / 2**20:.0f} MiB needed to write); "
-                             "free some space and run the command again (nothing was written)")
+                                f"free, {self.min_free_disk / 2**20:.0f} MiB needed to write, "
+                                "STREAMSTARS_MIN_FREE_DISK_MB); free some space and run the "
+                                "command again (nothing was written)")
 
     # ------------------------------------------------------------------ cached values
     # Member lists are small values scattered over the map and read again visit after visit;
@@ -441,14 +448,22 @@ class StarStore:
             yield key, (bytes(value) if copy else value)
 
 
-def _map_rss_budget() -> int:
-    raw = os.environ.get("STREAMSTARS_MAP_RSS_MB", "32")
+def _megabytes_setting(name: str, default: float) -> int:
+    """A size in megabytes from the environment variable ``name``, in bytes (>= 0)."""
+    raw = os.environ.get(name, str(default))
     try:
         megabytes = float(raw)
     except ValueError as exc:
-        raise StateError(f"STREAMSTARS_MAP_RSS_MB must be a number of megabytes, not {raw!r}") \
-            from exc
+        raise StateError(f"{name} must be a number of megabytes, not {raw!r}") from exc
     return int(max(megabytes, 0.0) * 1024 * 1024)
+
+
+def _map_rss_budget() -> int:
+    return _megabytes_setting("STREAMSTARS_MAP_RSS_MB", 32)
+
+
+def _min_free_disk() -> int:
+    return _megabytes_setting("STREAMSTARS_MIN_FREE_DISK_MB", MIN_FREE_DISK_MB)
 
 
 def _rss_file_bytes() -> int | None:

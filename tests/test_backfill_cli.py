@@ -234,24 +234,27 @@ def test_a_full_disk_stops_the_backfill_clearly_and_it_resumes(
     """Writers write through the map, where a full disk would be a SIGBUS: a write transaction
     is only begun with enough free space, so a backfill stops with a clear error after the
     visits it could apply, and the next run goes on from there."""
-    import streamstars.state.store as store_module
     from streamstars.backfill import backfill
     from streamstars.config import BuildStarsConfig
     from streamstars.errors import DiskFullError
 
     state = tmp_path / "state"
 
-    def fill_disk_after_two(result: object) -> None:
-        if result.visit == sorted(map(visit_of, source_files(repo)))[1]:  # type: ignore[attr-defined]
-            monkeypatch.setattr(store_module, "MIN_FREE_DISK_BYTES", 1 << 62)
-
     with StarStore.open(state, BuildStarsConfig()) as store:
+        def fill_disk_after_two(result: object) -> None:
+            if result.visit == sorted(map(visit_of, source_files(repo)))[1]:  # type: ignore[attr-defined]
+                store.min_free_disk = 1 << 62
+
         assert store.env.flags()["writemap"]
         with pytest.raises(DiskFullError, match=r"nearly full .*\(nothing was written\)"):
             backfill(repo, store, progress=False, on_result=fill_disk_after_two)
         assert len(store.applied_visits()) == 2
-    assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) != 0
+    monkeypatch.setenv("STREAMSTARS_MIN_FREE_DISK_MB", str(1 << 40))
+    assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 2
     assert "nearly full" in capsys.readouterr().err
+    monkeypatch.setenv("STREAMSTARS_MIN_FREE_DISK_MB", "lots")
+    assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 2
+    assert "STREAMSTARS_MIN_FREE_DISK_MB must be a number" in capsys.readouterr().err
     monkeypatch.undo()  # space freed
     assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 0
     assert "2 skipped" in capsys.readouterr().out

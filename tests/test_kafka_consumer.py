@@ -405,3 +405,26 @@ def test_replay_from_offset_skips_duplicates(
     log = replay.text()
     assert "replay: visits-replay[0] from offset 2" in log
     assert log.count(": skipped (") == N_VISITS - 2 and ": applied (" not in log
+
+
+def test_full_disk_stops_the_consumer_without_committing(
+    broker: TansuBroker, survey: Any, backfill_snapshot: Path, tmp_path: Path
+) -> None:
+    """Below ``STREAMSTARS_MIN_FREE_DISK_MB`` free on the store's disk the consumer stops with
+    exit code 3 before writing anything (writers write through the map, where a full disk
+    would be a SIGBUS); once space is freed it consumes every visit from the start."""
+    topic = "visits-diskfull"
+    broker.create_topic(topic, partitions=1)
+    events = list(_repo_events(survey.out_dir).values())
+    broker.produce(topic, [(e.key, e.to_json()) for e in events])
+    state = tmp_path / "state"
+    full = Consumer(broker, topic, state, survey.out_dir.parent, tmp_path,
+                    "--exit-when-idle", "1.5", env={"STREAMSTARS_MIN_FREE_DISK_MB": str(1 << 40)})
+    assert full.wait(60) == 3, full.text()
+    assert "nearly full" in full.text()
+    assert _applied(state) == {}
+    freed = Consumer(broker, topic, state, survey.out_dir.parent, tmp_path,
+                     "--exit-when-idle", "1.5")
+    assert freed.wait(90) == 0, freed.text()
+    assert len(_applied(state)) == N_VISITS
+    _same(_snapshot(state, tmp_path / "snap"), backfill_snapshot)

@@ -85,3 +85,40 @@ def test_writer_cache_drops_least_recently_used_values_past_its_bound(
         # dropped values still come from LMDB
         assert get([keys[3]]) == [values[keys[3]]]
         assert [k for _, k in store._cache if k != marker] == [keys[0], keys[1], keys[3]]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_trimming_the_writable_map_inside_a_transaction_loses_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writers write through the map (writemap): dropping its pages while a transaction has
+    dirty pages in it keeps their contents (the kernel keeps them in the page cache), before
+    and after the commit, and in a new process' view of the file."""
+    import subprocess
+    import sys
+
+    from streamstars.state.store import DB_MEMBERS
+
+    monkeypatch.setenv("STREAMSTARS_MAP_RSS_MB", "0.001")
+    values = {i.to_bytes(8, "big"): bytes([i % 251]) * (3000 + i) for i in range(400)}
+    with StarStore.open(tmp_path / "s", BuildStarsConfig()) as store:
+        assert store.env.flags()["writemap"]
+
+        def body(txn: object) -> int:
+            for key, value in values.items():
+                store.cached_put(txn, DB_MEMBERS, key, value)  # type: ignore[arg-type]
+            trims = store.map_trims
+            assert store.trim_map_if_large()  # dirty pages of this transaction dropped
+            assert store.map_trims > trims
+            for key, value in values.items():  # read back through the map
+                assert bytes(txn.get(key, db=store.dbs[DB_MEMBERS])) == value  # type: ignore[attr-defined]
+            return len(values)
+
+        assert store.write(body) == len(values)
+        assert store.map_trims > 1
+    check = ("import sys, lmdb; env = lmdb.open(sys.argv[1], readonly=True, max_dbs=16); "
+             "db = env.open_db(b'members', create=False); txn = env.begin(); "
+             "print(sum(len(v) for _, v in txn.cursor(db=db)))")
+    done = subprocess.run([sys.executable, "-c", check, str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == sum(len(v) for v in values.values())
