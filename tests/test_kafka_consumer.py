@@ -150,6 +150,13 @@ def _repo_events(repo: Path) -> dict[int, VisitEvent]:
     return {e.visit: e for e in events}
 
 
+def _topic_with_every_visit(broker: TansuBroker, repo: Path, topic: str) -> None:
+    """A one-partition topic holding the event of every visit of ``repo``."""
+    broker.create_topic(topic, partitions=1)
+    events = list(_repo_events(repo).values())
+    broker.produce(topic, [(e.key, e.to_json()) for e in events])
+
+
 # ------------------------------------------------------------------------------ tests
 def test_publish_consume_equals_backfill_metrics_and_sigterm(
     broker: TansuBroker, survey: Any, backfill_snapshot: Path, tmp_path: Path
@@ -391,9 +398,7 @@ def test_replay_from_offset_skips_duplicates(
 ) -> None:
     """``--seek-offset`` replays a partition; visits already stored are counted no-ops."""
     topic = "visits-replay"
-    broker.create_topic(topic, partitions=1)
-    events = list(_repo_events(survey.out_dir).values())
-    broker.produce(topic, [(e.key, e.to_json()) for e in events])
+    _topic_with_every_visit(broker, survey.out_dir, topic)
     state = tmp_path / "state"
     first = Consumer(broker, topic, state, survey.out_dir.parent, tmp_path,
                      "--exit-when-idle", "1.5")
@@ -414,9 +419,7 @@ def test_full_disk_stops_the_consumer_without_committing(
     exit code 3 before writing anything (writers write through the map, where a full disk
     would be a SIGBUS); once space is freed it consumes every visit from the start."""
     topic = "visits-diskfull"
-    broker.create_topic(topic, partitions=1)
-    events = list(_repo_events(survey.out_dir).values())
-    broker.produce(topic, [(e.key, e.to_json()) for e in events])
+    _topic_with_every_visit(broker, survey.out_dir, topic)
     state = tmp_path / "state"
     full = Consumer(broker, topic, state, survey.out_dir.parent, tmp_path,
                     "--exit-when-idle", "1.5", env={"STREAMSTARS_MIN_FREE_DISK_MB": str(1 << 40)})
