@@ -276,10 +276,9 @@ def select_observations(
         keep &= masks["requireFiniteRaDec"]
 
     idx = np.flatnonzero(keep)
+    # the selected rows in sourceId order, taken from the table once
+    idx = idx[np.argsort(_int(table, "sourceId", null=-1)[idx], kind="stable")]
     sub = table.take(pa.array(idx, type=pa.int64()))
-    source_id = _int(sub, "sourceId", null=-1)
-    order = np.argsort(source_id, kind="stable")
-    sub = sub.take(pa.array(order, type=pa.int64()))
     n = sub.num_rows
 
     flux = _float(sub, config.instFluxField)
@@ -320,7 +319,7 @@ def select_observations(
         psf_candidate = np.zeros(n, dtype=np.bool_)
 
     out: ColumnDict = {
-        "source_id": source_id[order],
+        "source_id": _int(sub, "sourceId", null=-1),
         "visit": np.full(n, visit),
         "detector": _int(sub, "detector", null=-1),
         "ra": _float(sub, "ra"),
