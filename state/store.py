@@ -354,6 +354,33 @@ class StarStore:
         if self._overlay is not None:
             self._overlay[(db, key)] = None
 
+    def backup(self, dest: str | Path) -> Path:
+        """Copy the store, as of one read transaction, into the new directory ``dest``.
+
+        LMDB's compacting copy (``mdb_env_copy2``): free pages are left out, so the copy is
+        as large as the data (not sparse), and it is consistent — every visit with its
+        observations, components and Kafka offset, or none — while a writer goes on.  It is
+        written into a hidden sibling directory and renamed into place, so ``dest`` is either
+        complete or absent.  Returns ``dest``.
+
+        Raises:
+            StateError: ``dest`` exists and is not an empty directory, or the copy failed.
+        """
+        dest = Path(dest)
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise StateError(f"backup destination {dest} exists and is not an empty directory")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        building = dest.parent / f".{dest.name}.backup-{os.getpid()}"
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir()
+        try:
+            self.env.copy(str(building), compact=True)
+            os.replace(building, dest)  # replaces an empty directory atomically
+        except (lmdb.Error, OSError) as exc:
+            shutil.rmtree(building, ignore_errors=True)
+            raise StateError(f"cannot back up {self.path} to {dest}: {exc}") from exc
+        return dest
+
     @contextmanager
     def read(self, *, buffers: bool = False) -> Iterator[lmdb.Transaction]:
         """A read transaction: one consistent MVCC view while writers go on.

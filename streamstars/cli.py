@@ -1,6 +1,6 @@
 """The ``streamstars`` command line.
 
-Subcommands: ``backfill``, ``snapshot``, ``status``, ``retract``, ``config show``,
+Subcommands: ``backfill``, ``snapshot``, ``status``, ``backup``, ``retract``, ``config show``,
 ``simulate``, ``refresh-refs`` and, from :mod:`streamstars.consumers.cli`, ``run`` and
 ``publish``.  Exit codes: 0 success, 1 some visits failed, 2 usage or configuration error.
 """
@@ -101,6 +101,14 @@ def _open_readonly(path: str) -> StarStore:
     return StarStore.open(path, readonly=True)
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    with _open_readonly(args.state) as store:
+        dest = store.backup(args.dest)
+    size = sum(f.stat().st_size for f in dest.iterdir())
+    print(f"backup: {args.state} -> {dest} ({size / 1e6:,.1f} MB)")
+    return 0
+
+
 def cmd_retract(args: argparse.Namespace) -> int:
     from streamstars.ingest import retract_visit
     from streamstars.state.store import StarStore
@@ -163,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", required=True)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("backup", help="consistent compact copy of a store, while it is written")
+    p.add_argument("dest", help="new (or empty) directory for the copy")
+    p.add_argument("--state", required=True, help="state directory to copy")
+    p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("retract", help="remove visits completely from a store")
     p.add_argument("visits", type=int, nargs="+")

@@ -261,3 +261,39 @@ def test_a_full_disk_stops_the_backfill_clearly_and_it_resumes(
     with StarStore.open(state, readonly=True) as store:
         assert not store.env.flags()["writemap"]  # readers map the file read-only
         assert len(store.applied_visits()) == N_VISITS
+
+
+def test_backup_is_a_consistent_compact_store_taken_while_a_writer_works(
+        repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``streamstars backup`` (another process) copies the last committed state while this
+    process holds a write transaction that has emptied the observations; the copy is a
+    complete store (same snapshot), compact, and refuses to overwrite anything."""
+    import subprocess
+    import sys
+
+    from streamstars.state.store import DB_OBSERVATIONS
+
+    state, backup = tmp_path / "state", tmp_path / "backup"
+    assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 0
+    with StarStore.open(state) as store:
+        def body(txn: lmdb.Transaction) -> None:
+            txn.drop(store.dbs[DB_OBSERVATIONS], delete=False)  # not committed
+            done = subprocess.run(
+                [sys.executable, "-m", "streamstars.cli", "backup", str(backup),
+                 "--state", str(state)], capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            assert "backup:" in done.stdout
+            raise RuntimeError("abort the writer's transaction")
+
+        with pytest.raises(RuntimeError, match="abort"):
+            store.write(body)
+    assert main(["snapshot", str(tmp_path / "snap-state"), "--state", str(state)]) == 0
+    assert main(["snapshot", str(tmp_path / "snap-backup"), "--state", str(backup)]) == 0
+    assert compare_snapshots(tmp_path / "snap-state", tmp_path / "snap-backup") == []
+    # the writer's data.mdb is sparse and as large as the map; the copy holds the data only
+    assert (backup / "data.mdb").stat().st_size < (state / "data.mdb").stat().st_size
+    with StarStore.open(backup, readonly=True) as copy:
+        assert len(copy.applied_visits()) == N_VISITS
+    capsys.readouterr()
+    assert main(["backup", str(backup), "--state", str(state)]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
