@@ -122,3 +122,28 @@ def test_trimming_the_writable_map_inside_a_transaction_loses_nothing(
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) == sum(len(v) for v in values.values())
+
+
+def test_writer_cache_is_not_fooled_by_a_transaction_lmdb_did_not_record(
+        tmp_path: Path) -> None:
+    """A write transaction that changes nothing is not recorded by LMDB, and its id goes to
+    the next writer: if that is another process, this writer must still see that process's
+    value, not its own cached one."""
+    import subprocess
+    import sys
+
+    from streamstars.state.store import DB_MEMBERS
+
+    key = b"k" * 8
+    with StarStore.open(tmp_path / "s", BuildStarsConfig()) as store:
+        store.write(lambda txn: store.cached_put(txn, DB_MEMBERS, key, b"mine"))
+        empty_id = store.write(lambda txn: (store.cached_get(txn, DB_MEMBERS, key), txn.id())[1])
+        other = ("import sys; from streamstars.state.store import StarStore, DB_MEMBERS; "
+                 "s = StarStore.open(sys.argv[1]); "
+                 "print(s.write(lambda txn: (txn.put(b'k' * 8, b'theirs', db=s.dbs[DB_MEMBERS]), "
+                 "txn.id())[1]))")
+        done = subprocess.run([sys.executable, "-c", other, str(tmp_path / "s")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert int(done.stdout) == empty_id  # the other process got the unrecorded id
+        assert store.write(lambda txn: store.cached_get(txn, DB_MEMBERS, key)) == b"theirs"
