@@ -218,6 +218,11 @@ class StarStore:
             return False
         trimmed = _drop_mapped_pages(self.path / "data.mdb")
         self.map_trims += trimmed
+        if trimmed:
+            # none of the map is resident now: what is left is the process's other file-backed
+            # memory (libraries imported since the store was opened, other files), the new
+            # baseline — else each later check would trim again for memory that is not ours
+            self._rss_file_baseline = _rss_file_bytes()
         return bool(trimmed)
 
     def note_access(self) -> None:

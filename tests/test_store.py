@@ -147,3 +147,23 @@ def test_writer_cache_is_not_fooled_by_a_transaction_lmdb_did_not_record(
         assert done.returncode == 0, done.stderr
         assert int(done.stdout) == empty_id  # the other process got the unrecorded id
         assert store.write(lambda txn: store.cached_get(txn, DB_MEMBERS, key)) == b"theirs"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_file_memory_that_is_not_the_map_does_not_make_every_check_trim(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The map's resident size is measured against the process's other file-backed memory;
+    memory mapped after the store was opened (a library imported later, another file) is not
+    the map's: one trim finds that out, and the following checks do not trim again."""
+    import mmap
+
+    monkeypatch.setenv("STREAMSTARS_MAP_RSS_MB", "1")
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"\1" * (16 << 20))
+    with StarStore.open(tmp_path / "s", BuildStarsConfig()) as store, \
+            open(other, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        assert sum(mapped[i] for i in range(0, len(mapped), 4096)) == 4096  # 16 MB resident
+        assert store.trim_map_if_large()  # past the budget: the map is trimmed once
+        assert not store.trim_map_if_large()  # ... and the other file is not the map's
+        assert not store.trim_map_if_large()
+        assert store.map_trims == 1
