@@ -420,10 +420,11 @@ def add_observations(store: StarStore, txn: lmdb.Transaction, band: str,
     centres = centres_of(comps)
 
     tree_new = kdtree(v_new)
-    # links new observation -> component (everything not surely out of reach)
+    # links new observation -> component (everything not surely out of reach); the centres
+    # are looked up in the new observations' tree, which is built anyway: no second tree
     if n_comp:
         reach = radius + float(comps["rmax"].max()) + EPS
-        link_new, link_comp, dist = pairs_within(v_new, kdtree(centres), reach)
+        link_comp, link_new, dist = pairs_within(centres, tree_new, reach)
         rmax = comps["rmax"][link_comp]
         keep = dist - rmax <= radius + EPS
         link_new, link_comp, dist, rmax = link_new[keep], link_comp[keep], dist[keep], rmax[keep]
