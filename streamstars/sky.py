@@ -124,15 +124,17 @@ def pairs_within(points: np.ndarray, tree: cKDTree, radius: float
     """(i, j, distance) of every point ``points[i]`` and tree point ``j`` within ``radius``.
 
     Most points have at most one tree point within the radius: a two-nearest-neighbour query
-    (threaded) settles those, and only points with two or more go through the exact pair
-    search (``sparse_distance_matrix``), which gives the distances of everything returned.
+    settles those, and only points with two or more go through the exact pair search
+    (``sparse_distance_matrix``), which gives the distances of everything returned.  Queries
+    run in the calling thread: scipy's ``workers`` start Python threads on every call, and
+    next to the backfill's read-ahead threads that was slower (docs/benchmarks.md).
     """
     if len(points) == 0 or tree.n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0)
     k = min(2, tree.n)
     dist, index = tree.query(points, k=k, distance_upper_bound=radius * (1 + _PREFILTER_SLACK),
-                             workers=-1)
+                             workers=1)
     dist, index = dist.reshape(len(points), k), index.reshape(len(points), k)
     several = np.isfinite(dist[:, 1]) if k == 2 else np.zeros(len(points), dtype=bool)
     single = np.isfinite(dist[:, 0]) & ~several
@@ -156,7 +158,7 @@ def self_pairs_within(tree: cKDTree, radius: float) -> np.ndarray:
     if tree.n < 2:
         return np.zeros((0, 2), dtype=np.int64)
     dist, _ = tree.query(tree.data, k=2, distance_upper_bound=radius * (1 + _PREFILTER_SLACK),
-                         workers=-1)
+                         workers=1)
     close = np.flatnonzero(np.isfinite(dist[:, 1]))
     if len(close) < 2:
         return np.zeros((0, 2), dtype=np.int64)
