@@ -196,7 +196,7 @@ class StarStore:
         """Close the environment (idempotent)."""
         self.env.close()
 
-    def trim_map_if_large(self) -> bool:
+    def trim_map_if_large(self, *, force: bool = False) -> bool:
         """Drop the LMDB map's pages from this process when they grow large.
 
         Pages of the memory map that were read stay mapped (and count in the process's RSS)
@@ -209,12 +209,13 @@ class StarStore:
         file mapping (read-only for readers; writers write through it, ``writemap``): the
         kernel moves a dropped page's dirty state to the page cache, so this never loses data
         and is safe under open transactions and zero-copy buffers.  Linux only (a no-op
-        elsewhere).  Returns True if it trimmed.
+        elsewhere).  ``force``: trim whatever the size (when a phase that read much of the
+        map ends and memory is needed next).  Returns True if it trimmed.
         """
         if not self.map_rss_budget or self._rss_file_baseline is None:
             return False
         rss = _rss_file_bytes()
-        if rss is None or rss - self._rss_file_baseline <= self.map_rss_budget:
+        if not force and (rss is None or rss - self._rss_file_baseline <= self.map_rss_budget):
             return False
         trimmed = _drop_mapped_pages(self.path / "data.mdb")
         self.map_trims += trimmed

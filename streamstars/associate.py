@@ -336,7 +336,6 @@ def load_observations_near(store: StarStore, txn: lmdb.Transaction, band: str,
             rows = np.repeat(lo - np.cumsum(length) + length, length) + np.arange(length.sum())
             parts.append({name: _OBS_READER.column(value, name, n)[rows]
                           for name in POSITION_DTYPES})
-        store.trim_map_if_large()  # every visit's record of the pixel was touched
     return concat(parts, POSITION_DTYPES)
 
 
@@ -387,7 +386,6 @@ def _write_components(store: StarStore, txn: lmdb.Transaction, band: str, table:
     """Write the component records of ``pixels_to_write`` and keep the ``rmax`` bound."""
     _write_grouped(store, txn, DB_COMPONENTS, band, table, pixel, pixels_to_write,
                    COMPONENT_DTYPES)
-    store.trim_map_if_large()  # replacing a value touches its old pages
     if len(table["rmax"]):
         top = float(table["rmax"].max())
         if top > max_rmax(store, txn, band):
@@ -736,7 +734,6 @@ def _extend_in_order(store: StarStore, txn: lmdb.Transaction, band: str, comps: 
         if old_ids[k] != out["comp_id"][k]:
             store.cached_delete(txn, DB_MEMBERS, member_key(band, int(old_ids[k])))
         store.cached_put(txn, DB_MEMBERS, member_key(band, int(out["comp_id"][k])), value)
-    store.trim_map_if_large()
     # candidates of the components that are not cliques now, under their new ids
     by_old = np.argsort(old_ids[t])
     cands["comp_id"] = out["comp_id"][t][by_old][np.searchsorted(old_ids[t], cands["comp_id"],
@@ -783,7 +780,6 @@ def _append_members(store: StarStore, txn: lmdb.Transaction, band: str, old_ids:
         if old != new:
             store.cached_delete(txn, DB_MEMBERS, member_key(band, old))
         store.cached_put(txn, DB_MEMBERS, member_key(band, new), value)
-    store.trim_map_if_large()
 
 
 def _read_members(store: StarStore, txn: lmdb.Transaction, band: str,
@@ -791,7 +787,6 @@ def _read_members(store: StarStore, txn: lmdb.Transaction, band: str,
     """The member rows of tracked components, concatenated in the order of ``comp_ids``
     (through the writer's cache: :meth:`StarStore.cached_get`)."""
     parts = [_member_list(store, txn, band, c) for c in comp_ids.tolist()]
-    store.trim_map_if_large()
     # one buffer, one view: concatenating structured arrays is slow
     return np.frombuffer(b"".join(parts), dtype=MEMBER_DTYPE)
 
@@ -934,7 +929,6 @@ def _resolve_exactly(store: StarStore, txn: lmdb.Transaction, band: str, new_obs
     for k, comp_id in enumerate(comps["comp_id"].tolist()):
         store.cached_put(txn, DB_MEMBERS, member_key(band, comp_id),
                          members[order[bounds[k]:bounds[k + 1]]].tobytes())
-    store.trim_map_if_large()
     return comps, cands
 
 

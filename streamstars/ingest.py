@@ -209,7 +209,6 @@ def _add_visit(store: StarStore, txn: lmdb.Transaction, prepared: PreparedVisit,
                ) -> tuple[BandUpdateStats | None, ReferenceStats]:
     obs = prepared.observations
     pixels = write_observations(store, txn, prepared.band, prepared.visit, obs)
-    store.trim_map_if_large()
     record: dict[str, Any] = {
         "visit": prepared.visit,
         "band": prepared.band,

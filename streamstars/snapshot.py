@@ -122,9 +122,6 @@ def read_band_table(store: StarStore, txn: lmdb.Transaction, db: bytes, band: st
     return concat(parts, schema)
 
 
-#: Trim the map (:meth:`StarStore.trim_map_if_large`) after this many records read.
-_TRIM_EVERY = 64
-
 
 @dataclass
 class ObservationPositions:
@@ -142,7 +139,7 @@ def read_observation_positions(store: StarStore, txn: lmdb.Transaction) -> Obser
     with ``buffers=True``: only these columns' pages are read, nothing is copied twice)."""
     parts, codes, starts = [], [], [0]
     names: dict[str, int] = {}
-    for i, (key, value) in enumerate(txn.cursor(db=store.dbs[DB_OBSERVATIONS])):
+    for key, value in txn.cursor(db=store.dbs[DB_OBSERVATIONS]):
         # pass 1 reads what the association reads of an observation: identity and position
         part = decode_columns(value, STORED_OBSERVATION_DTYPES, POSITION_COLUMNS)
         # copy the four columns now: views would keep whole values alive (buffers=False)
@@ -150,8 +147,7 @@ def read_observation_positions(store: StarStore, txn: lmdb.Transaction) -> Obser
         code = names.setdefault(band_from_key(bytes(key)), len(names))
         codes.append(np.full(len(part["source_id"]), code, dtype=np.uint8))
         starts.append(starts[-1] + len(part["source_id"]))
-        if i % _TRIM_EVERY == _TRIM_EVERY - 1:
-            store.trim_map_if_large()
+        store.note_access()  # the map's size is checked every few records read
     if len(names) > 255:
         raise StateError(f"store {store.path} holds more than 255 bands")
     return ObservationPositions(
@@ -178,8 +174,7 @@ def read_observation_rows(store: StarStore, txn: lmdb.Transaction,
                 raise StateError("observations changed between the two snapshot passes")
             for name, column in part.items():
                 out[name][order[lo:hi]] = column[local]
-        if i % _TRIM_EVERY == _TRIM_EVERY - 1:
-            store.trim_map_if_large()
+        store.note_access()  # the map's size is checked every few records read
     return out
 
 
@@ -336,6 +331,7 @@ def build_catalogs(store: StarStore, txn: lmdb.Transaction,
     records = [rec for _, rec in store.iter_visit_records(txn)]
     candidates = {band: band_candidates(store, txn, band) for band in config.primaryBands}
     positions = read_observation_positions(store, txn)
+    store.trim_map_if_large(force=True)  # pass 1 is done: its pages are not needed by the heap
     stars, rows = build_stars(candidates, positions.columns, positions.band_code,
                               positions.band_names, config)
     positions.columns = {}  # pass 2 reads every column of the member rows only

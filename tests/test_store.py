@@ -167,3 +167,14 @@ def test_file_memory_that_is_not_the_map_does_not_make_every_check_trim(
         assert not store.trim_map_if_large()  # ... and the other file is not the map's
         assert not store.trim_map_if_large()
         assert store.map_trims == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_a_forced_trim_drops_the_map_under_its_budget(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``force=True`` (the snapshot between its passes) trims whatever the map's size."""
+    monkeypatch.setenv("STREAMSTARS_MAP_RSS_MB", "512")
+    with StarStore.open(tmp_path / "s", BuildStarsConfig()) as store:
+        assert not store.trim_map_if_large()  # far under the budget
+        assert store.trim_map_if_large(force=True)
+        assert store.map_trims == 1
