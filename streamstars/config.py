@@ -544,11 +544,13 @@ def _refuse(source: str, differences: list[tuple[str, Any, Any]]) -> None:
     if differences:
         details = "; ".join(f"{key} (store: {old!r}, given: {new!r})"
                             for key, old, new in differences)
+        refs = any(key.startswith("fgcmLoadReferenceCatalog.") for key, _, _ in differences)
         raise ConfigError(
             f"{source} changes settings that shape the stored data: {details}. A snapshot may "
             f"change only {', '.join(SNAPSHOT_TIME_KEYS)}; remove the others from the file, or "
             "build a new store with them (streamstars backfill REPO --state NEW_DIR --config "
-            "FILE)")
+            "FILE)" + ("; the reference catalog settings are changed on the store with "
+                       "streamstars refresh-refs --state DIR --config FILE" if refs else ""))
 
 
 def _overlay(cls: type[Any], base: dict[str, Any], table: dict[str, Any]) -> dict[str, Any]:

@@ -175,7 +175,8 @@ def test_an_entry_put_into_out_while_the_snapshot_is_written_is_not_deleted(
     ("minPerBand = 3\nreferenceCCD = 7\nrandomSeed = 9\n",
      ["minPerBand (store: 2, given: 3)", "referenceCCD (store: 40, given: 7)"]),
     ('[fgcmLoadReferenceCatalog]\nfilterMap = {"r_57" = "r"}\n',
-     ["fgcmLoadReferenceCatalog.filterMap"]),
+     ["fgcmLoadReferenceCatalog.filterMap",
+      "changed on the store with streamstars refresh-refs --state DIR --config FILE"]),
 ])
 def test_snapshot_config_refuses_settings_that_shape_stored_data(
         text: str, keys: list[str], state: Path, tmp_path: Path) -> None:
