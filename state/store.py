@@ -25,8 +25,12 @@ One write transaction per visit; the map grows automatically on ``MapFullError``
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import glob
 import json
+import logging
 import os
+import secrets
 import shutil
 import struct
 import time
@@ -38,7 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import lmdb
 
 from streamstars.config import BuildStarsConfig, config_from_json, to_dict
-from streamstars.errors import DiskFullError, StateError
+from streamstars.errors import ConfigError, DiskFullError, StateError
 
 #: The writer's cache of small values read again and again (member lists) holds at most this
 #: many bytes; past it, the least recently used values are dropped.  It is heap memory that
@@ -81,6 +85,7 @@ _U64 = struct.Struct(">Q")
 _SIGN = 1 << 63
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from streamstars.references import ReferenceSource
@@ -366,8 +371,11 @@ class StarStore:
         LMDB's compacting copy (``mdb_env_copy2``): free pages are left out, so the copy is
         as large as the data (not sparse), and it is consistent — every visit with its
         observations, components and Kafka offset, or none — while a writer goes on.  It is
-        written into a hidden sibling directory and renamed into place, so ``dest`` is either
-        complete or absent.  Returns ``dest``.
+        written into a hidden sibling directory ``.<dest>.backup-<pid>-<random>``, locked
+        (``flock``) while the copy runs, and renamed into place, so ``dest`` is either
+        complete or absent.  Such directories left behind by a killed backup of the same
+        ``dest`` (unlocked, their process gone) are removed first; one of a backup still
+        running is left alone.  Returns ``dest``.
 
         Raises:
             StateError: ``dest`` exists and is not an empty directory, or the copy failed.
@@ -375,16 +383,24 @@ class StarStore:
         dest = Path(dest)
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise StateError(f"backup destination {dest} exists and is not an empty directory")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        building = dest.parent / f".{dest.name}.backup-{os.getpid()}"
-        shutil.rmtree(building, ignore_errors=True)
-        building.mkdir()
         try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _remove_dead_backups(dest)
+            building = dest.parent / f".{dest.name}.backup-{os.getpid()}-{secrets.token_hex(4)}"
+            building.mkdir()
+            lock_fd = os.open(building, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise StateError(f"cannot back up {self.path} to {dest}: {exc}") from exc
+        try:
+            # held until the copy is in place: a backup that starts meanwhile leaves it alone
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
             self.env.copy(str(building), compact=True)
             os.replace(building, dest)  # replaces an empty directory atomically
         except (lmdb.Error, OSError) as exc:
             shutil.rmtree(building, ignore_errors=True)
             raise StateError(f"cannot back up {self.path} to {dest}: {exc}") from exc
+        finally:
+            os.close(lock_fd)
         return dest
 
     @contextmanager
@@ -545,6 +561,49 @@ def _drop_mapped_pages(data_file: Path) -> int:
     return done
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_dead_backups(dest: Path) -> list[Path]:
+    """Remove ``.<dest>.backup-<pid>[-<random>]`` directories of killed backups of ``dest``.
+
+    A running backup holds an exclusive ``flock`` on its directory from just after creating
+    it until it is renamed into place; in the instant between the two its process is alive.
+    So a directory is removed only when its lock can be taken *and* the process named in it
+    is gone (a reused pid merely postpones the cleaning).  Returns the directories removed.
+    """
+    removed = []
+    for leftover in dest.parent.glob(f".{glob.escape(dest.name)}.backup-*"):
+        if leftover.is_symlink() or not leftover.is_dir():
+            continue
+        pid_text = leftover.name.rsplit(".backup-", 1)[1].split("-", 1)[0]
+        if pid_text.isdigit() and _process_alive(int(pid_text)):
+            continue
+        try:
+            fd = os.open(leftover, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue  # renamed or removed meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a backup is writing into it
+        try:
+            shutil.rmtree(leftover, ignore_errors=True)
+        finally:
+            os.close(fd)
+        removed.append(leftover)
+        log.info("removed %s, left by a backup that was killed", leftover)
+    return removed
+
+
 def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
     """Open the environment; writers use a writable map (``writemap``, docs/state.md)."""
     try:
@@ -611,7 +670,12 @@ def _check_meta(path: Path, stored: dict[str, bytes],
             f"{version.decode() if version else 'unknown'}, this streamstars reads version "
             f"{FORMAT_VERSION}; rebuild it with `streamstars backfill` into a new directory"
         )
-    stored_config = config_from_json(stored[META_CONFIG.decode()].decode())
+    try:
+        stored_config = config_from_json(stored[META_CONFIG.decode()].decode())
+    except ConfigError as exc:
+        raise StateError(
+            f"{path} was built with a configuration this streamstars refuses ({exc}); "
+            "rebuild it with a valid configuration into a new state directory") from exc
     if config is None:
         return stored_config
     old = json.loads(stored[META_FINGERPRINT.decode()])

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from streamstars import __version__
-from streamstars.config import BuildStarsConfig, load_config
+from streamstars.config import BuildStarsConfig, load_config, load_snapshot_config
 from streamstars.errors import ConfigError, StreamstarsError
 
 if TYPE_CHECKING:
@@ -74,7 +74,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if bad or not formats:
         raise SystemExit(f"--format takes fits and/or parquet, got {args.format!r}")
     with StarStore.open(args.state, readonly=True) as store:
-        config = load_config(args.config) if args.config else None
+        # the file's keys are applied on top of the store's configuration; a key that shapes
+        # the stored data must keep the store's value (ConfigError naming it otherwise)
+        config = load_snapshot_config(args.config, store.config) if args.config else None
         summary = write_store_snapshot(store, args.out, formats=formats, config=config)
     print(f"snapshot: {summary.n_visits} visits, {summary.n_stars:,} stars, "
           f"{summary.n_observations:,} observations -> {summary.out_dir} "
@@ -163,8 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (replaced atomically)")
     p.add_argument("--state", required=True, help="state directory")
     p.add_argument("--format", default="fits,parquet", help="fits,parquet (default both)")
-    p.add_argument("--config", help="override snapshot-time settings (isolation, "
-                   "requiredBands, density cut); must agree on everything else")
+    p.add_argument("--config", help="TOML whose keys are applied on top of the store's "
+                   "configuration; only snapshot-time settings (requiredBands, isolationRadius, "
+                   "density cut, randomSeed, reserveFraction, fgcmLoadReferenceCatalog."
+                   "matchRadius) may differ from the store's")
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("status", help="what a store holds")

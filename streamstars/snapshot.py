@@ -42,7 +42,7 @@ from streamstars.associate import (
     centres_of,
 )
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
-from streamstars.config import BuildStarsConfig, to_dict
+from streamstars.config import BuildStarsConfig, check_snapshot_config, to_dict
 from streamstars.errors import StateError
 from streamstars.io.snapshot_files import SnapshotCatalogs, write_snapshot
 from streamstars.references import snapshot_references
@@ -326,8 +326,18 @@ def visit_catalog(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 def build_catalogs(store: StarStore, txn: lmdb.Transaction,
                    config: BuildStarsConfig | None = None) -> tuple[SnapshotCatalogs,
                                                                     StarCatalog]:
-    """Everything a snapshot writes, from one read transaction."""
-    config = config or store.config
+    """Everything a snapshot writes, from one read transaction.
+
+    ``config`` (default: the store's) may differ from the store's configuration in
+    snapshot-time settings only (:data:`streamstars.config.SNAPSHOT_TIME_KEYS`).
+
+    Raises:
+        ConfigError: ``config`` differs from the store's in a setting that shapes stored data.
+    """
+    if config is None:
+        config = store.config
+    else:
+        check_snapshot_config(store.config, config)
     records = [rec for _, rec in store.iter_visit_records(txn)]
     candidates = {band: band_candidates(store, txn, band) for band in config.primaryBands}
     positions = read_observation_positions(store, txn)

@@ -349,7 +349,7 @@ def test_refuses_unrelated_directory(tmp_path: Path) -> None:
     out = tmp_path / "mydata"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    with pytest.raises(SnapshotDirectoryError, match="not a streamstars snapshot"):
+    with pytest.raises(SnapshotDirectoryError, match="does not write: thesis.tex"):
         write_snapshot(out, make_catalogs())
     assert os.listdir(out) == ["thesis.tex"]
     assert sorted(os.listdir(tmp_path)) == ["mydata"]

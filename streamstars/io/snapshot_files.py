@@ -46,9 +46,15 @@ Atomic replacement
 
 Writers of the same parent directory are serialised with ``flock`` on the parent directory,
 and leftovers of a crashed writer (``.<name>.tmp-*`` / ``.<name>.old-*``) are removed under that
-lock.  An existing non-empty ``out_dir`` that does not look like a snapshot (none of
-``SNAPSHOT.json``, ``fgcmStarIds.fits``, ``fgcm_star_ids.parquet``) is never touched:
-:class:`SnapshotDirectoryError` is raised.
+lock.  An existing ``out_dir`` is replaced only when it holds nothing but entries a snapshot
+writes (:data:`SNAPSHOT_ENTRIES`, checked before the files are written and again just before
+the swap); anything else in it (notes, a backup, a state directory...) would be deleted with
+the old snapshot, so :class:`SnapshotDirectoryError` is raised naming those entries and
+nothing is written or removed.
+
+A file that cannot be written (full disk, permissions, I/O error) raises
+:class:`SnapshotWriteError` with one message: the partial files are removed and the previous
+snapshot is unchanged (it is only replaced once every new file is complete).
 """
 
 from __future__ import annotations
@@ -84,11 +90,13 @@ __all__ = [
     "MANIFEST_NAME",
     "PARQUET_FILES",
     "REFSTARS_FORMAT_VERSION",
+    "SNAPSHOT_ENTRIES",
     "STAR_DTYPES",
     "VISIT_ARRAY_FIELDS",
     "VISIT_SCALAR_DTYPES",
     "SnapshotCatalogs",
     "SnapshotDirectoryError",
+    "SnapshotWriteError",
     "compare_snapshots",
     "read_snapshot",
     "write_snapshot",
@@ -115,7 +123,15 @@ PARQUET_FILES = {
     "stars": "fgcm_star_ids.parquet",
     "reference": "fgcm_reference_stars.parquet",
 }
-_SNAPSHOT_MARKERS = (MANIFEST_NAME, FITS_FILES["stars"], PARQUET_FILES["stars"])
+#: Every entry a snapshot directory may hold, name -> ``"file"`` or ``"dir"``: the one list
+#: that says what a snapshot writes.  A directory holding anything else is never replaced
+#: (:class:`SnapshotDirectoryError` names the foreign entries): the swap would delete them.
+#: A new output (e.g. a ``fgcm_stars/`` HATS directory) is added here.
+SNAPSHOT_ENTRIES: dict[str, str] = {
+    MANIFEST_NAME: "file",
+    **{name: "file" for name in FITS_FILES.values()},
+    **{name: "file" for name in PARQUET_FILES.values()},
+}
 
 #: Scalar fields of the visit catalog, in file order (``physicalFilter`` is a string).
 VISIT_SCALAR_DTYPES: dict[str, np.dtype] = {
@@ -207,7 +223,13 @@ _INT32_MAX = np.iinfo(np.int32).max
 
 
 class SnapshotDirectoryError(StreamstarsError):
-    """``out_dir`` cannot be used for a snapshot (e.g. it holds unrelated files)."""
+    """``out_dir`` cannot be used for a snapshot (e.g. it holds files a snapshot does not
+    write)."""
+
+
+class SnapshotWriteError(StreamstarsError):
+    """The snapshot could not be written (full disk, no permission, I/O error); the previous
+    snapshot, if any, is unchanged and the partial files are removed."""
 
 
 @dataclass
@@ -557,12 +579,32 @@ def _locked_parent(parent: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _looks_like_snapshot(path: Path) -> bool:
-    return any((path / marker).is_file() for marker in _SNAPSHOT_MARKERS)
+def _foreign_entries(out_dir: Path) -> list[str]:
+    """Entries of ``out_dir`` that a snapshot does not write (``/`` marks directories)."""
+    foreign = []
+    with os.scandir(out_dir) as entries:
+        for entry in entries:
+            kind = SNAPSHOT_ENTRIES.get(entry.name)
+            if entry.is_symlink():
+                ok = False
+            elif kind == "file":
+                ok = entry.is_file(follow_symlinks=False)
+            elif kind == "dir":
+                ok = entry.is_dir(follow_symlinks=False)
+            else:
+                ok = False
+            if not ok:
+                foreign.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False)
+                                             else ""))
+    return sorted(foreign)
 
 
 def _check_out_dir(out_dir: Path) -> bool:
-    """Whether ``out_dir`` exists (as a replaceable directory); raise when it must not be used."""
+    """Whether ``out_dir`` exists (as a replaceable directory); raise when it must not be used.
+
+    A replaceable directory is empty or holds only entries of :data:`SNAPSHOT_ENTRIES` (of the
+    right kind): replacing it deletes nothing else.
+    """
     if out_dir.is_symlink():
         raise SnapshotDirectoryError(
             f"{out_dir} is a symbolic link; pass the real directory path to write_snapshot")
@@ -570,11 +612,14 @@ def _check_out_dir(out_dir: Path) -> bool:
         return False
     if not out_dir.is_dir():
         raise SnapshotDirectoryError(f"{out_dir} exists and is not a directory")
-    if any(out_dir.iterdir()) and not _looks_like_snapshot(out_dir):
+    foreign = _foreign_entries(out_dir)
+    if foreign:
+        shown = ", ".join(foreign[:20]) + (f" and {len(foreign) - 20} more"
+                                           if len(foreign) > 20 else "")
         raise SnapshotDirectoryError(
-            f"{out_dir} is a non-empty directory that is not a streamstars snapshot (no "
-            f"{', '.join(_SNAPSHOT_MARKERS)}); refusing to replace it. Choose another path "
-            "or empty it yourself.")
+            f"{out_dir} holds entries a streamstars snapshot does not write: {shown}; "
+            "replacing the directory would delete them, so nothing was written. Move them out "
+            "of it, or choose another output directory.")
     return True
 
 
@@ -583,6 +628,99 @@ def _remove_leftovers(parent: Path, name: str) -> None:
         for leftover in parent.glob(f"{prefix}*"):
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _write_files(tmp: Path, cat: SnapshotCatalogs, fmts: Sequence[str],
+                 checksums: bool) -> dict[str, int]:
+    """Write every file of the snapshot and its manifest (last) into ``tmp``; fsync all."""
+    rows: dict[str, int] = {}
+    if "fits" in fmts:
+        rows.update(_write_fits_files(tmp, cat))
+    if "parquet" in fmts:
+        rows.update(_write_parquet_files(tmp, cat))
+    files: dict[str, dict[str, Any]] = {}
+    for fname in sorted(rows):
+        path = tmp / fname
+        _fsync_path(path)
+        entry: dict[str, Any] = {"rows": rows[fname], "bytes": path.stat().st_size}
+        if checksums:
+            entry["sha256"] = _sha256(path)
+        files[fname] = entry
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "formats": list(fmts),
+        "files": files,
+        "reference_filters": list(cat.reference_filters),
+        "provenance": cat.metadata,
+    }
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _fsync_path(tmp / MANIFEST_NAME)
+    _fsync_path(tmp, directory=True)
+    return rows
+
+
+def _publish(tmp: Path, target: Path, exists: bool, grace_seconds: float) -> None:
+    """Put the complete snapshot ``tmp`` at ``target`` (see the module docstring)."""
+    parent = target.parent
+    try:
+        if not exists:
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            _fsync_path(parent, directory=True)
+            if grace_seconds > 0:
+                time.sleep(grace_seconds)
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old snapshot
+            return
+        else:
+            old = parent / f".{target.name}.old-{secrets.token_hex(8)}"
+            os.rename(target, old)  # window: target missing until the next rename
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                os.rename(old, target)  # the previous snapshot back in place
+                raise
+            _fsync_path(parent, directory=True)
+            if grace_seconds > 0:
+                time.sleep(grace_seconds)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        _fsync_path(parent, directory=True)
+    except OSError as exc:
+        # tmp holds the new snapshot (not published) or, after the exchange, the old one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SnapshotWriteError(f"cannot put the snapshot in place at {target}: "
+                                 f"{exc.strerror or exc}") from exc
+
+
+def _directory_bytes(path: Path) -> int:
+    try:
+        return sum(entry.stat(follow_symlinks=False).st_size for entry in os.scandir(path)
+                   if entry.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
+
+
+def _write_error(target: Path, exc: OSError) -> SnapshotWriteError:
+    """One clear message for a snapshot that could not be written (nothing was replaced)."""
+    exists = target.is_dir()
+    # astropy raises its own "Not enough space on disk" OSError (no errno); pyarrow's errors
+    # carry the errno in their text only
+    text = str(exc).lower()
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT) or "space" in text or "quota" in text
+    kept = (f"the previous snapshot at {target} is unchanged" if exists
+            else f"{target} was not created")
+    if full:
+        size = _directory_bytes(target) if exists else 0
+        need = f" (the previous snapshot takes {size / 1e6:,.1f} MB)" if size else ""
+        return SnapshotWriteError(
+            f"cannot write the snapshot {target}: no space left on the file system of "
+            f"{target.parent}. Nothing was replaced: {kept}, and the partial files were "
+            f"removed. Free space there{need} and run the snapshot again.")
+    where = f" ({exc.filename})" if exc.filename else ""
+    return SnapshotWriteError(
+        f"cannot write the snapshot {target}: {exc.strerror or exc}{where}. Nothing was "
+        f"replaced: {kept}, and the partial files were removed.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,7 +755,12 @@ def write_snapshot(out_dir: str | os.PathLike[str], catalogs: SnapshotCatalogs,
     Raises
     ------
     SnapshotDirectoryError
-        ``out_dir`` is a symlink, a file, or a non-empty directory that is not a snapshot.
+        ``out_dir`` is a symlink, a file, or a directory holding an entry that is not in
+        :data:`SNAPSHOT_ENTRIES` (nothing is written or removed).
+    SnapshotWriteError
+        A file could not be written (full disk, permissions, I/O error) or the snapshot could
+        not be put in place; the previous snapshot is unchanged and the partial files are
+        removed.
     ValueError
         Invalid catalogs or formats.
     """
@@ -628,59 +771,25 @@ def write_snapshot(out_dir: str | os.PathLike[str], catalogs: SnapshotCatalogs,
     cat = _normalise(catalogs)
     target = Path(os.path.abspath(os.fspath(out_dir)))
     parent, name = target.parent, target.name
-    parent.mkdir(parents=True, exist_ok=True)
-
-    with _locked_parent(parent):
-        exists = _check_out_dir(target)
-        _remove_leftovers(parent, name)
-        tmp = parent / f".{name}.tmp-{secrets.token_hex(8)}"
-        tmp.mkdir()
+    tmp = parent / f".{name}.tmp-{secrets.token_hex(8)}"
+    with contextlib.ExitStack() as stack:
         try:
-            rows: dict[str, int] = {}
-            if "fits" in fmts:
-                rows.update(_write_fits_files(tmp, cat))
-            if "parquet" in fmts:
-                rows.update(_write_parquet_files(tmp, cat))
-            files: dict[str, dict[str, Any]] = {}
-            for fname in sorted(rows):
-                path = tmp / fname
-                _fsync_path(path)
-                entry: dict[str, Any] = {"rows": rows[fname], "bytes": path.stat().st_size}
-                if checksums:
-                    entry["sha256"] = _sha256(path)
-                files[fname] = entry
-            manifest = {
-                "format": MANIFEST_FORMAT,
-                "format_version": MANIFEST_VERSION,
-                "formats": list(fmts),
-                "files": files,
-                "reference_filters": list(cat.reference_filters),
-                "provenance": cat.metadata,
-            }
-            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True)
-                                              + "\n")
-            _fsync_path(tmp / MANIFEST_NAME)
-            _fsync_path(tmp, directory=True)
+            parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_locked_parent(parent))
+            exists = _check_out_dir(target)
+            _remove_leftovers(parent, name)
+            tmp.mkdir()
+            rows = _write_files(tmp, cat, fmts, checksums)
+            # checked again: an entry put into out_dir while the files were written would be
+            # deleted with the old snapshot
+            exists = _check_out_dir(target)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error(target, exc) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-
-        if not exists:
-            os.rename(tmp, target)
-            _fsync_path(parent, directory=True)
-        elif _exchange(tmp, target):
-            _fsync_path(parent, directory=True)
-            if grace_seconds > 0:
-                time.sleep(grace_seconds)
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old snapshot
-        else:
-            old = parent / f".{name}.old-{secrets.token_hex(8)}"
-            os.rename(target, old)  # window: target missing until the next rename
-            os.rename(tmp, target)
-            _fsync_path(parent, directory=True)
-            if grace_seconds > 0:
-                time.sleep(grace_seconds)
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, target, exists, grace_seconds)
     return [target / fname for fname in sorted(rows)] + [target / MANIFEST_NAME]
 
 
