@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bands import band_name_problem
 from .errors import ConfigError
 
 DEFAULT_BAD_FLAGS: tuple[str, ...] = (
@@ -189,6 +190,7 @@ class BuildStarsConfig:
     fgcmLoadReferenceCatalog: RefcatLoadConfig = field(default_factory=RefcatLoadConfig)
 
     def __post_init__(self) -> None:
+        _check_band_names(self)
         if not self.primaryBands:
             raise ConfigError("primaryBands must name at least one band")
         if self.minPerBand < 1:
@@ -234,6 +236,18 @@ class BuildStarsConfig:
     def to_toml(self) -> str:
         """The configuration as TOML, loadable with :func:`load_config`."""
         return _to_toml(to_dict(self))
+
+
+def _check_band_names(config: BuildStarsConfig) -> None:
+    """Refuse band names the store cannot key (:func:`streamstars.bands.band_name_problem`),
+    naming the key: a visit of such a band could never be stored."""
+    named = [(f"primaryBands[{i}]", b) for i, b in enumerate(config.primaryBands)]
+    named += [(f"requiredBands[{i}]", b) for i, b in enumerate(config.requiredBands)]
+    named += [(f"physicalFilterMap.{k}", b) for k, b in config.physicalFilterMap.items()]
+    for key, band in named:
+        problem = band_name_problem(band)
+        if problem is not None:
+            raise ConfigError(f"{key} = {band!r}: {problem}")
 
 
 def to_dict(obj: Any) -> Any:
