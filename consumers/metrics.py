@@ -64,6 +64,16 @@ class ConsumerMetrics:
         self.observations_selected = Counter(
             "streamstars_observations_selected", "Observations selected and stored", registry=r
         )
+        self.rows_dropped = Counter(
+            "streamstars_rows_dropped",
+            "Source rows that passed every other cut but were dropped for unusable coordinates "
+            "(reason nonFiniteRaDec: non-finite ra/dec; raDecOutOfRange: outside [0, 360) x "
+            "[-90, 90]), by the visits applied",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("nonFiniteRaDec", "raDecOutOfRange"):  # exported from the start, at 0
+            self.rows_dropped.labels(reason)
         self.read_ahead = Counter(
             "streamstars_visits_read_ahead",
             "Visits read and selected while the previous one was applied, by whether the "

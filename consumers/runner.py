@@ -139,6 +139,8 @@ class _Outcome:
     n_sources: int = 0
     n_selected: int = 0
     seconds: float = 0.0
+    #: rows dropped for unusable coordinates, by reason (applied / replaced visits)
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 class Runner:
@@ -485,6 +487,8 @@ class Runner:
             self._changes_since_snapshot += 1
             delta = -1 if status == "retracted" else (1 if status == "applied" else 0)
             m.visits_stored.inc(delta)
+        for reason, count in outcome.dropped.items():
+            m.rows_dropped.labels(reason).inc(count)
         if status in ("applied", "replaced", "skipped"):
             m.sources_read.inc(outcome.n_sources)
             m.observations_selected.inc(outcome.n_selected if status != "skipped" else 0)
@@ -527,7 +531,7 @@ class Runner:
                                 kafka_offset=kafka_offset)
         self.faults.record_application(event.visit, result.status, kafka_offset.next_offset)
         return _Outcome(result.status, result.n_sources, result.n_selected,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, result.dropped)
 
     def _prepare_event(self, event: VisitEvent) -> Any:
         """Resolve the event's files and metadata, read and select the visit (no store

@@ -18,6 +18,8 @@ Sub-databases (all keys big-endian so that LMDB's byte order is numeric order):
                   pixel, cached for snapshot-time matching (see streamstars.references).
 ``offsets``       topic + partition -> next Kafka offset to consume (written in the same
                   transaction as the visit it belongs to).
+``source_ids``    block of 64 sourceIds -> which of them each visit stores, so that a visit
+                  reusing another visit's sourceIds is refused (streamstars.source_index).
 
 One write transaction per visit; the map grows automatically on ``MapFullError``.
 """
@@ -26,9 +28,11 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import glob
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -41,6 +45,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import lmdb
 
+from streamstars.bands import BAND_KEY_BYTES, band_name_problem
 from streamstars.config import BuildStarsConfig, config_from_json, to_dict
 from streamstars.errors import ConfigError, DiskFullError, StateError
 
@@ -65,6 +70,9 @@ META_CONFIG = b"config"
 META_FINGERPRINT = b"association_fingerprint"
 META_CREATED = b"created"
 META_REFCAT = b"refcat"
+#: present once ``source_ids`` indexes every stored observation (new stores have it at once;
+#: older ones get it built by the first writer, streamstars.source_index.ensure_source_index)
+META_SOURCE_INDEX = b"source_index"
 
 DB_META = b"meta"
 DB_VISITS = b"visits"
@@ -74,12 +82,15 @@ DB_CANDIDATES = b"candidates"
 DB_REFMATCH = b"refmatch"
 DB_MEMBERS = b"members"
 DB_OFFSETS = b"offsets"
+DB_SOURCE_IDS = b"source_ids"
 ALL_DBS = (DB_META, DB_VISITS, DB_OBSERVATIONS, DB_COMPONENTS, DB_CANDIDATES, DB_MEMBERS,
            DB_REFMATCH,
-           DB_OFFSETS)
+           DB_OFFSETS, DB_SOURCE_IDS)
+#: sub-databases a store written by an older streamstars may lack (readers do without them;
+#: the first writer creates them)
+OPTIONAL_DBS = (DB_SOURCE_IDS,)
 
 INITIAL_MAP_SIZE = 1 << 30
-BAND_KEY_BYTES = 8
 
 _U64 = struct.Struct(">Q")
 _SIGN = 1 << 63
@@ -91,12 +102,18 @@ if TYPE_CHECKING:
     from streamstars.references import ReferenceSource
 
 
+@functools.lru_cache(maxsize=256)
 def band_key(band: str) -> bytes:
-    """Fixed-width (8 byte) key prefix of a band name."""
-    raw = band.encode("ascii")
-    if len(raw) > BAND_KEY_BYTES:
-        raise ValueError(f"band name {band!r} longer than {BAND_KEY_BYTES} characters")
-    return raw.ljust(BAND_KEY_BYTES, b"\0")
+    """Fixed-width (8 byte) key prefix of a band name (cached: keys are built per pixel).
+
+    Raises:
+        ValueError: not a storable band name (:func:`streamstars.bands.band_name_problem`);
+            visits and configurations are checked before anything reaches here.
+    """
+    problem = band_name_problem(band)
+    if problem is not None:
+        raise ValueError(f"band {band!r}: {problem}")
+    return band.encode("ascii").ljust(BAND_KEY_BYTES, b"\0")
 
 
 def band_from_key(key: bytes) -> str:
@@ -143,8 +160,15 @@ class StarStore:
         self.config = config
         self.readonly = readonly
         self.env = env
-        self.dbs = {name: env.open_db(name, create=False) if readonly else env.open_db(name)
-                    for name in ALL_DBS}
+        self.dbs = {}
+        for name in ALL_DBS:
+            try:
+                self.dbs[name] = env.open_db(name, create=not readonly)
+            except lmdb.NotFoundError:
+                if name not in OPTIONAL_DBS:
+                    raise
+        #: the sourceId index was checked (streamstars.source_index.ensure_source_index)
+        self.source_index_checked = False
         #: file-backed resident memory (LMDB map) allowed before the map is trimmed; see
         #: :meth:`trim_map_if_large`
         self.map_rss_budget = _map_rss_budget()
@@ -171,8 +195,13 @@ class StarStore:
         must agree with the stored one on everything that shapes stored data
         (:meth:`BuildStarsConfig.association_fingerprint`); snapshot-time settings may differ.
 
+        A read-only open of a directory this process cannot write (a backup on a read-only
+        file system, another user's store) goes without LMDB's lock file: it cannot be
+        created there, and no writer can be working in such a directory.
+
         Raises:
-            StateError: not a store, another format version, or an incompatible config.
+            StateError: not a store (also another program's LMDB environment, which is never
+                written to), another format version, or an incompatible config.
         """
         path = Path(path)
         _map_rss_budget()  # bad settings fail before anything is created
@@ -182,16 +211,15 @@ class StarStore:
                 raise StateError(f"{path} is not a streamstars state directory (no data.mdb); "
                                  "create one with `streamstars backfill` or `streamstars run`")
             _create(path, config)
+        elif not readonly:
+            _refuse_foreign(path)  # before a writer's open could change anything there
         env = _open_env(path, readonly)
         try:
-            stored = _read_meta(env, readonly)
+            stored = _read_meta(env)
             if stored is None:
-                if readonly or config is None:
-                    raise StateError(f"{path} holds no streamstars metadata")
-                _write_meta(env, config)
-                effective = config
-            else:
-                effective = _check_meta(path, stored, config)
+                raise StateError(f"{path} holds no streamstars metadata; it is not a "
+                                 "streamstars state directory")
+            effective = _check_meta(path, stored, config)
             return cls(path, env, effective, readonly)
         except BaseException:
             env.close()
@@ -498,12 +526,19 @@ class StarStore:
 
 
 def _megabytes_setting(name: str, default: float) -> int:
-    """A size in megabytes from the environment variable ``name``, in bytes (>= 0)."""
+    """A size in megabytes from the environment variable ``name``, in bytes (>= 0).
+
+    Raises:
+        StateError: not a finite number (``nan``, ``inf`` and text are refused, naming the
+            variable).
+    """
     raw = os.environ.get(name, str(default))
     try:
         megabytes = float(raw)
     except ValueError as exc:
         raise StateError(f"{name} must be a number of megabytes, not {raw!r}") from exc
+    if not math.isfinite(megabytes):
+        raise StateError(f"{name} must be a finite number of megabytes, not {raw!r}")
     return int(max(megabytes, 0.0) * 1024 * 1024)
 
 
@@ -604,14 +639,60 @@ def _remove_dead_backups(dest: Path) -> list[Path]:
     return removed
 
 
+def _writable(path: Path) -> bool:
+    """Whether this process may write in directory ``path`` (and its LMDB lock file)."""
+    lock = path / "lock.mdb"
+    return os.access(path, os.W_OK) and (not lock.exists() or os.access(lock, os.W_OK))
+
+
 def _open_env(path: Path, readonly: bool) -> lmdb.Environment:
-    """Open the environment; writers use a writable map (``writemap``, docs/state.md)."""
+    """Open the environment; writers use a writable map (``writemap``, docs/state.md).
+
+    A reader that cannot write in the directory opens it without the lock file (LMDB cannot
+    create or update it there; no writer can work in such a directory either).
+    """
+    lock = not readonly or _writable(path)
     try:
         return lmdb.open(str(path), max_dbs=len(ALL_DBS) + 2, map_size=INITIAL_MAP_SIZE,
                          readonly=readonly, subdir=True, metasync=True, sync=True,
-                         readahead=False, max_readers=256, lock=True, writemap=not readonly)
+                         readahead=False, max_readers=256, lock=lock, writemap=not readonly)
     except lmdb.Error as exc:
         raise StateError(f"cannot open LMDB environment {path}: {exc}") from exc
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Refuse to write into an LMDB environment that is not a streamstars store.
+
+    Looked at through a read-only open (a writer's open could already change the file): a
+    store has the ``meta`` sub-database with a format version; an environment holding other
+    data is another program's, and nothing is written to it.
+
+    Raises:
+        StateError: ``path`` holds another program's LMDB environment (or is unreadable).
+    """
+    env = _open_env(path, readonly=True)
+    try:
+        with env.begin() as txn:
+            names = [bytes(k) for k, _ in txn.cursor()]
+        if not names:
+            foreign = ["(an empty LMDB environment)"]
+        elif DB_META not in names:
+            foreign = [n.decode(errors="replace") for n in names[:5]]
+        else:
+            try:
+                meta = env.open_db(DB_META, create=False)
+                with env.begin() as txn:
+                    foreign = [] if txn.get(META_FORMAT_VERSION, db=meta) is not None else \
+                        ["meta (without a streamstars format version)"]
+            except lmdb.Error:
+                foreign = ["meta (not a sub-database)"]
+    finally:
+        env.close()
+    if foreign:
+        raise StateError(
+            f"{path} holds an LMDB environment that is not a streamstars store (it holds "
+            f"{', '.join(foreign)}{' ...' if len(names) > 5 else ''}); nothing was written to "
+            "it: give an empty or new directory as --state")
 
 
 def _create(path: Path, config: BuildStarsConfig) -> None:
@@ -639,10 +720,10 @@ def _create(path: Path, config: BuildStarsConfig) -> None:
             raise
 
 
-def _read_meta(env: lmdb.Environment, readonly: bool) -> dict[str, bytes] | None:
+def _read_meta(env: lmdb.Environment) -> dict[str, bytes] | None:
     try:
-        meta_db = env.open_db(DB_META, create=not readonly)
-    except lmdb.NotFoundError:
+        meta_db = env.open_db(DB_META, create=False)
+    except lmdb.Error:  # absent, or a plain key of that name: not a store
         return None
     with env.begin() as txn:
         values = {k.decode(): bytes(v) for k, v in txn.cursor(db=meta_db)}
@@ -659,6 +740,7 @@ def _write_meta(env: lmdb.Environment, config: BuildStarsConfig) -> None:
                 json.dumps(config.association_fingerprint(), sort_keys=True).encode(), db=meta_db)
         txn.put(META_CREATED, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode(),
                 db=meta_db)
+        txn.put(META_SOURCE_INDEX, b"1", db=meta_db)  # an empty store's index is complete
 
 
 def _check_meta(path: Path, stored: dict[str, bytes],

@@ -58,6 +58,8 @@ class BackfillReport:
     apply_seconds: list[tuple[int, float]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     without_sources: list[int] = field(default_factory=list)
+    #: rows dropped for unusable coordinates by the visits applied or replaced, by reason
+    dropped: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -96,6 +98,8 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
             the one the store caches (before any visit is read).
         DiskFullError: the store's disk is nearly full (the visits applied so far stay; run
             again once space is freed).
+        KeyboardInterrupt: Ctrl-C; the visit being applied is rolled back (its transaction is
+            aborted), the visits applied before it stay, the visits read ahead are dropped.
     """
     start = time.perf_counter()
     ensure_references(store)
@@ -113,6 +117,9 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
             try:
                 prepared = future.result()
                 result = apply_prepared(store, prepared, replace=replace)
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)  # do not read further visits
+                raise
             except DiskFullError:
                 raise  # every later visit would fail the same way; resumable once freed
             except StreamstarsError as exc:
@@ -128,6 +135,8 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
                 report.sources_read += result.n_sources
                 report.observations_selected += result.n_selected
                 report.apply_seconds.append((visit.visit, result.seconds))
+                for reason, count in result.dropped.items():
+                    report.dropped[reason] = report.dropped.get(reason, 0) + count
                 if on_result is not None:
                     on_result(result)
             elapsed = max(time.perf_counter() - start, 1e-9)

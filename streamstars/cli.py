@@ -2,7 +2,8 @@
 
 Subcommands: ``backfill``, ``snapshot``, ``status``, ``backup``, ``retract``, ``config show``,
 ``simulate``, ``refresh-refs`` and, from :mod:`streamstars.consumers.cli`, ``run`` and
-``publish``.  Exit codes: 0 success, 1 some visits failed, 2 usage or configuration error.
+``publish``.  Exit codes: 0 success, 1 some visits failed, 2 usage or configuration error,
+130 interrupted (Ctrl-C: one line, no traceback; a backfill resumes where it stopped).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,11 +58,15 @@ def cmd_backfill(args: argparse.Namespace) -> int:
               f"found under {args.repo}", file=sys.stderr)
         return 1
     rate = report.sources_read / report.seconds if report.seconds else 0.0
+    dropped = sum(report.dropped.values())
+    dropped_text = (f"{dropped:,} rows dropped for unusable coordinates ("
+                    + ", ".join(f"{k} {v:,}" for k, v in sorted(report.dropped.items()))
+                    + "); ") if dropped else ""
     print(f"backfill: {report.applied} applied, {report.replaced} replaced, "
           f"{report.skipped} skipped, {len(report.failed)} failed, "
           f"{len(report.problems)} unusable files; "
           f"{report.sources_read:,} sources read, {report.observations_selected:,} observations "
-          f"selected in {report.seconds:.1f} s ({rate:,.0f} sources/s); "
+          f"selected in {report.seconds:.1f} s ({rate:,.0f} sources/s); {dropped_text}"
           f"store holds {n_visits} visits")
     return 0 if report.ok else 1
 
@@ -134,9 +140,19 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from streamstars.simulate import simulate_survey
 
-    survey = simulate_survey(args.out, n_visits=args.visits, seed=args.seed,
-                             sources_per_visit=args.sources_per_visit, crowded=args.crowded,
-                             ra_center=args.ra, dec_center=args.dec)
+    if args.visits < 1:
+        raise ConfigError(f"--visits must be at least 1, got {args.visits}")
+    if args.sources_per_visit < 1:
+        raise ConfigError(f"--sources-per-visit must be at least 1, got {args.sources_per_visit}")
+    if not (math.isfinite(args.ra) and math.isfinite(args.dec) and -90.0 <= args.dec <= 90.0):
+        raise ConfigError(f"--ra must be finite and --dec within [-90, 90], got {args.ra}, "
+                          f"{args.dec}")
+    try:
+        survey = simulate_survey(args.out, n_visits=args.visits, seed=args.seed,
+                                 sources_per_visit=args.sources_per_visit, crowded=args.crowded,
+                                 ra_center=args.ra, dec_center=args.dec)
+    except ValueError as exc:
+        raise ConfigError(f"cannot simulate: {exc}") from exc
     print(f"simulated {len(survey.visits)} visits ({survey.n_sources:,} sources) in {args.out}")
     return 0
 
@@ -229,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StreamstarsError as exc:
         print(f"streamstars: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = ("; the visits applied so far are kept (the one in progress was rolled back): "
+                "run the same command again to resume") if args.command == "backfill" else ""
+        print(f"streamstars: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bands import band_name_problem
 from .errors import ConfigError
 
 DEFAULT_BAD_FLAGS: tuple[str, ...] = (
@@ -191,6 +192,7 @@ class BuildStarsConfig:
     fgcmLoadReferenceCatalog: RefcatLoadConfig = field(default_factory=RefcatLoadConfig)
 
     def __post_init__(self) -> None:
+        _check_band_names(self)
         if not self.primaryBands:
             raise ConfigError("primaryBands must name at least one band")
         validate(self)
@@ -390,6 +392,18 @@ def validate(config: BuildStarsConfig) -> None:
             f"{STORE_PIXEL_REACH_FACTOR:g} x (matchRadius + "
             f"fgcmLoadReferenceCatalog.matchRadius) = {reach:g} arcsec wide: use storeNside "
             f"<= {largest} (or smaller radii)")
+
+
+def _check_band_names(config: BuildStarsConfig) -> None:
+    """Refuse band names the store cannot key (:func:`streamstars.bands.band_name_problem`),
+    naming the key: a visit of such a band could never be stored."""
+    named = [(f"primaryBands[{i}]", b) for i, b in enumerate(config.primaryBands)]
+    named += [(f"requiredBands[{i}]", b) for i, b in enumerate(config.requiredBands)]
+    named += [(f"physicalFilterMap.{k}", b) for k, b in config.physicalFilterMap.items()]
+    for key, band in named:
+        problem = band_name_problem(band)
+        if problem is not None:
+            raise ConfigError(f"{key} = {band!r}: {problem}")
 
 
 def to_dict(obj: Any) -> Any:

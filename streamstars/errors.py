@@ -32,6 +32,16 @@ class MissingMetadataError(PermanentInputError):
     """A visit has source tables but no visit metadata (visitSummary / visitTable row)."""
 
 
+class InvalidMetadataError(MissingMetadataError):
+    """A visit's metadata is there but unusable (non-finite boresight or date, a band name the
+    store cannot key, negative detector ids): as good as missing."""
+
+
+class SourceIdReuseError(InvalidSourceTableError):
+    """A visit's sourceIds are already stored for another visit (sourceIds are unique per
+    instrument): the later visit is refused."""
+
+
 class VisitConflictError(PermanentInputError):
     """A visit was already applied with different content and ``replace`` was not asked for."""
 

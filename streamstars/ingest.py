@@ -7,11 +7,19 @@ observations, the updated components of the pixels it touched, the visit record 
 content hash), the reference stars of the touched pixels and their neighbours not cached yet
 (when a reference catalog is configured, :mod:`streamstars.references`) and, when it came from
 Kafka, the next offset of its partition.
+
+The content hash of a visit covers what it contributes (its selected observations, its
+metadata values and its band), never where its files live: the same visit read from a moved
+or re-addressed repository, or named by Kafka events with other paths, is the same visit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
+import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -23,20 +31,34 @@ import lmdb
 import numpy as np
 
 from streamstars.associate import (
+    STORED_OBSERVATION_DTYPES,
     BandUpdateStats,
     add_observations,
     rebuild_after_removal,
     write_observations,
 )
+from streamstars.bands import band_name_problem
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict
 from streamstars.config import BuildStarsConfig
-from streamstars.errors import InvalidSourceTableError, VisitConflictError
+from streamstars.errors import InvalidMetadataError, InvalidSourceTableError, VisitConflictError
 from streamstars.io.sourcetable import read_source_tables
 from streamstars.references import ReferenceStats, cache_reference_pixels, ensure_references
-from streamstars.select import aperture_corrections, select_observations
-from streamstars.state.codec import encode_columns
-from streamstars.state.store import StarStore
+from streamstars.select import DROP_REASONS, aperture_corrections, select_visit
+from streamstars.source_index import claim_source_ids, ensure_source_index, release_source_ids
+from streamstars.state.codec import decode_columns, encode_columns
+from streamstars.state.store import DB_OBSERVATIONS, StarStore, observation_key
 from streamstars.visit import VisitMetadata
+
+log = logging.getLogger(__name__)
+
+#: A visit losing more than this fraction of its selectable rows to unusable coordinates is
+#: logged as a warning (fewer: at INFO level).
+BAD_COORDINATES_WARN_FRACTION = 0.01
+
+#: Version of the content hash (``content_hash_version`` of a visit record): 2 = without the
+#: metadata's ``source`` path.  Records without it were hashed with the path (see
+#: :func:`legacy_content_hash`).
+CONTENT_HASH_VERSION = 2
 
 Status = Literal["applied", "replaced", "skipped", "retracted", "absent"]
 
@@ -74,6 +96,9 @@ class PreparedVisit:
     source_paths: list[str] = field(default_factory=list)
     #: (path, size, mtime_ns) of the source files, so a resumed backfill can skip unchanged ones
     files: list[list[object]] = field(default_factory=list)
+    #: rows dropped for unusable coordinates that pass every other cut, by reason
+    #: (``nonFiniteRaDec``, ``raDecOutOfRange``; streamstars.select.select_visit)
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,6 +116,8 @@ class ApplyResult:
     #: pixels whose reference stars were loaded by this visit, and the stars cached
     reference_pixels: int = 0
     reference_stars: int = 0
+    #: rows dropped for unusable coordinates (applied or replaced visits; empty otherwise)
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 def file_signature(paths: Sequence[Path | str]) -> list[list[object]]:
@@ -102,32 +129,134 @@ def file_signature(paths: Sequence[Path | str]) -> list[list[object]]:
     return out
 
 
+def content_hash(observations: ColumnDict, metadata: VisitMetadata, band: str) -> str:
+    """sha256 of what a visit contributes: its selected observations (every column), its
+    metadata values and its band — not ``metadata.source`` (where the metadata was read)."""
+    values = metadata.to_dict()
+    del values["source"]
+    digest = hashlib.sha256()
+    digest.update(encode_columns(observations, OBSERVATION_DTYPES))
+    digest.update(json.dumps(values, sort_keys=True).encode())
+    digest.update(band.encode())
+    return digest.hexdigest()
+
+
+def legacy_content_hash(observations: ColumnDict, metadata: VisitMetadata, band: str,
+                        source: str) -> str:
+    """The content hash of records written before ``content_hash_version`` 2: it also covered
+    the metadata's ``source`` path.  With the stored record's own ``source`` it tells whether a
+    visit read from elsewhere has the content stored then."""
+    digest = hashlib.sha256()
+    digest.update(encode_columns(observations, OBSERVATION_DTYPES))
+    digest.update(dataclasses.replace(metadata, source=source).to_json().encode())
+    digest.update(band.encode())
+    return digest.hexdigest()
+
+
+def check_metadata(metadata: VisitMetadata, band: str) -> None:
+    """Refuse visit metadata that cannot make a usable fgcmVisitCatalog row.
+
+    Required: a band the store can key (1-8 printable ASCII characters), finite boresight
+    ``telra``/``teldec`` [deg] with ``|teldec| <= 90``, finite ``telha`` [deg] and ``mjd``
+    (fgcmcal computes airmasses and parallactic angles from them), and detector ids >= 0.
+    ``telrot``, ``pmb``, the PSF and sky values may be NaN (documented as unknown).
+
+    Raises:
+        InvalidMetadataError: naming the visit, the value and where it came from.
+    """
+    where = f"visit {metadata.visit}" + (f" ({metadata.source})" if metadata.source else "")
+    problem = band_name_problem(band)
+    if problem is not None:
+        origin = ("its band" if band == metadata.band
+                  else f"physicalFilterMap[{metadata.physical_filter!r}]")
+        raise InvalidMetadataError(f"{where}: band {band!r} ({origin}) cannot be stored: "
+                                   f"{problem}; the visit is refused")
+    bad = [f"{name} = {value!r}" for name, value in (
+        ("telra", metadata.telra), ("teldec", metadata.teldec), ("telha", metadata.telha),
+        ("mjd", metadata.mjd)) if not math.isfinite(value)]
+    if math.isfinite(metadata.teldec) and abs(metadata.teldec) > 90.0:
+        bad.append(f"teldec = {metadata.teldec!r} (outside [-90, 90])")
+    if bad:
+        raise InvalidMetadataError(
+            f"{where}: unusable visit metadata ({', '.join(bad)}): fgcmcal needs the boresight "
+            "and the date of every visit; fix the visitSummary / visitTable row (the visit is "
+            "refused)")
+    negative = [d for d in metadata.detectors if d < 0]
+    if negative:
+        raise InvalidMetadataError(f"{where}: negative detector id(s) {negative[:5]} in the "
+                                   "visit metadata; the visit is refused")
+
+
+def check_detectors(visit: int, detector: np.ndarray, metadata: VisitMetadata) -> None:
+    """Every source must sit on a detector the visit's metadata describes.
+
+    Detector ids index fgcm's per-detector arrays (``ccd``, ``deltaAperDetector``...): a
+    negative id, or one the metadata does not list (when it lists detectors: a visitSummary
+    or a ccdVisitTable), means the source table does not belong to this metadata.
+
+    Raises:
+        InvalidSourceTableError: naming the visit, the unknown ids and how many rows hold them.
+    """
+    detector = np.asarray(detector, dtype=np.int64)
+    if len(detector) and 0 <= detector.min() and detector.max() < 1 << 16:
+        counts = np.bincount(detector)  # detector ids are small: no sort needed
+        ids = np.flatnonzero(counts)
+        counts = counts[ids]
+    else:
+        ids, counts = np.unique(detector, return_counts=True)
+    bad = ids < 0
+    if metadata.detectors:
+        bad |= ~np.isin(ids, np.asarray(metadata.detectors, dtype=np.int64))
+    if bad.any():
+        known = sorted(metadata.detectors)
+        listed = (f"its metadata lists {len(known)} detectors ({known[0]}..{known[-1]})"
+                  if known else "detector ids cannot be negative")
+        raise InvalidSourceTableError(
+            f"visit {visit}: {int(counts[bad].sum())} source row(s) on detector(s) "
+            f"{ids[bad][:10].tolist()}, but {listed}; the source table does not match the "
+            "visit's metadata (the visit is refused)")
+
+
 def prepare_visit(visit_input: VisitInput, config: BuildStarsConfig) -> PreparedVisit:
     """Read, check and select one visit (no store access).
 
     Raises:
-        InputFileError, InvalidSourceTableError: unreadable or invalid source tables.
+        InputFileError, InvalidSourceTableError: unreadable or invalid source tables (also
+            sources on detectors the metadata does not describe).
+        InvalidMetadataError: the metadata cannot make a visit-catalog row (a band the store
+            cannot key, a non-finite boresight or date; :func:`check_metadata`).
     """
+    metadata = visit_input.metadata
+    band = config.band_of(metadata.physical_filter, metadata.band)
+    check_metadata(metadata, band)
     table = read_source_tables([Path(p) for p in visit_input.source_paths], config)
     visits_in_table = np.unique(np.asarray(table.column("visit")))
     if len(visits_in_table) != 1 or int(visits_in_table[0]) != visit_input.visit:
         raise InvalidSourceTableError(
             f"visit {visit_input.visit}: source tables {list(map(str, visit_input.source_paths))}"
             f" hold visit(s) {visits_in_table.tolist()}, not {visit_input.visit}")
-    metadata = visit_input.metadata
-    observations = select_observations(table, metadata, config)
+    check_detectors(visit_input.visit, np.asarray(table.column("detector")), metadata)
+    observations, dropped = select_visit(table, metadata, config)
+    _report_dropped(visit_input.visit, dropped, len(observations["source_id"]))
     delta_aper, per_detector = aperture_corrections(observations)
-    band = config.band_of(metadata.physical_filter, metadata.band)
-    digest = hashlib.sha256()
-    digest.update(encode_columns(observations, OBSERVATION_DTYPES))
-    digest.update(metadata.to_json().encode())
-    digest.update(band.encode())
     return PreparedVisit(
         visit=visit_input.visit, band=band, metadata=metadata, observations=observations,
         n_sources=table.num_rows, delta_aper=float(delta_aper),
         delta_aper_detector={int(k): float(v) for k, v in per_detector.items()},
-        content_hash=digest.hexdigest(), source_paths=[str(p) for p in visit_input.source_paths],
-        files=file_signature(visit_input.source_paths))
+        content_hash=content_hash(observations, metadata, band),
+        source_paths=[str(p) for p in visit_input.source_paths],
+        files=file_signature(visit_input.source_paths), dropped=dropped)
+
+
+def _report_dropped(visit: int, dropped: dict[str, int], n_selected: int) -> None:
+    lost = sum(dropped.values())
+    if not lost:
+        return
+    fraction = lost / (lost + n_selected)
+    level = logging.WARNING if fraction > BAD_COORDINATES_WARN_FRACTION else logging.INFO
+    log.log(level, "visit %d: %d of %d selectable rows dropped for unusable coordinates "
+            "(%.1f %%: %s)", visit, lost, lost + n_selected, 100.0 * fraction,
+            ", ".join(f"{k} {v}" for k, v in dropped.items() if v))
 
 
 def apply_prepared(store: StarStore, prepared: PreparedVisit, *, replace: bool = False,
@@ -140,6 +269,7 @@ def apply_prepared(store: StarStore, prepared: PreparedVisit, *, replace: bool =
     """
     start = time.perf_counter()
     ensure_references(store)  # validated once per open store, before the first visit
+    ensure_source_index(store)
 
     def body(txn: lmdb.Transaction) -> ApplyResult:
         record = store.visit_record(txn, prepared.visit)
@@ -147,8 +277,9 @@ def apply_prepared(store: StarStore, prepared: PreparedVisit, *, replace: bool =
         stats = None
         refs = ReferenceStats()
         if record is not None:
-            if record["content_hash"] == prepared.content_hash:
+            if _same_content(record, prepared):
                 status = "skipped"
+                _follow_files(store, txn, record, prepared)
             elif not replace:
                 raise VisitConflictError(
                     f"visit {prepared.visit} was already applied with different content "
@@ -164,7 +295,8 @@ def apply_prepared(store: StarStore, prepared: PreparedVisit, *, replace: bool =
                              kafka_offset.next_offset)
         return ApplyResult(prepared.visit, status, prepared.n_sources,
                            len(prepared.observations["source_id"]), 0.0, stats,
-                           refs.seconds, refs.pixels_filled, refs.stars_cached)
+                           refs.seconds, refs.pixels_filled, refs.stars_cached,
+                           dict(prepared.dropped) if status != "skipped" else {})
 
     result = store.write(body)
     result.seconds = time.perf_counter() - start
@@ -185,6 +317,7 @@ def retract_visit(store: StarStore, visit: int, *,
                   kafka_offset: KafkaOffset | None = None) -> ApplyResult:
     """Remove a visit completely (observations, components it shaped, visit record)."""
     start = time.perf_counter()
+    ensure_source_index(store)
 
     def body(txn: lmdb.Transaction) -> ApplyResult:
         record = store.visit_record(txn, visit)
@@ -204,16 +337,48 @@ def retract_visit(store: StarStore, visit: int, *,
     return result
 
 
+def _same_content(record: dict[str, Any], prepared: PreparedVisit) -> bool:
+    """Whether a stored visit has the content of ``prepared`` (wherever its files were)."""
+    if record["content_hash"] == prepared.content_hash:
+        return True
+    if record.get("content_hash_version") is not None:
+        return False
+    # a record of an older streamstars: its hash covered the metadata's path then; hashed
+    # again the old way with that path, equal content gives the stored hash
+    source = str(record.get("metadata", {}).get("source", ""))
+    return bool(record["content_hash"] == legacy_content_hash(
+        prepared.observations, prepared.metadata, prepared.band, source))
+
+
+def _follow_files(store: StarStore, txn: lmdb.Transaction, record: dict[str, Any],
+                  prepared: PreparedVisit) -> None:
+    """A visit skipped as unchanged: its record follows its files when they moved (so the next
+    resume skips it without reading) and an older record gets the current content hash."""
+    moved = (record.get("files") != prepared.files
+             or record.get("source_paths") != prepared.source_paths
+             or record.get("metadata", {}).get("source") != prepared.metadata.source)
+    if not moved and record.get("content_hash_version") == CONTENT_HASH_VERSION:
+        return
+    record = dict(record, files=prepared.files, source_paths=prepared.source_paths,
+                  content_hash=prepared.content_hash, content_hash_version=CONTENT_HASH_VERSION)
+    record["metadata"] = dict(record["metadata"], source=prepared.metadata.source)
+    store.put_visit_record(txn, prepared.visit, record)
+
+
 def _add_visit(store: StarStore, txn: lmdb.Transaction, prepared: PreparedVisit,
                kafka_offset: KafkaOffset | None,
                ) -> tuple[BandUpdateStats | None, ReferenceStats]:
     obs = prepared.observations
+    # first: a visit reusing another visit's sourceIds fails here, before anything is written
+    claim_source_ids(store, txn, prepared.visit, obs["source_id"])
     pixels = write_observations(store, txn, prepared.band, prepared.visit, obs)
     record: dict[str, Any] = {
         "visit": prepared.visit,
         "band": prepared.band,
         "metadata": prepared.metadata.to_dict(),
         "content_hash": prepared.content_hash,
+        "content_hash_version": CONTENT_HASH_VERSION,
+        "dropped_rows": {k: int(prepared.dropped.get(k, 0)) for k in DROP_REASONS},
         "pixels": pixels,
         "n_sources": prepared.n_sources,
         "n_selected": len(obs["source_id"]),
@@ -235,5 +400,20 @@ def _add_visit(store: StarStore, txn: lmdb.Transaction, prepared: PreparedVisit,
 def _remove_visit(store: StarStore, txn: lmdb.Transaction, visit: int,
                   record: dict[str, Any]) -> None:
     pixels = np.asarray(record["pixels"], dtype=np.int64)
+    release_source_ids(store, txn, visit, _stored_source_ids(store, txn, record))
     rebuild_after_removal(store, txn, record["band"], pixels, visit)
     store.delete_visit_record(txn, visit)
+
+
+def _stored_source_ids(store: StarStore, txn: lmdb.Transaction,
+                       record: dict[str, Any]) -> np.ndarray:
+    """The sourceIds of a stored visit, from its observation records."""
+    parts = []
+    handle = store.dbs[DB_OBSERVATIONS]
+    for pixel in record["pixels"]:
+        raw = txn.get(observation_key(record["band"], int(pixel), int(record["visit"])),
+                      db=handle)
+        if raw is not None:
+            parts.append(decode_columns(bytes(raw), STORED_OBSERVATION_DTYPES,
+                                        frozenset({"source_id"}))["source_id"])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

@@ -141,8 +141,21 @@ def cut_masks(table: pa.Table, config: BuildStarsConfig) -> dict[str, np.ndarray
     return masks
 
 
-def _finite_position(table: pa.Table) -> np.ndarray:
-    return np.isfinite(_float(table, "ra")) & np.isfinite(_float(table, "dec"))
+#: Names of the counts of rows dropped for unusable coordinates (visit record, reports).
+NON_FINITE_RA_DEC = "nonFiniteRaDec"
+RA_DEC_OUT_OF_RANGE = "raDecOutOfRange"
+DROP_REASONS: tuple[str, ...] = (NON_FINITE_RA_DEC, RA_DEC_OUT_OF_RANGE)
+
+
+def _position_checks(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(finite, in range) masks of the canonical ``ra``/``dec`` [deg]: finite both, and
+    ``0 <= ra < 360``, ``-90 <= dec <= 90`` (a row outside would be placed at another
+    position of the sky: dec 95 reads as 85 on the other side of the pole)."""
+    ra, dec = _float(table, "ra"), _float(table, "dec")
+    finite = np.isfinite(ra) & np.isfinite(dec)
+    with np.errstate(invalid="ignore"):
+        in_range = finite & (ra >= 0.0) & (ra < 360.0) & (dec >= -90.0) & (dec <= 90.0)
+    return finite, in_range
 
 
 def count_cuts(table: pa.Table, config: BuildStarsConfig) -> dict[str, int]:
@@ -150,8 +163,9 @@ def count_cuts(table: pa.Table, config: BuildStarsConfig) -> dict[str, int]:
 
     Returns:
         ``{"read": rows, <cut>: rows failing that cut (each cut counted on its own, so the
-        counts overlap), "nonFiniteRaDec": rows with NaN ra/dec that pass every other cut
-        (an error unless doRequireFiniteRaDec is off), "selected": rows selected}``.
+        counts overlap), "nonFiniteRaDec": rows with non-finite ra/dec that pass every other
+        cut, "raDecOutOfRange": rows with finite ra/dec outside [0, 360) x [-90, 90] that pass
+        every other cut (both dropped, see :func:`select_visit`), "selected": rows selected}``.
     """
     masks = cut_masks(table, config)
     keep = np.ones(table.num_rows, dtype=np.bool_)
@@ -163,9 +177,10 @@ def count_cuts(table: pa.Table, config: BuildStarsConfig) -> dict[str, int]:
             keep &= masks[name]
             if name != "requireFiniteRaDec":
                 others &= masks[name]
-    finite = _finite_position(table)
-    out["nonFiniteRaDec"] = int(np.count_nonzero(others & ~finite))
-    out["selected"] = int(np.count_nonzero(keep & finite))
+    finite, in_range = _position_checks(table)
+    out[NON_FINITE_RA_DEC] = int(np.count_nonzero(others & ~finite))
+    out[RA_DEC_OUT_OF_RANGE] = int(np.count_nonzero(others & finite & ~in_range))
+    out["selected"] = int(np.count_nonzero(keep & in_range))
     return out
 
 
@@ -195,17 +210,26 @@ def pixel_area(table: pa.Table) -> np.ndarray:
 def select_observations(
     table: pa.Table, metadata: VisitMetadata, config: BuildStarsConfig
 ) -> ColumnDict:
+    """The selected observations of :func:`select_visit` (without the drop counts)."""
+    return select_visit(table, metadata, config)[0]
+
+
+def select_visit(
+    table: pa.Table, metadata: VisitMetadata, config: BuildStarsConfig
+) -> tuple[ColumnDict, dict[str, int]]:
     """Select the good star observations of one visit and compute their fgcm quantities.
 
     Cuts (reference §2), each switchable in ``config.sourceSelector``: bad flags, unresolved,
     S/N, isolated (never deblended), finite ra/dec, ``detect_isPrimary`` (skipped when the
     column is absent), and with ``doSubtractLocalBackground`` the local-background cut.
 
-    Non-finite coordinates: an observation without finite ``ra``/``dec`` is never emitted (it
-    cannot be placed on the sky).  A source that passes every *other* cut but lacks coordinates
-    means a corrupt table: with ``doRequireFiniteRaDec`` on (default) this raises
-    :class:`InvalidSourceTableError` naming the visit and the count; with it off such sources
-    are dropped silently (counted as ``nonFiniteRaDec`` by :func:`count_cuts`).
+    Unusable coordinates: as in fgcmcal, ``doRequireFiniteRaDec`` (default on) drops rows with
+    non-finite ``ra``/``dec`` and the rest of the visit is used.  With it off fgcmcal would keep
+    them, but a row without coordinates cannot be placed on the sky, so it is dropped all the
+    same.  Rows with finite coordinates outside ``0 <= ra < 360``, ``-90 <= dec <= 90`` are
+    dropped too (they would be folded onto another position).  The rows dropped for these
+    reasons that pass every other cut are counted (``nonFiniteRaDec``, ``raDecOutOfRange``):
+    they are the observations the visit lost to bad coordinates.
 
     Quantities (reference §3), magnitudes in mag:
 
@@ -234,12 +258,13 @@ def select_observations(
         config: selection and quantity settings.
 
     Returns:
-        Column dict with the columns and dtypes of ``OBSERVATION_DTYPES``, sorted by
-        ``source_id``; ra/dec in degrees.
+        (observations, dropped): a column dict with the columns and dtypes of
+        ``OBSERVATION_DTYPES``, sorted by ``source_id`` (ra/dec in degrees), and
+        ``{"nonFiniteRaDec": n, "raDecOutOfRange": m}``, the rows dropped for their
+        coordinates that pass every other cut.
 
     Raises:
-        InvalidSourceTableError: the table holds another visit than ``metadata.visit``, or
-            (``doRequireFiniteRaDec`` on) selected sources have non-finite coordinates.
+        InvalidSourceTableError: the table holds another visit than ``metadata.visit``.
         MissingMetadataError: ``metadata.exptime`` is not a positive number.
         ConfigError: ``doSubtractLocalBackground`` with an unparseable ``instFluxField``.
     """
@@ -263,15 +288,10 @@ def select_observations(
     for name, mask in masks.items():
         if name != "requireFiniteRaDec":
             keep &= mask
-    finite = _finite_position(table)
-    corrupt = int(np.count_nonzero(keep & ~finite))
-    if corrupt and config.sourceSelector.doRequireFiniteRaDec:
-        raise InvalidSourceTableError(
-            f"visit {visit}: {corrupt} source(s) pass every selection cut but have "
-            "non-finite ra/dec (corrupt source table; set "
-            "sourceSelector.doRequireFiniteRaDec = false to drop them instead)"
-        )
-    keep &= finite
+    finite, in_range = _position_checks(table)
+    dropped = {NON_FINITE_RA_DEC: int(np.count_nonzero(keep & ~finite)),
+               RA_DEC_OUT_OF_RANGE: int(np.count_nonzero(keep & finite & ~in_range))}
+    keep &= in_range
     if "requireFiniteRaDec" in masks:
         keep &= masks["requireFiniteRaDec"]
 
@@ -334,7 +354,8 @@ def select_observations(
         "delta_mag_aper": delta_aper,
         "delta_mag_err_aper": delta_aper_err,
     }
-    return {name: np.asarray(out[name], dtype=dt) for name, dt in OBSERVATION_DTYPES.items()}
+    return ({name: np.asarray(out[name], dtype=dt) for name, dt in OBSERVATION_DTYPES.items()},
+            dropped)
 
 
 def aperture_corrections(observations: ColumnDict) -> tuple[float, dict[int, float]]:

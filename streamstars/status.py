@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from streamstars.associate import COMPONENT_DTYPES
+from streamstars.select import DROP_REASONS
 from streamstars.state.codec import decode_columns
 from streamstars.state.store import (
     DB_COMPONENTS,
@@ -21,9 +22,11 @@ from streamstars.state.store import (
 
 
 def store_status(store: StarStore) -> dict[str, Any]:
-    """Counts and settings of a store: visits per band, observations, components, offsets."""
+    """Counts and settings of a store: visits per band, observations, components, offsets,
+    rows the visits lost to unusable coordinates (``rows_dropped``, by reason)."""
     config = store.config
     visits_per_band: Counter[str] = Counter()
+    dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
     n_sources = n_selected = 0
     first = last = None
     with store.read() as txn:
@@ -31,6 +34,7 @@ def store_status(store: StarStore) -> dict[str, Any]:
             visits_per_band[record["band"]] += 1
             n_sources += int(record["n_sources"])
             n_selected += int(record["n_selected"])
+            dropped.update(record.get("dropped_rows", {}))
             first = visit if first is None else first
             last = visit
         observation_values = txn.stat(store.dbs[DB_OBSERVATIONS])["entries"]
@@ -59,6 +63,7 @@ def store_status(store: StarStore) -> dict[str, Any]:
         "last_visit": last,
         "sources_read": n_sources,
         "observations": n_selected,
+        "rows_dropped": dict(sorted(dropped.items())),
         "observation_records": observation_values,
         "components_per_band": dict(sorted(components.items())),
         "clique_candidates_per_band": dict(sorted(candidates.items())),

@@ -21,6 +21,7 @@ from streamstars.select import (
     count_cuts,
     cut_masks,
     select_observations,
+    select_visit,
 )
 from streamstars.visit import VisitMetadata
 
@@ -151,23 +152,28 @@ def test_count_cuts() -> None:
     counts = count_cuts(cut_table(), config(doSubtractLocalBackground=True))
     assert counts == {"read": 11, "flags": 2, "unresolved": 2, "signalToNoise": 2, "isolated": 2,
                       "requireFiniteRaDec": 0, "requirePrimary": 1, "localBackground": 1,
-                      "nonFiniteRaDec": 0, "selected": 1}
+                      "nonFiniteRaDec": 0, "raDecOutOfRange": 0, "selected": 1}
 
 
 def test_nan_coordinates() -> None:
+    """fgcmcal's doRequireFiniteRaDec drops rows without finite coordinates and keeps the rest
+    of the visit; with it off they are dropped all the same (they cannot be placed on the
+    sky).  Only rows that pass every other cut are counted as lost."""
     cols = base_columns(4)
     cols["ra"][1] = np.nan
     cols["dec"][2] = np.nan
-    cols["pixelFlags_bad"][2] = True  # fails another cut: silently dropped
+    cols["pixelFlags_bad"][2] = True  # fails another cut: not counted
     table = pa.table(cols)
-    with pytest.raises(InvalidSourceTableError, match=r"visit 1234: 1 source\(s\)"):
-        select_observations(table, meta(), BuildStarsConfig())
-    lenient = config(doRequireFiniteRaDec=False)
-    assert selected_rows(table, lenient) == {0, 3}
-    assert count_cuts(table, lenient)["nonFiniteRaDec"] == 1
-    # Only the bad-flagged NaN source: the finite cut removes it quietly.
+    for cfg in (BuildStarsConfig(), config(doRequireFiniteRaDec=False)):
+        obs, dropped = select_visit(table, meta(), cfg)
+        assert selected_rows(table, cfg) == {0, 3}
+        assert dropped == {"nonFiniteRaDec": 1, "raDecOutOfRange": 0}
+        assert count_cuts(table, cfg)["nonFiniteRaDec"] == 1
+        assert len(obs["source_id"]) == 2
+    # Only the bad-flagged NaN source: nothing selectable is lost.
     cols["ra"][1] = 150.0
     assert selected_rows(pa.table(cols), BuildStarsConfig()) == {0, 1, 3}
+    assert select_visit(pa.table(cols), meta(), BuildStarsConfig())[1]["nonFiniteRaDec"] == 0
 
 
 def test_visit_and_exptime_checks() -> None:

@@ -80,12 +80,15 @@ def parse_refcat_config(text: str, source: str = "config.py") -> dict[str, Any]:
     (str or ``None``), ``depth`` (int or ``None``) and ``indexer_name`` (str or ``None``).
 
     Raises:
-        RefcatError: the file is not valid Python or a value is not a literal of the right type.
+        RefcatError: the file is not valid Python (also: too deeply nested, too large, NUL
+            bytes) or a value is not a literal of the right type.
     """
     try:
         tree = ast.parse(text, filename=source)
-    except SyntaxError as exc:
-        raise RefcatError(f"{source} is not a valid refcat config.py: {exc}") from exc
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        reason = str(exc) or "too deeply nested or too large"
+        raise RefcatError(f"{source} is not a valid refcat config.py: "
+                          f"{_short(f'{type(exc).__name__}: {reason}')}") from exc
     wanted = {
         "config.format_version": "format_version",
         "config.ref_dataset_name": "ref_dataset_name",
@@ -100,23 +103,53 @@ def parse_refcat_config(text: str, source: str = "config.py") -> dict[str, Any]:
         if not isinstance(node, ast.Assign):
             continue
         for target in node.targets:
-            key = wanted.get(ast.unparse(target).replace(" ", ""))
+            key = wanted.get(_unparse(target).replace(" ", ""))
             if key is None:
                 continue
             try:
                 value = ast.literal_eval(node.value)
-            except ValueError as exc:
+            except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError) as exc:
                 raise RefcatError(
                     f"{source}: {ast.unparse(target)} is not a literal value "
-                    f"({ast.unparse(node.value)})"
+                    f"({_short(_unparse(node.value))})"
                 ) from exc
             expected: type = int if key in ("format_version", "depth") else str
             if value is not None and (not isinstance(value, expected) or isinstance(value, bool)):
                 raise RefcatError(
-                    f"{source}: {ast.unparse(target)} must be {expected.__name__}, got {value!r}"
+                    f"{source}: {ast.unparse(target)} must be {expected.__name__}, got "
+                    f"{_short(_unparse(node.value))}"
                 )
             out[key] = value
     return out
+
+
+def _short(text: str, limit: int = 120) -> str:
+    """``text`` cut to ``limit`` characters for an error message."""
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _unparse(node: ast.AST) -> str:
+    """Source text of ``node`` for an error message (a placeholder if it is too deep)."""
+    try:
+        return ast.unparse(node)
+    except (RecursionError, MemoryError, ValueError):
+        return "<an expression too deep to show>"
+
+
+def read_refcat_config(path: Path) -> dict[str, Any]:
+    """:func:`parse_refcat_config` of the file ``path``.
+
+    Raises:
+        RefcatError: unreadable, not UTF-8 text, or not a valid refcat ``config.py``.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise RefcatError(f"cannot read {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise RefcatError(f"{path} is not a valid refcat config.py: not UTF-8 text "
+                          f"({exc.reason} at byte {exc.start})") from exc
+    return parse_refcat_config(text, str(path))
 
 
 def _native(array: np.ndarray) -> np.ndarray:
@@ -148,9 +181,7 @@ class HtmRefcat:
         self.cache_shards = int(cache_shards)
         self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._check_files()
-        cfg = parse_refcat_config(
-            (self.path / "config.py").read_text(), str(self.path / "config.py")
-        )
+        cfg = read_refcat_config(self.path / "config.py")
         if cfg["indexer_name"] not in (None, "HTM"):
             raise RefcatError(
                 f"reference catalog {self.path} uses indexer {cfg['indexer_name']!r}; "
