@@ -289,13 +289,13 @@ def test_healthz_fails_while_a_dead_letter_cannot_be_delivered(
     _topic(broker, topic, messages)
     state, app_log, port = tmp_path / "state", tmp_path / "applications.jsonl", free_port()
     consumer = Consumer(broker, topic, state, repo.parent, tmp_path, app_log,
-                        "--exit-when-idle", "3", "--retry-max-seconds", "3",
-                        "--stall-seconds", "6", "--metrics-port", str(port))
+                        "--exit-when-idle", "3", "--retry-max-seconds", "8",
+                        "--stall-seconds", "12", "--metrics-port", str(port))
     assert broker.process is not None
     frozen = False
     try:
-        # the missing file is retried for 3 s: freeze the broker meanwhile, so that its
-        # dead letter cannot be delivered
+        # the missing file is retried for 7.5 s (attempts at 0, 0.5, 1.5, 3.5, 7.5 s): freeze
+        # the broker meanwhile, so that its dead letter cannot be delivered
         _wait(lambda: "transient error" in consumer.text(), 60, "the transient retries")
         assert _get(port, "/healthz")[0] == 200
         broker.process.send_signal(signal.SIGSTOP)
