@@ -90,6 +90,7 @@ from streamstars.visit import VisitMetadata
 
 from .dead_letters import (
     DEAD_LETTER_SCHEMA,
+    LIBRDKAFKA_MESSAGE_MAX_BYTES,
     DeadLetter,
     build_dead_letter,
     dead_letter_limit,
@@ -355,11 +356,13 @@ class Runner:
             self.dead_letter_max_bytes = dead_letter_limit(self._producer_settings(),
                                                            opts.dead_letter_max_bytes)
         except StreamstarsError as exc:
-            log.error("%s", exc)
-            self.store.close()
-            self.store = None
-            self._stop_http()
-            return EXIT_USAGE
+            if opts.dead_letter_topic:
+                log.error("%s", exc)
+                self.store.close()
+                self.store = None
+                self._stop_http()
+                return EXIT_USAGE
+            self.dead_letter_max_bytes = LIBRDKAFKA_MESSAGE_MAX_BYTES  # only logged
         self.consumer = Consumer(self._client_settings())
         if opts.dead_letter_topic:
             self.producer = Producer(self._producer_settings())
