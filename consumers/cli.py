@@ -28,6 +28,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _dead_letter_bytes(text: str) -> int:
+    from .dead_letters import MIN_DEAD_LETTER_BYTES
+
+    value = int(text)
+    if value < MIN_DEAD_LETTER_BYTES:
+        raise argparse.ArgumentTypeError(f"must be >= {MIN_DEAD_LETTER_BYTES}, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -86,6 +95,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         seek_offsets=parse_seek_offsets(args.seek_offset or []),
         seek_time=args.seek_time,
         read_ahead=args.read_ahead,
+        stall_seconds=args.stall_seconds,
+        dead_letter_max_bytes=args.dead_letter_max_bytes,
     )
     if options.snapshot_dir is not None and not (
         options.snapshot_every_visits or options.snapshot_every_seconds
@@ -146,6 +157,9 @@ def add_commands(subparsers: Any) -> None:
                    help="librdkafka properties file (SASL/SSL ...); never logged")
     p.add_argument("--dead-letter-topic", metavar="TOPIC",
                    help="topic for dead letters (default TOPIC.dead-letters; '' to only log)")
+    p.add_argument("--dead-letter-max-bytes", type=_dead_letter_bytes, metavar="N",
+                   help="largest dead letter in bytes; a larger event is cut, with its size "
+                   "and sha256 kept (default: the producer's message.max.bytes - 1024)")
     p.add_argument("--snapshot-dir", metavar="OUT", help="write periodic snapshots here")
     p.add_argument("--snapshot-every-visits", type=_positive_int, metavar="N")
     p.add_argument("--snapshot-every-seconds", type=_positive_float, metavar="T")
@@ -159,6 +173,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--retry-max-seconds", type=_positive_float, default=300.0,
                    help="give up on a transient error after this long and dead-letter the "
                    "event (default %(default)s)")
+    p.add_argument("--stall-seconds", type=_positive_float, metavar="S",
+                   help="/healthz fails (503) when one message has been in flight for longer "
+                   "than this (default: --retry-max-seconds + 300)")
     p.add_argument("--seek-offset", action="append", metavar="PARTITION:OFFSET",
                    help="replay: start this partition here at the first assignment")
     p.add_argument("--seek-time", type=_iso_time, metavar="ISO8601",

@@ -21,7 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-__all__ = ["ConsumerMetrics", "HealthServer"]
+__all__ = ["ConsumerMetrics", "HealthServer", "HealthState"]
 
 _APPLY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _LATENCY_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
@@ -81,6 +81,28 @@ class ConsumerMetrics:
             ["outcome"],
             registry=r,
         )
+        self.dead_letter_failures = Counter(
+            "streamstars_dead_letter_delivery_failures",
+            "Dead letters the producer or the broker did not accept (retried; the partition "
+            "waits meanwhile)",
+            registry=r,
+        )
+        self.dead_letters_truncated = Counter(
+            "streamstars_dead_letters_truncated",
+            "Dead letters whose event was cut to fit the dead-letter size limit",
+            registry=r,
+        )
+        self.in_flight_seconds = Gauge(
+            "streamstars_message_in_flight_seconds",
+            "Seconds the message being handled has been in flight (0: none)",
+            registry=r,
+        )
+        self.stalled = Gauge(
+            "streamstars_progress_stalled",
+            "1 while /healthz fails because the consumer makes no progress (a message in "
+            "flight, or the main loop not turning, for more than the stall threshold)",
+            registry=r,
+        )
         self.kafka_commit_failures = Counter(
             "streamstars_kafka_commit_failures",
             "Kafka offset commits that failed (harmless: LMDB holds the offsets)",
@@ -133,13 +155,28 @@ class ConsumerMetrics:
             return -1.0
         return time.time() - self.last_snapshot_time
 
+    def track(self, health: HealthState) -> None:
+        """Compute ``streamstars_message_in_flight_seconds`` and
+        ``streamstars_progress_stalled`` from ``health`` at every scrape."""
+        self.in_flight_seconds.set_function(health.in_flight_seconds)
+        self.stalled.set_function(lambda: 0.0 if health.healthy()[0] else 1.0)
+
     def exposition(self) -> bytes:
         """The text exposition of every metric."""
         return bytes(generate_latest(self.registry))
 
 
 class HealthState:
-    """What ``/healthz`` and ``/readyz`` report."""
+    """What ``/healthz`` and ``/readyz`` report.
+
+    The consumer is healthy while it makes progress.  It is not (``/healthz`` answers 503 with
+    the reason) when, for more than ``stall_seconds``:
+
+    * one message has been in flight -- fetched, and neither applied, skipped nor
+      dead-lettered with its offset recorded (stuck reading a file, dead-letter delivery
+      failing, ...); messages behind it in its partition wait meanwhile; or
+    * no message is in flight and the main loop has not turned.
+    """
 
     def __init__(self, stall_seconds: float = 600.0) -> None:
         self.stall_seconds = stall_seconds
@@ -147,6 +184,9 @@ class HealthState:
         self.ready = False
         self.reason = "starting"
         self.lock = threading.Lock()
+        self._in_flight: str | None = None
+        self._in_flight_since = 0.0
+        self._waiting_for = ""
 
     def beat(self) -> None:
         """The main loop is alive."""
@@ -158,9 +198,45 @@ class HealthState:
             self.ready = ready
             self.reason = reason
 
+    def begin(self, message: str) -> None:
+        """A message (``topic[partition]@offset``) is now in flight."""
+        with self.lock:
+            self._in_flight = message
+            self._in_flight_since = time.monotonic()
+            self._waiting_for = "being applied"
+
+    def waiting_for(self, what: str) -> None:
+        """What the message in flight is waiting for (shown by ``/healthz`` when stalled)."""
+        with self.lock:
+            self._waiting_for = what
+
+    def end(self) -> None:
+        """The message in flight is done (its offset is recorded)."""
+        with self.lock:
+            self._in_flight = None
+        self.beat()
+
+    def in_flight_seconds(self) -> float:
+        """How long the current message has been in flight, in seconds (0 when none)."""
+        with self.lock:
+            if self._in_flight is None:
+                return 0.0
+            return time.monotonic() - self._in_flight_since
+
     def healthy(self) -> tuple[bool, str]:
-        """Alive unless the main loop has not turned for ``stall_seconds``."""
-        idle = time.monotonic() - self.last_loop
+        """``(True, "ok")``, or ``(False, reason)`` when no progress was made for longer than
+        ``stall_seconds`` (see the class)."""
+        now = time.monotonic()
+        with self.lock:
+            if self._in_flight is not None:
+                stuck = now - self._in_flight_since
+                if stuck > self.stall_seconds:
+                    return False, (
+                        f"no progress: {self._in_flight} in flight for {stuck:.0f} s "
+                        f"(threshold {self.stall_seconds:g} s), {self._waiting_for}"
+                    )
+                return True, "ok"
+        idle = now - self.last_loop
         if idle > self.stall_seconds:
             return False, f"main loop stalled for {idle:.0f} s"
         return True, "ok"

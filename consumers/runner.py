@@ -26,7 +26,19 @@ Errors
   with code 3 (run ``streamstars refresh-refs``).
 
 A dead letter is a JSON record (event, error, time, origin) produced to the dead-letter topic
-and acknowledged by the broker *before* the event's offset is recorded in LMDB.
+and acknowledged by the broker *before* the event's offset is recorded in LMDB.  It always
+fits in one message (:mod:`.dead_letters` cuts the event to the limit, and halves the limit
+when the broker still refuses it as too large); other delivery failures are retried while the
+partition waits, and ``/healthz`` fails once a message has been in flight for longer than
+``stall_seconds`` (:class:`~.metrics.HealthState`).
+
+Hostile events
+--------------
+Events are decoded with a bounded parser (size and nesting depth,
+:func:`streamstars.events.loads_bounded`), a message without a key is malformed
+(:func:`streamstars.events.parse_message`), and an unexpected exception while decoding an
+event is dead-lettered (``unexpected``) like one while applying it: no event can stop the
+consumer or make it crash at the same offset again after a restart.
 
 Read-ahead
 ----------
@@ -41,8 +53,6 @@ run between two messages of a batch (callbacks only run inside ``consume``/``pol
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import signal
@@ -73,20 +83,26 @@ from streamstars.events import (
     VisitEvent,
     inline_metadata,
     now_iso,
-    parse_event,
+    parse_message,
     resolve_uri,
 )
 from streamstars.visit import VisitMetadata
 
+from .dead_letters import (
+    DEAD_LETTER_SCHEMA,
+    LIBRDKAFKA_MESSAGE_MAX_BYTES,
+    DeadLetter,
+    build_dead_letter,
+    dead_letter_limit,
+    shrink_limit,
+)
 from .faults import Faults, instrument_store
 from .kafka_config import redacted
 from .metrics import ConsumerMetrics, HealthServer, HealthState
 
-__all__ = ["RunOptions", "Runner", "run_consumer"]
+__all__ = ["DEAD_LETTER_SCHEMA", "RunOptions", "Runner", "run_consumer"]
 
 log = logging.getLogger("streamstars.run")
-
-DEAD_LETTER_SCHEMA = "streamstars-dead-letter/1"
 
 # Exit codes of `streamstars run`.
 EXIT_OK = 0
@@ -123,6 +139,18 @@ class RunOptions:
     poll_seconds: float = 0.5
     #: visits read and selected ahead of the one being applied (0: none)
     read_ahead: int = 1
+    #: /healthz fails when one message has been in flight for longer than this (seconds);
+    #: None: ``retry_max_seconds`` + 300
+    stall_seconds: float | None = None
+    #: largest dead-letter value (bytes); None: the producer's message.max.bytes - 1 KiB
+    dead_letter_max_bytes: int | None = None
+
+    @property
+    def effective_stall_seconds(self) -> float:
+        """The stall threshold of ``/healthz`` (see ``stall_seconds``)."""
+        if self.stall_seconds is not None:
+            return self.stall_seconds
+        return self.retry_max_seconds + 300.0
 
 
 #: At most this many already-fetched messages are taken at once (see "Read-ahead").
@@ -149,7 +177,9 @@ class Runner:
     def __init__(self, options: RunOptions) -> None:
         self.opts = options
         self.metrics = ConsumerMetrics()
-        self.health = HealthState()
+        self.health = HealthState(stall_seconds=options.effective_stall_seconds)
+        self.metrics.track(self.health)
+        self.dead_letter_max_bytes = 0  # set from the producer settings in run()
         self.stop_requested = threading.Event()
         self.faults = Faults()
         self.store: Any = None
@@ -265,6 +295,8 @@ class Runner:
             self._apply_seek_overrides(consumer, partitions)
         consumer.assign(partitions)
         self.assigned = {tp.partition for tp in partitions}
+        # --exit-when-idle counts from the assignment: nothing could be fetched before it
+        self._last_message = time.monotonic()
         self.health.set_ready(True, f"consuming partitions {sorted(self.assigned)}")
 
     def _apply_seek_overrides(self, consumer: Any, partitions: list[Any]) -> None:
@@ -322,9 +354,22 @@ class Runner:
             self._stop_http()
             return EXIT_USAGE if isinstance(exc, RefcatError) else EXIT_STATE
         log.info("kafka client settings from --kafka-config: %s", redacted(opts.kafka_config))
+        try:
+            self.dead_letter_max_bytes = dead_letter_limit(self._producer_settings(),
+                                                           opts.dead_letter_max_bytes)
+        except StreamstarsError as exc:
+            if opts.dead_letter_topic:
+                log.error("%s", exc)
+                self.store.close()
+                self.store = None
+                self._stop_http()
+                return EXIT_USAGE
+            self.dead_letter_max_bytes = LIBRDKAFKA_MESSAGE_MAX_BYTES  # only logged
         self.consumer = Consumer(self._client_settings())
         if opts.dead_letter_topic:
             self.producer = Producer(self._producer_settings())
+            log.info("dead letters go to %s, at most %d bytes each", opts.dead_letter_topic,
+                     self.dead_letter_max_bytes)
         self.consumer.subscribe([opts.topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
         log.info("consuming %s as group %s, state %s, data roots %s", opts.topic, opts.group,
@@ -359,6 +404,7 @@ class Runner:
                         break
                     self._last_message = time.monotonic()
                     self._read_ahead(batch[k + 1:])
+                    self.health.begin(f"{msg.topic()}[{msg.partition()}]@{msg.offset()}")
                     try:
                         self.handle_message(msg)
                     except _Shutdown:
@@ -367,6 +413,8 @@ class Runner:
                                  msg.partition(), msg.offset())
                         stop = True
                         break
+                    finally:
+                        self.health.end()
                     self._idle_work()
                 self._ahead.clear()  # what a stop left behind is consumed again later
                 if stop:
@@ -405,9 +453,9 @@ class Runner:
             if key in self._ahead:
                 continue
             try:
-                event = parse_event(msg.value(), msg.key())
-            except StreamstarsError:
-                continue  # the normal path dead-letters it
+                event = parse_message(msg.value(), msg.key())
+            except Exception:  # noqa: BLE001 - the normal path dead-letters it
+                continue
             if event.action != "retract":
                 self._ahead[key] = self._ahead_pool.submit(self._prepare_event, event)
 
@@ -454,7 +502,7 @@ class Runner:
         event: VisitEvent | None = None
         self.faults.visit = None
         try:
-            event = parsed = parse_event(msg.value(), msg.key())
+            event = parsed = self._parse(msg)
             self.faults.visit = parsed.visit
             self.faults.point("before_apply")
             outcome = self._with_retries(parsed, lambda: self._apply(parsed, kafka_offset))
@@ -471,6 +519,18 @@ class Runner:
         self.faults.point("after_kafka_commit")
         self.processed += 1
         self._count(event, outcome)
+
+    def _parse(self, msg: Any) -> VisitEvent:
+        """The message's event; whatever goes wrong decoding it becomes a dead letter."""
+        try:
+            return parse_message(msg.value(), msg.key())
+        except StreamstarsError:
+            raise
+        except Exception as exc:  # e.g. MemoryError: never let an event crash the consumer
+            log.error("%s[%d]@%d: unexpected error decoding the event, dead-lettering:\n%s",
+                      msg.topic(), msg.partition(), msg.offset(), traceback.format_exc())
+            raise _UnexpectedError(f"{type(exc).__name__} while decoding the event: {exc}") \
+                from exc
 
     def _count(self, event: VisitEvent | None, outcome: _Outcome) -> None:
         m = self.metrics
@@ -590,6 +650,8 @@ class Runner:
                 if elapsed + delay > opts.retry_max_seconds:
                     raise _RetriesExhausted(exc, attempts) from exc
                 self.metrics.retries.inc()
+                self.health.waiting_for(f"retrying a transient error (attempt {attempts}): "
+                                        f"{str(exc)[:300]}")
                 log.warning("%s: transient error (attempt %d, retrying in %.1f s): %s",
                             event.describe(), attempts, delay, exc)
                 self._sleep(delay)
@@ -622,70 +684,107 @@ class Runner:
     def _dead_letter(self, msg: Any, event: VisitEvent | None, exc: BaseException,
                      *, permanent: bool, attempts: int = 1) -> None:
         reason = _reason(exc)
-        value = msg.value() or b""
-        record: dict[str, Any] = {
-            "schema": DEAD_LETTER_SCHEMA,
-            "dead_lettered_at": now_iso(),
-            "source": {
-                "topic": msg.topic(),
-                "partition": msg.partition(),
-                "offset": msg.offset(),
-                "key": None if msg.key() is None else msg.key().decode("utf-8", "replace"),
-                "timestamp_ms": msg.timestamp()[1],
-            },
-            "visit": event.visit if event is not None else None,
-            "action": event.action if event is not None else None,
-            "error": {
-                "type": type(exc).__name__,
-                "reason": reason,
-                "message": str(exc),
-                "permanent": permanent,
-                "attempts": attempts,
-            },
-            "consumer": {
-                "group": self.opts.group,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "version": __version__,
-            },
+        error = {
+            "type": type(exc).__name__,
+            "reason": reason,
+            "message": str(exc),
+            "permanent": permanent,
+            "attempts": attempts,
         }
-        try:
-            record["event"] = json.loads(value.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            try:
-                record["event_text"] = value.decode("utf-8")
-            except UnicodeDecodeError:
-                record["event_base64"] = base64.b64encode(value).decode("ascii")
-        payload = json.dumps(record, sort_keys=True).encode("utf-8")
-        log.error("dead letter (%s) for %s[%d]@%d: %s", reason, msg.topic(), msg.partition(),
-                  msg.offset(), exc)
+        dead_lettered_at = now_iso()
+
+        def build(max_bytes: int) -> DeadLetter:
+            return build_dead_letter(
+                source={
+                    "topic": msg.topic(),
+                    "partition": msg.partition(),
+                    "offset": msg.offset(),
+                    "timestamp_ms": msg.timestamp()[1],
+                },
+                key=msg.key(),
+                value=msg.value(),
+                visit=event.visit if event is not None else None,
+                action=event.action if event is not None else None,
+                error=error,
+                consumer={
+                    "group": self.opts.group,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "version": __version__,
+                },
+                dead_lettered_at=dead_lettered_at,
+                max_bytes=max_bytes,
+            )
+
+        letter = build(self.dead_letter_max_bytes)
+        shown = str(exc)
+        if len(shown) > 1000:
+            shown = f"{shown[:1000]}... [{len(shown) - 1000} more characters]"
+        log.error("dead letter (%s) for %s[%d]@%d (%d bytes%s): %s", reason, msg.topic(),
+                  msg.partition(), msg.offset(), len(letter.value),
+                  ", event truncated" if letter.truncated else "", shown)
         if self.producer is not None and self.opts.dead_letter_topic:
-            self._produce_dead_letter(msg.key(), payload, reason)
+            letter = self._produce_dead_letter(letter, build, reason)
+        if letter.truncated:
+            self.metrics.dead_letters_truncated.inc()
         self.metrics.dead_lettered.labels(reason).inc()
 
-    def _produce_dead_letter(self, key: bytes | None, payload: bytes, reason: str) -> None:
-        """Produce and wait for the acknowledgement; retry until delivered or stopped."""
+    def _produce_dead_letter(self, letter: DeadLetter, build: Callable[[int], DeadLetter],
+                             reason: str) -> DeadLetter:
+        """Produce ``letter`` and wait for the broker's acknowledgement; returns what was
+        delivered.  A letter refused as too large is rebuilt with half the limit at once;
+        other failures are retried with backoff until delivered or a stop is requested
+        (``_Shutdown``).  A letter is produced again only after the previous attempt has
+        failed for good (delivery report or exception), so it is not delivered twice."""
+        from confluent_kafka import KafkaError, KafkaException
+
+        topic = self.opts.dead_letter_topic
+        limit = self.dead_letter_max_bytes
         delay = self.opts.retry_initial_seconds
-        errors: list[str] = []
+        failing_since = time.monotonic()
+        reports: list[Any] = []
+        self.health.waiting_for(f"delivering its dead letter to {topic}")
 
         def on_delivery(err: Any, _msg: Any) -> None:
-            if err is not None:
-                errors.append(str(err))
+            reports.append(err)
 
         while True:
-            errors.clear()
+            reports.clear()
+            error: Any = None
             try:
-                self.producer.produce(self.opts.dead_letter_topic, key=key, value=payload,
+                self.producer.produce(topic, key=letter.key, value=letter.value,
                                       headers=[("streamstars-error", reason.encode())],
                                       on_delivery=on_delivery)
-                left = self.producer.flush(30)
-            except (BufferError, Exception) as exc:  # noqa: BLE001 - KafkaException
-                errors.append(str(exc))
-                left = 1
-            if not left and not errors:
-                return
-            log.warning("dead-letter delivery failed (%s); retrying in %.1f s", errors or left,
-                        delay)
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else exc
+            except BufferError as exc:
+                error = exc
+            if error is None:
+                while not reports:  # until the delivery report, success or failure
+                    self.producer.flush(0.5)
+                    if self.stop_requested.is_set() and not reports:
+                        raise _Shutdown
+                    self.health.beat()
+                error = reports[0]
+            if error is None:
+                return letter
+            self.metrics.dead_letter_failures.inc()
+            code = error.code() if isinstance(error, KafkaError) else None
+            if code in (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE):
+                smaller = shrink_limit(limit, len(letter.value))
+                if smaller is not None:
+                    log.warning("dead letter of %d bytes refused as too large (%s); "
+                                "rebuilding it within %d bytes", len(letter.value), error,
+                                smaller)
+                    limit = smaller
+                    letter = build(limit)
+                    continue
+            self.health.waiting_for(
+                f"dead-letter delivery to {topic} failing for "
+                f"{time.monotonic() - failing_since:.0f} s: {error}"
+            )
+            log.warning("dead-letter delivery to %s failed (%s); retrying in %.1f s", topic,
+                        error, delay)
             self._sleep(delay)
             delay = min(delay * 2.0, self.opts.retry_max_backoff_seconds)
 

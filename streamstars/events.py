@@ -30,12 +30,15 @@ import dataclasses
 import json
 import math
 import os
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import quote, unquote, urlsplit
+
+import numpy as np
 
 from .errors import PermanentInputError
 from .visit import VisitMetadata
@@ -48,7 +51,10 @@ __all__ = [
     "MalformedEventError",
     "VisitEvent",
     "event_key",
+    "json_depth",
+    "loads_bounded",
     "parse_event",
+    "parse_message",
     "path_to_uri",
     "resolve_uri",
     "schema_path",
@@ -60,6 +66,10 @@ SCHEMA_VERSION = 1
 ACTIONS: tuple[str, ...] = ("apply", "replace", "retract")
 #: Largest event accepted (bytes); a visit event is a few kB.
 MAX_EVENT_BYTES = 1 << 20
+#: Deepest nesting of JSON arrays/objects accepted; a valid event has 4 levels (event,
+#: metadata, values, detector list).  Checked before decoding, so that a hostile event
+#: (``[[[[...``) cannot exhaust the decoder's recursion.
+MAX_EVENT_DEPTH = 16
 
 Action = Literal["apply", "replace", "retract"]
 
@@ -194,45 +204,128 @@ def _need_str(data: Mapping[str, Any], name: str, where: str, required: bool) ->
         return ""
     value = data[name]
     if not isinstance(value, str) or (required and not value.strip()):
-        raise MalformedEventError(f"{where}: {name!r} must be a non-empty string, got {value!r}")
+        raise MalformedEventError(
+            f"{where}: {name!r} must be a non-empty string, got {_shown(value)}"
+        )
     return value
 
 
 def _check_time(value: Any, name: str, where: str) -> str:
     if not isinstance(value, str):
-        raise MalformedEventError(f"{where}: {name!r} must be an ISO 8601 string, got {value!r}")
+        raise MalformedEventError(
+            f"{where}: {name!r} must be an ISO 8601 string, got {_shown(value)}"
+        )
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         raise MalformedEventError(
-            f"{where}: {name!r} is not an ISO 8601 time ({value!r}); "
+            f"{where}: {name!r} is not an ISO 8601 time ({_shown(value)}); "
             "use e.g. 2024-12-02T03:14:15Z"
         ) from exc
     if parsed.tzinfo is None:
         raise MalformedEventError(
-            f"{where}: {name!r} has no time zone ({value!r}); append Z for UTC"
+            f"{where}: {name!r} has no time zone ({_shown(value)}); append Z for UTC"
         )
     return value
+
+
+_short = reprlib.Repr()
+_short.maxstring = 200
+_short.maxother = 200
+_short.maxlist = _short.maxdict = 8
+_short.maxlevel = 3
+
+
+def _shown(value: Any) -> str:
+    """A bounded repr for error messages: a hostile event must not be echoed in full."""
+    return _short.repr(value)
+
+
+def json_depth(text: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON ``text`` (brackets inside strings
+    are not counted), computed without recursion and without decoding.
+
+    For valid JSON this is exact.  For invalid JSON it is at least the depth a decoder reaches
+    before it fails, since both read the same strings up to the first error.
+    """
+    buf = np.frombuffer(text, dtype=np.uint8)
+    if buf.size == 0:
+        return 0
+    positions = np.arange(buf.size)
+    # the last position at or before i that is not a backslash (-1 if none)
+    last_plain = np.maximum.accumulate(np.where(buf == 0x5C, -1, positions))
+    quotes = np.flatnonzero(buf == 0x22)
+    before = quotes - 1
+    backslashes = np.where(before >= 0, before - last_plain[np.maximum(before, 0)], 0)
+    delimiters = np.zeros(buf.size, dtype=np.int8)
+    delimiters[quotes[backslashes % 2 == 0]] = 1  # quotes not escaped by a backslash
+    outside = (np.cumsum(delimiters, dtype=np.int64) & 1) == 0
+    step = (
+        ((buf == 0x5B) | (buf == 0x7B)).astype(np.int64)
+        - ((buf == 0x5D) | (buf == 0x7D)).astype(np.int64)
+    )
+    step[~outside] = 0
+    return int(np.cumsum(step).max(initial=0))
+
+
+def loads_bounded(value: bytes, *, max_bytes: int = MAX_EVENT_BYTES,
+                  max_depth: int = MAX_EVENT_DEPTH) -> Any:
+    """Decode UTF-8 JSON of at most ``max_bytes`` bytes and ``max_depth`` nesting levels.
+
+    NaN/Infinity are refused (not JSON).  Size and depth are checked before decoding.
+
+    Raises:
+        MalformedEventError: too large, too deeply nested, not UTF-8 or not JSON.
+    """
+    if len(value) > max_bytes:
+        raise MalformedEventError(f"event of {len(value)} bytes exceeds {max_bytes} bytes")
+    depth = json_depth(value)
+    if depth > max_depth:
+        raise MalformedEventError(
+            f"event nests arrays/objects {depth} levels deep; at most {max_depth} are accepted"
+        )
+    try:
+        return json.loads(value.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MalformedEventError(f"event is not UTF-8 JSON: {exc}") from exc
+
+
+def parse_message(value: bytes | str | None, key: bytes | None) -> VisitEvent:
+    """Decode and validate one Kafka message of the visits topic: the event contract requires
+    the key to be the event's visit id (:func:`event_key`), so a message without a key is
+    refused like one with another key.
+
+    Raises:
+        MalformedEventError: everything :func:`parse_event` refuses, and a missing key.
+    """
+    event = parse_event(value, key)
+    if key is None:
+        raise MalformedEventError(
+            f"visit {event.visit}: message has no key; events must be keyed by their visit id "
+            f"({event.key!r}) so that every event of a visit stays in one partition, in order"
+        )
+    return event
 
 
 def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEvent:
     """Decode and validate one event (a Kafka message value, and its key when given).
 
+    The key is checked only when given (``None``: not checked); a Kafka consumer uses
+    :func:`parse_message`, which requires it.  The value is decoded with
+    :func:`loads_bounded` (at most :data:`MAX_EVENT_BYTES` bytes and :data:`MAX_EVENT_DEPTH`
+    levels of nesting).
+
     Raises:
-        MalformedEventError: not UTF-8 JSON, not an object, unknown or missing fields, wrong
-            types, a schema version this streamstars cannot read, or a key that is not the
-            event's visit id.  The message names the visit when it can.
+        MalformedEventError: too large or too deeply nested, not UTF-8 JSON, not an object,
+            unknown or missing fields, wrong types, a schema version this streamstars cannot
+            read, or a key that is not the event's visit id.  The message names the visit when
+            it can, and shows offending values shortened.
     """
     if value is None:
         raise MalformedEventError("event has no value (tombstone or empty message)")
     if isinstance(value, str):
         value = value.encode("utf-8")
-    if len(value) > MAX_EVENT_BYTES:
-        raise MalformedEventError(f"event of {len(value)} bytes exceeds {MAX_EVENT_BYTES} bytes")
-    try:
-        data = json.loads(value.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MalformedEventError(f"event is not UTF-8 JSON: {exc}") from exc
+    data = loads_bounded(value)
     if not isinstance(data, dict):
         raise MalformedEventError(f"event must be a JSON object, got {type(data).__name__}")
 
@@ -240,7 +333,9 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
     where = _where(visit_raw)
     version = data.get("schema_version")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise MalformedEventError(f"{where}: 'schema_version' must be an integer, got {version!r}")
+        raise MalformedEventError(
+            f"{where}: 'schema_version' must be an integer, got {_shown(version)}"
+        )
     if version < 1 or version > SCHEMA_VERSION:
         raise MalformedEventError(
             f"{where}: schema_version {version} is not supported (this streamstars reads "
@@ -253,17 +348,17 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
         )
     if isinstance(visit_raw, bool) or not isinstance(visit_raw, int) or visit_raw < 0:
         raise MalformedEventError(
-            f"event: 'visit' must be a non-negative integer, got {visit_raw!r}"
+            f"event: 'visit' must be a non-negative integer, got {_shown(visit_raw)}"
         )
     visit = int(visit_raw)
     action = data.get("action")
     if action not in ACTIONS:
         raise MalformedEventError(
-            f"{where}: 'action' must be one of {', '.join(ACTIONS)}, got {action!r}"
+            f"{where}: 'action' must be one of {', '.join(ACTIONS)}, got {_shown(action)}"
         )
     if key is not None and key != event_key(visit):
         raise MalformedEventError(
-            f"{where}: message key {key!r} is not the visit id {event_key(visit)!r}"
+            f"{where}: message key {_shown(key)} is not the visit id {event_key(visit)!r}"
         )
     needs_data = action != "retract"
     instrument = _need_str(data, "instrument", where, needs_data)
@@ -282,7 +377,8 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
             or not all(isinstance(u, str) and u for u in uris_raw)
         ):
             raise MalformedEventError(
-                f"{where}: 'source_uris' must be a non-empty list of strings, got {uris_raw!r}"
+                f"{where}: 'source_uris' must be a non-empty list of strings, got "
+                f"{_shown(uris_raw)}"
             )
         if len(set(uris_raw)) != len(uris_raw):
             raise MalformedEventError(f"{where}: 'source_uris' lists a file twice")
@@ -298,7 +394,7 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
         if not isinstance(meta, dict) or len(meta) != 1:
             raise MalformedEventError(
                 f"{where}: 'metadata' must be {{\"visit_summary_uri\": URI}} or "
-                f"{{\"values\": {{...}}}}, got {meta!r}"
+                f"{{\"values\": {{...}}}}, got {_shown(meta)}"
             )
         if "visit_summary_uri" in meta:
             metadata_uri = meta["visit_summary_uri"]
@@ -313,7 +409,7 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
             inner = metadata_values.get("visit", visit)
             if inner != visit:
                 raise MalformedEventError(
-                    f"{where}: 'metadata.values.visit' is {inner!r}, not the event's visit"
+                    f"{where}: 'metadata.values.visit' is {_shown(inner)}, not the event's visit"
                 )
         else:
             raise MalformedEventError(
@@ -367,31 +463,32 @@ def resolve_uri(uri: str, data_roots: Sequence[str | Path], *, what: str = "file
             root configured, or a path outside every data root.
     """
     if "\x00" in uri:
-        raise ForbiddenPathError(f"{what} URI contains a NUL byte: {uri!r}")
+        raise ForbiddenPathError(f"{what} URI contains a NUL byte: {_shown(uri)}")
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise ForbiddenPathError(
-                f"{what} URI {uri!r} names host {parts.netloc!r}; only local files are allowed"
+                f"{what} URI {_shown(uri)} names host {_shown(parts.netloc)}; only local "
+                "files are allowed"
             )
         if parts.query or parts.fragment:
-            raise ForbiddenPathError(f"{what} URI {uri!r} has a query or fragment")
+            raise ForbiddenPathError(f"{what} URI {_shown(uri)} has a query or fragment")
         raw = unquote(parts.path)
     elif scheme == "":
         raw = uri
     else:
         raise ForbiddenPathError(
-            f"{what} URI scheme {scheme!r} is not allowed ({uri!r}); events may name only local "
-            "paths or file:// URIs under the configured --data-root directories"
+            f"{what} URI scheme {_shown(scheme)} is not allowed ({_shown(uri)}); events may "
+            "name only local paths or file:// URIs under the configured --data-root directories"
         )
     if "\x00" in raw:
-        raise ForbiddenPathError(f"{what} URI contains a NUL byte: {uri!r}")
+        raise ForbiddenPathError(f"{what} URI contains a NUL byte: {_shown(uri)}")
     if not os.path.isabs(raw):
-        raise ForbiddenPathError(f"{what} path {raw!r} is not absolute")
+        raise ForbiddenPathError(f"{what} path {_shown(raw)} is not absolute")
     if not data_roots:
         raise ForbiddenPathError(
-            f"{what} {raw!r} refused: no --data-root is configured, so no path is allowed"
+            f"{what} {_shown(raw)} refused: no --data-root is configured, so no path is allowed"
         )
     real = Path(os.path.realpath(raw))
     for root in data_roots:

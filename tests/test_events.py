@@ -10,12 +10,16 @@ import pytest
 
 from streamstars.errors import PermanentInputError
 from streamstars.events import (
+    MAX_EVENT_BYTES,
+    MAX_EVENT_DEPTH,
     ForbiddenPathError,
     MalformedEventError,
     VisitEvent,
     inline_metadata,
+    json_depth,
     metadata_for_event,
     parse_event,
+    parse_message,
     path_to_uri,
     resolve_uri,
     schema_path,
@@ -156,3 +160,57 @@ def test_schema_validates_examples() -> None:
     jsonschema.validate({"schema_version": 1, "action": "retract", "visit": 3}, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(_event(source_uris=None), schema)
+
+
+def test_key_is_required_on_kafka_messages() -> None:
+    value = json.dumps(_event()).encode()
+    assert parse_message(value, b"7").visit == 7
+    with pytest.raises(MalformedEventError, match="message has no key"):
+        parse_message(value, None)
+    for key in (b"", b"07", b"7 ", b"8"):
+        with pytest.raises(MalformedEventError, match="is not the visit id"):
+            parse_message(value, key)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "", "1", "{}", "[[]]", '{"a": "[[[["}', '{"a": "\\\\", "b": [[1]]}',
+        '{"a": "\\"[[[", "b": {"c": [{}]}}', '["\\\\\\"]", [[["x"]]]]',
+        json.dumps({"metadata": {"values": {"detectors": [1, 2]}}}),
+    ],
+)
+def test_json_depth_matches_the_decoded_depth(text: str) -> None:
+    def depth(value: object) -> int:
+        if isinstance(value, dict):
+            return 1 + max((depth(v) for v in value.values()), default=0)
+        if isinstance(value, list):
+            return 1 + max((depth(v) for v in value), default=0)
+        return 0
+
+    expected = depth(json.loads(text)) if text else 0
+    assert json_depth(text.encode()) == expected
+
+
+def test_deep_or_large_events_are_refused_before_decoding() -> None:
+    with pytest.raises(MalformedEventError, match="100000 levels deep"):
+        parse_event(b"[" * 100_000 + b"]" * 100_000)
+    assert MAX_EVENT_DEPTH == 16
+
+    def nested(levels: int) -> bytes:  # an event whose 'producer' nests to ``levels``
+        brackets = "[" * (levels - 1) + "]" * (levels - 1)
+        return json.dumps(_event(producer="x")).replace('"x"', brackets).encode()
+
+    with pytest.raises(MalformedEventError, match="17 levels deep"):
+        parse_event(nested(17), b"7")
+    with pytest.raises(MalformedEventError, match="'producer' must be a string"):
+        parse_event(nested(16), b"7")  # deep enough to be decoded, then refused
+    with pytest.raises(MalformedEventError, match="exceeds"):
+        parse_event(b" " * (MAX_EVENT_BYTES + 1))
+
+
+def test_error_messages_do_not_echo_huge_values() -> None:
+    huge = ["x" * 1000] * 10_000
+    with pytest.raises(MalformedEventError) as info:
+        parse_event(json.dumps(_event(source_uris=huge, band=7)).encode())
+    assert len(str(info.value)) < 1000

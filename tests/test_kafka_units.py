@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from streamstars.consumers.dead_letters import (
+    DEAD_LETTER_SCHEMA,
+    MAX_ERROR_CHARS,
+    MAX_KEY_BYTES,
+    DeadLetter,
+    build_dead_letter,
+    dead_letter_limit,
+    shrink_limit,
+)
 from streamstars.consumers.faults import Faults
 from streamstars.consumers.kafka_config import load_kafka_properties, redacted
 from streamstars.consumers.metrics import ConsumerMetrics, HealthServer, HealthState
@@ -73,3 +87,107 @@ def test_seek_offsets() -> None:
     assert parse_seek_offsets(["0:12", "3:0"]) == {0: 12, 3: 0}
     with pytest.raises(ValueError, match="PARTITION:OFFSET"):
         parse_seek_offsets(["zero"])
+
+
+def _letter(value: bytes | None, max_bytes: int, key: bytes | None = b"7",
+            message: str = "boom") -> tuple[DeadLetter, dict[str, Any]]:
+    letter = build_dead_letter(
+        source={"topic": "visits", "partition": 2, "offset": 41, "timestamp_ms": 5},
+        key=key, value=value, visit=None, action=None,
+        error={"type": "MalformedEventError", "reason": "malformed_event", "message": message,
+               "permanent": True, "attempts": 1},
+        consumer={"group": "g", "host": "h", "pid": 1, "version": "0"},
+        dead_lettered_at="2025-06-02T03:16:04.512Z", max_bytes=max_bytes,
+    )
+    return letter, json.loads(letter.value)
+
+
+@pytest.mark.parametrize("max_bytes", [8192, 65536, 998976])
+def test_dead_letters_fit_their_limit(max_bytes: int) -> None:
+    binary = bytes(range(256)) * 4000  # 1 MB, not UTF-8
+    escaped = "\x01é😀" * 200_000  # every character needs a JSON escape
+    for payload in (binary, escaped.encode()):
+        letter, record = _letter(payload, max_bytes, message="m" * 100_000)
+        assert len(letter.value) <= max_bytes and letter.truncated
+        assert record["payload_truncated"] is True
+        assert record["payload_bytes"] == len(payload)
+        assert record["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+        assert record["source"] == {"topic": "visits", "partition": 2, "offset": 41,
+                                    "timestamp_ms": 5, "key": "7"}
+        assert record["error"]["message"].endswith(f"[{100_000 - MAX_ERROR_CHARS} more "
+                                                   "characters]")
+        if payload is binary:
+            kept = base64.b64decode(record["event_base64"])
+        else:
+            kept = record["event_text"].encode()
+        assert payload.startswith(kept) and len(kept) > 0
+        # the kept prefix uses the room left: one more unit would not fit
+        assert len(letter.value) > max_bytes - 64
+
+
+def test_dead_letter_keeps_a_small_event_whole() -> None:
+    event = {"schema_version": 1, "action": "retract", "visit": 7}
+    letter, record = _letter(json.dumps(event).encode(), 8192)
+    assert not letter.truncated and record["event"] == event and letter.key == b"7"
+    assert record["schema"] == DEAD_LETTER_SCHEMA and record["payload_truncated"] is False
+    _, record = _letter(b"\xff\xfe", 8192, key=None)
+    assert record["event_base64"] == "//4=" and record["source"]["key"] is None
+    _, record = _letter(None, 8192)  # tombstone
+    assert record["event_text"] == "" and record["payload_bytes"] == 0
+    # a key longer than MAX_KEY_BYTES is shown shortened and not reused
+    long_key = b"k" * (MAX_KEY_BYTES + 1)
+    letter, record = _letter(b"{}", 8192, key=long_key)
+    assert letter.key is None and record["source"]["key"] == "k" * MAX_KEY_BYTES
+    assert record["source"]["key_bytes"] == MAX_KEY_BYTES + 1
+    assert record["source"]["key_sha256"] == hashlib.sha256(long_key).hexdigest()
+
+
+def test_dead_letter_limit_from_the_producer_settings() -> None:
+    assert dead_letter_limit({}, None) == 1_000_000 - 1024
+    assert dead_letter_limit({"message.max.bytes": "200000"}, None) == 200_000 - 1024
+    assert dead_letter_limit({"message.max.bytes": "200000"}, 65536) == 65536
+    assert dead_letter_limit({}, 5_000_000) == 1_000_000 - 1024  # never above the producer's
+    with pytest.raises(ConfigError, match="at least 8192"):
+        dead_letter_limit({"message.max.bytes": "5000"}, None)
+    with pytest.raises(ConfigError, match="message.max.bytes"):
+        dead_letter_limit({"message.max.bytes": "lots"}, None)
+    # after a broker refusal: half of what was refused, down to a floor
+    assert shrink_limit(998976, 998000) == 499000
+    assert shrink_limit(3000, 2500) == 2048
+    assert shrink_limit(2048, 2048) is None
+
+
+def test_healthz_fails_when_a_message_is_stuck() -> None:
+    metrics, health = ConsumerMetrics(), HealthState(stall_seconds=0.3)
+    metrics.track(health)
+    server = HealthServer(metrics, health, "127.0.0.1", 0)
+    server.start()
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    try:
+        health.begin("visits[0]@4")
+        assert get("/healthz")[0] == 200
+        health.waiting_for("dead-letter delivery to visits.dead-letters failing for 3 s: x")
+        time.sleep(0.4)
+        status, body = get("/healthz")
+        assert status == 503
+        assert body.startswith("no progress: visits[0]@4 in flight for 0 s (threshold 0.3 s)")
+        assert "dead-letter delivery" in body
+        scrape = get("/metrics")[1]
+        assert "streamstars_progress_stalled 1.0" in scrape
+        in_flight = [line for line in scrape.splitlines()
+                     if line.startswith("streamstars_message_in_flight_seconds ")]
+        assert float(in_flight[0].split()[1]) >= 0.4
+        health.end()
+        assert get("/healthz") == (200, "ok\n")
+        assert "streamstars_progress_stalled 0.0" in get("/metrics")[1]
+        time.sleep(0.4)  # nothing in flight and the main loop not turning: stalled too
+        assert get("/healthz")[1].startswith("main loop stalled")
+    finally:
+        server.stop()
