@@ -23,7 +23,7 @@ def member_offsets_arcsec(catalog: ReportCatalog) -> tuple[np.ndarray, np.ndarra
 
 
 def _nobs_plot(catalog: ReportCatalog) -> Plot:
-    figure = new_figure(7.5, 4.2)
+    figure = new_figure(7.5, 4.2, left=0.11, right=0.97, bottom=0.13, top=0.96)
     ax = figure.subplots()
     top = int(catalog.counts.max()) if catalog.counts.size else 0
     medians = []
@@ -54,7 +54,7 @@ def _nobs_plot(catalog: ReportCatalog) -> Plot:
 
 
 def _magnitude_plot(catalog: ReportCatalog) -> Plot:
-    figure = new_figure(7.5, 4.2)
+    figure = new_figure(7.5, 4.2, left=0.11, right=0.97, bottom=0.13, top=0.96)
     ax = figure.subplots()
     finite = np.isfinite(catalog.obs_mag)
     if finite.any():
@@ -81,7 +81,7 @@ def _magnitude_plot(catalog: ReportCatalog) -> Plot:
 
 
 def _position_plot(catalog: ReportCatalog) -> Plot:
-    figure = new_figure(10.0, 4.4)
+    figure = new_figure(10.0, 4.4, left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.25)
     left, right = figure.subplots(1, 2)
     radius = catalog.match_radius_arcsec
     d_ra, d_dec = member_offsets_arcsec(catalog)

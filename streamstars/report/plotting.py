@@ -67,14 +67,19 @@ def require_plotting() -> None:
             "the report extra: pip install 'streamstars[report]'")
 
 
-def new_figure(width_in: float, height_in: float, *, constrained: bool = True) -> Figure:
+def new_figure(width_in: float, height_in: float, **margins: float) -> Figure:
     """A figure of the given size in inches, not registered with pyplot.
 
-    ``constrained``: matplotlib's constrained layout (skyproj maps need it off).
+    ``margins``: :meth:`~matplotlib.figure.Figure.subplots_adjust` arguments.  Fixed margins
+    rather than a layout engine: constrained layout recomputes every text extent at each draw
+    and cost more than the plots themselves.
     """
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width_in, height_in), layout="constrained" if constrained else None)
+    figure = Figure(figsize=(width_in, height_in))
+    if margins:
+        figure.subplots_adjust(**margins)
+    return figure
 
 
 def band_colour(band: str, index: int) -> str:

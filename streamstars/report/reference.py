@@ -22,6 +22,9 @@ __all__ = ["mean_instrumental_magnitudes", "reference_offsets", "reference_plots
 
 _MAG_BIN_WIDTH = 0.5  # running median of the offset in magnitude bins of this width [mag]
 _MIN_PER_BIN = 5
+#: At most about this many points are drawn per band (every k-th star); the running median and
+#: the band median use every star.
+_MAX_POINTS_SHOWN = 20_000
 
 
 def mean_instrumental_magnitudes(catalog: ReportCatalog) -> np.ndarray:
@@ -49,7 +52,8 @@ def _versus_magnitude(catalog: ReportCatalog, offsets: np.ndarray) -> Plot:
     n = len(catalog.bands)
     ncols = 1 if n == 1 else 2
     nrows = (n + ncols - 1) // ncols
-    figure = new_figure(5.0 * ncols, 3.4 * nrows)
+    figure = new_figure(5.0 * ncols, 3.4 * nrows, left=0.09, right=0.98, bottom=0.1, top=0.94,
+                        wspace=0.28, hspace=0.45)
     axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
     summary = []
     assert catalog.reference_mag is not None
@@ -69,8 +73,9 @@ def _versus_magnitude(catalog: ReportCatalog, offsets: np.ndarray) -> Plot:
         zero_point = float(np.median(offset))
         low, high = np.percentile(offset, [1, 99])
         pad = max(0.1, 0.5 * (high - low))
-        ax.scatter(ref, offset, s=2, alpha=0.4, color=band_colour(band, band_index),
-                   rasterized=True)
+        shown = slice(None, None, max(1, len(ref) // _MAX_POINTS_SHOWN))
+        ax.scatter(ref[shown], offset[shown], s=2, alpha=0.4,
+                   color=band_colour(band, band_index), rasterized=True)
         bins = np.floor(ref / _MAG_BIN_WIDTH).astype(np.int64)
         centres, running, _ = group_median(bins, offset, min_count=_MIN_PER_BIN)
         ax.plot((centres + 0.5) * _MAG_BIN_WIDTH, running, color="black", linewidth=1.5,
@@ -86,8 +91,9 @@ def _versus_magnitude(catalog: ReportCatalog, offsets: np.ndarray) -> Plot:
     return Plot(
         "ref_vs_mag", "Reference minus instrumental magnitude against reference magnitude",
         "For every star matched to the reference catalog, its reference magnitude minus its "
-        "mean instrumental magnitude in the band (one point per star), with the running "
-        "median. The level is the zero point a calibration run will solve for; it should be "
+        "mean instrumental magnitude in the band (one point per star, at most "
+        f"~{_MAX_POINTS_SHOWN:,} drawn per band), with the running median of all of them. "
+        "The level is the zero point a calibration run will solve for; it should be "
         "flat with magnitude, widening at the faint end only. A slope means non-linearity, "
         "a background error or a missing colour term; a bright-end turn-off means "
         "saturation. Median offset per band: " + (", ".join(summary) or "none") + ".",

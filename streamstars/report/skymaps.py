@@ -144,6 +144,13 @@ def _band_maps(catalog: ReportCatalog, view: SkyView) -> dict[str, list[SkyMap]]
     return maps
 
 
+def _raster_width(view: SkyView) -> int:
+    """Raster columns for skyproj: ~8 per HEALPix pixel across the field (at most 400, at
+    least 100); skyproj transforms every raster vertex, so more only costs time."""
+    across = 2.0 * view.radius_deg / math.degrees(hp.nside2resol(view.nside))
+    return int(np.clip(8.0 * across, 100, 400))
+
+
 def draw_band_maps(view: SkyView, maps: Sequence[SkyMap], bands: Sequence[str],
                    label: str, *, cmap: str = "viridis", symmetric: bool = False,
                    panel_titles: Sequence[str] | None = None) -> Any:
@@ -156,9 +163,8 @@ def draw_band_maps(view: SkyView, maps: Sequence[SkyMap], bands: Sequence[str],
     n = len(bands)
     ncols = 1 if n == 1 else (2 if n in (2, 4) else 3)
     nrows = math.ceil(n / ncols)
-    figure = new_figure(4.6 * ncols, 3.9 * nrows, constrained=False)
-    figure.subplots_adjust(left=0.08, right=0.9, bottom=0.08, top=0.92, wspace=0.45,
-                           hspace=0.4)
+    figure = new_figure(4.6 * ncols, 3.9 * nrows, left=0.08, right=0.9, bottom=0.08,
+                        top=0.92, wspace=0.45, hspace=0.4)
     axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
     projection = skyproj.MollweideSkyproj if view.full_sky else skyproj.McBrydeSkyproj
     for index, ax in enumerate(axes):  # loop over panels
@@ -179,7 +185,7 @@ def draw_band_maps(view: SkyView, maps: Sequence[SkyMap], bands: Sequence[str],
             kwargs.update(vmin=-limit, vmax=limit)
         sky = projection(ax=ax, lon_0=view.lon_0, n_grid_lon=4, n_grid_lat=4)
         sky.draw_hpxpix(view.nside, sky_map.pixels[finite], values, nest=True,
-                        zoom=not view.full_sky, xsize=400, **kwargs)
+                        zoom=not view.full_sky, xsize=_raster_width(view), **kwargs)
         sky.draw_colorbar(label=label, fontsize=8)
         sky.ax.set_xlabel("RA", fontsize=9)
         sky.ax.set_ylabel("Dec", fontsize=9)

@@ -87,7 +87,7 @@ def find_outliers(catalog: ReportCatalog, threshold: float = DEFAULT_OUTLIER_Z) 
 def trend_plot(catalog: ReportCatalog, outliers: list[Outlier],
                threshold: float = DEFAULT_OUTLIER_Z) -> Plot:
     """Selected observations, deltaAper, PSF FWHM and sky background against MJD."""
-    figure = new_figure(10.0, 10.0)
+    figure = new_figure(10.0, 10.0, left=0.09, right=0.98, bottom=0.06, top=0.93, hspace=0.08)
     axes = figure.subplots(len(METRICS), 1, sharex=True)
     flagged = {(o.visit, o.metric) for o in outliers}
     for ax, metric in zip(axes, METRICS, strict=True):  # loop over panels and bands
@@ -107,8 +107,8 @@ def trend_plot(catalog: ReportCatalog, outliers: list[Outlier],
                       fontsize=9)
         ax.grid(alpha=0.3)
         ax.ticklabel_format(axis="x", useOffset=False)
-    axes[0].legend(fontsize=8, ncols=len(catalog.bands) + 1, loc="upper left",
-                   bbox_to_anchor=(0.0, 1.25))
+    axes[0].legend(fontsize=8, ncols=len(catalog.bands) + 1, loc="lower left",
+                   bbox_to_anchor=(0.0, 1.01))
     axes[-1].set_xlabel("MJD")
     n_flagged = len({o.visit for o in outliers})
     caption = (
