@@ -20,6 +20,7 @@ from streamstars.report.page import (
     DashboardLink,
     PlotImage,
     Section,
+    clear_plots,
     render_page,
     save_plot,
     write_page,
@@ -177,6 +178,7 @@ def build_report(state: str | Path, out: str | Path, snapshot: str | Path | None
         catalog = join_catalog(snap, facts)
         provenance = _provenance(facts, snap, catalog, temporary_snapshot=snapshot is None)
     out_dir.mkdir(parents=True, exist_ok=True)
+    clear_plots(out_dir)  # a plot of an earlier report (a reference section since dropped...)
     outliers = find_outliers(catalog, outlier_z)
     sections: list[Section] = []
     images: list[PlotImage] = []

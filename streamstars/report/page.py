@@ -15,8 +15,8 @@ from pathlib import Path
 from streamstars.report.plotting import Plot
 from streamstars.report.trends import Outlier
 
-__all__ = ["PLOTS_DIR", "DashboardLink", "PlotImage", "Section", "render_page", "save_plot",
-           "write_page"]
+__all__ = ["PLOTS_DIR", "DashboardLink", "PlotImage", "Section", "clear_plots", "render_page",
+           "save_plot", "write_page"]
 
 #: Sub-directory of the output directory holding the PNGs.
 PLOTS_DIR = "plots"
@@ -55,14 +55,12 @@ class PlotImage:
 
 @dataclass
 class Section:
-    """A section of the page: a heading, an introduction, images and optional HTML after them
-    (already escaped)."""
+    """A section of the page: a heading, an introduction and its images."""
 
     anchor: str
     title: str
     intro: str
     images: list[PlotImage] = field(default_factory=list)
-    html_after: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,6 +71,12 @@ class DashboardLink:
     href: str
     text: str
     note: str
+
+
+def clear_plots(out_dir: Path) -> None:
+    """Remove the PNGs of an earlier report from ``out_dir/plots`` (only ``*.png``)."""
+    for old in (out_dir / PLOTS_DIR).glob("*.png"):
+        old.unlink()
 
 
 def save_plot(plot: Plot, out_dir: Path) -> PlotImage:
@@ -141,8 +145,6 @@ def render_page(provenance: Sequence[tuple[str, str]], sections: Sequence[Sectio
                 f"{html.escape(image.caption)}</figcaption></figure>")
         if section.anchor == "trends":
             parts.append(_outlier_table(outliers, threshold))
-        if section.html_after:
-            parts.append(section.html_after)
         parts.append("</section>")
     if dashboard is not None:
         target = (f"<a id=\"grafana-dashboard\" href=\"{html.escape(dashboard.href)}\">"
