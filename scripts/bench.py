@@ -15,6 +15,10 @@ parameters), then runs each measurement in its own subprocess so peak RSS is per
   wall time, sources read/s, selected observations/s, per-visit apply latency (first 10 and
   last 10 visits), peak RSS;
 * snapshot of the full store: time and peak RSS;
+* report (``streamstars report``, docs/report.md) of the full store, twice: from the snapshot
+  just written (``--snapshot``) and on its own (it then snapshots the store into a temporary
+  directory first): time and peak RSS, printed beside the snapshot's (skipped with a message
+  when the ``report`` extra is not installed);
 * the batch reference of the tests (tests/batch_reference.py) on the same observations
   (read + select + one in-memory batch association): time and peak RSS.
 Prints numbers and the target ratios; never asserts.
@@ -48,6 +52,7 @@ consumer log and the broker log are kept in the workdir (``kafka-consumer.log``,
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -231,6 +236,15 @@ def measure_snapshot(state: Path, out: Path) -> dict[str, float]:
         summary = write_store_snapshot(store, out)
     return {"seconds": summary.seconds, "stars": summary.n_stars,
             "observations": summary.n_observations, "peak_rss_mb": _peak_rss_mb()}
+
+
+def measure_report(state: Path, out: Path, snapshot: str) -> dict[str, float]:
+    """Write the report of a store (``snapshot`` "-": the report snapshots the store itself)."""
+    from streamstars.report import build_report
+
+    summary = build_report(state, out, None if snapshot == "-" else Path(snapshot))
+    return {"seconds": summary.seconds, "stars": summary.n_stars, "plots": len(summary.images),
+            "peak_rss_mb": _peak_rss_mb()}
 
 
 def measure_batch(repo: Path, n_visits: int) -> dict[str, float]:
@@ -552,6 +566,7 @@ def main() -> int:
                  "backfill": lambda: measure_backfill(Path(rest[0]), int(rest[1]),
                                                       Path(rest[2])),
                  "snapshot": lambda: measure_snapshot(Path(rest[0]), Path(rest[1])),
+                 "report": lambda: measure_report(Path(rest[0]), Path(rest[1]), rest[2]),
                  "batch": lambda: measure_batch(Path(rest[0]), int(rest[1])),
                  "refs": lambda: measure_refs(Path(rest[0]), int(rest[1]), Path(rest[2])),
                  "kafka": lambda: measure_kafka(Path(rest[0]), Path(rest[1]), Path(rest[2]),
@@ -603,6 +618,13 @@ def main() -> int:
         results["floor"]["readings_s"] = [first_floor["seconds"], second_floor["seconds"]]
         results["prepare"] = _run("prepare", str(repo), n)
         results["snapshot"] = _run("snapshot", str(workdir / "state"), str(workdir / "snapshot"))
+        if importlib.util.find_spec("matplotlib") and importlib.util.find_spec("skyproj"):
+            results["report"] = _run("report", str(workdir / "state"), str(workdir / "report"),
+                                     str(workdir / "snapshot"))
+            results["report_alone"] = _run("report", str(workdir / "state"),
+                                           str(workdir / "report-alone"), "-")
+        else:
+            print("report: skipped (pip install 'streamstars[report]' to measure it)")
         results["refs"] = _run("refs", str(repo), small, str(workdir / "state-refs"))
         if not args.skip_batch:
             results["batch"] = _run("batch", str(repo), n)
@@ -651,6 +673,14 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
     print(f"snapshot                    : {f('snapshot', 'seconds'):8.1f} s  "
           f"{results['snapshot']['stars']:,} stars, {results['snapshot']['observations']:,} obs, "
           f"peak RSS {f('snapshot', 'peak_rss_mb'):.0f} MB")
+    report_labels = (("report", "report (--snapshot)"), ("report_alone", "report (own snapshot)"))
+    for key, label in report_labels:
+        if key in results:
+            time_ratio = f(key, "seconds") / f("snapshot", "seconds")
+            rss_ratio = f(key, "peak_rss_mb") / f("snapshot", "peak_rss_mb")
+            print(f"{label:<28}: {f(key, 'seconds'):8.1f} s  {results[key]['plots']} plots, "
+                  f"peak RSS {f(key, 'peak_rss_mb'):.0f} MB  ({time_ratio:.2f}x the snapshot's "
+                  f"time, {rss_ratio:.2f}x its peak RSS)")
     if "refs" in results:
         r = results["refs"]
         print(f"reference cache ({r['visits']} visits): first visit "
@@ -690,6 +720,12 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
           f"  (target <= 1.2, and < 1024 MB: {f('backfill', 'peak_rss_mb'):.0f} MB)")
     anon_ratio = f("backfill", "peak_anon_rss_mb") / f("backfill_small", "peak_anon_rss_mb")
     print(f"peak heap RSS {args.visits} / {args.small_visits} : {anon_ratio:6.2f}")
+    for key, label in (("report", "report / snapshot"),
+                       ("report_alone", "report alone / snapshot")):
+        if key in results:
+            print(f"{label:<28}: {f(key, 'seconds') / f('snapshot', 'seconds'):6.2f} time, "
+                  f"{f(key, 'peak_rss_mb') / f('snapshot', 'peak_rss_mb'):.2f} peak RSS"
+                  "  (target <= 2)")
     if "batch" in results:
         ratio = f("backfill", "seconds") / f("batch", "seconds")
         print(f"backfill / batch reference  : {ratio:6.2f}  (target <= 1)")

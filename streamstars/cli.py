@@ -1,7 +1,7 @@
 """The ``streamstars`` command line.
 
 Subcommands: ``backfill``, ``snapshot``, ``status``, ``backup``, ``retract``, ``config show``,
-``simulate``, ``refresh-refs`` and, from :mod:`streamstars.consumers.cli`, ``run`` and
+``simulate``, ``report``, ``refresh-refs`` and, from :mod:`streamstars.consumers.cli`, ``run`` and
 ``publish``.  Exit codes: 0 success, 1 some visits failed, 2 usage or configuration error,
 130 interrupted (Ctrl-C: one line, no traceback; a backfill resumes where it stopped).
 """
@@ -157,6 +157,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from streamstars.report import build_report
+
+    summary = build_report(args.state, args.out, args.snapshot, outlier_z=args.outlier_z,
+                           grafana_url=args.grafana_url)
+    print(f"report: {summary.n_visits} visits, {summary.n_stars:,} stars, "
+          f"{len(summary.images)} plots, {len(summary.outliers)} outlier entries -> "
+          f"{summary.index} ({summary.seconds:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -218,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ra", type=float, default=150.0, help="field centre RA [deg]")
     p.add_argument("--dec", type=float, default=2.0, help="field centre Dec [deg]")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("report", help="write an HTML quality report of a store (docs/report.md)")
+    p.add_argument("out", help="output directory: OUT/index.html and OUT/plots/*.png")
+    p.add_argument("--state", required=True, help="state directory (opened read-only)")
+    p.add_argument("--snapshot", help="snapshot directory to report on (default: snapshot the "
+                   "store into a temporary directory)")
+    p.add_argument("--outlier-z", type=float, default=5.0, metavar="Z",
+                   help="list visits whose robust z-score within their band exceeds Z "
+                   "(default %(default)s)")
+    p.add_argument("--grafana-url", metavar="URL",
+                   help="base URL of a Grafana serving deploy/grafana/streamstars.json, linked "
+                   "from the page")
+    p.set_defaults(func=cmd_report)
 
     try:
         from streamstars.refs_cli import add_commands as add_ref_commands
