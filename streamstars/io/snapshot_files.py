@@ -1013,9 +1013,10 @@ def _compare_fits(fname: str, a: Path, b: Path, ignore: Sequence[str]) -> list[s
     return diffs
 
 
-def _compare_manifests(a: Path, b: Path, ignore: Sequence[str]) -> list[str]:
-    ma = json.loads(a.read_text())
-    mb = json.loads(b.read_text())
+def _compare_manifests(a: Path, b: Path, ignore: Sequence[str],
+                       ignore_keys: Sequence[str] = ()) -> list[str]:
+    ma = {k: v for k, v in json.loads(a.read_text()).items() if k not in ignore_keys}
+    mb = {k: v for k, v in json.loads(b.read_text()).items() if k not in ignore_keys}
     diffs: list[str] = []
     pa_, pb_ = _without(ma.pop("provenance", {}), ignore), _without(mb.pop("provenance", {}),
                                                                     ignore)
@@ -1033,13 +1034,17 @@ def _compare_manifests(a: Path, b: Path, ignore: Sequence[str]) -> list[str]:
 
 
 def compare_snapshots(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str],
-                      ignore_metadata_keys: Sequence[str] = ("created",)) -> list[str]:
+                      ignore_metadata_keys: Sequence[str] = ("created",),
+                      ignore_manifest_keys: Sequence[str] = ()) -> list[str]:
     """Differences between two snapshot directories (empty list: identical).
 
     Compares the file sets, every FITS header card and column (bitwise, so NaNs compare
     equal), every parquet schema, column (bitwise) and schema-metadata entry, and the manifests;
     provenance entries named in ``ignore_metadata_keys`` (default: the ``created`` timestamp)
-    are ignored, and so are the byte sizes / sha256 of the manifest (they depend on them).
+    are ignored, and so are the byte sizes / sha256 of the manifest (they depend on them) and
+    its top-level entries named in ``ignore_manifest_keys`` (e.g. ``partitions``).  A HATS
+    catalog directory present in both (``fgcm_stars/``) is compared by its rows in ``fgcm_id``
+    order, whatever its partitioning (:func:`streamstars.io.hats.compare_catalogs`).
     """
     a, b = Path(a_dir), Path(b_dir)
     names_a, names_b = set(os.listdir(a)), set(os.listdir(b))
@@ -1047,8 +1052,14 @@ def compare_snapshots(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[st
     diffs += [f"{name}: only in {b}" for name in sorted(names_b - names_a)]
     ignore = tuple(ignore_metadata_keys)
     for name in sorted(names_a & names_b):
-        if name == MANIFEST_NAME:
-            diffs += _compare_manifests(a / name, b / name, ignore)
+        if (a / name).is_dir() and (b / name).is_dir():
+            from streamstars.io.hats import compare_catalogs  # the catalog module imports this
+
+            diffs += compare_catalogs(a / name, b / name, ignore)
+        elif (a / name).is_dir() or (b / name).is_dir():
+            diffs.append(f"{name}: a directory in only one snapshot")
+        elif name == MANIFEST_NAME:
+            diffs += _compare_manifests(a / name, b / name, ignore, tuple(ignore_manifest_keys))
         elif name.endswith(".parquet"):
             diffs += _compare_parquet(name, a / name, b / name, ignore)
         elif name.endswith(".fits"):
