@@ -19,6 +19,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import hats
+import lsdb
+import nested_pandas as npd
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -265,9 +268,6 @@ def test_catalog_layout(sharded: dict[int, tuple[Path, list]]) -> None:
 
 
 def test_hats_and_lsdb_read_the_flat_rows(sharded: dict[int, tuple[Path, list]]) -> None:
-    hats = pytest.importorskip("hats")
-    lsdb = pytest.importorskip("lsdb")
-    npd = pytest.importorskip("nested_pandas")
     out, parts = sharded[9]
     cat_dir = out / CATALOG_DIR
     flat = flat_rows(out)

@@ -44,6 +44,10 @@ Atomic replacement
   Between the two renames (a few microseconds) ``out_dir`` does not exist: a reader may see
   it missing, never a mix.
 
+The same staging and swap are available to other writers as :func:`stage_snapshot` (the
+sharded snapshot writes its HATS catalog ``fgcm_stars/`` and streams the flat files into the
+staging directory, :mod:`streamstars.io.flat_stream`).
+
 Writers of the same parent directory are serialised with ``flock`` on the parent directory,
 and leftovers of a crashed writer (``.<name>.tmp-*`` / ``.<name>.old-*``) are removed under that
 lock.  An existing non-empty ``out_dir`` that does not look like a snapshot (none of
