@@ -362,13 +362,16 @@ def test_reused_partition_of_other_filters_refused(catalogs: SnapshotCatalogs,
 # --------------------------------------------------------------------------- bounded merge
 
 
-def test_multi_level_merge_with_a_tiny_memory_bound(catalogs: SnapshotCatalogs,
-                                                    one_shot: Path,
-                                                    sharded: dict[int, tuple[Path, list]],
-                                                    tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A memory bound below one row group: partitions are merged two at a time into runs,
-    level after level; the output is the same."""
+@pytest.mark.parametrize(("memory_bytes", "fan_in", "n_runs", "levels"), [
+    (1, 64, 60, 5),       # below one row group: pairs, level after level (31+15+8+4+2 runs)
+    (1 << 34, 8, 8, 1),   # the fan-in bound: 8 runs of <= 8 partitions, then one pass
+])
+def test_multi_level_merge(memory_bytes: int, fan_in: int, n_runs: int, levels: int,
+                           catalogs: SnapshotCatalogs, one_shot: Path,
+                           sharded: dict[int, tuple[Path, list]], tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the memory or fan-in bound, partitions are first merged into sorted runs, which
+    are merged in turn; the output is the same."""
     out, parts = sharded[9]
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -381,11 +384,12 @@ def test_multi_level_merge_with_a_tiny_memory_bound(catalogs: SnapshotCatalogs,
 
     monkeypatch.setattr(flat_stream, "_write_run", counting)
     rows = write_flat_files(flat, parts, visits=catalogs.visits, metadata=catalogs.metadata,
-                            reference_filters=catalogs.reference_filters, memory_bytes=1)
+                            reference_filters=catalogs.reference_filters,
+                            memory_bytes=memory_bytes, max_fan_in=fan_in)
     assert rows[FITS_FILES["stars"]] == len(catalogs.stars["fgcm_id"])
-    # pairs: 31 runs of two partitions, then 16, 8, 4, 2 runs of runs, then the final pass
-    assert len(runs) >= len(parts) - 2
-    assert {r.name.split("-")[1] for r in runs} == {str(level) for level in range(5)}
+    assert len(parts) == 62
+    assert len(runs) == n_runs
+    assert {r.name.split("-")[1] for r in runs} == {str(level) for level in range(levels)}
     for name in FITS_FILES.values():
         assert (flat / name).read_bytes() == (one_shot / name).read_bytes(), name
     for name in PARQUET_FILES.values():  # bitwise, NaN included
@@ -409,7 +413,8 @@ def test_merge_under_a_small_file_descriptor_limit(catalogs: SnapshotCatalogs, o
         paths = [Path(p) for p in sys.argv[3:]]
         # the bound fits every partition's largest row group: one merge pass over them all
         write_flat_files(Path(sys.argv[2]), paths, visits=cats.visits, metadata=cats.metadata,
-                         reference_filters=cats.reference_filters, memory_bytes=1 << 34)
+                         reference_filters=cats.reference_filters, memory_bytes=1 << 34,
+                         max_fan_in=1000)
         print("ok")
     """)
     pickled = tmp_path / "cats.pickle"

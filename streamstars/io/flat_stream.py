@@ -12,9 +12,10 @@ are then written here by a k-way merge of the partitions, never holding the surv
   "last id" of the buffered row groups — these are all the stars of the survey up to that id,
   since every partition is sorted (vectorised: one argsort per step, no per-row Python);
 * the row groups buffered at once are bounded by ``memory_bytes`` (their uncompressed sizes
-  from the footers): when the partitions together need more, groups of partitions are first
-  merged into temporary sorted runs (same schema) which are merged in turn — an external
-  merge sort whose fan-in is set by the memory bound, not by the number of partitions;
+  from the footers) and their number by ``max_fan_in``: when the partitions need more,
+  groups of partitions are first merged into temporary sorted runs (same schema) which are
+  merged in turn — an external merge sort whose fan-in is set by these bounds, not by the
+  number of partitions;
 * FITS tables are streamed as raw big-endian rows after a header made by astropy for a
   zero-row table, whose ``NAXIS2`` card is rewritten in place once the row count is known
   (the card keeps its 80 bytes), then padded to 2880 bytes: the file is byte-identical to
@@ -48,6 +49,7 @@ from astropy.io import fits
 from streamstars.columns import OBSERVATION_DTYPES
 from streamstars.io.hats import (
     CATALOG_DIR,
+    OBSERVATIONS_COLUMN,
     ROW_GROUP_OBSERVATIONS,
     PartitionFile,
     _row_group_bounds,
@@ -86,6 +88,7 @@ from streamstars.io.snapshot_files import (
 )
 
 __all__ = [
+    "MERGE_FAN_IN",
     "MERGE_MEMORY_BYTES",
     "finish_partitioned_snapshot",
     "iter_merged_stars",
@@ -94,6 +97,8 @@ __all__ = [
 
 #: Default bound of the row groups the merge buffers at once (uncompressed bytes).
 MERGE_MEMORY_BYTES = 256 << 20
+#: Default bound of the number of files merged in one pass.
+MERGE_FAN_IN = 64
 #: Rows per row group of the streamed parquet files.
 PARQUET_ROW_GROUP_ROWS = 1 << 17
 _FITS_BLOCK = 2880
@@ -188,13 +193,15 @@ def _merge_once(sources: list[_Source], columns: list[str] | None) -> Iterator[p
         yield batch
 
 
-def _plan(sources: list[_Source], memory_bytes: int) -> list[list[_Source]]:
-    """Consecutive groups of sources whose largest row groups together fit ``memory_bytes``
-    (at least two per group, so that every level of the merge halves the count at least)."""
+def _plan(sources: list[_Source], memory_bytes: int, fan_in: int) -> list[list[_Source]]:
+    """Consecutive groups of at most ``fan_in`` sources whose largest row groups together fit
+    ``memory_bytes`` (at least two per group, so that every level of the merge halves the
+    count at least)."""
     groups: list[list[_Source]] = [[]]
     used = 0
     for s in sources:
-        if len(groups[-1]) >= 2 and used + s.peak_bytes > memory_bytes:
+        full = len(groups[-1]) >= fan_in or used + s.peak_bytes > memory_bytes
+        if len(groups[-1]) >= 2 and full:
             groups.append([])
             used = 0
         groups[-1].append(s)
@@ -228,6 +235,7 @@ def _flush_run(writer: pq.ParquetWriter, buffered: list[pa.Table], limit: int) -
 
 def iter_merged_stars(partition_files: Sequence[str | os.PathLike[str] | PartitionFile], *,
                       memory_bytes: int = MERGE_MEMORY_BYTES,
+                      max_fan_in: int = MERGE_FAN_IN,
                       tmp_dir: str | os.PathLike[str] | None = None,
                       columns: list[str] | None = None) -> Iterator[pa.Table]:
     """Every row of the partitions, in global ``fgcm_id`` order, as a stream of tables.
@@ -240,6 +248,9 @@ def iter_merged_stars(partition_files: Sequence[str | os.PathLike[str] | Partiti
         Bound of the row groups buffered at once (uncompressed, from the footers).  When the
         partitions need more, groups of them are merged first into temporary runs under
         ``tmp_dir`` (removed as soon as they are merged).
+    max_fan_in
+        Most files merged in one pass (each step of a pass looks at every file of the pass:
+        the bound keeps the Python work per merged row group constant).
     tmp_dir
         Where temporary runs go (a fresh ``.merge-runs-*`` directory is made there, default:
         beside the first partition, and removed at the end); used only when one pass does
@@ -255,12 +266,13 @@ def iter_merged_stars(partition_files: Sequence[str | os.PathLike[str] | Partiti
     paths = [p.path if isinstance(p, PartitionFile) else Path(p) for p in partition_files]
     if not paths:
         return
-    if memory_bytes < 1:
-        raise ValueError(f"memory_bytes must be >= 1, got {memory_bytes}")
+    if memory_bytes < 1 or max_fan_in < 2:
+        raise ValueError(f"memory_bytes must be >= 1 and max_fan_in >= 2, got {memory_bytes} "
+                         f"and {max_fan_in}")
     read_columns = None if columns is None else list(dict.fromkeys(
         ["fgcm_id", "n_obs", *columns]))
     sources = [_source(p) for p in paths]
-    if len(_plan(sources, memory_bytes)) == 1:
+    if len(_plan(sources, memory_bytes, max_fan_in)) == 1:
         yield from _merge_once(sources, read_columns)
         return
     base = Path(tmp_dir) if tmp_dir is not None else paths[0].parent
@@ -272,7 +284,7 @@ def iter_merged_stars(partition_files: Sequence[str | os.PathLike[str] | Partiti
     level = 0
     try:
         while True:
-            groups = _plan(sources, memory_bytes)
+            groups = _plan(sources, memory_bytes, max_fan_in)
             if len(groups) == 1:
                 yield from _merge_once(sources, read_columns)
                 return
@@ -409,6 +421,7 @@ def write_flat_files(out_dir: str | os.PathLike[str],
                      reference_filters: Sequence[str] = (),
                      formats: Sequence[str] = ("fits", "parquet"),
                      memory_bytes: int = MERGE_MEMORY_BYTES,
+                     max_fan_in: int = MERGE_FAN_IN,
                      tmp_dir: str | os.PathLike[str] | None = None) -> dict[str, int]:
     """Write the flat snapshot files into the existing directory ``out_dir`` (a staging
     directory), streamed from the partitions in ``fgcm_id`` order.
@@ -430,7 +443,7 @@ def write_flat_files(out_dir: str | os.PathLike[str],
         (one row per star with a reference match).
     formats
         Any of ``"fits"`` and ``"parquet"``.
-    memory_bytes, tmp_dir
+    memory_bytes, max_fan_in, tmp_dir
         See :func:`iter_merged_stars` (``tmp_dir`` defaults to ``out_dir``).
 
     Returns
@@ -455,39 +468,38 @@ def write_flat_files(out_dir: str | os.PathLike[str],
     fits_streams: dict[str, _FitsStream] = {}
     parquet_streams: dict[str, _ParquetStream] = {}
     with contextlib.ExitStack() as stack:
+        # on an error every file opened is closed (the caller's staging directory is dropped)
+        def fits_stream(key: str, *args: Any) -> None:
+            fits_streams[key] = _FitsStream(out / FITS_FILES[key], meta, *args)
+            stack.callback(_close_quietly, fits_streams[key])
+
+        def parquet_stream(key: str, schema: pa.Schema) -> None:
+            parquet_streams[key] = _ParquetStream(out / PARQUET_FILES[key], schema)
+            stack.callback(_close_quietly, parquet_streams[key])
+
         if "fits" in fmts:
             rows[FITS_FILES["visits"]] = _write_visit_fits(out, v, meta)
-            fits_streams["observations"] = _FitsStream(
-                out / FITS_FILES["observations"], meta, _FITS_OBS_COLUMNS)
-            fits_streams["stars"] = _FitsStream(out / FITS_FILES["stars"], meta,
-                                                _FITS_STAR_COLUMNS, _ID_HEADER)
-            fits_streams["indices"] = _FitsStream(out / FITS_FILES["indices"], meta,
-                                                  _FITS_INDEX_COLUMNS)
+            fits_stream("observations", _FITS_OBS_COLUMNS)
+            fits_stream("stars", _FITS_STAR_COLUMNS, _ID_HEADER)
+            fits_stream("indices", _FITS_INDEX_COLUMNS)
             if filters:
-                fits_streams["reference"] = _FitsStream(
-                    out / FITS_FILES["reference"], meta, _fits_reference_columns(nfilt),
-                    _reference_fits_header(filters))
+                fits_stream("reference", _fits_reference_columns(nfilt),
+                            _reference_fits_header(filters))
         if "parquet" in fmts:
             rows[PARQUET_FILES["visits"]] = _write_visit_parquet(out, v, meta)
-            parquet_streams["observations"] = _ParquetStream(
-                out / PARQUET_FILES["observations"], _parquet_schema(_PARQUET_OBS_COLUMNS, meta))
-            parquet_streams["stars"] = _ParquetStream(
-                out / PARQUET_FILES["stars"], _parquet_schema(_PARQUET_STAR_COLUMNS, meta))
+            parquet_stream("observations", _parquet_schema(_PARQUET_OBS_COLUMNS, meta))
+            parquet_stream("stars", _parquet_schema(_PARQUET_STAR_COLUMNS, meta))
             if filters:
-                parquet_streams["reference"] = _ParquetStream(
-                    out / PARQUET_FILES["reference"],
-                    _parquet_schema(_parquet_reference_columns(nfilt), meta,
-                                    _reference_parquet_metadata(filters)))
-        streams: list[_FitsStream | _ParquetStream] = [*fits_streams.values(),
-                                                       *parquet_streams.values()]
-        for stream in streams:
-            # on an error the files are closed (the caller's staging directory is dropped)
-            stack.callback(_close_quietly, stream)
+                parquet_stream("reference", _parquet_schema(
+                    _parquet_reference_columns(nfilt), meta, _reference_parquet_metadata(filters)))
 
         n_obs_total = 0
+        wanted = ["fgcm_id", "ra", "dec", "n_obs", "obj_flag",
+                  *(["refMag", "refMagErr"] if filters else []), OBSERVATIONS_COLUMN]
         for batch in iter_merged_stars(partition_files, memory_bytes=memory_bytes,
+                                       max_fan_in=max_fan_in, columns=wanted,
                                        tmp_dir=tmp_dir if tmp_dir is not None else out):
-            obs_arrow, lengths = flatten_observations(batch["observations"])
+            obs_arrow, lengths = flatten_observations(batch[OBSERVATIONS_COLUMN])
             n_obs = _numpy(batch["n_obs"].combine_chunks(), np.dtype(np.int32))
             if not np.array_equal(lengths, n_obs):
                 bad = _numpy(batch["fgcm_id"].combine_chunks(), np.dtype(np.int64))[
@@ -573,7 +585,8 @@ def finish_partitioned_snapshot(staging: SnapshotStaging, partitions: Sequence[P
                                 reference_filters: Sequence[str] = (),
                                 formats: Sequence[str] = ("fits", "parquet"),
                                 checksums: bool = True,
-                                memory_bytes: int = MERGE_MEMORY_BYTES) -> list[Path]:
+                                memory_bytes: int = MERGE_MEMORY_BYTES,
+                                max_fan_in: int = MERGE_FAN_IN) -> list[Path]:
     """Finish a snapshot whose partitions are in ``staging.path/fgcm_stars`` (written with
     :func:`~streamstars.io.hats.write_partition` or linked with
     :func:`~streamstars.io.hats.reuse_partition`): the catalog files
@@ -600,7 +613,8 @@ def finish_partitioned_snapshot(staging: SnapshotStaging, partitions: Sequence[P
     finish_catalog(staging.path / CATALOG_DIR, partitions, reference_filters=filters,
                    metadata=meta)
     rows = write_flat_files(staging.path, partitions, visits=visits, metadata=meta,
-                            reference_filters=filters, formats=fmts, memory_bytes=memory_bytes)
+                            reference_filters=filters, formats=fmts, memory_bytes=memory_bytes,
+                            max_fan_in=max_fan_in)
     written = sum(1 for p in partitions if not p.reused)
     _write_manifest(staging.path, rows, fmts, filters, meta, checksums=checksums,
                     extra={"partitions": {"written": written,
