@@ -123,7 +123,9 @@ _HATS_RELEASE_DATE = "2025-08-22"  # release date of the HATS IVOA note v1.0
 class PartitionFile:
     """One partition file of the catalog.
 
-    ``reused``: hard-linked from the previous snapshot rather than written now.
+    ``path`` is where it was written (under the staging directory while a snapshot is being
+    written; the same relative path under ``OUT`` after the swap).  ``reused``: hard-linked
+    from the previous snapshot rather than written now.
     """
 
     order: int
