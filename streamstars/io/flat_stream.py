@@ -101,6 +101,7 @@ MERGE_MEMORY_BYTES = 256 << 20
 MERGE_FAN_IN = 64
 #: Rows per row group of the streamed parquet files.
 PARQUET_ROW_GROUP_ROWS = 1 << 17
+_RUN_COMPRESSION = "lz4"
 _FITS_BLOCK = 2880
 _CARD = 80
 
@@ -211,8 +212,9 @@ def _plan(sources: list[_Source], memory_bytes: int, fan_in: int) -> list[list[_
 
 def _write_run(path: Path, batches: Iterator[pa.Table], schema: pa.Schema,
                row_group_observations: int) -> None:
-    """A temporary sorted run: the merged batches, in row groups of whole stars."""
-    with pq.ParquetWriter(path, schema, compression=_PARQUET_COMPRESSION) as writer:
+    """A temporary sorted run: the merged batches, in row groups of whole stars (lz4: a run
+    is read once, soon, so speed matters more than size)."""
+    with pq.ParquetWriter(path, schema, compression=_RUN_COMPRESSION) as writer:
         buffered: list[pa.Table] = []
         n_buffered = 0
         for batch in batches:
