@@ -494,3 +494,25 @@ def test_list_of_struct_observations_read_too(sharded: dict[int, tuple[Path, lis
         assert again[name].equals(as_lists[name]), name
     with pytest.raises(ValueError, match="neither"):
         flatten_observations(pa.array([1, 2]))
+
+
+def test_no_star_at_all(catalogs: SnapshotCatalogs, tmp_path: Path) -> None:
+    """An empty survey: no partition; the streamed files equal the one-shot writer's."""
+    none = np.zeros(0, dtype=np.int64)
+    empty = dataclasses.replace(
+        catalogs,
+        stars={k: v[none] for k, v in catalogs.stars.items()},
+        observations={k: v[none] for k, v in catalogs.observations.items()},
+        reference={k: v[none] for k, v in catalogs.reference.items()}  # type: ignore[union-attr]
+    )
+    write_snapshot(tmp_path / "one", empty, grace_seconds=0)
+    assert write_sharded(tmp_path / "sharded", empty, 6) == []
+    assert compare_snapshots(tmp_path / "one", tmp_path / "sharded",
+                             ignore_manifest_keys=("partitions",)) == \
+        expected_differences(tmp_path / "one", tmp_path / "sharded")
+    for name in FITS_FILES.values():
+        assert (tmp_path / "sharded" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    cat = tmp_path / "sharded" / CATALOG_DIR
+    assert (cat / "partition_info.csv").read_text() == "Norder,Npix\n"
+    assert "hats_nrows=0" in (cat / "properties").read_text()
+    assert pq.read_metadata(cat / "dataset" / "_metadata").num_rows == 0
