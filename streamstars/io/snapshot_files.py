@@ -44,6 +44,10 @@ Atomic replacement
   Between the two renames (a few microseconds) ``out_dir`` does not exist: a reader may see
   it missing, never a mix.
 
+The same staging and swap are available to other writers as :func:`stage_snapshot` (the
+sharded snapshot writes its HATS catalog ``fgcm_stars/`` and streams the flat files into the
+staging directory, :mod:`streamstars.io.flat_stream`).
+
 Writers of the same parent directory are serialised with ``flock`` on the parent directory,
 and leftovers of a crashed writer (``.<name>.tmp-*`` / ``.<name>.old-*``) are removed under that
 lock.  An existing ``out_dir`` is replaced only when it holds nothing but entries a snapshot
@@ -96,9 +100,11 @@ __all__ = [
     "VISIT_SCALAR_DTYPES",
     "SnapshotCatalogs",
     "SnapshotDirectoryError",
+    "SnapshotStaging",
     "SnapshotWriteError",
     "compare_snapshots",
     "read_snapshot",
+    "stage_snapshot",
     "write_snapshot",
 ]
 
@@ -216,6 +222,46 @@ _PARQUET_STAR_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("n_obs", pa.int32()),
     ("obj_flag", pa.int32()),
 )
+# (fits name, source column of SnapshotCatalogs.stars, FITS format, unit)
+_FITS_STAR_COLUMNS: tuple[tuple[str, str, str, str | None], ...] = (
+    ("fgcm_id", "fgcm_id", "K", None),
+    ("ra", "ra", "D", "deg"),
+    ("dec", "dec", "D", "deg"),
+    ("obsArrIndex", "obs_arr_index", "J", None),
+    ("nObs", "n_obs", "J", None),
+)
+_FITS_INDEX_COLUMNS: tuple[tuple[str, str, str, str | None], ...] = (
+    ("obsIndex", "obs_index", "J", None),
+)
+_ID_HEADER: dict[str, tuple[Any, str]] = {
+    "FGCMIDTY": ("int64", "fgcm_id: 64-bit stable ids (fgcmcal int32)")}
+
+
+def _fits_reference_columns(nfilt: int) -> tuple[tuple[str, str, str, str | None], ...]:
+    """(fits name, source column, FITS format, unit) of fgcmReferenceStars."""
+    return (("fgcm_id", "fgcm_id", "K", None), ("refMag", "refMag", f"{nfilt}E", "mag"),
+            ("refMagErr", "refMagErr", f"{nfilt}E", "mag"))
+
+
+def _parquet_reference_columns(nfilt: int) -> tuple[tuple[str, pa.DataType], ...]:
+    """(name, arrow type) of fgcm_reference_stars."""
+    return (("fgcm_id", pa.int64()), ("refMag", pa.list_(pa.float32(), nfilt)),
+            ("refMagErr", pa.list_(pa.float32(), nfilt)))
+
+
+def _reference_fits_header(filters: Sequence[str]) -> dict[str, tuple[Any, str]]:
+    return {
+        "HIERARCH FILTERNAMES": (",".join(filters), "filter order of refMag"),
+        "HIERARCH REFSTARS_FORMAT_VERSION": (REFSTARS_FORMAT_VERSION, ""),
+        **_ID_HEADER,
+    }
+
+
+def _reference_parquet_metadata(filters: Sequence[str]) -> dict[str, str]:
+    return {"FILTERNAMES": ",".join(filters),
+            "REFSTARS_FORMAT_VERSION": str(REFSTARS_FORMAT_VERSION)}
+
+
 _PROV_KEYWORD = "SSPROV"
 _PARQUET_META_KEY = b"streamstars"
 _PARQUET_COMPRESSION = "zstd"
@@ -281,19 +327,18 @@ def _one_length(columns: dict[str, np.ndarray], what: str) -> int:
     return next(iter(lengths.values())) if lengths else 0
 
 
-def _normalise(catalogs: SnapshotCatalogs) -> SnapshotCatalogs:
-    """Check the catalogs and return a copy with canonical dtypes, visits sorted by visit."""
-    # visits
-    _require(catalogs.visits, _VISIT_ORDER, "visit catalog")
+def _normalise_visits(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Check the visit catalog; canonical dtypes, rows sorted by visit."""
+    _require(columns, _VISIT_ORDER, "visit catalog")
     visits: dict[str, np.ndarray] = {}
     for name, dt in VISIT_SCALAR_DTYPES.items():
-        values = np.asarray(catalogs.visits[name])
+        values = np.asarray(columns[name])
         if values.ndim != 1:
             raise ValueError(f"visit catalog column {name!r} must be 1-d, got {values.shape}")
         visits[name] = values.astype(str) if name == "physicalFilter" else values.astype(dt)
     n_visits = len(visits["visit"])
     for name in VISIT_ARRAY_FIELDS:
-        values = np.asarray(catalogs.visits[name], dtype=np.float64)
+        values = np.asarray(columns[name], dtype=np.float64)
         if values.ndim != 2 or values.shape[0] != n_visits or values.shape[1] < 1:
             raise ValueError(
                 f"visit catalog column {name!r} must have shape (n_visits={n_visits}, nCcd>=1),"
@@ -306,7 +351,27 @@ def _normalise(catalogs: SnapshotCatalogs) -> SnapshotCatalogs:
     if np.unique(visits["visit"]).size != n_visits:
         raise ValueError("visit catalog has duplicate visits")
     order = np.argsort(visits["visit"], kind="stable")
-    visits = {name: values[order] for name, values in visits.items()}
+    return {name: values[order] for name, values in visits.items()}
+
+
+def _normalise_filters(filters: Iterable[str]) -> tuple[str, ...]:
+    names = tuple(str(f) for f in filters)
+    if any("," in f for f in names):
+        raise ValueError(f"reference filter names may not contain commas: {names}")
+    return names
+
+
+def _normalise_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """Provenance strings, with ``created`` and ``streamstars_version`` added when absent."""
+    out = {str(k): str(v) for k, v in metadata.items()}
+    out.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
+    out.setdefault("streamstars_version", __version__)
+    return out
+
+
+def _normalise(catalogs: SnapshotCatalogs) -> SnapshotCatalogs:
+    """Check the catalogs and return a copy with canonical dtypes, visits sorted by visit."""
+    visits = _normalise_visits(catalogs.visits)
 
     # observations
     _require(catalogs.observations, OBSERVATION_DTYPES, "observation")
@@ -332,7 +397,7 @@ def _normalise(catalogs: SnapshotCatalogs) -> SnapshotCatalogs:
 
     # reference
     reference: dict[str, np.ndarray] | None = None
-    filters = tuple(str(f) for f in catalogs.reference_filters)
+    filters = _normalise_filters(catalogs.reference_filters)
     if catalogs.reference is not None:
         _require(catalogs.reference, ("fgcm_id", "refMag", "refMagErr"), "reference")
         reference = {"fgcm_id": np.asarray(catalogs.reference["fgcm_id"], dtype=np.int64)}
@@ -345,12 +410,8 @@ def _normalise(catalogs: SnapshotCatalogs) -> SnapshotCatalogs:
             reference[name] = values
         if not filters:
             raise ValueError("reference catalogs need reference_filters")
-        if any("," in f for f in filters):
-            raise ValueError(f"reference filter names may not contain commas: {filters}")
 
-    metadata = {str(k): str(v) for k, v in catalogs.metadata.items()}
-    metadata.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
-    metadata.setdefault("streamstars_version", __version__)
+    metadata = _normalise_metadata(catalogs.metadata)
     return SnapshotCatalogs(visits=visits, observations=observations, stars=stars,
                             reference=reference, reference_filters=filters, metadata=metadata)
 
@@ -372,20 +433,44 @@ def _primary_hdu(metadata: dict[str, str]) -> fits.PrimaryHDU:
     return fits.PrimaryHDU(header=header)
 
 
-def _write_fits(path: Path, metadata: dict[str, str], columns: list[fits.Column],
-                extra_header: dict[str, tuple[Any, str]] | None = None) -> None:
+def _fits_columns(specs: Sequence[tuple[str, str, str, str | None]],
+                  arrays: dict[str, np.ndarray]) -> list[fits.Column]:
+    """FITS columns from (fits name, source, format, unit) specs and the source arrays."""
+    return [fits.Column(name=name, format=form, array=arrays[src], unit=unit)
+            for name, src, form, unit in specs]
+
+
+def _fits_hdulist(metadata: dict[str, str], columns: list[fits.Column],
+                  extra_header: dict[str, tuple[Any, str]] | None = None) -> fits.HDUList:
+    """Primary HDU (provenance) + one binary table; ``extra_header`` goes into both."""
     primary = _primary_hdu(metadata)
     table = fits.BinTableHDU.from_columns(fits.ColDefs(columns))
     for key, value in (extra_header or {}).items():
         primary.header[key] = value
         table.header[key] = value
-    fits.HDUList([primary, table]).writeto(path, checksum=False, output_verify="exception")
+    return fits.HDUList([primary, table])
 
 
-def _write_fits_files(out: Path, cat: SnapshotCatalogs) -> dict[str, int]:
-    rows: dict[str, int] = {}
-    meta = cat.metadata
-    v = cat.visits
+def _write_fits(path: Path, metadata: dict[str, str], columns: list[fits.Column],
+                extra_header: dict[str, tuple[Any, str]] | None = None) -> None:
+    _fits_hdulist(metadata, columns, extra_header).writeto(path, checksum=False,
+                                                            output_verify="exception")
+
+
+def _fits_observation_arrays(o: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The source arrays of fgcmStarObservations (ra/dec converted to radians)."""
+    return {src: np.radians(o[src]) if src in ("ra", "dec") else o[src]
+            for _, src, _, _ in _FITS_OBS_COLUMNS}
+
+
+def _check_legacy_obs_count(n_obs_rows: int) -> None:
+    if n_obs_rows > _INT32_MAX:
+        raise ValueError(f"{n_obs_rows} observations do not fit the legacy int32 obsIndex; "
+                         "write formats=('parquet',) only")
+
+
+def _write_visit_fits(out: Path, v: dict[str, np.ndarray], meta: dict[str, str]) -> int:
+    """fgcmVisitCatalog.fits from normalised visit columns; returns its row count."""
     n_ccd = v["scaling"].shape[1]
     width = max([PHYSICAL_FILTER_WIDTH, *(len(s) for s in v["physicalFilter"])])
     fmt = {np.dtype(np.int64): "K", np.dtype(np.int32): "J", np.dtype(np.float64): "D",
@@ -402,53 +487,37 @@ def _write_fits_files(out: Path, cat: SnapshotCatalogs) -> dict[str, int]:
             visit_cols.append(fits.Column(name=name, format=fmt[v[name].dtype], array=v[name],
                                           unit=_VISIT_UNITS.get(name)))
     _write_fits(out / FITS_FILES["visits"], meta, visit_cols)
-    rows[FITS_FILES["visits"]] = len(v["visit"])
+    return len(v["visit"])
+
+
+def _write_fits_files(out: Path, cat: SnapshotCatalogs) -> dict[str, int]:
+    rows: dict[str, int] = {}
+    meta = cat.metadata
+    rows[FITS_FILES["visits"]] = _write_visit_fits(out, cat.visits, meta)
 
     o = cat.observations
     n_obs_rows = len(o["visit"])
-    if n_obs_rows > _INT32_MAX:
-        raise ValueError(f"{n_obs_rows} observations do not fit the legacy int32 obsIndex; "
-                         "write formats=('parquet',) only")
-    obs_cols = []
-    for fits_name, src, form, unit in _FITS_OBS_COLUMNS:
-        values = np.radians(o[src]) if fits_name in ("ra", "dec") else o[src]
-        obs_cols.append(fits.Column(name=fits_name, format=form, array=values, unit=unit))
-    _write_fits(out / FITS_FILES["observations"], meta, obs_cols)
+    _check_legacy_obs_count(n_obs_rows)
+    _write_fits(out / FITS_FILES["observations"], meta,
+                _fits_columns(_FITS_OBS_COLUMNS, _fits_observation_arrays(o)))
     rows[FITS_FILES["observations"]] = n_obs_rows
 
     s = cat.stars
-    id_header = {"FGCMIDTY": ("int64", "fgcm_id: 64-bit stable ids (fgcmcal int32)")}
-    star_cols = [
-        fits.Column(name="fgcm_id", format="K", array=s["fgcm_id"]),
-        fits.Column(name="ra", format="D", array=s["ra"], unit="deg"),
-        fits.Column(name="dec", format="D", array=s["dec"], unit="deg"),
-        fits.Column(name="obsArrIndex", format="J", array=s["obs_arr_index"].astype(np.int32)),
-        fits.Column(name="nObs", format="J", array=s["n_obs"]),
-    ]
-    _write_fits(out / FITS_FILES["stars"], meta, star_cols, id_header)
+    star_arrays = {**s, "obs_arr_index": s["obs_arr_index"].astype(np.int32)}
+    _write_fits(out / FITS_FILES["stars"], meta, _fits_columns(_FITS_STAR_COLUMNS, star_arrays),
+                _ID_HEADER)
     rows[FITS_FILES["stars"]] = len(s["fgcm_id"])
 
-    index_cols = [fits.Column(name="obsIndex", format="J",
-                              array=np.arange(n_obs_rows, dtype=np.int32))]
-    _write_fits(out / FITS_FILES["indices"], meta, index_cols)
+    _write_fits(out / FITS_FILES["indices"], meta,
+                _fits_columns(_FITS_INDEX_COLUMNS,
+                              {"obs_index": np.arange(n_obs_rows, dtype=np.int32)}))
     rows[FITS_FILES["indices"]] = n_obs_rows
 
     if cat.reference is not None:
         r = cat.reference
-        nfilt = len(cat.reference_filters)
-        ref_cols = [
-            fits.Column(name="fgcm_id", format="K", array=r["fgcm_id"]),
-            fits.Column(name="refMag", format=f"{nfilt}E", array=r["refMag"], unit="mag"),
-            fits.Column(name="refMagErr", format=f"{nfilt}E", array=r["refMagErr"],
-                        unit="mag"),
-        ]
-        ref_header = {
-            "HIERARCH FILTERNAMES": (",".join(cat.reference_filters),
-                                     "filter order of refMag"),
-            "HIERARCH REFSTARS_FORMAT_VERSION": (REFSTARS_FORMAT_VERSION, ""),
-            **id_header,
-        }
-        _write_fits(out / FITS_FILES["reference"], meta, ref_cols, ref_header)
+        _write_fits(out / FITS_FILES["reference"], meta,
+                    _fits_columns(_fits_reference_columns(len(cat.reference_filters)), r),
+                    _reference_fits_header(cat.reference_filters))
         rows[FITS_FILES["reference"]] = len(r["fgcm_id"])
     return rows
 
@@ -463,19 +532,31 @@ def _fixed_list(values: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeList
     return pa.FixedSizeListArray.from_arrays(flat, int(values.shape[1]))
 
 
-def _write_parquet(path: Path, arrays: list[pa.Array], names: list[str],
-                   metadata: dict[str, str], extra: dict[str, str] | None = None) -> None:
+def _parquet_schema(columns: Sequence[tuple[str, pa.DataType]], metadata: dict[str, str],
+                    extra: dict[str, str] | None = None) -> pa.Schema:
+    """Schema of a production parquet file: the columns, provenance and ``extra`` metadata."""
     meta = {_PARQUET_META_KEY: _provenance_json(metadata).encode()}
     for key, value in (extra or {}).items():
         meta[key.encode()] = value.encode()
-    table = pa.Table.from_arrays(arrays, names=names).replace_schema_metadata(meta)
-    pq.write_table(table, path, compression=_PARQUET_COMPRESSION)
+    return pa.schema([pa.field(name, typ) for name, typ in columns], metadata=meta)
 
 
-def _write_parquet_files(out: Path, cat: SnapshotCatalogs) -> dict[str, int]:
-    rows: dict[str, int] = {}
-    meta = cat.metadata
-    v = cat.visits
+def _parquet_observation_arrays(o: dict[str, np.ndarray]) -> list[pa.Array]:
+    """fgcm_star_observations arrays, cast to their production types (numpy casts)."""
+    return [pa.array(np.asarray(o[name]).astype(typ.to_pandas_dtype(), copy=False), type=typ)
+            for name, typ in _PARQUET_OBS_COLUMNS]
+
+
+def _write_parquet(path: Path, arrays: list[pa.Array], names: list[str],
+                   metadata: dict[str, str], extra: dict[str, str] | None = None) -> None:
+    table = pa.Table.from_arrays(arrays, names=names)
+    schema = _parquet_schema([(f.name, f.type) for f in table.schema], metadata, extra)
+    pq.write_table(table.replace_schema_metadata(schema.metadata), path,
+                   compression=_PARQUET_COMPRESSION)
+
+
+def _write_visit_parquet(out: Path, v: dict[str, np.ndarray], meta: dict[str, str]) -> int:
+    """fgcmVisitCatalog.parquet from normalised visit columns; returns its row count."""
     arrays: list[pa.Array] = []
     for name in _VISIT_ORDER:
         if name in VISIT_ARRAY_FIELDS:
@@ -485,12 +566,16 @@ def _write_parquet_files(out: Path, cat: SnapshotCatalogs) -> dict[str, int]:
         else:
             arrays.append(pa.array(v[name]))
     _write_parquet(out / PARQUET_FILES["visits"], arrays, list(_VISIT_ORDER), meta)
-    rows[PARQUET_FILES["visits"]] = len(v["visit"])
+    return len(v["visit"])
+
+
+def _write_parquet_files(out: Path, cat: SnapshotCatalogs) -> dict[str, int]:
+    rows: dict[str, int] = {}
+    meta = cat.metadata
+    rows[PARQUET_FILES["visits"]] = _write_visit_parquet(out, cat.visits, meta)
 
     o = cat.observations
-    _write_parquet(out / PARQUET_FILES["observations"],
-                   [pa.array(o[name].astype(typ.to_pandas_dtype(), copy=False), type=typ)
-                    for name, typ in _PARQUET_OBS_COLUMNS],
+    _write_parquet(out / PARQUET_FILES["observations"], _parquet_observation_arrays(o),
                    [name for name, _ in _PARQUET_OBS_COLUMNS], meta)
     rows[PARQUET_FILES["observations"]] = len(o["visit"])
 
@@ -506,9 +591,9 @@ def _write_parquet_files(out: Path, cat: SnapshotCatalogs) -> dict[str, int]:
                        [pa.array(r["fgcm_id"], type=pa.int64()),
                         _fixed_list(r["refMag"], pa.float32()),
                         _fixed_list(r["refMagErr"], pa.float32())],
-                       ["fgcm_id", "refMag", "refMagErr"], meta,
-                       {"FILTERNAMES": ",".join(cat.reference_filters),
-                        "REFSTARS_FORMAT_VERSION": str(REFSTARS_FORMAT_VERSION)})
+                       [name for name, _ in
+                        _parquet_reference_columns(len(cat.reference_filters))], meta,
+                       _reference_parquet_metadata(cat.reference_filters))
         rows[PARQUET_FILES["reference"]] = len(r["fgcm_id"])
     return rows
 
@@ -630,14 +715,21 @@ def _remove_leftovers(parent: Path, name: str) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _write_files(tmp: Path, cat: SnapshotCatalogs, fmts: Sequence[str],
-                 checksums: bool) -> dict[str, int]:
-    """Write every file of the snapshot and its manifest (last) into ``tmp``; fsync all."""
-    rows: dict[str, int] = {}
-    if "fits" in fmts:
-        rows.update(_write_fits_files(tmp, cat))
-    if "parquet" in fmts:
-        rows.update(_write_parquet_files(tmp, cat))
+def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    fmts = tuple(dict.fromkeys(formats))
+    unknown = [f for f in fmts if f not in ("fits", "parquet")]
+    if unknown or not fmts:
+        raise ValueError(f"formats must be a non-empty subset of ('fits', 'parquet'): {formats}")
+    return fmts
+
+
+def _write_manifest(tmp: Path, rows: dict[str, int], fmts: Sequence[str],
+                    reference_filters: Sequence[str], metadata: dict[str, str], *,
+                    checksums: bool, extra: dict[str, Any] | None = None) -> None:
+    """fsync the files named in ``rows`` and write ``SNAPSHOT.json`` (last) into ``tmp``.
+
+    ``extra`` entries (e.g. ``partitions``) are added at the top level of the manifest.
+    """
     files: dict[str, dict[str, Any]] = {}
     for fname in sorted(rows):
         path = tmp / fname
@@ -651,13 +743,66 @@ def _write_files(tmp: Path, cat: SnapshotCatalogs, fmts: Sequence[str],
         "format_version": MANIFEST_VERSION,
         "formats": list(fmts),
         "files": files,
-        "reference_filters": list(cat.reference_filters),
-        "provenance": cat.metadata,
+        "reference_filters": list(reference_filters),
+        "provenance": metadata,
+        **(extra or {}),
     }
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     _fsync_path(tmp / MANIFEST_NAME)
     _fsync_path(tmp, directory=True)
-    return rows
+
+
+@dataclass(frozen=True)
+class SnapshotStaging:
+    """A snapshot being written: files go into ``path``; ``target`` is the snapshot directory
+    it replaces on success (``target_existed``: it held a snapshot, readable until the swap)."""
+
+    path: Path
+    target: Path
+    target_existed: bool
+
+
+@contextlib.contextmanager
+def stage_snapshot(out_dir: str | os.PathLike[str], *,
+                   grace_seconds: float = 0.2) -> Iterator[SnapshotStaging]:
+    """Stage a snapshot in a fresh sibling directory and swap it into ``out_dir`` atomically.
+
+    The parent directory is locked (``flock``) for the whole block, leftovers of crashed
+    writers are removed, and the block's files are written into ``staging.path``.  When the
+    block ends normally, ``out_dir`` is checked again (an entry put into it meanwhile would be
+    deleted with the old snapshot), the staging directory is fsynced and swapped into place as
+    described in the module docstring; when it raises, the staging directory is removed and
+    ``out_dir`` is left as it was.  The caller writes the manifest (last) and fsyncs its own
+    files (:func:`write_snapshot` and
+    :func:`streamstars.io.flat_stream.finish_partitioned_snapshot` do both).
+
+    Raises:
+        SnapshotDirectoryError: ``out_dir`` is a symlink, a file, or a directory holding an
+            entry that is not in :data:`SNAPSHOT_ENTRIES` (nothing is written or removed).
+        SnapshotWriteError: a file could not be written (full disk, permissions, I/O error)
+            or the snapshot could not be put in place; the previous snapshot is unchanged and
+            the partial files are removed.
+    """
+    target = Path(os.path.abspath(os.fspath(out_dir)))
+    parent, name = target.parent, target.name
+    tmp = parent / f".{name}.tmp-{secrets.token_hex(8)}"
+    with contextlib.ExitStack() as stack:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_locked_parent(parent))
+            exists = _check_out_dir(target)
+            _remove_leftovers(parent, name)
+            tmp.mkdir()
+            yield SnapshotStaging(tmp, target, exists)
+            _fsync_path(tmp, directory=True)
+            exists = _check_out_dir(target)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error(target, exc) from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _publish(tmp, target, exists, grace_seconds)
 
 
 def _publish(tmp: Path, target: Path, exists: bool, grace_seconds: float) -> None:
@@ -764,33 +909,17 @@ def write_snapshot(out_dir: str | os.PathLike[str], catalogs: SnapshotCatalogs,
     ValueError
         Invalid catalogs or formats.
     """
-    fmts = tuple(dict.fromkeys(formats))
-    unknown = [f for f in fmts if f not in ("fits", "parquet")]
-    if unknown or not fmts:
-        raise ValueError(f"formats must be a non-empty subset of ('fits', 'parquet'): {formats}")
+    fmts = _check_formats(formats)
     cat = _normalise(catalogs)
-    target = Path(os.path.abspath(os.fspath(out_dir)))
-    parent, name = target.parent, target.name
-    tmp = parent / f".{name}.tmp-{secrets.token_hex(8)}"
-    with contextlib.ExitStack() as stack:
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(_locked_parent(parent))
-            exists = _check_out_dir(target)
-            _remove_leftovers(parent, name)
-            tmp.mkdir()
-            rows = _write_files(tmp, cat, fmts, checksums)
-            # checked again: an entry put into out_dir while the files were written would be
-            # deleted with the old snapshot
-            exists = _check_out_dir(target)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise _write_error(target, exc) from exc
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _publish(tmp, target, exists, grace_seconds)
-    return [target / fname for fname in sorted(rows)] + [target / MANIFEST_NAME]
+    with stage_snapshot(out_dir, grace_seconds=grace_seconds) as staging:
+        rows: dict[str, int] = {}
+        if "fits" in fmts:
+            rows.update(_write_fits_files(staging.path, cat))
+        if "parquet" in fmts:
+            rows.update(_write_parquet_files(staging.path, cat))
+        _write_manifest(staging.path, rows, fmts, cat.reference_filters, cat.metadata,
+                        checksums=checksums)
+    return [staging.target / fname for fname in sorted(rows)] + [staging.target / MANIFEST_NAME]
 
 
 def _fixed_list_to_numpy(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
@@ -992,9 +1121,10 @@ def _compare_fits(fname: str, a: Path, b: Path, ignore: Sequence[str]) -> list[s
     return diffs
 
 
-def _compare_manifests(a: Path, b: Path, ignore: Sequence[str]) -> list[str]:
-    ma = json.loads(a.read_text())
-    mb = json.loads(b.read_text())
+def _compare_manifests(a: Path, b: Path, ignore: Sequence[str],
+                       ignore_keys: Sequence[str] = ()) -> list[str]:
+    ma = {k: v for k, v in json.loads(a.read_text()).items() if k not in ignore_keys}
+    mb = {k: v for k, v in json.loads(b.read_text()).items() if k not in ignore_keys}
     diffs: list[str] = []
     pa_, pb_ = _without(ma.pop("provenance", {}), ignore), _without(mb.pop("provenance", {}),
                                                                     ignore)
@@ -1012,13 +1142,17 @@ def _compare_manifests(a: Path, b: Path, ignore: Sequence[str]) -> list[str]:
 
 
 def compare_snapshots(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str],
-                      ignore_metadata_keys: Sequence[str] = ("created",)) -> list[str]:
+                      ignore_metadata_keys: Sequence[str] = ("created",),
+                      ignore_manifest_keys: Sequence[str] = ()) -> list[str]:
     """Differences between two snapshot directories (empty list: identical).
 
     Compares the file sets, every FITS header card and column (bitwise, so NaNs compare
     equal), every parquet schema, column (bitwise) and schema-metadata entry, and the manifests;
     provenance entries named in ``ignore_metadata_keys`` (default: the ``created`` timestamp)
-    are ignored, and so are the byte sizes / sha256 of the manifest (they depend on them).
+    are ignored, and so are the byte sizes / sha256 of the manifest (they depend on them) and
+    its top-level entries named in ``ignore_manifest_keys`` (e.g. ``partitions``).  A HATS
+    catalog directory present in both (``fgcm_stars/``) is compared by its rows in ``fgcm_id``
+    order, whatever its partitioning (:func:`streamstars.io.hats.compare_catalogs`).
     """
     a, b = Path(a_dir), Path(b_dir)
     names_a, names_b = set(os.listdir(a)), set(os.listdir(b))
@@ -1026,8 +1160,14 @@ def compare_snapshots(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[st
     diffs += [f"{name}: only in {b}" for name in sorted(names_b - names_a)]
     ignore = tuple(ignore_metadata_keys)
     for name in sorted(names_a & names_b):
-        if name == MANIFEST_NAME:
-            diffs += _compare_manifests(a / name, b / name, ignore)
+        if (a / name).is_dir() and (b / name).is_dir():
+            from streamstars.io.hats import compare_catalogs  # the catalog module imports this
+
+            diffs += compare_catalogs(a / name, b / name, ignore)
+        elif (a / name).is_dir() or (b / name).is_dir():
+            diffs.append(f"{name}: a directory in only one snapshot")
+        elif name == MANIFEST_NAME:
+            diffs += _compare_manifests(a / name, b / name, ignore, tuple(ignore_manifest_keys))
         elif name.endswith(".parquet"):
             diffs += _compare_parquet(name, a / name, b / name, ignore)
         elif name.endswith(".fits"):
