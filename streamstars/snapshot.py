@@ -269,7 +269,9 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
     survivors = np.flatnonzero(keep)
     survivors = survivors[np.argsort(star_id[survivors], kind="stable")]
     new_index[survivors] = np.arange(len(survivors))
-    obs_owner = np.where(owner >= 0, new_index[np.maximum(owner, 0)], -1)
+    obs_owner = np.full(len(owner), -1, dtype=np.int64)
+    has_owner = owner >= 0  # no star at all: new_index is empty
+    obs_owner[has_owner] = new_index[owner[has_owner]]
     rows = np.flatnonzero(obs_owner >= 0)
     rows = rows[np.lexsort((observations["source_id"][rows], observations["visit"][rows],
                             obs_owner[rows]))]

@@ -297,3 +297,15 @@ def test_backup_is_a_consistent_compact_store_taken_while_a_writer_works(
     capsys.readouterr()
     assert main(["backup", str(backup), "--state", str(state)]) == 2
     assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_snapshot_of_a_store_without_any_star(tmp_path: Path) -> None:
+    # one visit: observations but no star (minPerBand 2 needs a second visit of the band)
+    simulate_survey(tmp_path / "one", n_visits=1, seed=1, sources_per_visit=500)
+    assert main(["backfill", str(tmp_path / "one"), "--state", str(tmp_path / "s"),
+                 "--no-progress"]) == 0
+    assert main(["snapshot", str(tmp_path / "snap"), "--state", str(tmp_path / "s")]) == 0
+    catalogs = read_snapshot(tmp_path / "snap")
+    assert len(catalogs.stars["fgcm_id"]) == 0
+    assert len(catalogs.observations["source_id"]) == 0
+    assert len(catalogs.visits["visit"]) == 1
