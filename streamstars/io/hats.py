@@ -64,6 +64,7 @@ from streamstars.io.snapshot_files import (
     _PARQUET_COMPRESSION,
     _PARQUET_META_KEY,
     _PARQUET_OBS_COLUMNS,
+    HATS_CATALOG_DIR,
     _fsync_path,
     _normalise_filters,
     _parquet_reference_columns,
@@ -91,7 +92,7 @@ __all__ = [
 ]
 
 #: Name of the HATS catalog directory inside a snapshot directory.
-CATALOG_DIR = "fgcm_stars"
+CATALOG_DIR = HATS_CATALOG_DIR
 #: HATS spatial-index column and its order.
 HEALPIX_COLUMN = "_healpix_29"
 HEALPIX_ORDER = 29

@@ -133,8 +133,11 @@ PARQUET_FILES = {
 #: that says what a snapshot writes.  A directory holding anything else is never replaced
 #: (:class:`SnapshotDirectoryError` names the foreign entries): the swap would delete them.
 #: A new output (e.g. a ``fgcm_stars/`` HATS directory) is added here.
+#: The HATS catalog of the published stars inside a snapshot (streamstars.io.hats).
+HATS_CATALOG_DIR = "fgcm_stars"
 SNAPSHOT_ENTRIES: dict[str, str] = {
     MANIFEST_NAME: "file",
+    HATS_CATALOG_DIR: "dir",
     **{name: "file" for name in FITS_FILES.values()},
     **{name: "file" for name in PARQUET_FILES.values()},
 }
