@@ -48,6 +48,8 @@ class VisitInput:
     visit: int
     source_paths: Sequence[Path | str]
     metadata: VisitMetadata
+    #: UUIDs of the Butler datasets the visit comes from (empty outside a Butler)
+    dataset_ids: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class PreparedVisit:
     source_paths: list[str] = field(default_factory=list)
     #: (path, size, mtime_ns) of the source files, so a resumed backfill can skip unchanged ones
     files: list[list[object]] = field(default_factory=list)
+    #: UUIDs of the Butler datasets read, so a resumed Butler backfill can skip unchanged ones
+    dataset_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -127,7 +131,8 @@ def prepare_visit(visit_input: VisitInput, config: BuildStarsConfig) -> Prepared
         n_sources=table.num_rows, delta_aper=float(delta_aper),
         delta_aper_detector={int(k): float(v) for k, v in per_detector.items()},
         content_hash=digest.hexdigest(), source_paths=[str(p) for p in visit_input.source_paths],
-        files=file_signature(visit_input.source_paths))
+        files=file_signature(visit_input.source_paths),
+        dataset_ids=sorted(visit_input.dataset_ids))
 
 
 def apply_prepared(store: StarStore, prepared: PreparedVisit, *, replace: bool = False,
@@ -149,6 +154,7 @@ def apply_prepared(store: StarStore, prepared: PreparedVisit, *, replace: bool =
         if record is not None:
             if record["content_hash"] == prepared.content_hash:
                 status = "skipped"
+                _note_inputs(store, txn, record, prepared)
             elif not replace:
                 raise VisitConflictError(
                     f"visit {prepared.visit} was already applied with different content "
@@ -223,6 +229,8 @@ def _add_visit(store: StarStore, txn: lmdb.Transaction, prepared: PreparedVisit,
         "source_paths": prepared.source_paths,
         "files": prepared.files,
     }
+    if prepared.dataset_ids:
+        record["dataset_ids"] = prepared.dataset_ids
     if kafka_offset is not None:
         record["kafka"] = [kafka_offset.topic, kafka_offset.partition, kafka_offset.next_offset]
     store.put_visit_record(txn, prepared.visit, record)
@@ -230,6 +238,17 @@ def _add_visit(store: StarStore, txn: lmdb.Transaction, prepared: PreparedVisit,
     if prepared.band in store.config.primaryBands:
         return add_observations(store, txn, prepared.band, obs), refs
     return None, refs
+
+
+def _note_inputs(store: StarStore, txn: lmdb.Transaction, record: dict[str, Any],
+                 prepared: PreparedVisit) -> None:
+    """Same content from other inputs (a re-ingested dataset, a touched file): remember the
+    new inputs, so that the next resumed backfill skips the visit without reading it."""
+    if prepared.dataset_ids and record.get("dataset_ids") != prepared.dataset_ids:
+        record["dataset_ids"] = prepared.dataset_ids
+        record["source_paths"] = prepared.source_paths
+        record["files"] = prepared.files
+        store.put_visit_record(txn, prepared.visit, record)
 
 
 def _remove_visit(store: StarStore, txn: lmdb.Transaction, visit: int,
