@@ -32,15 +32,29 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from streamstars.references import attach_references, open_reference_source
     from streamstars.state.store import StarStore
 
-    if not Path(args.repo).is_dir():
-        raise ConfigError(f"repository {args.repo} is not a directory")
     config = _config(args) or BuildStarsConfig()
+    if args.butler:
+        if args.repo:
+            raise ConfigError("give either a repository directory or --butler REPO, not both")
+        from streamstars.butler.cli import butler_backfill_inputs
+
+        # the repository, collections and dataset types are checked before the store exists
+        inventory, prepare = butler_backfill_inputs(args)
+        source_name = f"{args.butler} (collections {args.collections})"
+    else:
+        if not args.repo:
+            raise ConfigError("give the repository directory (or --butler REPO)")
+        if not Path(args.repo).is_dir():
+            raise ConfigError(f"repository {args.repo} is not a directory")
+        inventory, prepare = None, None
+        source_name = args.repo
     # a bad reference catalog is refused before the store is even created (exit code 2)
-    source = open_reference_source(config.fgcmLoadReferenceCatalog)
+    source = open_reference_source(config.fgcmLoadReferenceCatalog, args.butler)
     with StarStore.open(args.state, config) as store:
-        attach_references(store, source)
-        report = backfill(args.repo, store, replace=args.replace, prefetch=args.prefetch,
-                          progress=not args.no_progress)
+        attach_references(store, source, butler=args.butler)
+        report = backfill(args.butler or args.repo, store, replace=args.replace,
+                          prefetch=args.prefetch, progress=not args.no_progress,
+                          inventory=inventory, prepare=prepare)
         with store.read() as txn:
             n_visits = sum(1 for _ in store.iter_visit_records(txn))
     for problem in report.problems:
@@ -52,8 +66,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         print(f"FAILED visit {failure.visit}: {failure.error}", file=sys.stderr)
     if report.applied + report.replaced + report.skipped + len(report.failed) == 0 \
             and not report.problems:
-        print(f"streamstars: no source tables (sourceTable_visit*.parq*, sourceTable-*.parq) "
-              f"found under {args.repo}", file=sys.stderr)
+        what = "no sourceTable_visit datasets" if args.butler else \
+            "no source tables (sourceTable_visit*.parq*, sourceTable-*.parq)"
+        print(f"streamstars: {what} found in {source_name}", file=sys.stderr)
         return 1
     rate = report.sources_read / report.seconds if report.seconds else 0.0
     print(f"backfill: {report.applied} applied, {report.replaced} replaced, "
@@ -139,6 +154,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_butler_input_options(p: argparse.ArgumentParser) -> None:
+    """``--butler REPO --collections C[,C...] [--instrument I] [--where EXPR]``."""
+    g = p.add_argument_group("Butler repository (needs streamstars[butler]; docs/butler.md)")
+    g.add_argument("--butler", metavar="REPO",
+                   help="read the visits from this Butler repository instead of a directory")
+    g.add_argument("--collections", metavar="C[,C...]",
+                   help="collections to search, in order (first match wins); with --butler")
+    g.add_argument("--instrument", help="instrument of the visits (required when the "
+                   "collections hold several)")
+    g.add_argument("--where", metavar="EXPR", default="",
+                   help="Butler query expression on the data IDs, e.g. \"visit > 100\"")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -149,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("backfill", help="apply every visit of a repository (resumable)")
-    p.add_argument("repo", help="directory tree with sourceTable_visit and metadata files")
+    p.add_argument("repo", nargs="?",
+                   help="directory tree with sourceTable_visit and metadata files")
+    add_butler_input_options(p)
     p.add_argument("--state", required=True, help="state directory (LMDB store)")
     p.add_argument("--config", help="TOML config with fgcmcal field names")
     p.add_argument("--replace", action="store_true",
