@@ -269,7 +269,8 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
     survivors = np.flatnonzero(keep)
     survivors = survivors[np.argsort(star_id[survivors], kind="stable")]
     new_index[survivors] = np.arange(len(survivors))
-    obs_owner = np.where(owner >= 0, new_index[np.maximum(owner, 0)], -1)
+    obs_owner = np.full(len(owner), -1, dtype=np.int64)  # (no star at all: nothing to index)
+    obs_owner[member] = new_index[owner[member]]
     rows = np.flatnonzero(obs_owner >= 0)
     rows = rows[np.lexsort((observations["source_id"][rows], observations["visit"][rows],
                             obs_owner[rows]))]

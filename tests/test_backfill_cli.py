@@ -297,3 +297,14 @@ def test_backup_is_a_consistent_compact_store_taken_while_a_writer_works(
     capsys.readouterr()
     assert main(["backup", str(backup), "--state", str(state)]) == 2
     assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_snapshot_of_visits_that_make_no_star_yet(tmp_path: Path) -> None:
+    """Two visits in two bands: observations but no star (minPerBand = 2 per band)."""
+    sim = simulate_survey(tmp_path / "sim", n_visits=2, seed=3, sources_per_visit=300,
+                          write_refcat=False)
+    state, out = tmp_path / "state", tmp_path / "snap"
+    assert main(["backfill", str(sim.out_dir), "--state", str(state), "--no-progress"]) == 0
+    assert main(["snapshot", str(out), "--state", str(state)]) == 0
+    catalogs = read_snapshot(out)
+    assert len(catalogs.visits["visit"]) == 2 and len(catalogs.stars["fgcm_id"]) == 0
