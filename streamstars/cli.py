@@ -88,12 +88,23 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     bad = [f for f in formats if f not in ("fits", "parquet")]
     if bad or not formats:
         raise SystemExit(f"--format takes fits and/or parquet, got {args.format!r}")
+    target = None
+    if args.butler:
+        from streamstars.butler.cli import snapshot_target
+
+        # the repository, RUN and instrument are checked before anything is written
+        target = snapshot_target(args, formats)
     with StarStore.open(args.state, readonly=True) as store:
         config = load_config(args.config) if args.config else None
         summary = write_store_snapshot(store, args.out, formats=formats, config=config)
     print(f"snapshot: {summary.n_visits} visits, {summary.n_stars:,} stars, "
           f"{summary.n_observations:,} observations -> {summary.out_dir} "
           f"({summary.seconds:.1f} s)")
+    if target is not None:
+        ingested = target.ingest(summary.out_dir)
+        print(f"snapshot: {len(ingested.refs)} datasets ingested into RUN {ingested.run} of "
+              f"{args.butler} (instrument {ingested.instrument}"
+              + (f"; first in {ingested.chain}" if ingested.chain else "") + ")")
     return 0
 
 
@@ -147,10 +158,22 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from streamstars.simulate import simulate_survey
 
+    if args.butler:
+        from streamstars.butler.repo import require_butler
+
+        require_butler("streamstars simulate --butler")  # before minutes of simulation
     survey = simulate_survey(args.out, n_visits=args.visits, seed=args.seed,
                              sources_per_visit=args.sources_per_visit, crowded=args.crowded,
-                             ra_center=args.ra, dec_center=args.dec)
+                             ra_center=args.ra, dec_center=args.dec,
+                             file_style=args.file_style)
     print(f"simulated {len(survey.visits)} visits ({survey.n_sources:,} sources) in {args.out}")
+    if args.butler:
+        from streamstars.butler.simulate import write_survey_repo
+
+        written = write_survey_repo(survey, args.butler, instrument=args.instrument,
+                                    source_storage_class=args.file_style)
+        print(f"Butler repository {written.repo}: {written.n_datasets} datasets of instrument "
+              f"{written.instrument} in collection {written.collection} (RUN {written.run})")
     return 0
 
 
@@ -195,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="fits,parquet", help="fits,parquet (default both)")
     p.add_argument("--config", help="override snapshot-time settings (isolation, "
                    "requiredBands, density cut); must agree on everything else")
+    g = p.add_argument_group("Butler repository (needs streamstars[butler]; docs/butler.md)")
+    g.add_argument("--butler", metavar="REPO", help="also ingest the snapshot into this "
+                   "repository as the datasets fgcmFitCycle reads")
+    g.add_argument("--output-run", metavar="RUN", help="the new RUN collection to ingest into "
+                   "(required with --butler; an existing RUN is refused)")
+    g.add_argument("--output-chain", metavar="CHAIN", help="also put RUN first in this CHAINED "
+                   "collection (created if needed): a fixed name for the latest snapshot")
+    g.add_argument("--instrument", help="instrument of the outputs (default: the "
+                   "repository's only instrument)")
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("status", help="what a store holds")
@@ -227,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crowded", action="store_true")
     p.add_argument("--ra", type=float, default=150.0, help="field centre RA [deg]")
     p.add_argument("--dec", type=float, default=2.0, help="field centre Dec [deg]")
+    p.add_argument("--file-style", choices=("ArrowAstropy", "DataFrame"),
+                   default="ArrowAstropy", help="write the source tables as an ArrowAstropy "
+                   "(default) or a pandas DataFrame dataset (older pipelines)")
+    p.add_argument("--butler", metavar="REPO", help="also write the survey as a new Butler "
+                   "repository (needs streamstars[butler]; docs/butler.md)")
+    p.add_argument("--instrument", default="SimCam", help="instrument name in the Butler "
+                   "repository (default %(default)s)")
     p.set_defaults(func=cmd_simulate)
 
     try:

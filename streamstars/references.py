@@ -248,7 +248,8 @@ def open_reference_source(cfg: RefcatLoadConfig,
     filters = tuple(cfg.filterMap)
     if not filters:
         raise RefcatError(
-            f"fgcmLoadReferenceCatalog.path is {cfg.path!r} but filterMap is empty; map each "
+            f"fgcmLoadReferenceCatalog names {cfg.path or refcat.dataset_name!r} but filterMap "
+            "is empty; map each "
             "physical filter to a reference catalog filter, e.g. filterMap = {\"r_57\" = \"r\"}")
     if not cfg.matchRadius > 0:
         raise RefcatError(
@@ -592,8 +593,8 @@ def snapshot_references(store: StarStore, txn: lmdb.Transaction, config: BuildSt
     """The ``fgcmReferenceStars`` rows of the final stars, from the cache in ``txn``.
 
     Returns ``(reference, FILTERNAMES, meta/refcat)``; ``reference`` is ``None`` when the store
-    caches no catalog or ``config`` has no ``fgcmLoadReferenceCatalog.path`` (no matching
-    asked for).  Rows: ``fgcm_id`` int64 (sorted), ``refMag``/``refMagErr`` float32
+    caches no catalog or ``config`` has no ``fgcmLoadReferenceCatalog.path`` nor
+    ``collections`` (no matching asked for).  Rows: ``fgcm_id`` int64 (sorted), ``refMag``/``refMagErr`` float32
     (n, nFilters); ``ref_id`` is included for diagnostics.
 
     Raises:
@@ -601,7 +602,7 @@ def snapshot_references(store: StarStore, txn: lmdb.Transaction, config: BuildSt
     """
     stored = stored_refcat(store, txn)
     cfg = config.fgcmLoadReferenceCatalog
-    if stored is None or not cfg.path:
+    if stored is None or not (cfg.path or cfg.collections):
         return None, (), stored
     settings_hash = _settings_hash(_settings(cfg))
     if settings_hash != stored.get("settings_hash"):

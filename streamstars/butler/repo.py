@@ -7,6 +7,7 @@ Every check raises :class:`~streamstars.errors.ButlerError` (a configuration err
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +40,30 @@ def require_butler(what: str = "this Butler option") -> ModuleType:
             gives :data:`INSTALL_HINT`.
     """
     try:
-        return importlib.import_module("lsst.daf.butler")
+        module = importlib.import_module("lsst.daf.butler")
     except ImportError as exc:
         raise ButlerError(
             f"{what} needs the LSST Data Butler (lsst-daf-butler), which is not installed "
             f"({exc}); install the extra with: {INSTALL_HINT}") from exc
+    _quiet_pandas_warnings()
+    return module
+
+
+class _NoPandasNoise(logging.Filter):
+    """streamstars reads parquet with pyarrow and never needs pandas; the Butler warns about
+    its absence whenever it looks at a storage class that could convert to a DataFrame."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("Unable to import type pandas"))
+
+
+_PANDAS_FILTER = _NoPandasNoise()
+
+
+def _quiet_pandas_warnings() -> None:
+    logger = logging.getLogger("lsst.daf.butler._storage_class")
+    if _PANDAS_FILTER not in logger.filters:
+        logger.addFilter(_PANDAS_FILTER)
 
 
 def parse_collections(text: str | Sequence[str]) -> list[str]:
