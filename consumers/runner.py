@@ -61,6 +61,7 @@ from typing import Any
 from streamstars import __version__
 from streamstars.config import BuildStarsConfig, load_config
 from streamstars.errors import (
+    ConfigError,
     PermanentInputError,
     RefcatError,
     StateError,
@@ -123,6 +124,8 @@ class RunOptions:
     poll_seconds: float = 0.5
     #: visits read and selected ahead of the one being applied (0: none)
     read_ahead: int = 1
+    #: Butler repository resolving events that name datasets (schema version 2)
+    butler: str | None = None
 
 
 #: At most this many already-fetched messages are taken at once (see "Read-ahead").
@@ -166,6 +169,8 @@ class Runner:
         #: (topic, partition, offset) -> the visit read ahead for that message
         self._ahead: dict[tuple[str, int, int], Future[Any]] = {}
         self._ahead_pool: ThreadPoolExecutor | None = None
+        #: resolves Butler events (streamstars.butler.read.EventResolver) with --butler
+        self.resolver: Any = None
 
     # ------------------------------------------------------------------ setup / teardown
     def _open_store(self) -> None:
@@ -183,9 +188,15 @@ class Runner:
 
         # validate the reference catalog before the store is touched (when the config is
         # given), and that the store caches the same catalog, before any event is consumed
-        source = open_reference_source(config.fgcmLoadReferenceCatalog) if config else None
+        if opts.butler:
+            from streamstars.butler.read import EventResolver
+            from streamstars.butler.repo import open_butler
+
+            self.resolver = EventResolver(open_butler(opts.butler))
+        source = open_reference_source(config.fgcmLoadReferenceCatalog, opts.butler) \
+            if config else None
         self.store = StarStore.open(opts.state, config)
-        attach_references(self.store, source)
+        attach_references(self.store, source, butler=opts.butler)
         instrument_store(self.store, self.faults)
         self.metrics.visits_stored.set(len(self.store.applied_visits()))
 
@@ -318,7 +329,7 @@ class Runner:
                 self.store.close()
                 self.store = None
             self._stop_http()
-            return EXIT_USAGE if isinstance(exc, RefcatError) else EXIT_STATE
+            return EXIT_USAGE if isinstance(exc, RefcatError | ConfigError) else EXIT_STATE
         log.info("kafka client settings from --kafka-config: %s", redacted(opts.kafka_config))
         self.consumer = Consumer(self._client_settings())
         if opts.dead_letter_topic:
@@ -534,6 +545,12 @@ class Runner:
         access: safe in the read-ahead thread)."""
         from streamstars.ingest import VisitInput, prepare_visit
 
+        if event.butler_datasets is not None:
+            if self.resolver is None:
+                raise MalformedEventError(
+                    f"visit {event.visit}: the event names Butler datasets; run the consumer "
+                    "with --butler REPO to resolve them")
+            return self.resolver.prepare(event, self.store.config)
         roots = self.opts.data_roots
         paths = [resolve_uri(u, roots, what=f"visit {event.visit} source table")
                  for u in event.source_uris]

@@ -594,8 +594,8 @@ def snapshot_references(store: StarStore, txn: lmdb.Transaction, config: BuildSt
 
     Returns ``(reference, FILTERNAMES, meta/refcat)``; ``reference`` is ``None`` when the store
     caches no catalog or ``config`` has no ``fgcmLoadReferenceCatalog.path`` nor
-    ``collections`` (no matching asked for).  Rows: ``fgcm_id`` int64 (sorted), ``refMag``/``refMagErr`` float32
-    (n, nFilters); ``ref_id`` is included for diagnostics.
+    ``collections`` (no matching asked for).  Rows: ``fgcm_id`` int64 (sorted),
+    ``refMag``/``refMagErr`` float32 (n, nFilters); ``ref_id`` is included for diagnostics.
 
     Raises:
         StateError: ``config``'s reference settings differ from those of the cache.

@@ -365,7 +365,7 @@ def _write_config(path: Path, text: str) -> Path:
 def test_reference_catalog_from_the_butler(tmp_path: Path) -> None:
     """``[fgcmLoadReferenceCatalog] collections`` reads the ``cal_ref_cat`` shards of the
     repository: the same reference stars as the refcat directory."""
-    sim = simulate_survey(tmp_path / "sim", n_visits=4, seed=12, sources_per_visit=SOURCES)
+    sim = simulate_survey(tmp_path / "sim", n_visits=8, seed=12, sources_per_visit=SOURCES)
     written = write_survey_repo(sim, tmp_path / "repo")
     assert written.refcat_run is not None
     filters = 'filterMap = { "g_6" = "g", "r_57" = "r", "i_39" = "i", "z_20" = "z" }'

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from .repo import ButlerRepo
     from .snapshot import IngestedSnapshot
 
-__all__ = ["SnapshotTarget", "butler_backfill_inputs", "collections_of", "snapshot_target"]
+__all__ = ["SnapshotTarget", "butler_backfill_inputs", "collections_of", "publish_from_butler",
+           "snapshot_target"]
 
 
 def collections_of(args: argparse.Namespace) -> list[str]:
@@ -89,3 +90,44 @@ def snapshot_target(args: argparse.Namespace, formats: tuple[str, ...]) -> Snaps
     check_output_run(repo, args.output_run, args.output_chain)
     instrument = choose_instrument(repo, args.instrument)
     return SnapshotTarget(repo, args.output_run, args.output_chain, instrument)
+
+
+def publish_from_butler(args: argparse.Namespace, kafka_settings: dict[str, str]) -> int:
+    """``streamstars publish --butler REPO --collections C [--watch]``; returns the exit code.
+
+    Raises:
+        ButlerError: the extra is missing, the repository, a collection or a dataset type
+            cannot be used, or ``--watch`` without ``--watch-state``.
+    """
+    import signal
+    import threading
+
+    from .repo import open_butler
+    from .watch import ButlerWatcher, publish_butler, watch_butler
+
+    if args.repo:
+        raise ButlerError("give either a repository directory or --butler REPO, not both")
+    collections = collections_of(args)
+    if args.watch and not args.watch_state:
+        raise ButlerError("--butler --watch needs --watch-state FILE (where the watcher "
+                          "remembers what it published and its ingest_date watermark)")
+    watcher = ButlerWatcher(open_butler(args.butler), collections,
+                            instrument=args.instrument or None, where=args.where or "",
+                            overlap_seconds=args.overlap_seconds, full_every=args.full_every)
+    if not args.watch:
+        result = publish_butler(watcher, args.bootstrap_servers, args.topic, kafka_settings,
+                                args.watch_state)
+        print(f"published {len(result.published)} visit event(s) to {args.topic}; "
+              f"{len(result.waiting)} visit(s) without metadata yet")
+        return 0
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    watch_butler(watcher, args.bootstrap_servers, args.topic, args.watch_state,
+                 kafka_settings, poll_seconds=args.poll_seconds, stop=stop,
+                 max_polls=args.max_polls)
+    return 0
