@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -266,12 +267,9 @@ def _as_hsc_visit(path: Path, out: Path, visit: int) -> Path:
     return out
 
 
-def test_visit_without_visit_summary_fails_alone(survey: SimulatedSurvey, tmp_path: Path,
-                                                 shared_data: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    """Real HSC visitSummary files (COSMOS visits 1176 and 17900) in a repository; the
-    visitSummary of 17900 is missing: that visit fails with a message naming it, the
-    collection and the dataset type; 1176 is applied from its real visitSummary."""
+def hsc_repo(survey: SimulatedSurvey, tmp_path: Path, shared_data: Path) -> dict[str, Any]:
+    """A repository of two HSC-Z visits (COSMOS 1176 and 17900: simulated sources relabelled)
+    where only 1176 has its (real) visitSummary."""
     import lsst.daf.butler as dafButler
 
     repo = create_repo(tmp_path / "repo")
@@ -293,12 +291,22 @@ def test_visit_without_visit_summary_fails_alone(survey: SimulatedSurvey, tmp_pa
                           dafButler.DatasetRef(source_type, {"instrument": "HSC", "visit": v},
                                                run="HSC/runs/test"))
              for i, v in enumerate(visits)]
-    files.append(FileToIngest(shared_data / "drp_tasks_visitSummary" / "visitSummary_1176.fits",
-                              dafButler.DatasetRef(summary_type,
-                                                   {"instrument": "HSC", "visit": 1176},
-                                                   run="HSC/runs/test")))
-    ingest_files(repo, files)
+    summary = shared_data / "drp_tasks_visitSummary" / "visitSummary_1176.fits"
+    files.append(FileToIngest(summary, dafButler.DatasetRef(
+        summary_type, {"instrument": "HSC", "visit": 1176}, run="HSC/runs/test")))
+    refs = ingest_files(repo, files)
+    return {"root": tmp_path / "repo", "sources": {v: refs[i] for i, v in enumerate(visits)},
+            "summary": refs[2], "summary_path": summary,
+            "source_paths": {v: files[i].path for i, v in enumerate(visits)}}
 
+
+def test_visit_without_visit_summary_fails_alone(survey: SimulatedSurvey, tmp_path: Path,
+                                                 shared_data: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Real HSC visitSummary files (COSMOS visits 1176 and 17900) in a repository; the
+    visitSummary of 17900 is missing: that visit fails with a message naming it, the
+    collection and the dataset type; 1176 is applied from its real visitSummary."""
+    hsc_repo(survey, tmp_path, shared_data)
     state = tmp_path / "state"
     err = _fails(["backfill", "--butler", str(tmp_path / "repo"), "--collections",
                   "HSC/runs/test", "--state", str(state), "--no-progress"], 1, capsys)
@@ -398,3 +406,47 @@ def test_reference_catalog_collection_needs_a_repository(tmp_path: Path,
     err = _fails(["backfill", str(survey.out_dir), "--config", str(config), "--state",
                   str(tmp_path / "state")], 2, capsys)
     assert "set fgcmLoadReferenceCatalog.repo or pass --butler REPO" in err
+
+
+def test_events_are_resolved_through_the_butler(survey: SimulatedSurvey, tmp_path: Path,
+                                                shared_data: Path) -> None:
+    """What ``run --butler`` does with an event naming datasets (no broker needed)."""
+    from streamstars.butler.read import EventResolver
+    from streamstars.config import BuildStarsConfig
+    from streamstars.errors import DatasetFileMissingError
+    from streamstars.events import MalformedEventError, VisitEvent
+    from streamstars.ingest import VisitInput, prepare_visit
+    from streamstars.io.visitmeta import read_visit_summary
+
+    hsc = hsc_repo(survey, tmp_path, shared_data)
+    resolver = EventResolver(open_butler(hsc["root"]))
+    config = BuildStarsConfig()
+    src, summary = str(hsc["sources"][1176].id), str(hsc["summary"].id)
+
+    def event(visit: int = 1176, **datasets: tuple[str, ...]) -> VisitEvent:
+        return VisitEvent(action="apply", visit=visit, instrument="HSC", band="z",
+                          physical_filter="HSC-Z", finished_at="2014-01-01T00:00:00Z",
+                          butler_datasets=datasets or {"sourceTable_visit": (src,),
+                                                       "visitSummary": (summary,)})
+
+    prepared = resolver.prepare(event(), config)
+    direct = prepare_visit(VisitInput(1176, [hsc["source_paths"][1176]],
+                                      read_visit_summary(hsc["summary_path"])), config)
+    for name, values in direct.observations.items():
+        np.testing.assert_array_equal(prepared.observations[name], values, err_msg=name)
+    assert prepared.metadata.mjd == direct.metadata.mjd
+    assert prepared.dataset_ids == sorted([src, summary])
+
+    with pytest.raises(MalformedEventError, match="is a visitSummary, not a sourceTable_visit"):
+        resolver.prepare(event(sourceTable_visit=(summary,), visitSummary=(summary,)), config)
+    with pytest.raises(MalformedEventError, match="is not of instrument 'HSC' visit 17900"):
+        resolver.prepare(event(17900), config)
+    unknown = "0190c8a2-5bd1-7c4a-9a1e-3f2b6a7d8e90"
+    with pytest.raises(DatasetFileMissingError, match=f"dataset {unknown} is not in the registry"):
+        resolver.prepare(event(sourceTable_visit=(unknown,), visitSummary=(summary,)), config)
+    wrong_band = VisitEvent(action="apply", visit=1176, instrument="HSC", band="i",
+                            physical_filter="HSC-Z", finished_at="2014-01-01T00:00:00Z",
+                            butler_datasets={"sourceTable_visit": (src,),
+                                             "visitSummary": (summary,)})
+    with pytest.raises(MalformedEventError, match="event says band 'i'"):
+        resolver.prepare(wrong_band, config)
