@@ -191,3 +191,24 @@ def test_watch_publishes_new_and_rechained_datasets_once(broker: TansuBroker,
     assert main(["snapshot", str(reference), "--state", str(tmp_path / "ref-state")]) == 0
     diffs = compare_snapshots(snap, reference, ignore_metadata_keys=IGNORE)
     assert diffs == [], diffs[:1]
+
+
+def test_publish_once_from_a_butler(broker: TansuBroker, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from streamstars.butler.simulate import write_survey_repo
+
+    sim = simulate_survey(tmp_path / "sim", n_visits=3, seed=2, sources_per_visit=300,
+                          write_refcat=False)
+    written = write_survey_repo(sim, tmp_path / "repo")
+    topic = "butler-once"
+    broker.create_topic(topic, partitions=1)
+    assert main(["publish", "--butler", str(written.repo), "--collections", written.collection,
+                 "--bootstrap-servers", broker.bootstrap, "--topic", topic]) == 0
+    assert "published 3 visit event(s)" in capsys.readouterr().out
+    events = [parse_event(m.value(), m.key()) for m in broker.consume_all(topic, 3)]
+    assert sorted(e.visit for e in events) == sim.visits
+    assert {e.action for e in events} == {"apply"}
+    # --watch without a state file is a usage error naming the option
+    assert main(["publish", "--butler", str(written.repo), "--collections", written.collection,
+                 "--bootstrap-servers", broker.bootstrap, "--topic", topic, "--watch"]) == 2
+    assert "--watch-state" in capsys.readouterr().err
