@@ -8,11 +8,14 @@ There is no watch API in the Butler: the registry is polled.
   that differ, cannot hide a dataset) name the candidate visits; for those visits the current
   datasets are found first along the collections (``find_first``) -- a dataset ingested into a
   RUN that is shadowed by an earlier collection of the chain is not the visit's dataset.  The
-  watermark is the latest ``ingest_date`` seen (the registry's clock, not this host's).
+  watermark is then the latest ``ingest_date`` seen (the registry's clock).
 * **Full diff** (at start, every ``full_every`` polls, and whenever the flattened collection
   search path changes -- a chain redefined): the (visit, UUIDs) pairs of every visit of the
   collections, because re-chaining a collection or tagging datasets changes which dataset is
-  current without changing any ``ingest_date``.
+  current without changing any ``ingest_date``.  It reads dataset IDs only (converting 10,000
+  ``ingest_date`` values would cost seconds); the watermark after it is the time the poll
+  began on this host, so the overlap also has to cover the difference between this host's
+  clock and the registry's.
 
 A visit is published when its datasets (source table + visitSummary, or source table + the
 instrument's visitTable holding a row for it) differ from what was last published for it:
@@ -198,7 +201,7 @@ class ButlerWatcher:
 
     def _rows(self, dataset_type: str, *, since: Any = None,
               visits: Sequence[int] | None = None, find_first: bool = True,
-              limit: int | None = None) -> list[dict]:
+              limit: int | None = None, dates: bool = False) -> list[dict]:
         daf_butler = require_butler()
         try:
             with self.repo.butler.query() as query:
@@ -213,10 +216,10 @@ class ButlerWatcher:
                 if visits is not None:  # visit ids are per instrument: constrain it too
                     query = query.where("visit IN (visits)", bind={"visits": tuple(visits)},
                                         instrument=self._only_instrument())
-                rows = query.general(
-                    ["instrument", "visit"], dataset_fields={
-                        dataset_type: {"dataset_id", "ingest_date"}},
-                    find_first=find_first)
+                fields: Any = {"dataset_id", "ingest_date"} if dates else {"dataset_id"}
+                rows = query.general(["instrument", "visit"],
+                                     dataset_fields={dataset_type: fields},
+                                     find_first=find_first)
                 return list(rows.limit(limit) if limit is not None else rows)
         except (daf_butler.ButlerUserError, LookupError, ValueError) as exc:
             raise ButlerError(f"query of {dataset_type!r} in {self.collections} of "
@@ -255,19 +258,20 @@ class ButlerWatcher:
                 out[name] = (str(refs[0].id),)
         return out if VISIT_TABLE in out else {}
 
-    def current(self, visits: Sequence[int] | None = None) -> dict[int, VisitDatasets]:
+    def current(self, visits: Sequence[int] | None = None,
+                dates: bool = False) -> dict[int, VisitDatasets]:
         """The current datasets of ``visits`` (all visits when None), first match along the
         collections; visits without a usable metadata dataset have none in ``datasets``
-        beside the source table."""
+        beside the source table.  ``dates``: also the source tables' ``ingest_date``."""
         found: dict[int, VisitDatasets] = {}
-        rows = self._rows(SOURCE_TABLE, visits=visits)
+        rows = self._rows(SOURCE_TABLE, visits=visits, dates=dates)
         self._note_instruments(rows)
         for row in rows:
             visit = int(row["visit"])
             found[visit] = VisitDatasets(
                 visit, str(row["instrument"]), str(row["band"]), str(row["physical_filter"]),
                 {SOURCE_TABLE: (str(row[f"{SOURCE_TABLE}.dataset_id"]),)},
-                row[f"{SOURCE_TABLE}.ingest_date"])
+                row.get(f"{SOURCE_TABLE}.ingest_date"))
         if not found:
             return found
         if self.has_summary:
@@ -286,6 +290,16 @@ class ButlerWatcher:
                 entry.datasets.update(table)
         return found
 
+    def _fill_dates(self, ready: Sequence[VisitDatasets]) -> None:
+        """The ``ingest_date`` (-> ``finished_at``) of the visits about to be published."""
+        missing = sorted(e.visit for e in ready if e.ingest_date is None)
+        by_visit = {e.visit: e for e in ready}
+        for i in range(0, len(missing), 1000):
+            for row in self._rows(SOURCE_TABLE, visits=missing[i:i + 1000], dates=True):
+                entry = by_visit.get(int(row["visit"]))
+                if entry is not None:
+                    entry.ingest_date = row[f"{SOURCE_TABLE}.ingest_date"]
+
     # ------------------------------------------------------------------ one poll
     def poll(self, state: WatchState) -> tuple[list[VisitDatasets], bool, Any]:
         """The visits to publish now, whether this was a full diff, and the new watermark."""
@@ -298,51 +312,52 @@ class ButlerWatcher:
                 or (self.full_every > 0 and self.polls % self.full_every == 0))
         self._search_path = path
         self.polls += 1
-        watermark = Time(state.watermark, scale="tai") if state.watermark else None
         if full:
-            current = self.current()
-        else:
-            assert watermark is not None
-            since = watermark - TimeDelta(self.overlap_seconds, format="sec")
-            recent: set[int] = set(self._waiting)
-            for dataset_type in (SOURCE_TABLE, *((VISIT_SUMMARY,) if self.has_summary else ())):
-                for row in self._rows(dataset_type, since=since, find_first=False):
-                    recent.add(int(row["visit"]))
-                    watermark = max(watermark, row[f"{dataset_type}.ingest_date"])
-            if self.has_tables:
-                for name in (VISIT_TABLE, CCD_VISIT_TABLE):
-                    if self.repo.dataset_type(name, required=False) is not None:
-                        refs = self.repo.butler.query_datasets(
-                            name, collections=self.collections, find_first=False,
-                            where="ingest_date > since", bind={"since": since}, limit=None,
-                            explain=False)
-                        if refs:  # a new visit table: every visit may have gained a row
-                            return self.full_diff(state)
-            current = self.current(sorted(recent)) if recent else {}
-        for entry in current.values():
-            if entry.ingest_date is not None and (watermark is None
-                                                  or entry.ingest_date > watermark):
-                watermark = entry.ingest_date
+            return self.full_diff(state, search_path=path)
+        watermark = Time(state.watermark, scale="tai")
+        since = watermark - TimeDelta(self.overlap_seconds, format="sec")
+        recent: set[int] = set(self._waiting)
+        seen = [watermark]
+        for dataset_type in (SOURCE_TABLE, *((VISIT_SUMMARY,) if self.has_summary else ())):
+            for row in self._rows(dataset_type, since=since, find_first=False, dates=True):
+                recent.add(int(row["visit"]))
+                seen.append(row[f"{dataset_type}.ingest_date"])
+        watermark = max(seen, key=lambda t: (t.tai.jd1, t.tai.jd2))
+        if self.has_tables:
+            for name in (VISIT_TABLE, CCD_VISIT_TABLE):
+                if self.repo.dataset_type(name, required=False) is None:
+                    continue
+                refs = self.repo.butler.query_datasets(
+                    name, collections=self.collections, find_first=False,
+                    where="ingest_date > since", bind={"since": since}, limit=None,
+                    explain=False)
+                if refs:  # a new visit table: every visit may have gained a row
+                    return self.full_diff(state, search_path=path)
+        current = self.current(sorted(recent), dates=True) if recent else {}
         ready, waiting = self._changed(state, current)
         self._waiting = set(waiting)
-        if full:
-            gone = sorted(set(state.published) - set(current))
-            if gone:
-                log.warning("%d published visit(s) are no longer in %s (not retracted; use "
-                            "`streamstars retract` if they should go): %s", len(gone),
-                            self.collections, gone[:10])
-        return ready, full, watermark
+        return ready, False, watermark
 
-    def full_diff(self, state: WatchState) -> tuple[list[VisitDatasets], bool, Any]:
-        """Every visit of the collections against what was published (see :meth:`poll`)."""
+    def full_diff(self, state: WatchState, search_path: list[tuple[str, tuple[str, ...]]]
+                  | None = None) -> tuple[list[VisitDatasets], bool, Any]:
+        """Every visit of the collections against what was published (see :meth:`poll`).
+
+        Returns the visits to publish, True, and the new watermark (when it began)."""
+        from astropy.time import Time
+
+        began = Time.now().tai
         self._search_path = None  # the next poll is a full diff too if this one fails
         current = self.current()
-        self._search_path = self.search_path()
-        watermark = max((e.ingest_date for e in current.values() if e.ingest_date is not None),
-                        default=None)
+        self._search_path = search_path or self.search_path()
         ready, waiting = self._changed(state, current)
         self._waiting = set(waiting)
-        return ready, True, watermark
+        self._fill_dates(ready)
+        gone = sorted(set(state.published) - set(current))
+        if gone:
+            log.warning("%d published visit(s) are no longer in %s (not retracted; use "
+                        "`streamstars retract` if they should go): %s", len(gone),
+                        self.collections, gone[:10])
+        return ready, True, began
 
     @staticmethod
     def _changed(state: WatchState, current: Mapping[int, VisitDatasets],
