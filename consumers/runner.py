@@ -417,7 +417,7 @@ class Runner:
                 event = parse_event(msg.value(), msg.key())
             except StreamstarsError:
                 continue  # the normal path dead-letters it
-            if event.action != "retract":
+            if event.action != "retract" and not self._applied_from(event):
                 self._ahead[key] = self._ahead_pool.submit(self._prepare_event, event)
 
     def _idle_exit_due(self) -> bool:
@@ -516,6 +516,11 @@ class Runner:
         from streamstars.ingest import apply_prepared, retract_visit
 
         start = time.perf_counter()
+        if self._applied_from(event):
+            # the visit holds exactly these Butler datasets (immutable): nothing to read
+            self.store.record_offset(kafka_offset.topic, kafka_offset.partition,
+                                     kafka_offset.next_offset)
+            return _Outcome("skipped", seconds=time.perf_counter() - start)
         if event.action == "retract":
             result = retract_visit(self.store, event.visit, kafka_offset=kafka_offset)
             self.faults.record_application(event.visit, result.status, kafka_offset.next_offset)
@@ -539,6 +544,16 @@ class Runner:
         self.faults.record_application(event.visit, result.status, kafka_offset.next_offset)
         return _Outcome(result.status, result.n_sources, result.n_selected,
                         time.perf_counter() - start)
+
+    def _applied_from(self, event: VisitEvent) -> bool:
+        """The store holds the visit from exactly the Butler datasets the event names."""
+        if event.butler_datasets is None or event.action == "retract":
+            return False
+        from streamstars.butler.read import event_dataset_ids
+
+        with self.store.read() as txn:
+            record = self.store.visit_record(txn, event.visit)
+        return record is not None and record.get("dataset_ids") == event_dataset_ids(event)
 
     def _prepare_event(self, event: VisitEvent) -> Any:
         """Resolve the event's files and metadata, read and select the visit (no store

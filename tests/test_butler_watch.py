@@ -212,3 +212,42 @@ def test_publish_once_from_a_butler(broker: TansuBroker, tmp_path: Path,
     assert main(["publish", "--butler", str(written.repo), "--collections", written.collection,
                  "--bootstrap-servers", broker.bootstrap, "--topic", topic, "--watch"]) == 2
     assert "--watch-state" in capsys.readouterr().err
+
+
+def test_consumer_skips_visits_already_applied_from_the_same_datasets(
+        broker: TansuBroker, tmp_path: Path) -> None:
+    """Events naming exactly the datasets a visit was applied from are skipped without reading
+    a file (a backfill followed by a watcher that publishes everything again costs nothing)."""
+    from streamstars.butler.discover import butler_inventory
+    from streamstars.butler.simulate import write_survey_repo
+
+    sim = simulate_survey(tmp_path / "sim", n_visits=4, seed=9, sources_per_visit=800,
+                          write_refcat=False)
+    written = write_survey_repo(sim, tmp_path / "repo")
+    state = tmp_path / "state"
+    assert main(["backfill", "--butler", str(written.repo), "--collections", written.collection,
+                 "--state", str(state), "--no-progress"]) == 0
+    topic = "butler-replay"
+    broker.create_topic(topic, partitions=1)
+    assert main(["publish", "--butler", str(written.repo), "--collections", written.collection,
+                 "--bootstrap-servers", broker.bootstrap, "--topic", topic]) == 0
+    # garbage under the datasets' URIs: reading any of them would dead-letter its event
+    for entry in butler_inventory(open_butler(written.repo), [written.collection]).visits.values():
+        entry.source_paths[0].unlink()
+        entry.source_paths[0].write_bytes(b"not parquet")
+    consumer = Proc(tmp_path / "run.log", "run", "--butler", str(written.repo),
+                    "--bootstrap-servers", broker.bootstrap, "--topic", topic, "--group",
+                    "g-replay", "--state", str(state), "--kafka-config",
+                    str(write_kafka_config(tmp_path / "kafka.properties")))
+
+    def consumed() -> bool:
+        with StarStore.open(state, readonly=True) as store:
+            return store.stored_offsets(topic).get(0) == 4
+
+    try:
+        wait_for(consumed, 60, "the 4 events consumed", consumer)
+    finally:
+        assert consumer.stop() == 0, consumer.text()
+    log = consumer.text()
+    assert "dead letter" not in log, log
+    assert sum(f"apply visit {v}: skipped" in log for v in sim.visits) == 4, log

@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from streamstars.io.discover import DiscoveredVisit
     from streamstars.state.store import StarStore
 
-__all__ = ["EventResolver", "local_file", "prepare_butler_visit", "prepare_datasets"]
+__all__ = ["EventResolver", "event_dataset_ids", "local_file", "prepare_butler_visit",
+           "prepare_datasets"]
 
 
 @contextmanager
@@ -115,6 +116,13 @@ def prepare_butler_visit(store: StarStore, visit: DiscoveredVisit) -> PreparedVi
     if not isinstance(visit, ButlerVisit):
         raise TypeError(f"visit {visit.visit} does not come from a Butler inventory")
     return prepare_datasets(visit, store.config)
+
+
+def event_dataset_ids(event: VisitEvent) -> list[str]:
+    """The UUIDs a visit applied from ``event`` records (as a backfill records them: its
+    source tables and visitSummary; a shared visitTable is not one of them)."""
+    datasets = event.butler_datasets or {}
+    return sorted([*datasets.get(SOURCE_TABLE, ()), *datasets.get(VISIT_SUMMARY, ())])
 
 
 class EventResolver:
