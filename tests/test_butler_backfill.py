@@ -450,3 +450,30 @@ def test_events_are_resolved_through_the_butler(survey: SimulatedSurvey, tmp_pat
                                              "visitSummary": (summary,)})
     with pytest.raises(MalformedEventError, match="event says band 'i'"):
         resolver.prepare(wrong_band, config)
+
+
+def test_non_local_uris_are_read_through_a_local_copy(survey: SimulatedSurvey, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dataset whose URI is not a local file (here lsst-resources' ``resource://`` scheme,
+    not local for the Butler, as S3/GCS/WebDAV ones) is read through ``as_local``; the visit
+    record names the URI, not the temporary copy."""
+    from lsst.resources import ResourcePath
+
+    from streamstars.butler.read import prepare_datasets
+    from streamstars.config import BuildStarsConfig
+
+    written = write_survey_repo(survey, tmp_path / "repo")
+    entry = butler_inventory(open_butler(written.repo), [written.collection]).visits[
+        survey.visits[0]]
+    local = prepare_datasets(entry, BuildStarsConfig())  # type: ignore[arg-type]
+    package = tmp_path / "pkg" / "remote_store"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    shutil.copy(entry.source_paths[0], package / "sourceTable_visit.parq")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    uri = ResourcePath("resource://remote_store/sourceTable_visit.parq")
+    assert not uri.isLocal
+    entry.source_uris, entry.source_paths = [uri], []  # as discovery leaves a remote dataset
+    remote = prepare_datasets(entry, BuildStarsConfig())  # type: ignore[arg-type]
+    assert remote.content_hash == local.content_hash
+    assert remote.source_paths == [str(uri)] and remote.files == []
