@@ -34,15 +34,29 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from streamstars.references import attach_references, open_reference_source
     from streamstars.state.store import StarStore
 
-    if not Path(args.repo).is_dir():
-        raise ConfigError(f"repository {args.repo} is not a directory")
     config = _config(args) or BuildStarsConfig()
+    if args.butler:
+        if args.repo:
+            raise ConfigError("give either a repository directory or --butler REPO, not both")
+        from streamstars.butler.cli import butler_backfill_inputs
+
+        # the repository, collections and dataset types are checked before the store exists
+        inventory, prepare = butler_backfill_inputs(args)
+        source_name = f"{args.butler} (collections {args.collections})"
+    else:
+        if not args.repo:
+            raise ConfigError("give the repository directory (or --butler REPO)")
+        if not Path(args.repo).is_dir():
+            raise ConfigError(f"repository {args.repo} is not a directory")
+        inventory, prepare = None, None
+        source_name = args.repo
     # a bad reference catalog is refused before the store is even created (exit code 2)
-    source = open_reference_source(config.fgcmLoadReferenceCatalog)
+    source = open_reference_source(config.fgcmLoadReferenceCatalog, args.butler)
     with StarStore.open(args.state, config) as store:
-        attach_references(store, source)
-        report = backfill(args.repo, store, replace=args.replace, prefetch=args.prefetch,
-                          progress=not args.no_progress)
+        attach_references(store, source, butler=args.butler)
+        report = backfill(args.butler or args.repo, store, replace=args.replace,
+                          prefetch=args.prefetch, progress=not args.no_progress,
+                          inventory=inventory, prepare=prepare)
         with store.read() as txn:
             n_visits = sum(1 for _ in store.iter_visit_records(txn))
     for problem in report.problems:
@@ -54,8 +68,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         print(f"FAILED visit {failure.visit}: {failure.error}", file=sys.stderr)
     if report.applied + report.replaced + report.skipped + len(report.failed) == 0 \
             and not report.problems:
-        print(f"streamstars: no source tables (sourceTable_visit*.parq*, sourceTable-*.parq) "
-              f"found under {args.repo}", file=sys.stderr)
+        what = "no sourceTable_visit datasets" if args.butler else \
+            "no source tables (sourceTable_visit*.parq*, sourceTable-*.parq)"
+        print(f"streamstars: {what} found in {source_name}", file=sys.stderr)
         return 1
     rate = report.sources_read / report.seconds if report.seconds else 0.0
     dropped = sum(report.dropped.values())
@@ -79,6 +94,12 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     bad = [f for f in formats if f not in ("fits", "parquet")]
     if bad or not formats:
         raise SystemExit(f"--format takes fits and/or parquet, got {args.format!r}")
+    target = None
+    if args.butler:
+        from streamstars.butler.cli import snapshot_target
+
+        # the repository, RUN and instrument are checked before anything is written
+        target = snapshot_target(args, formats)
     with StarStore.open(args.state, readonly=True) as store:
         # the file's keys are applied on top of the store's configuration; a key that shapes
         # the stored data must keep the store's value (ConfigError naming it otherwise)
@@ -87,6 +108,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     print(f"snapshot: {summary.n_visits} visits, {summary.n_stars:,} stars, "
           f"{summary.n_observations:,} observations -> {summary.out_dir} "
           f"({summary.seconds:.1f} s)")
+    if target is not None:
+        ingested = target.ingest(summary.out_dir)
+        print(f"snapshot: {len(ingested.refs)} datasets ingested into RUN {ingested.run} of "
+              f"{args.butler} (instrument {ingested.instrument}"
+              + (f"; first in {ingested.chain}" if ingested.chain else "") + ")")
     return 0
 
 
@@ -147,13 +173,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.ra) and math.isfinite(args.dec) and -90.0 <= args.dec <= 90.0):
         raise ConfigError(f"--ra must be finite and --dec within [-90, 90], got {args.ra}, "
                           f"{args.dec}")
+    if args.butler:
+        from streamstars.butler.repo import require_butler
+
+        require_butler("streamstars simulate --butler")  # before minutes of simulation
     try:
         survey = simulate_survey(args.out, n_visits=args.visits, seed=args.seed,
                                  sources_per_visit=args.sources_per_visit, crowded=args.crowded,
-                                 ra_center=args.ra, dec_center=args.dec)
+                                 ra_center=args.ra, dec_center=args.dec,
+                                 file_style=args.file_style)
     except ValueError as exc:
         raise ConfigError(f"cannot simulate: {exc}") from exc
     print(f"simulated {len(survey.visits)} visits ({survey.n_sources:,} sources) in {args.out}")
+    if args.butler:
+        from streamstars.butler.simulate import write_survey_repo
+
+        written = write_survey_repo(survey, args.butler, instrument=args.instrument,
+                                    source_storage_class=args.file_style)
+        print(f"Butler repository {written.repo}: {written.n_datasets} datasets of instrument "
+              f"{written.instrument} in collection {written.collection} (RUN {written.run})")
     return 0
 
 
@@ -168,6 +206,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_butler_input_options(p: argparse.ArgumentParser) -> None:
+    """``--butler REPO --collections C[,C...] [--instrument I] [--where EXPR]``."""
+    g = p.add_argument_group("Butler repository (needs streamstars[butler]; docs/butler.md)")
+    g.add_argument("--butler", metavar="REPO",
+                   help="read the visits from this Butler repository instead of a directory")
+    g.add_argument("--collections", metavar="C[,C...]",
+                   help="collections to search, in order (first match wins); with --butler")
+    g.add_argument("--instrument", help="instrument of the visits (required when the "
+                   "collections hold several)")
+    g.add_argument("--where", metavar="EXPR", default="",
+                   help="Butler query expression on the data IDs, e.g. \"visit > 100\"")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -178,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("backfill", help="apply every visit of a repository (resumable)")
-    p.add_argument("repo", help="directory tree with sourceTable_visit and metadata files")
+    p.add_argument("repo", nargs="?",
+                   help="directory tree with sourceTable_visit and metadata files")
+    add_butler_input_options(p)
     p.add_argument("--state", required=True, help="state directory (LMDB store)")
     p.add_argument("--config", help="TOML config with fgcmcal field names")
     p.add_argument("--replace", action="store_true",
@@ -196,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "configuration; only snapshot-time settings (requiredBands, isolationRadius, "
                    "density cut, randomSeed, reserveFraction, fgcmLoadReferenceCatalog."
                    "matchRadius) may differ from the store's")
+    g = p.add_argument_group("Butler repository (needs streamstars[butler]; docs/butler.md)")
+    g.add_argument("--butler", metavar="REPO", help="also ingest the snapshot into this "
+                   "repository as the datasets fgcmFitCycle reads")
+    g.add_argument("--output-run", metavar="RUN", help="the new RUN collection to ingest into "
+                   "(required with --butler; an existing RUN is refused)")
+    g.add_argument("--output-chain", metavar="CHAIN", help="also put RUN first in this CHAINED "
+                   "collection (created if needed): a fixed name for the latest snapshot")
+    g.add_argument("--instrument", help="instrument of the outputs (default: the "
+                   "repository's only instrument)")
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("status", help="what a store holds")
@@ -228,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crowded", action="store_true")
     p.add_argument("--ra", type=float, default=150.0, help="field centre RA [deg]")
     p.add_argument("--dec", type=float, default=2.0, help="field centre Dec [deg]")
+    p.add_argument("--file-style", choices=("ArrowAstropy", "DataFrame"),
+                   default="ArrowAstropy", help="write the source tables as an ArrowAstropy "
+                   "(default) or a pandas DataFrame dataset (older pipelines)")
+    p.add_argument("--butler", metavar="REPO", help="also write the survey as a new Butler "
+                   "repository (needs streamstars[butler]; docs/butler.md)")
+    p.add_argument("--instrument", default="SimCam", help="instrument name in the Butler "
+                   "repository (default %(default)s)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("report", help="write an HTML quality report of a store (docs/report.md)")

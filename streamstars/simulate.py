@@ -19,6 +19,13 @@ groups in bad seeing, deblend parents with children.  Each visit also gets junk 
 Everything is vectorised over sources; the output is byte-identical for identical arguments
 (random numbers come from ``numpy.random.SeedSequence(seed)`` spawned per visit).
 
+The parquet files carry the schema metadata the Butler's ``ParquetFormatter`` writes
+(:func:`with_table_metadata`): ``lsst::arrow::rowcount``, the string lengths
+(``lsst::arrow::len::<column>``) and astropy's ``table_meta_yaml`` for ``ArrowAstropy`` files
+(current pipelines, the default); for ``file_style="DataFrame"`` (older pipelines) the source
+tables are written as pandas would, ``sourceId`` being the index (pandas schema metadata).
+:mod:`streamstars.butler.simulate` ingests them into a Butler repository.
+
 Conventions: ``sourceId = visit << 20 | row`` (row index within the visit file, sorted by
 detector); visit ids are LSSTCam-like ``YYYYMMDD * 100000 + seq``; ``ccdVisitId = visit * 1000
 + detector``; ``localWcs_CDMatrix_*`` are in **radians per pixel**, as in real LSST/HSC
@@ -27,13 +34,16 @@ sourceTables; ``zeroPoint`` (ccdVisitTable) is the AB magnitude of one count in 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from streamstars.sky import radec_from_vectors, unit_vectors
@@ -812,6 +822,74 @@ def simulate_visit(sky: Sky, camera: Camera, plan: VisitPlan, conditions: Detect
 
 
 # ------------------------------------------------------------------------------------------
+# Schema metadata of the files (as the Butler's ParquetFormatter / pandas write them)
+# ------------------------------------------------------------------------------------------
+
+#: How the parquet files are written: as an ``ArrowAstropy`` dataset (current pipelines) or a
+#: pandas ``DataFrame`` dataset (older pipelines; ``sourceId`` is the index).
+FileStyle = Literal["ArrowAstropy", "DataFrame"]
+FILE_STYLES: tuple[str, ...] = ("ArrowAstropy", "DataFrame")
+
+_ASTROPY_DATATYPE = {"int64": "int64", "int32": "int32", "double": "float64",
+                     "float": "float32", "bool": "bool", "string": "string"}
+_PANDAS_TYPE = {"int64": ("int64", "int64"), "int32": ("int32", "int32"),
+                "double": ("float64", "float64"), "float": ("float32", "float32"),
+                "bool": ("bool", "bool"), "string": ("unicode", "object")}
+
+
+def _string_lengths(table: pa.Table) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for fld in table.schema:
+        if pa.types.is_string(fld.type):
+            longest = pc.max(pc.utf8_length(table.column(fld.name))).as_py() or 0
+            out[f"lsst::arrow::len::{fld.name}".encode()] = str(longest).encode()
+            out[f"table::len::{fld.name}".encode()] = str(longest).encode()
+    return out
+
+
+def with_table_metadata(table: pa.Table, style: FileStyle = "ArrowAstropy",
+                        index: str | None = None) -> pa.Table:
+    """``table`` with the schema metadata a Butler-written parquet file of ``style`` carries.
+
+    ``ArrowAstropy``: ``lsst::arrow::rowcount``, ``lsst::arrow::len::<string column>`` and
+    ``table_meta_yaml`` (astropy's column datatypes), as ``astropy_to_arrow`` writes them.
+    ``DataFrame``: the ``pandas`` metadata of a DataFrame whose index is the column ``index``
+    (moved last, as pyarrow stores an index), plus the row count and string lengths
+    ``pandas_to_arrow`` adds.  No pandas or astropy table is built.
+    """
+    md: dict[bytes, bytes] = {b"lsst::arrow::rowcount": str(table.num_rows).encode()}
+    md.update(_string_lengths(table))
+    if style == "ArrowAstropy":
+        lines = ["datatype:"]
+        for fld in table.schema:
+            datatype = _ASTROPY_DATATYPE.get(str(fld.type), str(fld.type))
+            lines.append(f"- {{name: {fld.name}, datatype: {datatype}}}")
+        md[b"table_meta_yaml"] = "\n".join(lines).encode()
+    elif style == "DataFrame":
+        if index is not None:
+            names = [n for n in table.column_names if n != index] + [index]
+            table = table.select(names)
+        columns = []
+        for fld in table.schema:
+            pandas_type, numpy_type = _PANDAS_TYPE.get(str(fld.type), ("object", "object"))
+            columns.append({"name": fld.name, "field_name": fld.name,
+                            "pandas_type": pandas_type, "numpy_type": numpy_type,
+                            "metadata": None})
+        pandas = {
+            "index_columns": [index] if index is not None else [],
+            "column_indexes": [{"name": None, "field_name": None, "pandas_type": "unicode",
+                                "numpy_type": "object", "metadata": {"encoding": "UTF-8"}}],
+            "columns": columns,
+            "creator": {"library": "pyarrow", "version": "15.0.0"},
+            "pandas_version": "2.2.0",
+        }
+        md[b"pandas"] = json.dumps(pandas).encode()
+    else:
+        raise ValueError(f"file style must be one of {FILE_STYLES}, got {style!r}")
+    return table.replace_schema_metadata(md)
+
+
+# ------------------------------------------------------------------------------------------
 # Metadata tables
 # ------------------------------------------------------------------------------------------
 
@@ -1076,7 +1154,8 @@ def simulate_survey(out_dir: str | Path, n_visits: int, seed: int,
                     ra_center: float = 150.0, dec_center: float = 2.0,
                     field_radius_deg: float = 1.0, n_detectors: int = 9,
                     crowded: bool = False, write_refcat: bool = True,
-                    progress: bool = False) -> SimulatedSurvey:
+                    progress: bool = False,
+                    file_style: FileStyle = "ArrowAstropy") -> SimulatedSurvey:
     """Simulate a survey and write it in the Rubin formats (see the module docstring).
 
     Args:
@@ -1092,6 +1171,8 @@ def simulate_survey(out_dir: str | Path, n_visits: int, seed: int,
         crowded: add many close star pairs (0.3-3"), chains of three and hence deblends.
         write_refcat: write the HTM-7 reference catalog to ``out_dir/refcat``.
         progress: show a tqdm progress bar over visits.
+        file_style: ``"ArrowAstropy"`` or ``"DataFrame"`` source tables
+            (:func:`with_table_metadata`); same rows and values either way.
 
     Returns:
         A :class:`SimulatedSurvey` describing the files written.
@@ -1102,6 +1183,8 @@ def simulate_survey(out_dir: str | Path, n_visits: int, seed: int,
         raise ValueError("bands must not be empty")
     if sources_per_visit < 1:
         raise ValueError(f"sources_per_visit must be >= 1, got {sources_per_visit}")
+    if file_style not in FILE_STYLES:
+        raise ValueError(f"file_style must be one of {FILE_STYLES}, got {file_style!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ra_center = float(np.mod(ra_center, 360.0))
@@ -1124,16 +1207,17 @@ def simulate_survey(out_dir: str | Path, n_visits: int, seed: int,
 
     for i in tqdm(range(n_visits), desc="simulating visits", unit="visit", disable=not progress):
         rng = np.random.default_rng(seeds[3 + i])
-        table = simulate_visit(sky, camera, plan, cond, i, rng, n_junk)
+        table = with_table_metadata(simulate_visit(sky, camera, plan, cond, i, rng, n_junk),
+                                    file_style, index="sourceId")
         path = out / f"sourceTable_visit_{int(plan.visit[i])}.parquet"
         pq.write_table(table, path, compression="snappy")
         paths.append(path)
         counts.append(table.num_rows)
 
     visit_path = out / "visitTable.parquet"
-    pq.write_table(visit_table(plan), visit_path)
+    pq.write_table(with_table_metadata(visit_table(plan)), visit_path)
     ccd_path = out / "ccdVisitTable.parquet"
-    pq.write_table(ccd_visit_table(plan, camera, cond), ccd_path)
+    pq.write_table(with_table_metadata(ccd_visit_table(plan, camera, cond)), ccd_path)
     truth_path = out / "truth.parquet"
     pq.write_table(truth_table(sky, bands), truth_path)
     refcat_path: Path | None = None

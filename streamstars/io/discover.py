@@ -61,6 +61,8 @@ class DiscoveredVisit:
         metadata: the visit's metadata, None when none was found or it could not be read.
         metadata_error: why ``metadata`` is None although a metadata file names this visit.
         metadata_path: the file the metadata came from (or failed to come from).
+        dataset_ids: UUIDs of the Butler datasets the visit comes from (source tables and
+            visitSummary, sorted; :mod:`streamstars.butler.discover`); empty for a directory.
     """
 
     visit: int
@@ -68,6 +70,7 @@ class DiscoveredVisit:
     metadata: VisitMetadata | None = None
     metadata_error: str | None = None
     metadata_path: Path | None = None
+    dataset_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
