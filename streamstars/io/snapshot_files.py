@@ -88,6 +88,7 @@ from astropy.io import fits
 from streamstars import __version__
 from streamstars.columns import OBSERVATION_DTYPES
 from streamstars.errors import StreamstarsError
+from streamstars.staging import staged_directory
 
 __all__ = [
     "FITS_FILES",
@@ -711,13 +712,6 @@ def _check_out_dir(out_dir: Path) -> bool:
     return True
 
 
-def _remove_leftovers(parent: Path, name: str) -> None:
-    for prefix in (f".{name}.tmp-", f".{name}.old-"):
-        for leftover in parent.glob(f"{prefix}*"):
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
-
-
 def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     fmts = tuple(dict.fromkeys(formats))
     unknown = [f for f in fmts if f not in ("fits", "parquet")]
@@ -787,25 +781,19 @@ def stage_snapshot(out_dir: str | os.PathLike[str], *,
             the partial files are removed.
     """
     target = Path(os.path.abspath(os.fspath(out_dir)))
-    parent, name = target.parent, target.name
-    tmp = parent / f".{name}.tmp-{secrets.token_hex(8)}"
+    parent = target.parent
     with contextlib.ExitStack() as stack:
         try:
             parent.mkdir(parents=True, exist_ok=True)
             stack.enter_context(_locked_parent(parent))
             exists = _check_out_dir(target)
-            _remove_leftovers(parent, name)
-            tmp.mkdir()
-            yield SnapshotStaging(tmp, target, exists)
-            _fsync_path(tmp, directory=True)
+            staged = stack.enter_context(staged_directory(target, "tmp", also_remove=("old",)))
+            yield SnapshotStaging(staged.path, target, exists)
+            _fsync_path(staged.path, directory=True)
             exists = _check_out_dir(target)
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise _write_error(target, exc) from exc
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _publish(tmp, target, exists, grace_seconds)
+        _publish(staged.path, target, exists, grace_seconds)
 
 
 def _publish(tmp: Path, target: Path, exists: bool, grace_seconds: float) -> None:
@@ -821,7 +809,7 @@ def _publish(tmp: Path, target: Path, exists: bool, grace_seconds: float) -> Non
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old snapshot
             return
         else:
-            old = parent / f".{target.name}.old-{secrets.token_hex(8)}"
+            old = parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
             os.rename(target, old)  # window: target missing until the next rename
             try:
                 os.rename(tmp, target)
