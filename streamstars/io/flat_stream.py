@@ -52,39 +52,42 @@ from streamstars.io.hats import (
     OBSERVATIONS_COLUMN,
     ROW_GROUP_OBSERVATIONS,
     PartitionFile,
-    _row_group_bounds,
     finish_catalog,
     flatten_observations,
+    row_group_bounds,
 )
-from streamstars.io.snapshot_files import (
-    _FITS_INDEX_COLUMNS,
-    _FITS_OBS_COLUMNS,
-    _FITS_STAR_COLUMNS,
-    _ID_HEADER,
-    _PARQUET_COMPRESSION,
-    _PARQUET_OBS_COLUMNS,
-    _PARQUET_STAR_COLUMNS,
+from streamstars.io.snapshot_catalogs import (
     FITS_FILES,
     MANIFEST_NAME,
     PARQUET_FILES,
-    SnapshotStaging,
-    _check_formats,
-    _check_legacy_obs_count,
-    _fits_hdulist,
-    _fits_observation_arrays,
-    _fits_reference_columns,
-    _fsync_path,
-    _normalise_filters,
-    _normalise_metadata,
-    _normalise_visits,
-    _parquet_observation_arrays,
-    _parquet_reference_columns,
-    _parquet_schema,
-    _reference_fits_header,
-    _reference_parquet_metadata,
-    _write_manifest,
-    _write_visit_fits,
-    _write_visit_parquet,
+    check_formats,
+    normalise_filters,
+    normalise_metadata,
+    normalise_visits,
+)
+from streamstars.io.snapshot_directory import SnapshotStaging, fsync_path, write_manifest
+from streamstars.io.snapshot_fits import (
+    FITS_INDEX_COLUMNS,
+    FITS_OBS_COLUMNS,
+    FITS_STAR_COLUMNS,
+    ID_HEADER,
+    check_legacy_obs_count,
+    fits_hdulist,
+    fits_observation_arrays,
+    fits_reference_columns,
+    reference_fits_header,
+    write_visit_fits,
+)
+from streamstars.io.snapshot_parquet import (
+    PARQUET_COMPRESSION,
+    PARQUET_OBS_COLUMNS,
+    PARQUET_STAR_COLUMNS,
+    fixed_list,
+    parquet_observation_arrays,
+    parquet_reference_columns,
+    parquet_schema,
+    reference_parquet_metadata,
+    write_visit_parquet,
 )
 
 __all__ = [
@@ -231,7 +234,7 @@ def _flush_run(writer: pq.ParquetWriter, buffered: list[pa.Table], limit: int) -
         return
     table = pa.concat_tables(buffered).combine_chunks()
     n_obs = table["n_obs"].to_numpy().astype(np.int64)
-    for start, end in _row_group_bounds(n_obs, limit):
+    for start, end in row_group_bounds(n_obs, limit):
         writer.write_table(table.slice(start, end - start), row_group_size=end - start)
 
 
@@ -338,7 +341,7 @@ class _FitsStream:
         columns = [fits.Column(name=name, format=form, unit=unit,
                                array=empty[src].astype(bool) if form == "L" else empty[src])
                    for name, src, form, unit in self.specs]
-        hdul = _fits_hdulist(metadata, columns, extra_header)
+        hdul = fits_hdulist(metadata, columns, extra_header)
         if int(hdul[1].header["NAXIS1"]) != self.dtype.itemsize:
             raise AssertionError(f"{path.name}: row width {self.dtype.itemsize} != NAXIS1 "
                                  f"{hdul[1].header['NAXIS1']}")
@@ -388,7 +391,7 @@ class _ParquetStream:
 
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.schema = schema
-        self.writer = pq.ParquetWriter(path, schema, compression=_PARQUET_COMPRESSION)
+        self.writer = pq.ParquetWriter(path, schema, compression=PARQUET_COMPRESSION)
         self.buffered: list[pa.Table] = []
         self.n_buffered = 0
         self.rows = 0
@@ -461,10 +464,10 @@ def write_flat_files(out_dir: str | os.PathLike[str],
         from ``n_obs``.
     """
     out = Path(out_dir)
-    fmts = _check_formats(formats)
-    filters = _normalise_filters(reference_filters)
-    meta = _normalise_metadata(metadata)
-    v = _normalise_visits(visits)
+    fmts = check_formats(formats)
+    filters = normalise_filters(reference_filters)
+    meta = normalise_metadata(metadata)
+    v = normalise_visits(visits)
     nfilt = len(filters)
     rows: dict[str, int] = {}
     fits_streams: dict[str, _FitsStream] = {}
@@ -480,20 +483,20 @@ def write_flat_files(out_dir: str | os.PathLike[str],
             stack.callback(_close_quietly, parquet_streams[key])
 
         if "fits" in fmts:
-            rows[FITS_FILES["visits"]] = _write_visit_fits(out, v, meta)
-            fits_stream("observations", _FITS_OBS_COLUMNS)
-            fits_stream("stars", _FITS_STAR_COLUMNS, _ID_HEADER)
-            fits_stream("indices", _FITS_INDEX_COLUMNS)
+            rows[FITS_FILES["visits"]] = write_visit_fits(out, v, meta)
+            fits_stream("observations", FITS_OBS_COLUMNS)
+            fits_stream("stars", FITS_STAR_COLUMNS, ID_HEADER)
+            fits_stream("indices", FITS_INDEX_COLUMNS)
             if filters:
-                fits_stream("reference", _fits_reference_columns(nfilt),
-                            _reference_fits_header(filters))
+                fits_stream("reference", fits_reference_columns(nfilt),
+                            reference_fits_header(filters))
         if "parquet" in fmts:
-            rows[PARQUET_FILES["visits"]] = _write_visit_parquet(out, v, meta)
-            parquet_stream("observations", _parquet_schema(_PARQUET_OBS_COLUMNS, meta))
-            parquet_stream("stars", _parquet_schema(_PARQUET_STAR_COLUMNS, meta))
+            rows[PARQUET_FILES["visits"]] = write_visit_parquet(out, v, meta)
+            parquet_stream("observations", parquet_schema(PARQUET_OBS_COLUMNS, meta))
+            parquet_stream("stars", parquet_schema(PARQUET_STAR_COLUMNS, meta))
             if filters:
-                parquet_stream("reference", _parquet_schema(
-                    _parquet_reference_columns(nfilt), meta, _reference_parquet_metadata(filters)))
+                parquet_stream("reference", parquet_schema(
+                    parquet_reference_columns(nfilt), meta, reference_parquet_metadata(filters)))
 
         n_obs_total = 0
         wanted = ["fgcm_id", "ra", "dec", "n_obs", "obj_flag",
@@ -511,7 +514,7 @@ def write_flat_files(out_dir: str | os.PathLike[str],
             starts = np.cumsum(n_obs, dtype=np.int64) - n_obs + n_obs_total
             n_batch = int(lengths.sum())
             if "fits" in fmts:
-                _check_legacy_obs_count(n_obs_total + n_batch)
+                check_legacy_obs_count(n_obs_total + n_batch)
             stars = {
                 "fgcm_id": _numpy(batch["fgcm_id"].combine_chunks(), np.dtype(np.int64)),
                 "ra": _numpy(batch["ra"].combine_chunks(), np.dtype(np.float64)),
@@ -524,7 +527,7 @@ def write_flat_files(out_dir: str | os.PathLike[str],
                    for name in OBSERVATION_DTYPES}
             reference = _batch_reference(batch, stars["fgcm_id"], nfilt) if filters else None
             if fits_streams:
-                fits_streams["observations"].write(_fits_observation_arrays(obs))
+                fits_streams["observations"].write(fits_observation_arrays(obs))
                 fits_streams["stars"].write(
                     {**stars, "obs_arr_index": starts.astype(np.int32)})
                 fits_streams["indices"].write({"obs_index": np.arange(
@@ -532,13 +535,14 @@ def write_flat_files(out_dir: str | os.PathLike[str],
                 if reference is not None:
                     fits_streams["reference"].write(reference)
             if parquet_streams:
-                parquet_streams["observations"].write(_parquet_observation_arrays(obs))
+                parquet_streams["observations"].write(parquet_observation_arrays(obs))
                 parquet_streams["stars"].write([pa.array(stars[name], type=typ)
-                                                for name, typ in _PARQUET_STAR_COLUMNS])
+                                                for name, typ in PARQUET_STAR_COLUMNS])
                 if reference is not None:
                     parquet_streams["reference"].write([
                         pa.array(reference["fgcm_id"], pa.int64()),
-                        _fixed(reference["refMag"], nfilt), _fixed(reference["refMagErr"], nfilt)])
+                        fixed_list(reference["refMag"], pa.float32()),
+                        fixed_list(reference["refMagErr"], pa.float32())])
             n_obs_total += n_batch
             del batch, obs_arrow, obs, stars, reference
 
@@ -556,12 +560,6 @@ def _close_quietly(stream: _FitsStream | _ParquetStream) -> None:
             stream.handle.close()
         else:
             stream.writer.close()
-
-
-def _fixed(values: np.ndarray, nfilt: int) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(
-        pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1), pa.float32()),
-        nfilt)
 
 
 def _batch_reference(batch: pa.Table, ids: np.ndarray, nfilt: int) -> dict[str, np.ndarray]:
@@ -596,7 +594,7 @@ def finish_partitioned_snapshot(staging: SnapshotStaging, partitions: Sequence[P
     partitions (:func:`write_flat_files`) and ``SNAPSHOT.json`` (as
     :func:`~streamstars.io.snapshot_files.write_snapshot` writes it, plus
     ``"partitions": {"written": W, "reused": R}`` counting the partition files).  The swap
-    into place happens when the :func:`~streamstars.io.snapshot_files.stage_snapshot` block
+    into place happens when the :func:`~streamstars.io.snapshot_directory.stage_snapshot` block
     ends.
 
     Returns
@@ -609,18 +607,18 @@ def finish_partitioned_snapshot(staging: SnapshotStaging, partitions: Sequence[P
     ValueError
         As :func:`~streamstars.io.hats.finish_catalog` and :func:`write_flat_files`.
     """
-    fmts = _check_formats(formats)
-    filters = _normalise_filters(reference_filters)
-    meta = _normalise_metadata(metadata)
+    fmts = check_formats(formats)
+    filters = normalise_filters(reference_filters)
+    meta = normalise_metadata(metadata)
     finish_catalog(staging.path / CATALOG_DIR, partitions, reference_filters=filters,
                    metadata=meta)
     rows = write_flat_files(staging.path, partitions, visits=visits, metadata=meta,
                             reference_filters=filters, formats=fmts, memory_bytes=memory_bytes,
                             max_fan_in=max_fan_in)
     written = sum(1 for p in partitions if not p.reused)
-    _write_manifest(staging.path, rows, fmts, filters, meta, checksums=checksums,
+    write_manifest(staging.path, rows, fmts, filters, meta, checksums=checksums,
                     extra={"partitions": {"written": written,
                                           "reused": len(partitions) - written}})
-    _fsync_path(staging.path, directory=True)
+    fsync_path(staging.path, directory=True)
     return ([staging.target / name for name in sorted(rows)]
             + [staging.target / CATALOG_DIR, staging.target / MANIFEST_NAME])

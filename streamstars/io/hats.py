@@ -60,16 +60,19 @@ import pyarrow.parquet as pq
 
 from streamstars import __version__
 from streamstars.columns import OBSERVATION_DTYPES
-from streamstars.io.snapshot_files import (
-    _PARQUET_COMPRESSION,
-    _PARQUET_META_KEY,
-    _PARQUET_OBS_COLUMNS,
+from streamstars.io.snapshot_catalogs import (
     HATS_CATALOG_DIR,
-    _fsync_path,
-    _normalise_filters,
-    _parquet_reference_columns,
-    _provenance_json,
-    _reference_parquet_metadata,
+    normalise_filters,
+    provenance_json,
+)
+from streamstars.io.snapshot_directory import fsync_path
+from streamstars.io.snapshot_parquet import (
+    PARQUET_COMPRESSION,
+    PARQUET_META_KEY,
+    PARQUET_OBS_COLUMNS,
+    ipc_bytes,
+    parquet_reference_columns,
+    reference_parquet_metadata,
 )
 
 __all__ = [
@@ -88,6 +91,7 @@ __all__ = [
     "pixel_at_order",
     "read_partition_file",
     "reuse_partition",
+    "row_group_bounds",
     "write_partition",
 ]
 
@@ -114,7 +118,7 @@ _STAR_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
 _STAR_INPUT_COLUMNS = ("fgcm_id", "ra", "dec", "n_obs", "obj_flag")
 #: The observation struct: fgcm_star_observations' columns and types, x/y float64 (see above).
 OBSERVATION_FIELDS: tuple[tuple[str, pa.DataType], ...] = tuple(
-    (name, pa.float64() if name in ("x", "y") else typ) for name, typ in _PARQUET_OBS_COLUMNS)
+    (name, pa.float64() if name in ("x", "y") else typ) for name, typ in PARQUET_OBS_COLUMNS)
 _PROPERTIES_FILES = ("hats.properties", "properties")
 _HATS_VERSION = "v1.0"
 _HATS_RELEASE_DATE = "2025-08-22"  # release date of the HATS IVOA note v1.0
@@ -243,7 +247,7 @@ def partition_schema(reference_filters: Sequence[str] = ()) -> pa.Schema:
     fields = [pa.field(n, t) for n, t in _STAR_FIELDS]
     if reference_filters:
         fields += [pa.field(n, t) for n, t in
-                   _parquet_reference_columns(len(reference_filters))[1:]]
+                   parquet_reference_columns(len(reference_filters))[1:]]
     fields.append(pa.field(OBSERVATIONS_COLUMN, _observation_type()))
     return pa.schema(fields)
 
@@ -252,7 +256,7 @@ def _schema_metadata(reference_filters: Sequence[str]) -> dict[bytes, bytes]:
     if not reference_filters:
         return {}
     return {k.encode(): v.encode()
-            for k, v in _reference_parquet_metadata(reference_filters).items()}
+            for k, v in reference_parquet_metadata(reference_filters).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +273,7 @@ def _group_rows(n_obs: np.ndarray, order: np.ndarray) -> np.ndarray:
     return np.repeat(starts[order] - new_starts, counts) + np.arange(total, dtype=np.int64)
 
 
-def _row_group_bounds(n_obs: np.ndarray, limit: int) -> list[tuple[int, int]]:
+def row_group_bounds(n_obs: np.ndarray, limit: int) -> list[tuple[int, int]]:
     """Consecutive star ranges holding at most ``limit`` observations each (at least one
     star each)."""
     cum = np.cumsum(n_obs, dtype=np.int64)
@@ -331,7 +335,7 @@ def write_partition(catalog_dir: str | os.PathLike[str], order: int, pixel: int,
         (:func:`pixel_at_order`), reference rows of unknown stars or of the wrong shape.
     """
     _check_pixel(order, pixel)
-    filters = _normalise_filters(reference_filters)
+    filters = normalise_filters(reference_filters)
     if row_group_observations < 1:
         raise ValueError(f"row_group_observations must be >= 1, got {row_group_observations}")
     missing = [c for c in _STAR_INPUT_COLUMNS if c not in stars]
@@ -408,11 +412,11 @@ def _write_sorted_table(path: Path, table: pa.Table, n_obs: np.ndarray,
                         row_group_observations: int) -> None:
     """Write ``table`` (sorted by fgcm_id) with row groups of whole stars, fsynced."""
     sorting = pq.SortingColumn.from_ordering(table.schema, [("fgcm_id", "ascending")])
-    with pq.ParquetWriter(path, table.schema, compression=_PARQUET_COMPRESSION,
+    with pq.ParquetWriter(path, table.schema, compression=PARQUET_COMPRESSION,
                           sorting_columns=sorting, write_page_index=True) as writer:
-        for start, end in _row_group_bounds(n_obs, row_group_observations):
+        for start, end in row_group_bounds(n_obs, row_group_observations):
             writer.write_table(table.slice(start, end - start), row_group_size=end - start)
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def _reference_arrays(order: int, pixel: int, ids: np.ndarray,
@@ -519,7 +523,7 @@ def reuse_partition(previous_catalog_dir: str | os.PathLike[str],
                              errno.EOPNOTSUPP):
             raise
         shutil.copyfile(src, dst)
-        _fsync_path(dst)
+        fsync_path(dst)
     return PartitionFile(part.order, part.pixel, dst, part.n_stars, part.n_observations,
                          reused=True)
 
@@ -560,7 +564,7 @@ def _write_properties(catalog_dir: Path, properties: dict[str, Any]) -> None:
     text = "#HATS catalog\n" + "".join(f"{k}={v}\n" for k, v in properties.items())
     for name in _PROPERTIES_FILES:
         (catalog_dir / name).write_text(text)
-        _fsync_path(catalog_dir / name)
+        fsync_path(catalog_dir / name)
 
 
 def finish_catalog(catalog_dir: str | os.PathLike[str], partitions: Sequence[PartitionFile],
@@ -589,12 +593,12 @@ def finish_catalog(catalog_dir: str | os.PathLike[str], partitions: Sequence[Par
     catalog_dir = Path(catalog_dir)
     dataset = catalog_dir / "dataset"
     dataset.mkdir(parents=True, exist_ok=True)
-    filters = _normalise_filters(reference_filters)
+    filters = normalise_filters(reference_filters)
     parts = _sorted_partitions(partitions)
     expected = partition_schema(filters)
     common_meta = _schema_metadata(filters)
     if metadata:
-        common_meta[_PARQUET_META_KEY] = _provenance_json(metadata).encode()
+        common_meta[PARQUET_META_KEY] = provenance_json(metadata).encode()
     pq.write_metadata(expected.with_metadata(common_meta), dataset / "_common_metadata")
     combined = pq.read_metadata(dataset / "_common_metadata")
 
@@ -615,13 +619,13 @@ def finish_catalog(catalog_dir: str | os.PathLike[str], partitions: Sequence[Par
         max_rows = max(max_rows, md.num_rows)
         size += part.path.stat().st_size
     combined.write_metadata_file(str(dataset / "_metadata"))
-    _fsync_path(dataset / "_common_metadata")
-    _fsync_path(dataset / "_metadata")
+    fsync_path(dataset / "_common_metadata")
+    fsync_path(dataset / "_metadata")
 
     with open(catalog_dir / "partition_info.csv", "w") as handle:
         handle.write("Norder,Npix\n")
         handle.writelines(f"{p.order},{p.pixel}\n" for p in parts)
-    _fsync_path(catalog_dir / "partition_info.csv")
+    fsync_path(catalog_dir / "partition_info.csv")
 
     size += sum((dataset / name).stat().st_size for name in ("_common_metadata", "_metadata"))
     properties: dict[str, Any] = {
@@ -649,7 +653,7 @@ def finish_catalog(catalog_dir: str | os.PathLike[str], partitions: Sequence[Par
     _write_properties(catalog_dir, properties)
     for directory in {p.path.parent for p in parts} | {p.path.parent.parent for p in parts} \
             | {dataset, catalog_dir}:
-        _fsync_path(directory, directory=True)
+        fsync_path(directory, directory=True)
     return CatalogSummary(catalog_dir, n_total, len(parts), max_rows)
 
 
@@ -667,11 +671,7 @@ def _catalog_table(catalog_dir: Path) -> pa.Table:
 
 
 def _ipc(array: pa.ChunkedArray) -> bytes:
-    table = pa.table({"c": array.combine_chunks()})
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue().to_pybytes())
+    return ipc_bytes(pa.table({"c": array.combine_chunks()}))
 
 
 def compare_catalogs(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str],
@@ -698,7 +698,7 @@ def compare_catalogs(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str
     metas = []
     for d in (a, b):
         meta = dict(pq.read_schema(d / "dataset" / "_common_metadata").metadata or {})
-        prov = json.loads(meta.pop(_PARQUET_META_KEY, b"{}"))
+        prov = json.loads(meta.pop(PARQUET_META_KEY, b"{}"))
         metas.append((meta, {k: v for k, v in prov.items() if k not in ignore_metadata_keys}))
     if metas[0] != metas[1]:
         diffs.append(f"{name}/dataset/_common_metadata: metadata differs")
