@@ -35,12 +35,12 @@ __all__ = [
     "VISIT_SCALAR_DTYPES",
     "SnapshotCatalogs",
     "check_formats",
+    "compare_provenance",
     "normalise_catalogs",
     "normalise_filters",
     "normalise_metadata",
     "normalise_visits",
     "provenance_json",
-    "provenance_without",
 ]
 
 #: Name of the manifest written last into every snapshot directory.
@@ -278,6 +278,10 @@ def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     return fmts
 
 
-def provenance_without(metadata: dict[str, Any], ignore: Sequence[str]) -> dict[str, Any]:
-    """The provenance less the keys in ``ignore`` (what a comparison looks at)."""
-    return {k: v for k, v in metadata.items() if k not in ignore}
+def compare_provenance(where: str, a: dict[str, Any], b: dict[str, Any],
+                       ignore: Sequence[str]) -> list[str]:
+    """The difference between two provenance dicts less the keys in ``ignore``, as a list of
+    at most one message starting with ``where``."""
+    a = {k: v for k, v in a.items() if k not in ignore}
+    b = {k: v for k, v in b.items() if k not in ignore}
+    return [] if a == b else [f"{where}: provenance differs: {a} != {b}"]

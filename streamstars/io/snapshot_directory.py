@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from streamstars.errors import StreamstarsError
-from streamstars.io.snapshot_catalogs import MANIFEST_NAME, SNAPSHOT_ENTRIES, provenance_without
+from streamstars.io.snapshot_catalogs import MANIFEST_NAME, SNAPSHOT_ENTRIES, compare_provenance
 from streamstars.staging import staged_directory
 
 __all__ = [
@@ -343,11 +343,8 @@ def compare_manifests(a: Path, b: Path, ignore: Sequence[str],
     """
     ma = {k: v for k, v in json.loads(a.read_text()).items() if k not in ignore_keys}
     mb = {k: v for k, v in json.loads(b.read_text()).items() if k not in ignore_keys}
-    diffs: list[str] = []
-    prov_a = provenance_without(ma.pop("provenance", {}), ignore)
-    prov_b = provenance_without(mb.pop("provenance", {}), ignore)
-    if prov_a != prov_b:
-        diffs.append(f"{MANIFEST_NAME}: provenance differs: {prov_a} != {prov_b}")
+    diffs = compare_provenance(MANIFEST_NAME, ma.pop("provenance", {}),
+                               mb.pop("provenance", {}), ignore)
     fa, fb = ma.pop("files", {}), mb.pop("files", {})
     for fname in sorted(set(fa) | set(fb)):
         ra = {k: v for k, v in fa.get(fname, {}).items() if k == "rows"}

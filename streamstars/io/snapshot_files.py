@@ -58,23 +58,14 @@ from streamstars.io.snapshot_directory import (
 )
 
 __all__ = [
-    "FITS_FILES",
-    "HATS_CATALOG_DIR",
-    "MANIFEST_NAME",
-    "PARQUET_FILES",
-    "REFSTARS_FORMAT_VERSION",
-    "SNAPSHOT_ENTRIES",
-    "STAR_DTYPES",
-    "VISIT_ARRAY_FIELDS",
-    "VISIT_SCALAR_DTYPES",
+    # dispatch to the format modules
+    "compare_snapshots", "read_snapshot", "write_snapshot",
+    # what a snapshot holds (snapshot_catalogs)
+    "FITS_FILES", "HATS_CATALOG_DIR", "MANIFEST_NAME", "PARQUET_FILES", "REFSTARS_FORMAT_VERSION",
+    "SNAPSHOT_ENTRIES", "STAR_DTYPES", "VISIT_ARRAY_FIELDS", "VISIT_SCALAR_DTYPES",
     "SnapshotCatalogs",
-    "SnapshotDirectoryError",
-    "SnapshotStaging",
-    "SnapshotWriteError",
-    "compare_snapshots",
-    "read_snapshot",
-    "stage_snapshot",
-    "write_snapshot",
+    # the directory (snapshot_directory)
+    "SnapshotDirectoryError", "SnapshotStaging", "SnapshotWriteError", "stage_snapshot",
 ]
 
 

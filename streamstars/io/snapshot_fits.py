@@ -31,8 +31,8 @@ from streamstars.io.snapshot_catalogs import (
     VISIT_ORDER,
     VISIT_SCALAR_DTYPES,
     SnapshotCatalogs,
+    compare_provenance,
     provenance_json,
-    provenance_without,
 )
 
 __all__ = [
@@ -319,11 +319,8 @@ def _compare_headers(where: str, a: fits.Header, b: fits.Header,
     if cards_a != cards_b:
         keys = sorted(k for k in set(cards_a) | set(cards_b) if cards_a.get(k) != cards_b.get(k))
         diffs.append(f"{where}: header differs ({', '.join(keys)})")
-    prov_a = provenance_without(json.loads(a.get(PROVENANCE_KEYWORD, "{}")), ignore)
-    prov_b = provenance_without(json.loads(b.get(PROVENANCE_KEYWORD, "{}")), ignore)
-    if prov_a != prov_b:
-        diffs.append(f"{where}: provenance differs: {prov_a} != {prov_b}")
-    return diffs
+    return diffs + compare_provenance(where, json.loads(a.get(PROVENANCE_KEYWORD, "{}")),
+                                      json.loads(b.get(PROVENANCE_KEYWORD, "{}")), ignore)
 
 
 def _compare_data(where: str, a: Any, b: Any) -> list[str]:

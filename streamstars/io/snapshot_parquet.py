@@ -28,8 +28,8 @@ from streamstars.io.snapshot_catalogs import (
     VISIT_ORDER,
     VISIT_SCALAR_DTYPES,
     SnapshotCatalogs,
+    compare_provenance,
     provenance_json,
-    provenance_without,
 )
 
 __all__ = [
@@ -238,12 +238,9 @@ def compare_parquet(fname: str, a: Path, b: Path, ignore: Sequence[str]) -> list
     every column bitwise.
     """
     ta, tb = pq.read_table(a), pq.read_table(b)
-    diffs: list[str] = []
     meta_a, meta_b = dict(ta.schema.metadata or {}), dict(tb.schema.metadata or {})
-    prov_a = provenance_without(json.loads(meta_a.pop(PARQUET_META_KEY, b"{}")), ignore)
-    prov_b = provenance_without(json.loads(meta_b.pop(PARQUET_META_KEY, b"{}")), ignore)
-    if prov_a != prov_b:
-        diffs.append(f"{fname}: provenance differs: {prov_a} != {prov_b}")
+    diffs = compare_provenance(fname, json.loads(meta_a.pop(PARQUET_META_KEY, b"{}")),
+                               json.loads(meta_b.pop(PARQUET_META_KEY, b"{}")), ignore)
     if meta_a != meta_b:
         keys = sorted(k.decode() for k in set(meta_a) ^ set(meta_b)
                       | {k for k in meta_a if meta_b.get(k) != meta_a[k]})
