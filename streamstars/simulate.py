@@ -3,9 +3,9 @@
 :func:`simulate_survey` writes, into one directory,
 
 * one ``sourceTable_visit_<visit>.parquet`` per visit with the modern LSST column names
-  (reference §1.1) plus ``localWcs_CDMatrix_*`` and a few other real columns;
-* ``visitTable.parquet`` and ``ccdVisitTable.parquet`` (DPDD ``Visit`` / ``CcdVisit``, §1.2);
-* an LSST HTM-indexed reference catalog in ``refcat/`` (depth 7, format_version 1, nJy, §1.3);
+  (the columns fgcmcal reads) plus ``localWcs_CDMatrix_*`` and a few other real columns;
+* ``visitTable.parquet`` and ``ccdVisitTable.parquet`` (DPDD ``Visit`` / ``CcdVisit``);
+* an LSST HTM-indexed reference catalog in ``refcat/`` (depth 7, format_version 1, nJy);
 * ``truth.parquet``: every true object (id, position, magnitudes, star/galaxy, blend group).
 
 The sky is a fixed set of true objects in a spherical cap (stars 16–24 mag with simple colours,
@@ -350,9 +350,41 @@ def make_sky(rng: np.random.Generator, n_objects: int, bands: Sequence[str], ra_
     size = np.where(is_star, 0.0, rng.uniform(0.2, 1.5, n_objects))
     group = np.full(n_objects, -1, dtype=np.int64)
     min_sep = np.full(n_objects, np.inf)
+    comp = _close_companions(rng, xyz, r_mag, np.flatnonzero(is_star), crowded)
+    group[comp.pair_primary] = comp.pair_primary
+    min_sep[comp.pair_primary] = comp.pair_sep
+    group[comp.chain_primary] = comp.chain_primary
+    min_sep[comp.chain_primary] = comp.chain_step
+    n_new = len(comp.r_mag)
+    xyz = np.concatenate([xyz, comp.xyz])
+    r_mag = np.concatenate([r_mag, comp.r_mag])
+    colour = np.concatenate([colour, comp.colour])
+    is_star = np.concatenate([is_star, np.ones(n_new, dtype=bool)])
+    ext = np.concatenate([ext, np.zeros(n_new)])
+    size = np.concatenate([size, np.zeros(n_new)])
+    group = np.concatenate([group, comp.pair_primary, comp.chain_primary, comp.chain_primary])
+    min_sep = np.concatenate([min_sep, comp.pair_sep, comp.chain_step, comp.chain_step])
+    ra, dec = radec_from_vectors(xyz)
+    return Sky(xyz=xyz, ra=ra, dec=dec, mags=_band_mags(r_mag, colour, bands), is_star=is_star,
+               extendedness=ext, size_arcsec=size, group=group, group_min_sep=min_sep)
 
-    # Close companions of stars: pairs (and, when crowded, chains of three).
-    star_idx = np.flatnonzero(is_star)
+
+@dataclass(frozen=True)
+class _Companions:
+    """Close companions of some stars: one per pair primary, then two per chain primary."""
+
+    pair_primary: np.ndarray
+    pair_sep: np.ndarray  # [arcsec]
+    chain_primary: np.ndarray
+    chain_step: np.ndarray  # [arcsec]
+    xyz: np.ndarray  # the companions: pair companions, first then second chain members
+    r_mag: np.ndarray
+    colour: np.ndarray
+
+
+def _close_companions(rng: np.random.Generator, xyz: np.ndarray, r_mag: np.ndarray,
+                      star_idx: np.ndarray, crowded: bool) -> _Companions:
+    """Pairs at 0.3-3" (and, when crowded, chains of three) around some of the stars."""
     pair_frac = 0.25 if crowded else 0.02
     chain_frac = 0.05 if crowded else 0.0
     pick = rng.random(len(star_idx))
@@ -374,23 +406,11 @@ def make_sky(rng: np.random.Generator, n_objects: int, bands: Sequence[str], ra_
     chain_r1 = r_mag[chain_primary] + rng.uniform(0.0, 2.0, len(chain_primary))
     chain_r2 = r_mag[chain_primary] + rng.uniform(0.0, 2.0, len(chain_primary))
     chain_colour = rng.uniform(0.2, 1.5, (2, len(chain_primary)))
-
-    group[pair_primary] = pair_primary
-    min_sep[pair_primary] = pair_sep
-    group[chain_primary] = chain_primary
-    min_sep[chain_primary] = chain_step
-    n_new = len(pair_primary) + 2 * len(chain_primary)
-    xyz = np.concatenate([xyz, comp_xyz, chain1, chain2])
-    r_mag = np.concatenate([r_mag, comp_r, chain_r1, chain_r2])
-    colour = np.concatenate([colour, comp_colour, chain_colour[0], chain_colour[1]])
-    is_star = np.concatenate([is_star, np.ones(n_new, dtype=bool)])
-    ext = np.concatenate([ext, np.zeros(n_new)])
-    size = np.concatenate([size, np.zeros(n_new)])
-    group = np.concatenate([group, pair_primary, chain_primary, chain_primary])
-    min_sep = np.concatenate([min_sep, pair_sep, chain_step, chain_step])
-    ra, dec = radec_from_vectors(xyz)
-    return Sky(xyz=xyz, ra=ra, dec=dec, mags=_band_mags(r_mag, colour, bands), is_star=is_star,
-               extendedness=ext, size_arcsec=size, group=group, group_min_sep=min_sep)
+    return _Companions(pair_primary=pair_primary, pair_sep=pair_sep, chain_primary=chain_primary,
+                       chain_step=chain_step,
+                       xyz=np.concatenate([comp_xyz, chain1, chain2]),
+                       r_mag=np.concatenate([comp_r, chain_r1, chain_r2]),
+                       colour=np.concatenate([comp_colour, chain_colour[0], chain_colour[1]]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -942,7 +962,7 @@ def _mjd_to_timestamp(mjd: np.ndarray) -> pa.Array:
 
 
 def visit_table(plan: VisitPlan) -> pa.Table:
-    """DPDD ``Visit`` table (reference §1.2)."""
+    """DPDD ``Visit`` table: one row per visit."""
     obs_start = plan.mjd_mid - 0.5 * plan.exptime / 86400.0
     return pa.table({
         "visit": pa.array(plan.visit, type=pa.int64()),
@@ -964,7 +984,7 @@ def visit_table(plan: VisitPlan) -> pa.Table:
 
 
 def ccd_visit_table(plan: VisitPlan, camera: Camera, cond: DetectorConditions) -> pa.Table:
-    """DPDD ``CcdVisit`` table (reference §1.2): one row per (visit, detector)."""
+    """DPDD ``CcdVisit`` table: one row per (visit, detector)."""
     n_v, n_d = len(plan.visit), camera.n_detectors
     vi = np.repeat(np.arange(n_v), n_d)
     det = np.tile(np.arange(n_d, dtype=np.int64), n_v)
@@ -1213,19 +1233,10 @@ def simulate_survey(out_dir: str | Path, n_visits: int, seed: int,
     Returns:
         A :class:`SimulatedSurvey` describing the files written.
     """
-    if n_visits < 1:
-        raise ValueError(f"n_visits must be >= 1, got {n_visits}")
-    if not bands:
-        raise ValueError("bands must not be empty")
-    if sources_per_visit < 1:
-        raise ValueError(f"sources_per_visit must be >= 1, got {sources_per_visit}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ra_center = float(np.mod(ra_center, 360.0))
-    bands = [str(b) for b in bands]
+    out, ra_center, bands = _survey_arguments(out_dir, n_visits, bands, sources_per_visit,
+                                              ra_center)
     seeds = np.random.SeedSequence(seed).spawn(n_visits + 3)
     rng_sky, rng_plan, rng_ref = (np.random.default_rng(s) for s in seeds[:3])
-
     max_dither = 0.3 * min(1.0, field_radius_deg)
     camera = make_camera(n_detectors, field_radius_deg, max_dither)
     n_junk = int(round(JUNK_FRACTION * sources_per_visit))
@@ -1234,30 +1245,10 @@ def simulate_survey(out_dir: str | Path, n_visits: int, seed: int,
     sky = make_sky(rng_sky, n_primary, bands, ra_center, dec_center, field_radius_deg, crowded)
     plan = make_visit_plan(rng_plan, n_visits, bands, ra_center, dec_center, max_dither)
     cond = make_detector_conditions(rng_plan, plan, camera)
-
-    paths: list[Path] = []
-    counts: list[int] = []
-    from tqdm import tqdm
-
-    for i in tqdm(range(n_visits), desc="simulating visits", unit="visit", disable=not progress):
-        rng = np.random.default_rng(seeds[3 + i])
-        table = simulate_visit(sky, camera, plan, cond, i, rng, n_junk)
-        path = out / f"sourceTable_visit_{int(plan.visit[i])}.parquet"
-        pq.write_table(table, path, compression="snappy")
-        paths.append(path)
-        counts.append(table.num_rows)
-
-    visit_path = out / "visitTable.parquet"
-    pq.write_table(visit_table(plan), visit_path)
-    ccd_path = out / "ccdVisitTable.parquet"
-    pq.write_table(ccd_visit_table(plan, camera, cond), ccd_path)
-    truth_path = out / "truth.parquet"
-    pq.write_table(truth_table(sky, bands), truth_path)
-    refcat_path: Path | None = None
-    n_ref = 0
-    if write_refcat:
-        refcat_path = out / "refcat"
-        n_ref = write_reference_catalog(refcat_path, sky, bands, rng_ref)
+    paths, counts = _write_source_tables(out, sky, camera, plan, cond, seeds[3:], n_junk, progress)
+    visit_path, ccd_path, truth_path = _write_tables(out, sky, bands, camera, plan, cond)
+    refcat_path = out / "refcat" if write_refcat else None
+    n_ref = write_reference_catalog(out / "refcat", sky, bands, rng_ref) if write_refcat else 0
     if int(plan.visit.max()) >= (1 << (63 - SOURCE_ID_SHIFT)):
         raise ValueError("visit ids too large for sourceId packing")
     return SimulatedSurvey(out_dir=out, visits=[int(v) for v in plan.visit], bands=list(plan.band),
@@ -1267,3 +1258,47 @@ def simulate_survey(out_dir: str | Path, n_visits: int, seed: int,
                            n_sources=int(sum(counts)), n_sources_per_visit=counts,
                            n_objects=len(sky), n_refcat=n_ref, seed=seed)
 
+
+def _survey_arguments(out_dir: str | Path, n_visits: int, bands: Sequence[str],
+                      sources_per_visit: int, ra_center: float) -> tuple[Path, float, list[str]]:
+    """The output directory (created), the RA wrapped to [0, 360) and the band names, after
+    the arguments are checked."""
+    if n_visits < 1:
+        raise ValueError(f"n_visits must be >= 1, got {n_visits}")
+    if not bands:
+        raise ValueError("bands must not be empty")
+    if sources_per_visit < 1:
+        raise ValueError(f"sources_per_visit must be >= 1, got {sources_per_visit}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, float(np.mod(ra_center, 360.0)), [str(b) for b in bands]
+
+
+def _write_tables(out: Path, sky: Sky, bands: Sequence[str], camera: Camera, plan: VisitPlan,
+                  cond: DetectorConditions) -> tuple[Path, Path, Path]:
+    """Write ``visitTable.parquet``, ``ccdVisitTable.parquet`` and ``truth.parquet``."""
+    paths = (out / "visitTable.parquet", out / "ccdVisitTable.parquet", out / "truth.parquet")
+    pq.write_table(visit_table(plan), paths[0])
+    pq.write_table(ccd_visit_table(plan, camera, cond), paths[1])
+    pq.write_table(truth_table(sky, bands), paths[2])
+    return paths
+
+
+def _write_source_tables(out: Path, sky: Sky, camera: Camera, plan: VisitPlan,
+                         cond: DetectorConditions, seeds: Sequence[np.random.SeedSequence],
+                         n_junk: int, progress: bool) -> tuple[list[Path], list[int]]:
+    """Write the ``sourceTable_visit`` file of every visit of the plan (visit ``i`` draws from
+    ``seeds[i]``); return their paths and row counts."""
+    from tqdm import tqdm
+
+    paths: list[Path] = []
+    counts: list[int] = []
+    for i in tqdm(range(len(plan.visit)), desc="simulating visits", unit="visit",
+                  disable=not progress):
+        rng = np.random.default_rng(seeds[i])
+        table = simulate_visit(sky, camera, plan, cond, i, rng, n_junk)
+        path = out / f"sourceTable_visit_{int(plan.visit[i])}.parquet"
+        pq.write_table(table, path, compression="snappy")
+        paths.append(path)
+        counts.append(table.num_rows)
+    return paths, counts
