@@ -245,28 +245,24 @@ def iter_merged_stars(partition_files: Sequence[str | os.PathLike[str] | Partiti
                       columns: list[str] | None = None) -> Iterator[pa.Table]:
     """Every row of the partitions, in global ``fgcm_id`` order, as a stream of tables.
 
-    Parameters
-    ----------
-    partition_files
-        Partition files (each sorted by ``fgcm_id``, one schema), any number.
-    memory_bytes
-        Bound of the row groups buffered at once (uncompressed, from the footers).  When the
-        partitions need more, groups of them are merged first into temporary runs under
-        ``tmp_dir`` (removed as soon as they are merged).
-    max_fan_in
-        Most files merged in one pass (each step of a pass looks at every file of the pass:
-        the bound keeps the Python work per merged row group constant).
-    tmp_dir
-        Where temporary runs go (a fresh ``.merge-runs-*`` directory is made there, default:
-        beside the first partition, and removed at the end); used only when one pass does
-        not fit ``memory_bytes``.
-    columns
-        Columns to read (default: all).
+    Args:
+        partition_files: partition files (each sorted by ``fgcm_id``, one schema), any
+            number.
+        memory_bytes: bound of the row groups buffered at once (uncompressed, from the
+            footers).  When the partitions need more, groups of them are merged first into
+            temporary runs under ``tmp_dir`` (removed as soon as they are merged).
+        max_fan_in: most files merged in one pass (each step of a pass looks at every file of
+            the pass: the bound keeps the Python work per merged row group constant).
+        tmp_dir: where temporary runs go (a fresh ``.merge-runs-*`` directory is made there,
+            default: beside the first partition, and removed at the end); used only when one
+            pass does not fit ``memory_bytes``.
+        columns: columns to read (default: all).
 
-    Raises
-    ------
-    ValueError
-        An ``fgcm_id`` in two partitions, or a partition not sorted by ``fgcm_id``.
+    Yields:
+        Tables of whole stars, in ``fgcm_id`` order over all of them.
+
+    Raises:
+        ValueError: an ``fgcm_id`` in two partitions, or a partition not sorted by ``fgcm_id``.
     """
     paths = [p.path if isinstance(p, PartitionFile) else Path(p) for p in partition_files]
     if not paths:
@@ -279,11 +275,20 @@ def iter_merged_stars(partition_files: Sequence[str | os.PathLike[str] | Partiti
     sources = [_source(p) for p in paths]
     if len(_plan(sources, memory_bytes, max_fan_in)) == 1:
         yield from _merge_once(sources, read_columns)
-        return
-    base = Path(tmp_dir) if tmp_dir is not None else paths[0].parent
+    else:
+        yield from _merge_in_runs(sources, memory_bytes, max_fan_in,
+                                  Path(tmp_dir) if tmp_dir is not None else paths[0].parent,
+                                  read_columns)
+
+
+def _merge_in_runs(sources: list[_Source], memory_bytes: int, max_fan_in: int, base: Path,
+                   read_columns: list[str] | None) -> Iterator[pa.Table]:
+    """The merge of sources too many for one pass: groups are merged into temporary sorted
+    runs in a fresh directory under ``base`` (removed at the end), level by level, until one
+    pass merges the rest."""
     base.mkdir(parents=True, exist_ok=True)
     runs_dir = Path(tempfile.mkdtemp(prefix=".merge-runs-", dir=base))
-    schema = pq.read_schema(paths[0])
+    schema = pq.read_schema(sources[0].path)
     if read_columns is not None:
         schema = pa.schema([schema.field(c) for c in read_columns], metadata=schema.metadata)
     level = 0
@@ -293,23 +298,29 @@ def iter_merged_stars(partition_files: Sequence[str | os.PathLike[str] | Partiti
             if len(groups) == 1:
                 yield from _merge_once(sources, read_columns)
                 return
-            runs: list[_Source] = []
-            for i, group in enumerate(groups):
-                run = runs_dir / f"run-{level}-{i}.parquet"
-                if len(group) == 1:  # a lone file in the last group: merged at the next level
-                    runs.append(group[0])
-                    continue
-                _write_run(run, _merge_once(group, read_columns), schema,
-                           ROW_GROUP_OBSERVATIONS)
-                for s in group:  # a merged run is read once: drop it
-                    if s.path.parent == runs_dir:
-                        s.path.unlink()
-                runs.append(_source(run))
-            sources = runs
+            sources = _merge_level(groups, runs_dir, level, read_columns, schema)
             read_columns = None  # the runs hold exactly the columns wanted
             level += 1
     finally:
         shutil.rmtree(runs_dir, ignore_errors=True)
+
+
+def _merge_level(groups: list[list[_Source]], runs_dir: Path, level: int,
+                 columns: list[str] | None, schema: pa.Schema) -> list[_Source]:
+    """Merge each group of sources into one sorted run (a lone source is kept for the next
+    level); the runs of the previous level are deleted once merged."""
+    runs: list[_Source] = []
+    for i, group in enumerate(groups):
+        run = runs_dir / f"run-{level}-{i}.parquet"
+        if len(group) == 1:  # a lone file in the last group: merged at the next level
+            runs.append(group[0])
+            continue
+        _write_run(run, _merge_once(group, columns), schema, ROW_GROUP_OBSERVATIONS)
+        for s in group:  # a merged run is read once: drop it
+            if s.path.parent == runs_dir:
+                s.path.unlink()
+        runs.append(_source(run))
+    return runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,127 +442,157 @@ def write_flat_files(out_dir: str | os.PathLike[str],
     """Write the flat snapshot files into the existing directory ``out_dir`` (a staging
     directory), streamed from the partitions in ``fgcm_id`` order.
 
-    Parameters
-    ----------
-    out_dir
-        Directory the files are written into (no manifest is written here).
-    partition_files
-        The catalog's partitions (:class:`~streamstars.io.hats.PartitionFile` or paths).
-    visits
-        The visit catalog columns, as ``SnapshotCatalogs.visits``.
-    metadata
-        Provenance strings (as ``SnapshotCatalogs.metadata``; ``created`` and
-        ``streamstars_version`` are added when absent — pass the same dict to everything
-        written in one snapshot).
-    reference_filters
-        The partitions' reference filters; when not empty the reference files are written
-        (one row per star with a reference match).
-    formats
-        Any of ``"fits"`` and ``"parquet"``.
-    memory_bytes, max_fan_in, tmp_dir
-        See :func:`iter_merged_stars` (``tmp_dir`` defaults to ``out_dir``).
+    Args:
+        out_dir: directory the files are written into (no manifest is written here).
+        partition_files: the catalog's partitions
+            (:class:`~streamstars.io.hats.PartitionFile` or paths).
+        visits: the visit catalog columns, as ``SnapshotCatalogs.visits``.
+        metadata: provenance strings (as ``SnapshotCatalogs.metadata``; ``created`` and
+            ``streamstars_version`` are added when absent — pass the same dict to everything
+            written in one snapshot).
+        reference_filters: the partitions' reference filters; when not empty the reference
+            files are written (one row per star with a reference match).
+        formats: any of ``"fits"`` and ``"parquet"``.
+        memory_bytes: see :func:`iter_merged_stars`.
+        max_fan_in: see :func:`iter_merged_stars`.
+        tmp_dir: see :func:`iter_merged_stars` (default ``out_dir``).
 
-    Returns
-    -------
-    dict[str, int]
+    Returns:
         Rows written per file name.
 
-    Raises
-    ------
-    ValueError
-        Bad formats, visits or filters; more observations than the legacy int32 obsIndex
-        holds (with ``"fits"``); a star in two partitions; observations whose count differs
-        from ``n_obs``.
+    Raises:
+        ValueError: bad formats, visits or filters; more observations than the legacy int32
+            obsIndex holds (with ``"fits"``); a star in two partitions; observations whose
+            count differs from ``n_obs``.
     """
-    out = Path(out_dir)
-    fmts = check_formats(formats)
+    out, fmts = Path(out_dir), check_formats(formats)
     filters = normalise_filters(reference_filters)
     meta = normalise_metadata(metadata)
-    v = normalise_visits(visits)
-    nfilt = len(filters)
-    rows: dict[str, int] = {}
-    fits_streams: dict[str, _FitsStream] = {}
-    parquet_streams: dict[str, _ParquetStream] = {}
+    visits = normalise_visits(visits)
     with contextlib.ExitStack() as stack:
         # on an error every file opened is closed (the caller's staging directory is dropped)
-        def fits_stream(key: str, *args: Any) -> None:
-            fits_streams[key] = _FitsStream(out / FITS_FILES[key], meta, *args)
-            stack.callback(_close_quietly, fits_streams[key])
-
-        def parquet_stream(key: str, schema: pa.Schema) -> None:
-            parquet_streams[key] = _ParquetStream(out / PARQUET_FILES[key], schema)
-            stack.callback(_close_quietly, parquet_streams[key])
-
-        if "fits" in fmts:
-            rows[FITS_FILES["visits"]] = write_visit_fits(out, v, meta)
-            fits_stream("observations", FITS_OBS_COLUMNS)
-            fits_stream("stars", FITS_STAR_COLUMNS, ID_HEADER)
-            fits_stream("indices", FITS_INDEX_COLUMNS)
-            if filters:
-                fits_stream("reference", fits_reference_columns(nfilt),
-                            reference_fits_header(filters))
-        if "parquet" in fmts:
-            rows[PARQUET_FILES["visits"]] = write_visit_parquet(out, v, meta)
-            parquet_stream("observations", parquet_schema(PARQUET_OBS_COLUMNS, meta))
-            parquet_stream("stars", parquet_schema(PARQUET_STAR_COLUMNS, meta))
-            if filters:
-                parquet_stream("reference", parquet_schema(
-                    parquet_reference_columns(nfilt), meta, reference_parquet_metadata(filters)))
-
-        n_obs_total = 0
+        files = _FlatFiles(out, fmts, filters, meta, visits, stack)
         wanted = ["fgcm_id", "ra", "dec", "n_obs", "obj_flag",
                   *(["refMag", "refMagErr"] if filters else []), OBSERVATIONS_COLUMN]
-        for batch in iter_merged_stars(partition_files, memory_bytes=memory_bytes,
-                                       max_fan_in=max_fan_in, columns=wanted,
-                                       tmp_dir=tmp_dir if tmp_dir is not None else out):
-            obs_arrow, lengths = flatten_observations(batch[OBSERVATIONS_COLUMN])
-            n_obs = _numpy(batch["n_obs"].combine_chunks(), np.dtype(np.int32))
-            if not np.array_equal(lengths, n_obs):
-                bad = _numpy(batch["fgcm_id"].combine_chunks(), np.dtype(np.int64))[
-                    lengths != n_obs][:5]
-                raise ValueError(f"stars {bad.tolist()}: n_obs differs from the number of "
-                                 "observations stored with them")
-            starts = np.cumsum(n_obs, dtype=np.int64) - n_obs + n_obs_total
-            n_batch = int(lengths.sum())
-            if "fits" in fmts:
-                check_legacy_obs_count(n_obs_total + n_batch)
-            stars = {
-                "fgcm_id": _numpy(batch["fgcm_id"].combine_chunks(), np.dtype(np.int64)),
-                "ra": _numpy(batch["ra"].combine_chunks(), np.dtype(np.float64)),
-                "dec": _numpy(batch["dec"].combine_chunks(), np.dtype(np.float64)),
-                "obs_arr_index": starts,
-                "n_obs": n_obs,
-                "obj_flag": _numpy(batch["obj_flag"].combine_chunks(), np.dtype(np.int32)),
-            }
-            obs = {name: _numpy(obs_arrow[name], np.dtype(obs_arrow[name].type.to_pandas_dtype()))
-                   for name in OBSERVATION_DTYPES}
-            reference = _batch_reference(batch, stars["fgcm_id"], nfilt) if filters else None
-            if fits_streams:
-                fits_streams["observations"].write(fits_observation_arrays(obs))
-                fits_streams["stars"].write(
-                    {**stars, "obs_arr_index": starts.astype(np.int32)})
-                fits_streams["indices"].write({"obs_index": np.arange(
-                    n_obs_total, n_obs_total + n_batch, dtype=np.int32)})
-                if reference is not None:
-                    fits_streams["reference"].write(reference)
-            if parquet_streams:
-                parquet_streams["observations"].write(parquet_observation_arrays(obs))
-                parquet_streams["stars"].write([pa.array(stars[name], type=typ)
-                                                for name, typ in PARQUET_STAR_COLUMNS])
-                if reference is not None:
-                    parquet_streams["reference"].write([
-                        pa.array(reference["fgcm_id"], pa.int64()),
-                        fixed_list(reference["refMag"], pa.float32()),
-                        fixed_list(reference["refMagErr"], pa.float32())])
-            n_obs_total += n_batch
-            del batch, obs_arrow, obs, stars, reference
-
-        for key, fstream in fits_streams.items():
-            rows[FITS_FILES[key]] = fstream.close()
-        for key, pstream in parquet_streams.items():
-            rows[PARQUET_FILES[key]] = pstream.close()
+        files.write_merged(iter_merged_stars(partition_files, memory_bytes=memory_bytes,
+                                             max_fan_in=max_fan_in, columns=wanted,
+                                             tmp_dir=tmp_dir if tmp_dir is not None else out),
+                           len(filters))
+        rows = files.close()
         stack.pop_all()
     return rows
+
+
+class _FlatFiles:
+    """The flat files of one snapshot being streamed: the visit catalogs (written at once)
+    and one stream per star, observation, index and reference file of each format."""
+
+    def __init__(self, out: Path, fmts: tuple[str, ...], filters: tuple[str, ...],
+                 meta: dict[str, str], visits: dict[str, np.ndarray],
+                 stack: contextlib.ExitStack) -> None:
+        self.out, self.meta, self.stack = out, meta, stack
+        self.rows: dict[str, int] = {}
+        self.fits: dict[str, _FitsStream] = {}
+        self.parquet: dict[str, _ParquetStream] = {}
+        nfilt = len(filters)
+        if "fits" in fmts:
+            self.rows[FITS_FILES["visits"]] = write_visit_fits(out, visits, meta)
+            self._fits("observations", FITS_OBS_COLUMNS)
+            self._fits("stars", FITS_STAR_COLUMNS, ID_HEADER)
+            self._fits("indices", FITS_INDEX_COLUMNS)
+            if filters:
+                self._fits("reference", fits_reference_columns(nfilt),
+                           reference_fits_header(filters))
+        if "parquet" in fmts:
+            self.rows[PARQUET_FILES["visits"]] = write_visit_parquet(out, visits, meta)
+            self._parquet("observations", parquet_schema(PARQUET_OBS_COLUMNS, meta))
+            self._parquet("stars", parquet_schema(PARQUET_STAR_COLUMNS, meta))
+            if filters:
+                self._parquet("reference", parquet_schema(
+                    parquet_reference_columns(nfilt), meta, reference_parquet_metadata(filters)))
+
+    def _fits(self, key: str, *args: Any) -> None:
+        self.fits[key] = _FitsStream(self.out / FITS_FILES[key], self.meta, *args)
+        self.stack.callback(_close_quietly, self.fits[key])
+
+    def _parquet(self, key: str, schema: pa.Schema) -> None:
+        self.parquet[key] = _ParquetStream(self.out / PARQUET_FILES[key], schema)
+        self.stack.callback(_close_quietly, self.parquet[key])
+
+    def write_merged(self, batches: Iterator[pa.Table], nfilt: int) -> None:
+        """Append the merged batches of stars in order, numbering their observations.
+
+        Raises:
+            ValueError: a star's ``n_obs`` differs from its observations, or (FITS) more
+                observations than the legacy int32 obsIndex holds.
+        """
+        n_obs_total = 0
+        for batch in batches:
+            stars, obs = _batch_columns(batch, n_obs_total)
+            n_batch = len(obs["source_id"])
+            if self.fits:
+                check_legacy_obs_count(n_obs_total + n_batch)
+            reference = _batch_reference(batch, stars["fgcm_id"], nfilt) if nfilt else None
+            self.write(stars, obs, reference, n_obs_total)
+            n_obs_total += n_batch
+            del batch, obs, stars, reference
+
+    def write(self, stars: dict[str, np.ndarray], obs: dict[str, np.ndarray],
+              reference: dict[str, np.ndarray] | None, first_obs: int) -> None:
+        """Append a batch of stars, their observations (numbered from ``first_obs``) and
+        their reference rows to every file."""
+        if self.fits:
+            self.fits["observations"].write(fits_observation_arrays(obs))
+            self.fits["stars"].write(
+                {**stars, "obs_arr_index": stars["obs_arr_index"].astype(np.int32)})
+            self.fits["indices"].write({"obs_index": np.arange(
+                first_obs, first_obs + len(obs["source_id"]), dtype=np.int32)})
+            if reference is not None:
+                self.fits["reference"].write(reference)
+        if self.parquet:
+            self.parquet["observations"].write(parquet_observation_arrays(obs))
+            self.parquet["stars"].write([pa.array(stars[name], type=typ)
+                                         for name, typ in PARQUET_STAR_COLUMNS])
+            if reference is not None:
+                self.parquet["reference"].write([
+                    pa.array(reference["fgcm_id"], pa.int64()),
+                    fixed_list(reference["refMag"], pa.float32()),
+                    fixed_list(reference["refMagErr"], pa.float32())])
+
+    def close(self) -> dict[str, int]:
+        """Finish every file; the rows written per file name."""
+        for key, fstream in self.fits.items():
+            self.rows[FITS_FILES[key]] = fstream.close()
+        for key, pstream in self.parquet.items():
+            self.rows[PARQUET_FILES[key]] = pstream.close()
+        return self.rows
+
+
+def _batch_columns(batch: pa.Table, first_obs: int) -> tuple[dict[str, np.ndarray],
+                                                             dict[str, np.ndarray]]:
+    """The star columns (``obs_arr_index`` counted from ``first_obs``) and the observation
+    columns of a merged batch.
+
+    Raises:
+        ValueError: a star's ``n_obs`` differs from the observations stored with it.
+    """
+    obs_arrow, lengths = flatten_observations(batch[OBSERVATIONS_COLUMN])
+    n_obs = _numpy(batch["n_obs"].combine_chunks(), np.dtype(np.int32))
+    if not np.array_equal(lengths, n_obs):
+        bad = _numpy(batch["fgcm_id"].combine_chunks(), np.dtype(np.int64))[lengths != n_obs][:5]
+        raise ValueError(f"stars {bad.tolist()}: n_obs differs from the number of "
+                         "observations stored with them")
+    stars = {
+        "fgcm_id": _numpy(batch["fgcm_id"].combine_chunks(), np.dtype(np.int64)),
+        "ra": _numpy(batch["ra"].combine_chunks(), np.dtype(np.float64)),
+        "dec": _numpy(batch["dec"].combine_chunks(), np.dtype(np.float64)),
+        "obs_arr_index": np.cumsum(n_obs, dtype=np.int64) - n_obs + first_obs,
+        "n_obs": n_obs,
+        "obj_flag": _numpy(batch["obj_flag"].combine_chunks(), np.dtype(np.int32)),
+    }
+    obs = {name: _numpy(obs_arrow[name], np.dtype(obs_arrow[name].type.to_pandas_dtype()))
+           for name in OBSERVATION_DTYPES}
+    return stars, obs
 
 
 def _close_quietly(stream: _FitsStream | _ParquetStream) -> None:
@@ -597,15 +638,11 @@ def finish_partitioned_snapshot(staging: SnapshotStaging, partitions: Sequence[P
     into place happens when the :func:`~streamstars.io.snapshot_directory.stage_snapshot` block
     ends.
 
-    Returns
-    -------
-    list[Path]
+    Returns:
         The flat files, the catalog directory and the manifest, under ``staging.target``.
 
-    Raises
-    ------
-    ValueError
-        As :func:`~streamstars.io.hats.finish_catalog` and :func:`write_flat_files`.
+    Raises:
+        ValueError: as :func:`~streamstars.io.hats.finish_catalog` and :func:`write_flat_files`.
     """
     fmts = check_formats(formats)
     filters = normalise_filters(reference_filters)
