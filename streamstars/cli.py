@@ -32,6 +32,7 @@ def _config(args: argparse.Namespace) -> BuildStarsConfig | None:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
+    """Run ``backfill``: apply every visit of a repository; 1 when a visit failed."""
     from streamstars.backfill import backfill
     from streamstars.references import attach_references, open_reference_source
     from streamstars.state.store import StarStore
@@ -74,6 +75,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    """Run ``snapshot``: write the fgcm input catalogs of a store."""
     from streamstars.snapshot import write_store_snapshot
     from streamstars.state.store import StarStore
 
@@ -93,6 +95,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Run ``status``: print what a store holds (``--json``: machine-readable)."""
     from streamstars.status import store_status
 
     with _open_readonly(args.state) as store:
@@ -112,6 +115,7 @@ def _open_readonly(path: str) -> StarStore:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    """Run ``backup``: a consistent compact copy of a store."""
     with _open_readonly(args.state) as store:
         dest = store.backup(args.dest)
     size = sum(f.stat().st_size for f in dest.iterdir())
@@ -120,6 +124,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_retract(args: argparse.Namespace) -> int:
+    """Run ``retract``: remove visits completely from a store."""
     from streamstars.ingest import retract_visit
     from streamstars.state.store import StarStore
 
@@ -131,6 +136,7 @@ def cmd_retract(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
+    """Run ``config show``: print the effective configuration as TOML."""
     if args.state:
         with _open_readonly(args.state) as store:
             print(store.config.to_toml())
@@ -140,6 +146,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run ``simulate``: write a simulated survey in the Rubin formats."""
     from streamstars.simulate import simulate_survey
 
     if args.visits < 1:
@@ -160,6 +167,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Run ``report``: write the HTML quality report of a store."""
     from streamstars.report import build_report
 
     summary = build_report(args.state, args.out, args.snapshot, outlier_z=args.outlier_z,

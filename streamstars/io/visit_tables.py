@@ -80,6 +80,7 @@ class _VisitRows:
 
     @classmethod
     def read(cls, path: Path, site_longitude_deg: float) -> _VisitRows:
+        """The rows of the visitTable ``path`` (InputFileError when unusable)."""
         columns = _parquet_columns(path, "visitTable")
         c_visit = _pick(columns, ("visit", "visitId"), path, "visitTable")
         c_filter = _pick(columns, ("physical_filter",), path, "visitTable")
@@ -123,11 +124,13 @@ class _DetectorRows:
 
     @classmethod
     def none(cls) -> _DetectorRows:
+        """No per-detector values (no ccdVisitTable)."""
         empty = np.zeros(0, dtype=np.int64)
         return cls(empty, empty, np.zeros(0), np.zeros(0), None)
 
     @classmethod
     def read(cls, path: Path) -> _DetectorRows:
+        """The rows of the ccdVisitTable ``path`` (InputFileError when unusable)."""
         columns = _parquet_columns(path, "ccdVisitTable")
         c_visit = _pick(columns, ("visitId", "visit"), path, "ccdVisitTable")
         c_det = _pick(columns, ("detector",), path, "ccdVisitTable")
