@@ -17,11 +17,13 @@ BAD_DETECTOR_VALUE = -9999.0
 
 @dataclass(frozen=True)
 class VisitMetadata:
-    """Per-visit metadata (reference §1.2).  Angles in degrees.
+    """Per-visit metadata: what fgcmcal takes from the visitSummary for the visit catalog.
+
+    Angles in degrees.
 
     Attributes:
         visit: visit id.
-        physical_filter: physical filter of the reference detector row.
+        physical_filter: physical filter of the ``referenceCCD`` detector row.
         band: band recorded with the visit (``physicalFilterMap`` may override it).
         telra, teldec: boresight RA/Dec [deg].
         telha: boresight hour angle [deg], wrapped to [-180, 180).

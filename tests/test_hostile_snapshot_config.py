@@ -302,7 +302,7 @@ def test_every_numeric_setting_has_a_range_and_the_defaults_are_valid() -> None:
     assert patterns == set(ALLOWED)
     for key, pattern, value in numeric_fields(config):
         assert ALLOWED[pattern].allows(value), key
-    # fgcmcal's defaults (reference §4) are valid as they are
+    # fgcmcal's defaults are valid as they are
     assert load_config(None) == BuildStarsConfig()
     assert STORE_FINE_FACTOR == FINE_FACTOR
     # dataclasses.replace goes through the same checks

@@ -532,7 +532,7 @@ class _FlatFiles:
             n_batch = len(obs["source_id"])
             if self.fits:
                 check_legacy_obs_count(n_obs_total + n_batch)
-            reference = _batch_reference(batch, stars["fgcm_id"], nfilt) if nfilt else None
+            reference = _reference_rows(batch, stars["fgcm_id"], nfilt) if nfilt else None
             self.write(stars, obs, reference, n_obs_total)
             n_obs_total += n_batch
             del batch, obs, stars, reference
@@ -603,7 +603,7 @@ def _close_quietly(stream: _FitsStream | _ParquetStream) -> None:
             stream.writer.close()
 
 
-def _batch_reference(batch: pa.Table, ids: np.ndarray, nfilt: int) -> dict[str, np.ndarray]:
+def _reference_rows(batch: pa.Table, ids: np.ndarray, nfilt: int) -> dict[str, np.ndarray]:
     """The reference rows of a merged batch: the stars whose refMag is not null."""
     mags = batch["refMag"].combine_chunks()
     errs = batch["refMagErr"].combine_chunks()
