@@ -53,7 +53,7 @@ __all__ = [
 PARQUET_META_KEY = b"streamstars"
 PARQUET_COMPRESSION = "zstd"
 
-# (parquet name, source column, arrow type)
+#: (name, arrow type) of fgcm_star_observations, in file order.
 PARQUET_OBS_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("ra", pa.float64()),
     ("dec", pa.float64()),
@@ -70,14 +70,9 @@ PARQUET_OBS_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("psf_candidate", pa.bool_()),
     ("source_id", pa.int64()),
 )
-PARQUET_STAR_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
-    ("fgcm_id", pa.int64()),
-    ("ra", pa.float64()),
-    ("dec", pa.float64()),
-    ("obs_arr_index", pa.int64()),
-    ("n_obs", pa.int32()),
-    ("obj_flag", pa.int32()),
-)
+#: (name, arrow type) of fgcm_star_ids: the star columns in their in-memory types.
+PARQUET_STAR_COLUMNS: tuple[tuple[str, pa.DataType], ...] = tuple(
+    (name, pa.from_numpy_dtype(dtype)) for name, dtype in STAR_DTYPES.items())
 
 
 def parquet_reference_columns(nfilt: int) -> tuple[tuple[str, pa.DataType], ...]:
