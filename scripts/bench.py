@@ -20,7 +20,7 @@ parameters), then runs each measurement in its own subprocess so peak RSS is per
   just written (``--snapshot``) and on its own (it then snapshots the store into a temporary
   directory first): time and peak RSS, printed beside the snapshot's (skipped with a message
   when the ``report`` extra is not installed);
-* the batch reference of the tests (tests/batch_reference.py) on the same observations
+* the batch computation of the tests (tests/batch_computation.py) on the same observations
   (read + select + one in-memory batch association): time and peak RSS.
 Prints numbers and the target ratios; never asserts.
 
@@ -261,10 +261,10 @@ def measure_report(state: Path, out: Path, snapshot: str) -> dict[str, float]:
 
 
 def measure_batch(repo: Path, n_visits: int) -> dict[str, float]:
-    """The tests' batch reference on the same observations: read + select + associate."""
+    """The tests' batch computation on the same observations: read + select + associate."""
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     import numpy as np
-    from batch_reference import batch_build  # type: ignore[import-not-found]
+    from batch_computation import batch_build  # type: ignore[import-not-found]
 
     from streamstars.config import BuildStarsConfig
     from streamstars.ingest import VisitInput, prepare_visit
@@ -738,7 +738,7 @@ def main() -> int:
     parser.add_argument("--sources-per-visit", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workdir", default="bench-work")
-    parser.add_argument("--skip-batch", action="store_true", help="skip the batch reference")
+    parser.add_argument("--skip-batch", action="store_true", help="skip the batch computation")
     parser.add_argument("--json", help="also write the results to this file")
     kafka = parser.add_argument_group("Kafka mode")
     kafka.add_argument("--kafka", action="store_true",
@@ -875,7 +875,7 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
               f"{f('refs', 'full_refresh_cold_s'):.2f} s cold / "
               f"{f('refs', 'full_refresh_warm_s'):.2f} s warm ({r['reference_stars']:,} refs)")
     if "batch" in results:
-        print(f"batch reference             : {f('batch', 'seconds'):8.1f} s  "
+        print(f"batch computation           : {f('batch', 'seconds'):8.1f} s  "
               f"(read+select {f('batch', 'read_select_seconds'):.1f} s), "
               f"{results['batch']['stars']:,} stars, peak RSS {f('batch', 'peak_rss_mb'):.0f} MB")
     print("\n-- where the time goes --")
@@ -913,7 +913,7 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
                   "  (target <= 2)")
     if "batch" in results:
         ratio = f("backfill", "seconds") / f("batch", "seconds")
-        print(f"backfill / batch reference  : {ratio:6.2f}  (target <= 1)")
+        print(f"backfill / batch computation: {ratio:6.2f}  (target <= 1)")
 
 
 def report_kafka(results: dict[str, dict[str, object]], args: argparse.Namespace) -> None:

@@ -9,13 +9,15 @@ Subcommands: ``backfill``, ``snapshot``, ``status``, ``backup``, ``retract``, ``
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import logging
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from streamstars import __version__
 from streamstars.config import BuildStarsConfig, load_config, load_snapshot_config
@@ -30,6 +32,7 @@ def _config(args: argparse.Namespace) -> BuildStarsConfig | None:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
+    """Run ``backfill``: apply every visit of a repository; 1 when a visit failed."""
     from streamstars.backfill import backfill
     from streamstars.references import attach_references, open_reference_source
     from streamstars.state.store import StarStore
@@ -87,6 +90,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    """Run ``snapshot``: write the fgcm input catalogs of a store."""
     from streamstars.snapshot import write_store_snapshot
     from streamstars.state.store import StarStore
 
@@ -117,6 +121,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Run ``status``: print what a store holds (``--json``: machine-readable)."""
     from streamstars.status import store_status
 
     with _open_readonly(args.state) as store:
@@ -136,6 +141,7 @@ def _open_readonly(path: str) -> StarStore:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    """Run ``backup``: a consistent compact copy of a store."""
     with _open_readonly(args.state) as store:
         dest = store.backup(args.dest)
     size = sum(f.stat().st_size for f in dest.iterdir())
@@ -144,6 +150,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_retract(args: argparse.Namespace) -> int:
+    """Run ``retract``: remove visits completely from a store."""
     from streamstars.ingest import retract_visit
     from streamstars.state.store import StarStore
 
@@ -155,6 +162,7 @@ def cmd_retract(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
+    """Run ``config show``: print the effective configuration as TOML."""
     if args.state:
         with _open_readonly(args.state) as store:
             print(store.config.to_toml())
@@ -164,6 +172,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run ``simulate``: write a simulated survey in the Rubin formats."""
     from streamstars.simulate import simulate_survey
 
     if args.visits < 1:
@@ -196,6 +205,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Run ``report``: write the HTML quality report of a store."""
     from streamstars.report import build_report
 
     summary = build_report(args.state, args.out, args.snapshot, outlier_z=args.outlier_z,
@@ -227,7 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamstars {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_backfill(sub)
+    _add_snapshot(sub)
+    _add_store_commands(sub)
+    _add_simulate(sub)
+    _add_report(sub)
+    _add_plugged_commands(sub)
+    return parser
 
+
+def _add_backfill(sub: Any) -> None:
     p = sub.add_parser("backfill", help="apply every visit of a repository (resumable)")
     p.add_argument("repo", nargs="?",
                    help="directory tree with sourceTable_visit and metadata files")
@@ -241,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_backfill)
 
+
+def _add_snapshot(sub: Any) -> None:
     p = sub.add_parser("snapshot", help="write the fgcm input catalogs from a store")
     p.add_argument("out", help="output directory (replaced atomically)")
     p.add_argument("--state", required=True, help="state directory")
@@ -260,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "repository's only instrument)")
     p.set_defaults(func=cmd_snapshot)
 
+
+def _add_store_commands(sub: Any) -> None:
+    """``status``, ``backup``, ``retract`` and ``config show``."""
     p = sub.add_parser("status", help="what a store holds")
     p.add_argument("--state", required=True)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -282,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--state", help="print the configuration a store was built with")
     show.set_defaults(func=cmd_config_show)
 
+
+def _add_simulate(sub: Any) -> None:
     p = sub.add_parser("simulate", help="write a simulated survey in the Rubin formats")
     p.add_argument("out")
     p.add_argument("--visits", type=int, default=20)
@@ -299,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "repository (default %(default)s)")
     p.set_defaults(func=cmd_simulate)
 
+
+def _add_report(sub: Any) -> None:
     p = sub.add_parser("report", help="write an HTML quality report of a store (docs/report.md)")
     p.add_argument("out", help="output directory: OUT/index.html and OUT/plots/*.png")
     p.add_argument("--state", required=True, help="state directory (opened read-only)")
@@ -312,19 +340,46 @@ def build_parser() -> argparse.ArgumentParser:
                    "from the page")
     p.set_defaults(func=cmd_report)
 
-    try:
-        from streamstars.refs_cli import add_commands as add_ref_commands
-    except ImportError:  # the reference-catalog commands are optional at import time
-        pass
-    else:
-        add_ref_commands(sub)
-    try:
-        from streamstars.consumers.cli import add_commands as add_kafka_commands
-    except ImportError:
-        pass
-    else:
-        add_kafka_commands(sub)
-    return parser
+
+#: Subcommands defined in other modules (each has ``add_commands(sub)``): the module and the
+#: subcommands it adds.
+PLUGGED_COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("streamstars.refs_cli", ("refresh-refs",)),
+    ("streamstars.consumers.cli", ("run", "publish")),
+)
+
+
+class CommandUnavailableError(StreamstarsError):
+    """A subcommand's module could not be imported (a broken installation)."""
+
+
+def _add_plugged_commands(sub: Any) -> None:
+    """Add the subcommands of :data:`PLUGGED_COMMANDS`.
+
+    A module that fails to import does not take the other commands down with it: its
+    subcommands stay listed, marked unavailable, and running one fails (exit code 2) naming
+    the module and the import error.  None of these modules belongs to an optional extra, so
+    a failed import means a broken installation, not something to install.
+    """
+    for module_name, names in PLUGGED_COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            reason = (f"importing {module_name} failed ({type(exc).__name__}: {exc}); the "
+                      "streamstars installation is broken: reinstall it")
+            for name in names:
+                # no option prefix: whatever follows is accepted, so that running the command
+                # reports why it is unavailable instead of a usage error
+                p = sub.add_parser(name, add_help=False, prefix_chars="\0",
+                                   help=f"(unavailable: {reason})")
+                p.add_argument("arguments", nargs="*")
+                p.set_defaults(func=functools.partial(_unavailable, name, reason))
+        else:
+            module.add_commands(sub)
+
+
+def _unavailable(name: str, reason: str, args: argparse.Namespace) -> int:
+    raise CommandUnavailableError(f"the {name} command is unavailable: {reason}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
