@@ -37,7 +37,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -81,6 +82,18 @@ VISITS_PER_NIGHT = 40
 FIRST_NIGHT_MJD = 60827  # 2025-06-01
 STAR_FRACTION = 0.45
 LOOSE_GALAXY_FRACTION = 0.2
+LSSTCAM_DETECTORS = 189
+#: sourceId bits of the row number in visits of 2^20 rows or more (LSSTCam-sized visits).
+LARGE_VISIT_SOURCE_ID_SHIFT = 22
+#: Points per pixel side of the border stars (``healpy.boundaries`` step): the corner and
+#: three points along the edge.
+BORDER_STEP = 4
+MAX_BORDER_PIXELS = 200_000
+BORDER_DUPLICATE_CHORD = 1e-9  # [rad] 0.2 mas: copies of one boundary point agree to ~1e-15
+
+#: Focal-plane layouts of :func:`make_camera`.
+CameraLayout = Literal["grid", "lsstcam"]
+CAMERA_LAYOUTS: tuple[str, ...] = ("grid", "lsstcam")
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,10 @@ class SimulatedSurvey:
         n_objects: number of true objects.
         n_refcat: number of reference stars written (0 without refcat).
         seed: the seed used.
+        n_border_stars: stars placed on HEALPix pixel boundaries (``border_nside``): the
+            last ``n_border_stars`` objects of the truth table.
+        n_tiles: tiles of the wide survey's pointing pattern (1 without ``survey_radius_deg``).
+        footprint_radius_deg: radius of the cap holding the true objects.
     """
 
     out_dir: Path
@@ -118,6 +135,9 @@ class SimulatedSurvey:
     n_objects: int = 0
     n_refcat: int = 0
     seed: int = 0
+    n_border_stars: int = 0
+    n_tiles: int = 1
+    footprint_radius_deg: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -186,6 +206,10 @@ def random_in_cap(rng: np.random.Generator, n: int, ra0: float, dec0: float,
 class Camera:
     """A grid of square CCDs in the focal plane (focal-plane coordinates in degrees).
 
+    Detectors fill the grid cells row by row, skipping the ``corner_cut`` x ``corner_cut``
+    block at each corner of the grid (0 for a plain grid; 3 for LSSTCam's 5 x 5 rafts of 3 x 3
+    CCDs without the corner rafts), up to ``n_detectors``.
+
     Focal plane (p, q) relates to the tangent plane (xi, eta) of the boresight by the
     reflection-rotation ``M(rot) = [[-cos, -sin], [-sin, cos]]`` (its own inverse), then a
     radial distortion ``u = u' (1 + kappa |u'|^2)`` maps the detector-linear coordinate
@@ -199,6 +223,7 @@ class Camera:
     pixel_scale_deg: float
     pitch_deg: float
     kappa: float = DISTORTION_KAPPA
+    corner_cut: int = 0
 
     @property
     def detector_size_deg(self) -> float:
@@ -206,15 +231,36 @@ class Camera:
         return self.n_pixels * self.pixel_scale_deg
 
     @property
+    def fov_area_deg2(self) -> float:
+        """Area of the detectors together [deg^2] (distortion neglected)."""
+        return self.n_detectors * self.detector_size_deg**2
+
+    @property
     def half_diagonal_deg(self) -> float:
         """Distance from the boresight to the farthest focal-plane corner [deg]."""
-        return 0.5 * self.pitch_deg * math.hypot(self.n_columns, self.n_rows)
+        return self.pitch_deg * _grid_extent(self.n_columns, self.n_rows, self.corner_cut)
+
+    @cached_property
+    def cells(self) -> np.ndarray:
+        """Grid cell (``row * n_columns + column``) of each detector, in detector order."""
+        cell = np.arange(self.n_columns * self.n_rows)
+        col, row = cell % self.n_columns, cell // self.n_columns
+        cut = self.corner_cut
+        corner = (((col < cut) | (col >= self.n_columns - cut))
+                  & ((row < cut) | (row >= self.n_rows - cut)))
+        return cell[~corner][:self.n_detectors]
+
+    @cached_property
+    def cell_detectors(self) -> np.ndarray:
+        """Detector of each grid cell, -1 for a cell without one."""
+        out = np.full(self.n_columns * self.n_rows, -1, dtype=np.int64)
+        out[self.cells] = np.arange(len(self.cells))
+        return out
 
     def detector_centers(self) -> np.ndarray:
         """Detector-linear (p', q') centre of each detector, shape (n_detectors, 2), deg."""
-        det = np.arange(self.n_detectors)
-        col = det % self.n_columns
-        row = det // self.n_columns
+        col = self.cells % self.n_columns
+        row = self.cells // self.n_columns
         p = (col - 0.5 * (self.n_columns - 1)) * self.pitch_deg
         q = (row - 0.5 * (self.n_rows - 1)) * self.pitch_deg
         return np.stack([p, q], axis=-1)
@@ -241,9 +287,9 @@ class Camera:
         row = np.floor(row_f).astype(np.int64)
         lp = (col_f - col - 0.5) * self.pitch_deg
         lq = (row_f - row - 0.5) * self.pitch_deg
-        det = row * self.n_columns + col
-        ok = ((col >= 0) & (col < self.n_columns) & (row >= 0) & (row < self.n_rows)
-              & (np.abs(lp) < 0.5 * size) & (np.abs(lq) < 0.5 * size) & (det < self.n_detectors))
+        inside = (col >= 0) & (col < self.n_columns) & (row >= 0) & (row < self.n_rows)
+        det = self.cell_detectors[np.where(inside, row * self.n_columns + col, 0)]
+        ok = inside & (np.abs(lp) < 0.5 * size) & (np.abs(lq) < 0.5 * size) & (det >= 0)
         x = (lp + 0.5 * size) / self.pixel_scale_deg - 0.5
         y = (lq + 0.5 * size) / self.pixel_scale_deg - 0.5
         return np.where(ok, det, -1), x, y
@@ -271,8 +317,29 @@ class Camera:
         return np.einsum("ij,njk->nik", refl, jac) * math.radians(self.pixel_scale_deg)
 
 
-def make_camera(n_detectors: int, field_radius_deg: float, max_dither_deg: float) -> Camera:
-    """A camera of ``n_detectors`` 4k CCDs at 0.2"/pix, shrunk to fit inside the field."""
+def _grid_extent(n_columns: int, n_rows: int, corner_cut: int) -> float:
+    """Distance from the grid centre to its farthest cell corner, in cell pitches."""
+    if corner_cut == 0:
+        return 0.5 * math.hypot(n_columns, n_rows)
+    return math.hypot(0.5 * n_columns - corner_cut, 0.5 * n_rows)
+
+
+def make_camera(n_detectors: int | None, field_radius_deg: float, max_dither_deg: float,
+                layout: CameraLayout = "grid") -> Camera:
+    """The camera of a survey whose dithered pointings stay within ``field_radius_deg``.
+
+    ``layout="grid"``: ``n_detectors`` (default 9) 4k CCDs at 0.2"/pix on a near-square grid,
+    shrunk to fit inside the field.  ``layout="lsstcam"``: LSSTCam's 189 full-size CCDs (21
+    rafts of 3 x 3 in a 5 x 5 raft grid without its corners, 9.3 deg^2); never shrunk.
+
+    Raises:
+        ValueError: a bad layout or detector count, or a field too small for the camera.
+    """
+    if layout not in CAMERA_LAYOUTS:
+        raise ValueError(f"camera must be one of {CAMERA_LAYOUTS}, got {layout!r}")
+    if layout == "lsstcam":
+        return _lsstcam(n_detectors, field_radius_deg, max_dither_deg)
+    n_detectors = 9 if n_detectors is None else n_detectors
     if n_detectors < 1:
         raise ValueError(f"n_detectors must be >= 1, got {n_detectors}")
     n_columns = math.ceil(math.sqrt(n_detectors))
@@ -281,8 +348,7 @@ def make_camera(n_detectors: int, field_radius_deg: float, max_dither_deg: float
     gap = 1.02
     n_pixels = DETECTOR_PIXELS
     # The whole focal plane plus the largest dither must stay within the field (with margin).
-    allowed_half_diag = 0.95 * field_radius_deg / (1.0 + DISTORTION_KAPPA * field_radius_deg**2)
-    allowed_half_diag -= max_dither_deg
+    allowed_half_diag = _allowed_half_diagonal(field_radius_deg, max_dither_deg)
     if allowed_half_diag <= 0:
         raise ValueError("field_radius_deg too small for the dither pattern")
     max_pitch = 2.0 * allowed_half_diag / math.hypot(n_columns, n_rows)
@@ -293,6 +359,34 @@ def make_camera(n_detectors: int, field_radius_deg: float, max_dither_deg: float
     return Camera(n_detectors=n_detectors, n_columns=n_columns, n_rows=n_rows,
                   n_pixels=n_pixels, pixel_scale_deg=pixel_scale_deg,
                   pitch_deg=n_pixels * pixel_scale_deg * gap)
+
+
+def _allowed_half_diagonal(field_radius_deg: float, max_dither_deg: float) -> float:
+    """How far from the boresight the distortion-free focal plane may reach [deg]."""
+    return (0.95 * field_radius_deg / (1.0 + DISTORTION_KAPPA * field_radius_deg**2)
+            - max_dither_deg)
+
+
+def _lsstcam(n_detectors: int | None, field_radius_deg: float,
+             max_dither_deg: float) -> Camera:
+    """LSSTCam's focal plane: 189 4k CCDs in a 15 x 15 grid without its 3 x 3 corners."""
+    if n_detectors not in (None, LSSTCAM_DETECTORS):
+        raise ValueError(f"the LSSTCam layout has {LSSTCAM_DETECTORS} detectors, "
+                         f"got n_detectors={n_detectors}")
+    pixel_scale_deg = PIXEL_SCALE_ARCSEC / 3600.0
+    camera = Camera(n_detectors=LSSTCAM_DETECTORS, n_columns=15, n_rows=15,
+                    n_pixels=DETECTOR_PIXELS, pixel_scale_deg=pixel_scale_deg,
+                    pitch_deg=DETECTOR_PIXELS * pixel_scale_deg * 1.02, corner_cut=3)
+    if _allowed_half_diagonal(field_radius_deg, max_dither_deg) < camera.half_diagonal_deg:
+        reach = camera.half_diagonal_deg + max_dither_deg
+        # smallest radius with 0.95 R / (1 + kappa R^2) >= reach (the smaller root)
+        a = DISTORTION_KAPPA * reach
+        needed = (0.95 - math.sqrt(0.95**2 - 4.0 * a * reach)) / (2.0 * a)
+        raise ValueError(f"field_radius_deg={field_radius_deg} is too small for the LSSTCam "
+                         f"focal plane (its corners reach {camera.half_diagonal_deg:.2f} deg "
+                         f"from the boresight, dithers {max_dither_deg:.2f} deg): use at least "
+                         f"{math.ceil(needed * 100) / 100:.2f}")
+    return camera
 
 
 # ------------------------------------------------------------------------------------------
@@ -423,9 +517,106 @@ def _close_companions(rng: np.random.Generator, xyz: np.ndarray, r_mag: np.ndarr
                        colour=np.concatenate([comp_colour, chain_colour[0], chain_colour[1]]))
 
 
+def border_star_positions(nside: int, ra_center: float, dec_center: float,
+                          radius_deg: float) -> np.ndarray:
+    """Unit vectors (n, 3) on the boundaries of the HEALPix nest pixels at ``nside`` inside
+    the cap of ``radius_deg`` about (ra_center, dec_center) [deg].
+
+    Every pixel corner and ``BORDER_STEP - 1`` points along each pixel edge
+    (``healpy.boundaries``), each point once although the pixels around it all list it.
+
+    Raises:
+        ValueError: ``nside`` is not a power of two in [1, 2^29], or the cap holds more than
+            ``MAX_BORDER_PIXELS`` pixels.
+    """
+    import healpy as hp
+    from scipy.spatial import cKDTree
+
+    if not 1 <= nside <= (1 << 29) or nside & (nside - 1):
+        raise ValueError(f"border_nside must be a power of two in [1, 2^29], got {nside}")
+    cos_radius = math.cos(math.radians(radius_deg))
+    n_pixels = (1.0 - cos_radius) / 2.0 * hp.nside2npix(nside)
+    if n_pixels > MAX_BORDER_PIXELS:
+        raise ValueError(f"border_nside={nside}: the footprint holds ~{n_pixels:,.0f} pixels, "
+                         f"more than {MAX_BORDER_PIXELS:,}; use a smaller border_nside")
+    centre = unit_vectors(np.array([ra_center]), np.array([dec_center]))[0]
+    pixels = hp.query_disc(nside, centre, math.radians(radius_deg), inclusive=True, nest=True)
+    corners = hp.boundaries(nside, pixels, step=BORDER_STEP, nest=True)  # (n, 3, 4 * step)
+    xyz = np.moveaxis(np.reshape(corners, (len(pixels), 3, -1)), 1, 2).reshape(-1, 3)
+    xyz = xyz / np.linalg.norm(xyz, axis=1, keepdims=True)
+    xyz = xyz[xyz @ centre >= cos_radius]
+    # the same point listed by neighbouring pixels agrees to rounding: keep its first copy
+    duplicate = cKDTree(xyz).query_pairs(BORDER_DUPLICATE_CHORD, output_type="ndarray")
+    keep = np.ones(len(xyz), dtype=bool)
+    keep[duplicate[:, 1]] = False
+    return xyz[keep]
+
+
+def with_border_stars(sky: Sky, xyz: np.ndarray, rng: np.random.Generator,
+                      bands: Sequence[str]) -> Sky:
+    """``sky`` plus isolated point-like stars at ``xyz`` (appended last), r = 18.5-19.5 and
+    g - r = 0.5-0.8: S/N ~100 in 30 s in every band, never saturated, so the selection keeps
+    every clean observation of them."""
+    n = len(xyz)
+    r_mag = rng.uniform(18.5, 19.5, n)
+    colour = rng.uniform(0.5, 0.8, n)
+    ra, dec = radec_from_vectors(xyz)
+    return Sky(xyz=np.concatenate([sky.xyz, xyz]), ra=np.concatenate([sky.ra, ra]),
+               dec=np.concatenate([sky.dec, dec]),
+               mags=np.concatenate([sky.mags, _band_mags(r_mag, colour, bands)]),
+               is_star=np.concatenate([sky.is_star, np.ones(n, dtype=bool)]),
+               extendedness=np.concatenate([sky.extendedness, np.zeros(n)]),
+               size_arcsec=np.concatenate([sky.size_arcsec, np.zeros(n)]),
+               group=np.concatenate([sky.group, np.full(n, -1, dtype=np.int64)]),
+               group_min_sep=np.concatenate([sky.group_min_sep, np.full(n, np.inf)]))
+
+
 # ------------------------------------------------------------------------------------------
 # Visits
 # ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SurveyTiling:
+    """A deterministic tiling of a survey's cap by the camera's field.
+
+    Tile centres lie on rings around the survey centre: the centre itself, then rings
+    ``spacing_deg`` or a little less apart out to ``radius - spacing / 2``, each ring holding
+    as many tiles as fit ``spacing_deg`` apart along it (alternate rings staggered by half a
+    tile).  A *pass* visits every tile once; visit ``i`` goes to tile ``i % n`` of pass
+    ``i // n`` in band ``(tile + pass) % n_bands``, so consecutive visits cycle through the
+    bands and every tile has had every band after ``n_bands`` passes.
+    """
+
+    ra: np.ndarray
+    dec: np.ndarray
+    spacing_deg: float
+
+    def __len__(self) -> int:
+        return len(self.ra)
+
+    @classmethod
+    def of_cap(cls, ra_center: float, dec_center: float, radius_deg: float,
+               spacing_deg: float) -> SurveyTiling:
+        """The tiling of the cap of ``radius_deg`` about (ra_center, dec_center) [deg]."""
+        n_rings = max(math.ceil((radius_deg - 0.5 * spacing_deg) / spacing_deg), 0)
+        step = (radius_deg - 0.5 * spacing_deg) / n_rings if n_rings else 0.0
+        seps, pas = [np.zeros(1)], [np.zeros(1)]
+        for k in range(1, n_rings + 1):
+            circumference = 2.0 * math.degrees(math.pi * math.sin(math.radians(k * step)))
+            n_tiles = max(math.ceil(circumference / spacing_deg), 1)
+            seps.append(np.full(n_tiles, k * step))
+            pas.append((np.arange(n_tiles) + 0.5 * (k % 2)) * 360.0 / n_tiles)
+        sep, pa = np.concatenate(seps), np.concatenate(pas)
+        centre = unit_vectors(np.full(len(sep), ra_center), np.full(len(sep), dec_center))
+        ra, dec = radec_from_vectors(offset_xyz(centre, sep, pa))
+        return cls(ra=ra, dec=dec, spacing_deg=spacing_deg)
+
+    def visit_tiles(self, n_visits: int, n_bands: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tile index and band index of visits ``0 .. n_visits - 1``."""
+        idx = np.arange(n_visits)
+        tile = idx % len(self)
+        return tile, (tile + idx // len(self)) % n_bands
 
 
 @dataclass(frozen=True)
@@ -447,6 +638,10 @@ class VisitPlan:
     airmass: np.ndarray
     altitude: np.ndarray
     azimuth: np.ndarray
+
+    def take(self, first: int) -> VisitPlan:
+        """The plan of visits ``first`` onwards."""
+        return VisitPlan(**{f.name: getattr(self, f.name)[first:] for f in fields(self)})
 
 
 def _gmst_deg(mjd: np.ndarray) -> np.ndarray:
@@ -473,8 +668,15 @@ def _airmass(alt_deg: np.ndarray) -> np.ndarray:
 
 
 def make_visit_plan(rng: np.random.Generator, n_visits: int, bands: Sequence[str],
-                    ra_center: float, dec_center: float, max_dither_deg: float) -> VisitPlan:
-    """Visit ids, pointings, times and conditions of every visit."""
+                    ra_center: float, dec_center: float, max_dither_deg: float,
+                    tiling: SurveyTiling | None = None) -> VisitPlan:
+    """Visit ids, pointings, times and conditions of every visit.
+
+    Pointings are offset by ``max_dither_deg / 3`` to ``max_dither_deg`` in a random direction
+    from the field centre or, with a ``tiling``, from the centre of the visit's tile
+    (:meth:`SurveyTiling.visit_tiles`, which also gives the bands); without one the bands
+    cycle through ``bands``.
+    """
     idx = np.arange(n_visits)
     night = idx // VISITS_PER_NIGHT
     seq = idx % VISITS_PER_NIGHT + 1
@@ -482,18 +684,36 @@ def make_visit_plan(rng: np.random.Generator, n_visits: int, bands: Sequence[str
     dates = np.datetime64("1858-11-17") + night_mjd.astype("timedelta64[D]")
     day_obs = np.array([int(str(d).replace("-", "")) for d in dates], dtype=np.int64)
     visit = day_obs * 100_000 + seq
-    band = [bands[i % len(bands)] for i in range(n_visits)]
-    physical_filter = [BAND_PROPERTIES[b][3] if b in BAND_PROPERTIES else f"{b}_sim"
-                       for b in band]
 
-    # Dithered pointings: offset 0.1-0.3 deg (scaled with the field) in a random direction.
     r = rng.uniform(max_dither_deg / 3.0, max_dither_deg, n_visits)
     theta = rng.uniform(0.0, 2.0 * np.pi, n_visits)
-    ra, dec = inverse_gnomonic(r * np.sin(theta), r * np.cos(theta), ra_center, dec_center)
+    if tiling is None:
+        band_index = idx % len(bands)
+        ra, dec = inverse_gnomonic(r * np.sin(theta), r * np.cos(theta), ra_center, dec_center)
+    else:
+        tile, band_index = tiling.visit_tiles(n_visits, len(bands))
+        centre = unit_vectors(tiling.ra[tile], tiling.dec[tile])
+        ra, dec = radec_from_vectors(offset_xyz(centre, r, np.degrees(theta)))
+    band = [bands[int(k)] for k in band_index]
     rotation = rng.uniform(-90.0, 90.0, n_visits)
-
-    # Times: each night observes the field around a random hour angle (+-2 h).
     exptime = np.where(rng.random(n_visits) < 0.1, 15.0, 30.0)
+    mjd_mid, altitude, azimuth = _observing_times(rng, night, seq, night_mjd, ra, dec, ra_center)
+    airmass = _airmass(altitude)
+    seeing, zp, sky_mag = _observing_conditions(rng, band, airmass)
+    return VisitPlan(visit=visit, band=band, band_index=band_index,
+                     physical_filter=[BAND_PROPERTIES[b][3] if b in BAND_PROPERTIES
+                                      else f"{b}_sim" for b in band],
+                     ra=ra, dec=dec, rotation=rotation, mjd_mid=mjd_mid, exptime=exptime,
+                     seeing=seeing, zp_per_second=zp, sky_mag=sky_mag, airmass=airmass,
+                     altitude=altitude, azimuth=azimuth)
+
+
+def _observing_times(rng: np.random.Generator, night: np.ndarray, seq: np.ndarray,
+                     night_mjd: np.ndarray, ra: np.ndarray, dec: np.ndarray,
+                     ra_center: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mid-exposure MJD, altitude and azimuth [deg] of the visits: each night observes the
+    field around a random hour angle (+-2 h), one visit every 40 s."""
+    n_visits = len(night)
     ha_night = rng.uniform(-30.0, 30.0, int(night.max()) + 1 if n_visits else 0)
     local_midnight = night_mjd + 0.5 - SITE_LONGITUDE / 360.0  # ~ 04:43 UTC
     lst_midnight = _gmst_deg(local_midnight) + SITE_LONGITUDE
@@ -503,8 +723,14 @@ def make_visit_plan(rng: np.random.Generator, n_visits: int, bands: Sequence[str
     mjd_mid = start + (seq - 0.5 * VISITS_PER_NIGHT) * 40.0 / 86400.0
     ha = np.mod(_gmst_deg(mjd_mid) + SITE_LONGITUDE - ra + 180.0, 360.0) - 180.0
     altitude, azimuth = _alt_az(ha, dec)
-    airmass = _airmass(altitude)
+    return mjd_mid, altitude, azimuth
 
+
+def _observing_conditions(rng: np.random.Generator, band: Sequence[str],
+                          airmass: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeing FWHM [arcsec], zero point [AB mag of 1 count/s] (extinction, clouds) and sky
+    brightness [mag/arcsec^2] of each visit."""
+    n_visits = len(band)
     seeing = np.clip(rng.lognormal(math.log(0.8), 0.2, n_visits), 0.5, 1.6)
     zp_band = np.array([BAND_PROPERTIES.get(b, BAND_PROPERTIES["r"])[0] for b in band])
     k_band = np.array([BAND_PROPERTIES.get(b, BAND_PROPERTIES["r"])[2] for b in band])
@@ -513,12 +739,7 @@ def make_visit_plan(rng: np.random.Generator, n_visits: int, bands: Sequence[str
           + rng.normal(0.0, 0.02, n_visits))
     sky_mag = (np.array([BAND_PROPERTIES.get(b, BAND_PROPERTIES["r"])[1] for b in band])
                + rng.normal(0.0, 0.15, n_visits))
-    band_index = np.arange(n_visits) % len(bands)
-    return VisitPlan(visit=visit, band=band, band_index=band_index,
-                     physical_filter=physical_filter, ra=ra, dec=dec,
-                     rotation=rotation, mjd_mid=mjd_mid, exptime=exptime, seeing=seeing,
-                     zp_per_second=zp, sky_mag=sky_mag, airmass=airmass, altitude=altitude,
-                     azimuth=azimuth)
+    return seeing, zp, sky_mag
 
 
 @dataclass(frozen=True)
@@ -528,6 +749,11 @@ class DetectorConditions:
     zp_per_second: np.ndarray
     seeing: np.ndarray  # FWHM [arcsec]
     sky: np.ndarray  # counts / pixel in the exposure
+
+    def take(self, first: int) -> DetectorConditions:
+        """The conditions of visits ``first`` onwards."""
+        return DetectorConditions(zp_per_second=self.zp_per_second[first:],
+                                  seeing=self.seeing[first:], sky=self.sky[first:])
 
 
 def make_detector_conditions(rng: np.random.Generator, plan: VisitPlan,
@@ -923,18 +1149,29 @@ def _classification(sky: Sky, objects: _Objects, parents: _Parents, artefact: np
             "deblend_nChild": n_child}
 
 
+def source_id_shift(n_rows: int) -> int:
+    """Bits of the row number in the sourceIds of a visit of ``n_rows`` rows:
+    ``SOURCE_ID_SHIFT`` (20), or ``LARGE_VISIT_SOURCE_ID_SHIFT`` (22) from 2^20 rows on.
+
+    Ids of visits of either kind never collide: a visit id shifted by 22 bits equals one
+    shifted by 20 only for visit ids four times larger, beyond any simulated date.
+    """
+    return SOURCE_ID_SHIFT if n_rows < (1 << SOURCE_ID_SHIFT) else LARGE_VISIT_SOURCE_ID_SHIFT
+
+
 def _sorted_table(view: _VisitView, det: np.ndarray, y: np.ndarray, kind: np.ndarray,
                   parents: _Parents, columns: dict[str, np.ndarray]) -> pa.Table:
-    """The rows sorted by (detector, y) with their ids: ``sourceId = visit << 20 | row``, a
+    """The rows sorted by (detector, y) with their ids: ``sourceId = visit << shift | row``
+    (:func:`source_id_shift`), a
     child's ``parentSourceId`` is its parent's, parents are not primary."""
     n_rows = len(det)
     n_obj = int(np.count_nonzero(kind == 0))
     order = np.lexsort((y, det))
-    if n_rows >= (1 << SOURCE_ID_SHIFT):
-        raise ValueError(f"visit {view.visit}: {n_rows} sources do not fit in "
-                         f"2^{SOURCE_ID_SHIFT}")
-    source_id = ((np.int64(view.visit) << np.int64(SOURCE_ID_SHIFT))
-                 + np.arange(n_rows, dtype=np.int64))
+    shift = source_id_shift(n_rows)
+    if n_rows >= (1 << shift) or view.visit >= (1 << (63 - shift)):
+        raise ValueError(f"visit {view.visit}: {n_rows} sources do not fit in sourceIds "
+                         f"visit << {shift} | row")
+    source_id = (np.int64(view.visit) << np.int64(shift)) + np.arange(n_rows, dtype=np.int64)
     new_pos = np.empty(n_rows, dtype=np.int64)
     new_pos[order] = np.arange(n_rows)
     parent_id = np.zeros(n_rows, dtype=np.int64)
@@ -1277,7 +1514,7 @@ def _objects_for_density(sources_per_visit: int, n_junk: int, camera: Camera,
     """Number of primary true objects giving ~``sources_per_visit`` rows per visit."""
     cap_area = 2.0 * math.pi * (1.0 - math.cos(math.radians(field_radius_deg)))
     cap_area *= (180.0 / math.pi) ** 2
-    fov_area = camera.n_detectors * camera.detector_size_deg**2
+    fov_area = camera.fov_area_deg2
     detected_fraction = _expected_detected_fraction(bands, crowded)
     companions = STAR_FRACTION * ((0.25 + 2 * 0.05) if crowded else 0.02)
     per_visit = max(sources_per_visit - n_junk, 1)
@@ -1289,58 +1526,122 @@ def simulate_survey(out_dir: str | Path, n_visits: int, seed: int,
                     sources_per_visit: int = 5000,
                     bands: Sequence[str] = ("g", "r", "i", "z"),
                     ra_center: float = 150.0, dec_center: float = 2.0,
-                    field_radius_deg: float = 1.0, n_detectors: int = 9,
+                    field_radius_deg: float = 1.0, n_detectors: int | None = None,
                     crowded: bool = False, write_refcat: bool = True,
                     progress: bool = False,
-                    file_style: FileStyle = "ArrowAstropy") -> SimulatedSurvey:
+                    file_style: FileStyle = "ArrowAstropy",
+                    survey_radius_deg: float | None = None, border_nside: int | None = None,
+                    camera: CameraLayout = "grid", first_visit: int = 0) -> SimulatedSurvey:
     """Simulate a survey and write it in the Rubin formats (see the module docstring).
 
     Args:
         out_dir: directory to write into (created).
-        n_visits: number of visits; bands cycle through ``bands``.
+        n_visits: number of visits written.
         seed: random seed; identical arguments give byte-identical parquet files.
-        sources_per_visit: approximate rows per ``sourceTable_visit`` file.
+        sources_per_visit: approximate rows per ``sourceTable_visit`` file (the density of
+            the true objects is set so that a visit inside the footprint gets about as many).
         bands: band names (u g r i z y have realistic properties; others behave like r).
         ra_center, dec_center: field centre [deg]; any RA (wrapped to [0, 360)), any Dec.
-        field_radius_deg: radius of the cap holding the true objects [deg].
-        n_detectors: CCDs of the camera (a near-square grid of 4k x 4k 0.2" CCDs, shrunk to
-            fit small fields).
+        field_radius_deg: the camera's field [deg]: the focal plane and its 0.1-0.3 deg
+            dithers fit in it; without ``survey_radius_deg`` also the cap of true objects.
+        n_detectors: CCDs of the camera: default 9 (``camera="grid"``: a near-square grid of
+            4k x 4k 0.2" CCDs, shrunk to fit small fields) or 189 (``camera="lsstcam"``).
         crowded: add many close star pairs (0.3-3"), chains of three and hence deblends.
         write_refcat: write the HTM-7 reference catalog to ``out_dir/refcat``.
         progress: show a tqdm progress bar over visits.
         file_style: ``"ArrowAstropy"`` or ``"DataFrame"`` source tables
             (:func:`with_table_metadata`); same rows and values either way.
+        survey_radius_deg: a wide survey: the true objects fill the cap of this radius
+            (>= ``field_radius_deg``) and the visits point at the tiles of
+            :class:`SurveyTiling` (spacing: the square root of the camera's area), dithered
+            by up to half a tile.  None: every visit dithers around the field centre.
+        border_nside: also place stars exactly on the boundaries (corners and points along
+            the edges) of the HEALPix nest pixels at this nside inside the footprint
+            (:func:`border_star_positions`, :func:`with_border_stars`).
+        camera: ``"grid"`` or ``"lsstcam"`` (:func:`make_camera`).
+        first_visit: write visits ``first_visit .. first_visit + n_visits - 1`` of the survey
+            of ``first_visit + n_visits`` visits with the same arguments: the same sky and
+            byte-identical files for those visits, visit ids after those of the first
+            ``first_visit`` visits.
 
     Returns:
         A :class:`SimulatedSurvey` describing the files written.
+
+    Raises:
+        ValueError: an argument out of range (named in the message).
     """
     if file_style not in FILE_STYLES:
         raise ValueError(f"file_style must be one of {FILE_STYLES}, got {file_style!r}")
     out, ra_center, bands = _survey_arguments(out_dir, n_visits, bands, sources_per_visit,
                                               ra_center)
-    seeds = np.random.SeedSequence(seed).spawn(n_visits + 3)
-    rng_sky, rng_plan, rng_ref = (np.random.default_rng(s) for s in seeds[:3])
-    max_dither = 0.3 * min(1.0, field_radius_deg)
-    camera = make_camera(n_detectors, field_radius_deg, max_dither)
-    n_junk = int(round(JUNK_FRACTION * sources_per_visit))
-    n_primary = _objects_for_density(sources_per_visit, n_junk, camera, field_radius_deg,
-                                     bands, crowded)
-    sky = make_sky(rng_sky, n_primary, bands, ra_center, dec_center, field_radius_deg, crowded)
-    plan = make_visit_plan(rng_plan, n_visits, bands, ra_center, dec_center, max_dither)
-    cond = make_detector_conditions(rng_plan, plan, camera)
-    paths, counts = _write_source_tables(out, sky, camera, plan, cond, seeds[3:], n_junk, progress,
-                                         file_style)
-    visit_path, ccd_path, truth_path = _write_tables(out, sky, bands, camera, plan, cond)
+    _check_footprint_arguments(field_radius_deg, survey_radius_deg, first_visit)
+    seeds = np.random.SeedSequence(seed).spawn(first_visit + n_visits + 3)
+    design = _design_survey(seeds[:3], first_visit + n_visits, sources_per_visit, bands,
+                            (ra_center, dec_center, field_radius_deg, survey_radius_deg),
+                            n_detectors, camera, crowded, border_nside)
+    plan, cond = design.plan.take(first_visit), design.conditions.take(first_visit)
+    sky, cam = design.sky, design.camera
+    paths, counts = _write_source_tables(out, sky, cam, plan, cond, seeds[3 + first_visit:],
+                                         design.n_junk, progress, file_style)
+    visit_path, ccd_path, truth_path = _write_tables(out, sky, bands, cam, plan, cond)
     refcat_path = out / "refcat" if write_refcat else None
-    n_ref = write_reference_catalog(out / "refcat", sky, bands, rng_ref) if write_refcat else 0
-    if int(plan.visit.max()) >= (1 << (63 - SOURCE_ID_SHIFT)):
-        raise ValueError("visit ids too large for sourceId packing")
+    n_ref = (write_reference_catalog(out / "refcat", sky, bands, np.random.default_rng(seeds[2]))
+             if write_refcat else 0)
     return SimulatedSurvey(out_dir=out, visits=[int(v) for v in plan.visit], bands=list(plan.band),
                            physical_filters=list(plan.physical_filter), source_paths=paths,
                            visit_table_path=visit_path, ccd_visit_table_path=ccd_path,
                            refcat_path=refcat_path, truth_path=truth_path,
                            n_sources=int(sum(counts)), n_sources_per_visit=counts,
-                           n_objects=len(sky), n_refcat=n_ref, seed=seed)
+                           n_objects=len(sky), n_refcat=n_ref, seed=seed,
+                           n_border_stars=design.n_border_stars, n_tiles=design.n_tiles,
+                           footprint_radius_deg=design.footprint_radius_deg)
+
+
+@dataclass(frozen=True)
+class _SurveyDesign:
+    """What every visit of a survey shares: the camera, the sky, the plan of all visits."""
+
+    camera: Camera
+    sky: Sky
+    plan: VisitPlan
+    conditions: DetectorConditions
+    n_junk: int
+    n_border_stars: int
+    n_tiles: int
+    footprint_radius_deg: float
+
+
+def _design_survey(seeds: Sequence[np.random.SeedSequence], n_visits: int,
+                   sources_per_visit: int, bands: Sequence[str],
+                   field: tuple[float, float, float, float | None], n_detectors: int | None,
+                   layout: CameraLayout, crowded: bool, border_nside: int | None
+                   ) -> _SurveyDesign:
+    """The camera, the true sky and the plan of ``n_visits`` visits of a survey of ``field``
+    = (ra_center, dec_center, field_radius_deg, survey_radius_deg or None); the sky draws
+    from ``seeds[0]``, the plan from ``seeds[1]``."""
+    ra_center, dec_center, field_radius_deg, survey_radius_deg = field
+    rng_sky, rng_plan = (np.random.default_rng(s) for s in seeds[:2])
+    max_dither = 0.3 * min(1.0, field_radius_deg)
+    camera = make_camera(n_detectors, field_radius_deg, max_dither, layout)
+    radius = field_radius_deg if survey_radius_deg is None else survey_radius_deg
+    n_junk = int(round(JUNK_FRACTION * sources_per_visit))
+    n_primary = _objects_for_density(sources_per_visit, n_junk, camera, radius, bands, crowded)
+    sky = make_sky(rng_sky, n_primary, bands, ra_center, dec_center, radius, crowded)
+    n_border = 0
+    if border_nside is not None:
+        border = border_star_positions(border_nside, ra_center, dec_center, radius)
+        sky, n_border = with_border_stars(sky, border, rng_sky, bands), len(border)
+    tiling = None
+    if survey_radius_deg is not None:
+        tiling = SurveyTiling.of_cap(ra_center, dec_center, survey_radius_deg,
+                                     math.sqrt(camera.fov_area_deg2))
+        max_dither = 0.5 * tiling.spacing_deg
+    plan = make_visit_plan(rng_plan, n_visits, bands, ra_center, dec_center, max_dither, tiling)
+    return _SurveyDesign(camera=camera, sky=sky, plan=plan,
+                         conditions=make_detector_conditions(rng_plan, plan, camera),
+                         n_junk=n_junk, n_border_stars=n_border,
+                         n_tiles=1 if tiling is None else len(tiling),
+                         footprint_radius_deg=radius)
 
 
 def _survey_arguments(out_dir: str | Path, n_visits: int, bands: Sequence[str],
@@ -1356,6 +1657,19 @@ def _survey_arguments(out_dir: str | Path, n_visits: int, bands: Sequence[str],
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return out, float(np.mod(ra_center, 360.0)), [str(b) for b in bands]
+
+
+def _check_footprint_arguments(field_radius_deg: float, survey_radius_deg: float | None,
+                               first_visit: int) -> None:
+    """Refuse a non-positive field, a survey cap smaller than the field or larger than the
+    sphere, and a negative first visit."""
+    if not field_radius_deg > 0:
+        raise ValueError(f"field_radius_deg must be > 0, got {field_radius_deg}")
+    if survey_radius_deg is not None and not field_radius_deg <= survey_radius_deg <= 180.0:
+        raise ValueError(f"survey_radius_deg must be within [field_radius_deg, 180] = "
+                         f"[{field_radius_deg}, 180], got {survey_radius_deg}")
+    if first_visit < 0:
+        raise ValueError(f"first_visit must be >= 0, got {first_visit}")
 
 
 def _write_tables(out: Path, sky: Sky, bands: Sequence[str], camera: Camera, plan: VisitPlan,
