@@ -28,7 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ra", type=float, default=150.0, help="field centre RA [deg]")
     parser.add_argument("--dec", type=float, default=2.0, help="field centre Dec [deg]")
     parser.add_argument("--radius", type=float, default=1.0, help="field radius [deg]")
-    parser.add_argument("--detectors", type=int, default=9, help="number of CCDs (9)")
+    parser.add_argument("--detectors", type=int, default=None,
+                        help="number of CCDs (9 for the grid camera, 189 for lsstcam)")
+    parser.add_argument("--camera", choices=("grid", "lsstcam"), default="grid",
+                        help="CCD grid shrunk to fit the field (default) or LSSTCam's layout")
+    parser.add_argument("--survey-radius", type=float, default=None,
+                        help="wide survey: true objects over this cap [deg], visits tiled over it")
+    parser.add_argument("--border-nside", type=int, default=None,
+                        help="stars on the boundaries of the HEALPix nest pixels at this nside")
+    parser.add_argument("--first-visit", type=int, default=0,
+                        help="write visits N.. of the same survey (default 0)")
     parser.add_argument("--crowded", action="store_true",
                         help="many close pairs, chains and deblends")
     parser.add_argument("--no-refcat", action="store_true", help="skip the reference catalog")
@@ -42,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                                  ra_center=args.ra, dec_center=args.dec,
                                  field_radius_deg=args.radius, n_detectors=args.detectors,
                                  crowded=args.crowded, write_refcat=not args.no_refcat,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, camera=args.camera,
+                                 survey_radius_deg=args.survey_radius,
+                                 border_nside=args.border_nside, first_visit=args.first_visit)
     except ValueError as exc:
         print(f"simulate.py: error: {exc}", file=sys.stderr)
         return 2

@@ -175,13 +175,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """Run ``simulate``: write a simulated survey in the Rubin formats."""
     from streamstars.simulate import simulate_survey
 
-    if args.visits < 1:
-        raise ConfigError(f"--visits must be at least 1, got {args.visits}")
-    if args.sources_per_visit < 1:
-        raise ConfigError(f"--sources-per-visit must be at least 1, got {args.sources_per_visit}")
-    if not (math.isfinite(args.ra) and math.isfinite(args.dec) and -90.0 <= args.dec <= 90.0):
-        raise ConfigError(f"--ra must be finite and --dec within [-90, 90], got {args.ra}, "
-                          f"{args.dec}")
+    _check_simulate_arguments(args)
     if args.butler:
         from streamstars.butler.repo import require_butler
 
@@ -190,10 +184,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         survey = simulate_survey(args.out, n_visits=args.visits, seed=args.seed,
                                  sources_per_visit=args.sources_per_visit, crowded=args.crowded,
                                  ra_center=args.ra, dec_center=args.dec,
-                                 file_style=args.file_style)
+                                 field_radius_deg=args.field_radius,
+                                 n_detectors=args.n_detectors, camera=args.camera,
+                                 survey_radius_deg=args.survey_radius,
+                                 border_nside=args.border_nside, first_visit=args.first_visit,
+                                 write_refcat=not args.no_refcat, file_style=args.file_style)
     except ValueError as exc:
         raise ConfigError(f"cannot simulate: {exc}") from exc
     print(f"simulated {len(survey.visits)} visits ({survey.n_sources:,} sources) in {args.out}")
+    if args.survey_radius is not None:
+        print(f"wide survey: {survey.n_objects:,} true objects within {args.survey_radius} deg, "
+              f"{survey.n_tiles} tiles a pass")
+    if args.border_nside is not None:
+        print(f"{survey.n_border_stars} stars on the borders of the nside {args.border_nside} "
+              f"pixels (the last ones of truth.parquet)")
     if args.butler:
         from streamstars.butler.simulate import write_survey_repo
 
@@ -202,6 +206,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"Butler repository {written.repo}: {written.n_datasets} datasets of instrument "
               f"{written.instrument} in collection {written.collection} (RUN {written.run})")
     return 0
+
+
+def _check_simulate_arguments(args: argparse.Namespace) -> None:
+    """Refuse ``simulate`` arguments out of range, naming the option (ConfigError)."""
+    if args.visits < 1:
+        raise ConfigError(f"--visits must be at least 1, got {args.visits}")
+    if args.sources_per_visit < 1:
+        raise ConfigError(f"--sources-per-visit must be at least 1, got {args.sources_per_visit}")
+    if not (math.isfinite(args.ra) and math.isfinite(args.dec) and -90.0 <= args.dec <= 90.0):
+        raise ConfigError(f"--ra must be finite and --dec within [-90, 90], got {args.ra}, "
+                          f"{args.dec}")
+    if not args.field_radius > 0:
+        raise ConfigError(f"--field-radius must be positive, got {args.field_radius}")
+    if args.survey_radius is not None and not args.field_radius <= args.survey_radius <= 180:
+        raise ConfigError(f"--survey-radius must be within [--field-radius, 180] = "
+                          f"[{args.field_radius}, 180], got {args.survey_radius}")
+    nside = args.border_nside
+    if nside is not None and (nside < 1 or nside & (nside - 1)):
+        raise ConfigError(f"--border-nside must be a power of two, got {nside}")
+    if args.first_visit < 0:
+        raise ConfigError(f"--first-visit must be at least 0, got {args.first_visit}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -316,6 +341,25 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--crowded", action="store_true")
     p.add_argument("--ra", type=float, default=150.0, help="field centre RA [deg]")
     p.add_argument("--dec", type=float, default=2.0, help="field centre Dec [deg]")
+    p.add_argument("--field-radius", type=float, default=1.0, metavar="DEG",
+                   help="the camera's field: the focal plane and its dithers fit in it; "
+                   "without --survey-radius also the cap of true objects (default 1.0)")
+    p.add_argument("--camera", choices=("grid", "lsstcam"), default="grid",
+                   help="a near-square grid of 4k CCDs shrunk to fit the field (default), or "
+                   "LSSTCam's 189 CCDs (9.3 deg^2; needs --field-radius 2.57 or more)")
+    p.add_argument("--n-detectors", type=int, metavar="N",
+                   help="CCDs of the camera (default 9 for grid, 189 for lsstcam)")
+    p.add_argument("--survey-radius", type=float, metavar="DEG",
+                   help="a wide survey: true objects over this cap, visits spread over it on a "
+                   "tiling by the camera's field, bands cycling (default: every visit dithers "
+                   "around the field centre)")
+    p.add_argument("--border-nside", type=int, metavar="K",
+                   help="also place bright stars exactly on the boundaries and corners of the "
+                   "HEALPix nest pixels at nside K inside the footprint")
+    p.add_argument("--first-visit", type=int, default=0, metavar="N",
+                   help="write visits N .. N+VISITS-1 of the same survey (same sky, the visit "
+                   "ids that follow the first N visits' ones; default 0)")
+    p.add_argument("--no-refcat", action="store_true", help="do not write the reference catalog")
     p.add_argument("--file-style", choices=("ArrowAstropy", "DataFrame"),
                    default="ArrowAstropy", help="write the source tables as an ArrowAstropy "
                    "(default) or a pandas DataFrame dataset (older pipelines)")
