@@ -35,6 +35,7 @@ from streamstars.events import (
     now_iso,
     path_to_uri,
 )
+from streamstars.ingest import file_signature
 from streamstars.io.discover import DiscoveredVisit, RepoInventory, discover_repo
 
 __all__ = [
@@ -196,20 +197,15 @@ def publish_repo(
 
 
 # --------------------------------------------------------------------------------- watching
-def _file_sig(path: Path) -> list[Any]:
-    st = path.stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
 def visit_signature(entry: DiscoveredVisit) -> str:
     """Signature of a visit's inputs: its source files (size, mtime) and metadata values.
 
     Shared metadata files (a visitTable listing many visits) enter through the visit's own
     metadata values only, so that a new visit appended to them does not change older visits.
     """
-    parts: list[Any] = [_file_sig(p) for p in entry.source_paths]
+    parts: list[Any] = file_signature(entry.source_paths)
     if entry.metadata_path is not None and _FITS.search(entry.metadata_path.name):
-        parts.append(_file_sig(entry.metadata_path))
+        parts.extend(file_signature([entry.metadata_path]))
     if entry.metadata is not None:
         parts.append(entry.metadata.to_json())
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
