@@ -348,6 +348,9 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
 _REPORT_ORDER = ("schema_version", "<unknown>", "visit", "action", "<key>", "instrument",
                  "band", "physical_filter", "source_uris", "metadata", "finished_at",
                  "published_at", "producer")
+#: Fields whose message says what they must be also when they are absent (the others say
+#: "missing required field").
+_NAMED_WHEN_MISSING = ("schema_version", "visit", "action")
 _TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string",
                "array": "a list", "object": "an object", "boolean": "true or false",
                "null": "null"}
@@ -393,8 +396,11 @@ def _describe(error: Any, data: _Data, where: str) -> list[tuple[str, str]]:
             return [(name, describe(data, where, path, error))]
         return [(name, _rule_message(error, path, where))]
     if error.validator == "required":
-        return [(name, _FIELD_MESSAGES.get(name, _missing)(data, where, [name], None))
-                for name in error.validator_value if name not in data]
+        found = []
+        for name in (n for n in error.validator_value if n not in data):
+            describe = _FIELD_MESSAGES[name] if name in _NAMED_WHEN_MISSING else _missing
+            found.append((name, describe(data, where, [name], None)))
+        return found
     if error.validator == "additionalProperties":
         unknown = ", ".join(sorted(set(data) - _TOP_KEYS))
         return [("<unknown>", f"{where}: unknown field(s) {unknown} in a schema_version "
@@ -452,16 +458,13 @@ def _action_message(data: _Data, where: str, path: list[str], error: Any) -> str
 
 
 def _text_message(data: _Data, where: str, path: list[str], error: Any) -> str:
-    name = path[0]
-    if name not in data:
-        return _missing(data, where, path, None)
-    return f"{where}: {name!r} must be a non-empty string, got {_shown(data[name])}"
+    return f"{where}: {path[0]!r} must be a non-empty string, got {_shown(data[path[0]])}"
 
 
 def _uris_message(data: _Data, where: str, path: list[str], error: Any) -> str:
     uris = data.get("source_uris")
-    if uris is None:
-        return _missing(data, where, ["source_uris"], None)
+    if uris is None:  # absent or null
+        return _missing(data, where, path, None)
     if isinstance(uris, list) and uris and all(isinstance(u, str) and u for u in uris):
         return f"{where}: 'source_uris' lists a file twice"
     return f"{where}: 'source_uris' must be a non-empty list of strings, got {_shown(uris)}"
@@ -485,10 +488,7 @@ def _metadata_message(data: _Data, where: str, path: list[str], error: Any) -> s
 
 
 def _time_message(data: _Data, where: str, path: list[str], error: Any) -> str:
-    name = path[0]
-    if name not in data:
-        return _missing(data, where, path, None)
-    return f"{where}: {name!r} {_time_problem(data[name]) or 'is invalid'}"
+    return f"{where}: {path[0]!r} {_time_problem(data[path[0]]) or 'is invalid'}"
 
 
 def _producer_message(data: _Data, where: str, path: list[str], error: Any) -> str:
