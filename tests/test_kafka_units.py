@@ -1,4 +1,4 @@
-"""Consumer pieces that need no broker: client properties, metrics/health server, faults."""
+"""Consumer pieces that need no broker: client properties, metrics/health server, hooks."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crash_hooks import CrashHooks, hooks_env
 
 from streamstars.consumers.dead_letters import (
     DEAD_LETTER_SCHEMA,
@@ -23,10 +24,12 @@ from streamstars.consumers.dead_letters import (
     dead_letter_limit,
     shrink_limit,
 )
-from streamstars.consumers.faults import Faults
+from streamstars.consumers.health import HealthState
+from streamstars.consumers.hooks import ENV_HOOKS, NO_HOOKS, load_hooks
+from streamstars.consumers.http_server import HealthServer
 from streamstars.consumers.kafka_config import load_kafka_properties, redacted
-from streamstars.consumers.metrics import ConsumerMetrics, HealthServer, HealthState
-from streamstars.consumers.runner import parse_seek_offsets
+from streamstars.consumers.metrics import ConsumerMetrics
+from streamstars.consumers.options import parse_seek_offsets
 from streamstars.errors import ConfigError
 
 
@@ -70,17 +73,33 @@ def test_metrics_and_health_endpoints() -> None:
 
 
 def test_fault_plan_parsing_and_inert_default(tmp_path: Path) -> None:
-    faults = Faults("after_lmdb_commit:3,during_apply:2:15", str(tmp_path / "log"))
+    faults = CrashHooks("after_lmdb_commit:3,during_apply:2:15", str(tmp_path / "log"))
     assert faults.plan == {"after_lmdb_commit": (3, 0.0), "during_apply": (2, 15.0)}
     faults.point("after_lmdb_commit")  # 1st and 2nd time: not due
     faults.point("after_lmdb_commit")
     faults.point("before_apply")  # not planned
-    inert = Faults("", "")
+    inert = CrashHooks("", "")
     assert not inert.active
     inert.record_application(1, "applied", 2)  # no log configured: nothing happens
     faults.record_application(7, "applied", 3)
     faults.record_application(7, "skipped", 4)
     assert (tmp_path / "log").read_text().count('"visit": 7') == 1
+
+
+def test_hooks_are_loaded_only_when_named(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production consumers get the no-op hooks; a test names a module that provides its own;
+    a name that cannot be loaded is a setting error (exit code 2 of ``run``)."""
+    assert load_hooks({}) is NO_HOOKS and load_hooks({ENV_HOOKS: " "}) is NO_HOOKS
+    env = hooks_env(tmp_path / "log", "before_apply:2")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    hooks = load_hooks()
+    assert isinstance(hooks, CrashHooks) and hooks.plan == {"before_apply": (2, 0.0)}
+    assert hooks.log_path == str(tmp_path / "log")
+    for bad in ("no_such_module_here", "json"):  # missing; no consumer_hooks()
+        with pytest.raises(ConfigError, match=ENV_HOOKS):
+            load_hooks({ENV_HOOKS: bad})
 
 
 def test_seek_offsets() -> None:
