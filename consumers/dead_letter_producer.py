@@ -134,38 +134,13 @@ class DeadLetterProducer:
             Shutdown: a stop was requested while the delivery was failing.
         """
         reason = reason_of(exc)
-        error = {
+        build = self._builder(msg, event, {
             "type": type(exc).__name__,
             "reason": reason,
             "message": str(exc),
             "permanent": permanent,
             "attempts": attempts,
-        }
-        dead_lettered_at = now_iso()
-
-        def build(max_bytes: int) -> DeadLetter:
-            return build_dead_letter(
-                source={
-                    "topic": msg.topic(),
-                    "partition": msg.partition(),
-                    "offset": msg.offset(),
-                    "timestamp_ms": msg.timestamp()[1],
-                },
-                key=msg.key(),
-                value=msg.value(),
-                visit=event.visit if event is not None else None,
-                action=event.action if event is not None else None,
-                error=error,
-                consumer={
-                    "group": self.opts.group,
-                    "host": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "version": __version__,
-                },
-                dead_lettered_at=dead_lettered_at,
-                max_bytes=max_bytes,
-            )
-
+        })
         letter = build(self.max_bytes)
         shown = str(exc)
         if len(shown) > 1000:
@@ -178,6 +153,27 @@ class DeadLetterProducer:
         if letter.truncated:
             self.ctx.metrics.dead_letters_truncated.inc()
         self.ctx.metrics.dead_lettered.labels(reason).inc()
+
+    def _builder(self, msg: Message, event: VisitEvent | None,
+                 error: dict[str, Any]) -> Callable[[int], DeadLetter]:
+        """Builds the dead letter of ``msg`` within a size limit (the same record, stamped
+        now, whatever limit it is rebuilt with)."""
+        dead_lettered_at = now_iso()
+        consumer = {"group": self.opts.group, "host": socket.gethostname(),
+                    "pid": os.getpid(), "version": __version__}
+        source = {"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
+                  "timestamp_ms": msg.timestamp()[1]}
+
+        def build(max_bytes: int) -> DeadLetter:
+            return build_dead_letter(
+                source=source, key=msg.key(), value=msg.value(),
+                visit=event.visit if event is not None else None,
+                action=event.action if event is not None else None,
+                error=error, consumer=consumer, dead_lettered_at=dead_lettered_at,
+                max_bytes=max_bytes,
+            )
+
+        return build
 
     def _deliver(self, producer: Producer, letter: DeadLetter,
                  build: Callable[[int], DeadLetter], reason: str) -> DeadLetter:
