@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import KafkaError, Message, Producer
+
 from streamstars import __version__
 from streamstars.events import (
     Action,
@@ -126,10 +128,8 @@ def events_for_inventory(
     return events, skipped
 
 
-def make_producer(bootstrap: str, kafka_config: Mapping[str, str] | None = None) -> Any:
+def make_producer(bootstrap: str, kafka_config: Mapping[str, str] | None = None) -> Producer:
     """A confluent-kafka Producer: client settings from the properties file, then bootstrap."""
-    from confluent_kafka import Producer
-
     settings: dict[str, Any] = {"acks": "all", "linger.ms": 5}
     settings.update(kafka_config or {})
     settings["bootstrap.servers"] = bootstrap
@@ -137,7 +137,7 @@ def make_producer(bootstrap: str, kafka_config: Mapping[str, str] | None = None)
 
 
 def publish_events(
-    producer: Any, topic: str, events: Iterable[VisitEvent], timeout: float = 60.0
+    producer: Producer, topic: str, events: Iterable[VisitEvent], timeout: float = 60.0
 ) -> list[int]:
     """Produce events (key = visit id), wait for every acknowledgement, return the visits.
 
@@ -147,7 +147,7 @@ def publish_events(
     errors: list[str] = []
     sent: list[int] = []
 
-    def on_delivery(err: Any, msg: Any) -> None:
+    def on_delivery(err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             errors.append(f"key {msg.key()!r}: {err}")
 
