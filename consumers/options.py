@@ -50,6 +50,8 @@ class RunOptions:
     stall_seconds: float | None = None
     #: largest dead-letter value (bytes); None: the producer's message.max.bytes - 1 KiB
     dead_letter_max_bytes: int | None = None
+    #: Butler repository resolving events that name datasets (schema version 2)
+    butler: str | None = None
 
     @property
     def effective_stall_seconds(self) -> float:

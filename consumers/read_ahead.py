@@ -34,13 +34,17 @@ class ReadAhead:
         depth: visits read ahead of the one being applied (``--read-ahead``).
         prepare: reads and selects the visit of an event (no store access).
         metrics: counts read-aheads used or failed.
+        needs_reading: whether an event's visit is read when applied (called here, in the
+            consumer's thread); default: every event but a retraction.
     """
 
     def __init__(self, depth: int, prepare: Callable[[VisitEvent], PreparedVisit],
-                 metrics: ConsumerMetrics) -> None:
+                 metrics: ConsumerMetrics,
+                 needs_reading: Callable[[VisitEvent], bool] | None = None) -> None:
         self.depth = depth
         self.prepare = prepare
         self.metrics = metrics
+        self.needs_reading = needs_reading or _not_a_retraction
         self._pool: ThreadPoolExecutor | None = None
         self._events: dict[Position, VisitEvent] = {}
         self._prepared: dict[Position, Future[PreparedVisit]] = {}
@@ -75,7 +79,7 @@ class ReadAhead:
             except Exception:  # noqa: BLE001 - the normal path dead-letters it
                 continue
             self._events[position] = event
-            if event.action != "retract":
+            if self.needs_reading(event):
                 self._prepared[position] = self._pool.submit(self.prepare, event)
 
     def event(self, position: Position) -> VisitEvent | None:
@@ -108,3 +112,7 @@ class ReadAhead:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self.clear()
+
+
+def _not_a_retraction(event: VisitEvent) -> bool:
+    return event.action != "retract"

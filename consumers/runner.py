@@ -7,8 +7,10 @@ named parts:
 * :mod:`.kafka_client`: Kafka consumer settings, assignment (seek to the LMDB offsets,
   ``--seek-*``), fetching, commits, lag;
 * :mod:`.visit_store`: the LMDB store (open + reference catalog, apply / retract with the
-  offset in one transaction, offsets, the snapshots' read transaction);
-* :mod:`.prepare`: an event's files and metadata, read and selected (no store);
+  offset in one transaction, offsets, the snapshots' read transaction, whether a Butler
+  event's datasets are the ones its visit was applied from);
+* :mod:`.prepare`: an event's visit read and selected (no store): a file event's files and
+  metadata, a Butler event's datasets (``--butler REPO``);
 * :mod:`.read_ahead`: the next visits of a batch prepared in a background thread;
 * :mod:`.retries`: transient errors retried with backoff, and how errors are classed;
 * :mod:`.dead_letter_producer`: dead letters built, logged and delivered before the offset;
@@ -27,7 +29,8 @@ then is the offset committed to Kafka.  On partition assignment the consumer see
 partition to the offset stored in LMDB (the beginning when the store has none), so the Kafka
 commit is only a convenience for monitoring tools: after any crash the store resumes exactly
 after the last visit it holds.  Duplicate and replayed events are counted no-ops (same content
-hash -> "skipped").
+hash -> "skipped"); so is an event naming exactly the Butler datasets its visit was applied from,
+without reading them (datasets are immutable).
 
 Errors
 ------
@@ -57,7 +60,13 @@ import traceback
 
 from confluent_kafka import KafkaError, Message
 
-from streamstars.errors import PermanentInputError, RefcatError, StateError, StreamstarsError
+from streamstars.errors import (
+    ConfigError,
+    PermanentInputError,
+    RefcatError,
+    StateError,
+    StreamstarsError,
+)
 from streamstars.events import VisitEvent, parse_message
 from streamstars.ingest import PreparedVisit
 
@@ -69,7 +78,7 @@ from .kafka_client import KafkaClient, Position, position_of
 from .kafka_config import redacted
 from .metrics import Outcome
 from .options import EXIT_KAFKA, EXIT_OK, EXIT_STATE, EXIT_USAGE, RunOptions
-from .prepare import prepare_event
+from .prepare import EventPreparer
 from .read_ahead import ReadAhead
 from .retries import Retrier, RetriesExhausted, Shutdown, UnexpectedError
 from .signals import StopSignals
@@ -100,10 +109,12 @@ class Runner:
             ctx.stop_requested, ctx.health, ctx.metrics
         self.signals = StopSignals(ctx)
         self.store = ConsumerStore(options)
+        self.preparer = EventPreparer(options.data_roots, options.butler)
         self.kafka = KafkaClient(ctx, self.store.stored_offsets)
         self.retrier = Retrier(ctx)
         self.dead_letters = DeadLetterProducer(ctx, self.retrier)
-        self.read_ahead = ReadAhead(options.read_ahead, self._prepare, self.metrics)
+        self.read_ahead = ReadAhead(options.read_ahead, self._prepare, self.metrics,
+                                    needs_reading=self._needs_reading)
         self.snapshots = SnapshotScheduler(ctx, self.store, hooks)
         self.http: HealthServer | None = None
         self.processed = 0
@@ -141,16 +152,18 @@ class Runner:
         return code
 
     def _open(self) -> int | None:
-        """Open the store and check the dead-letter settings; an exit code on failure."""
+        """Open the Butler repository (``--butler``) and the store, check the dead-letter
+        settings; an exit code on failure."""
         opts = self.opts
         try:
+            self.preparer.open()
             self.store.open()
             self.hooks.store_opened(self.store.star_store)
             self.metrics.visits_stored.set(self.store.visit_count())
         except StreamstarsError as exc:
             log.error("cannot open the state %s: %s", opts.state, exc)
             self.store.close()
-            return EXIT_USAGE if isinstance(exc, RefcatError) else EXIT_STATE
+            return EXIT_USAGE if isinstance(exc, RefcatError | ConfigError) else EXIT_STATE
         log.info("kafka client settings from --kafka-config: %s", redacted(opts.kafka_config))
         try:
             self.dead_letters.configure()
@@ -280,6 +293,10 @@ class Runner:
         """Prepare (or take from the read-ahead) and apply the event's visit, or retract it,
         in one LMDB transaction with the offset after ``position``."""
         start = time.perf_counter()
+        if self.store.applied_from(event):
+            # the visit holds exactly these Butler datasets (immutable): nothing to read
+            self.store.record_offset(position)
+            return Outcome("skipped", seconds=time.perf_counter() - start)
         if event.action == "retract":
             result = self.store.retract(event.visit, position)
         else:
@@ -291,6 +308,11 @@ class Runner:
         return Outcome(result.status, result.n_sources, result.n_selected,
                        time.perf_counter() - start, result.dropped)
 
+    def _needs_reading(self, event: VisitEvent) -> bool:
+        """Whether applying ``event`` reads files (what the read-ahead prepares): not for a
+        retraction, nor for datasets the visit was already applied from."""
+        return event.action != "retract" and not self.store.applied_from(event)
+
     def _prepare(self, event: VisitEvent) -> PreparedVisit:
         """Read and select the event's visit (no store writes: safe in the read-ahead)."""
-        return prepare_event(event, self.opts.data_roots, self.store.config)
+        return self.preparer.prepare(event, self.store.config)

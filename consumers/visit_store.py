@@ -3,13 +3,17 @@ store steps of :mod:`streamstars.ingest` and :mod:`streamstars.snapshot`.
 
 Each visit is applied in ONE write transaction that also stores its partition's next offset,
 and a message that changes nothing else (a dead letter) records its offset alone, so the store
-always knows where each partition resumes (:meth:`ConsumerStore.stored_offsets`).
+always knows where each partition resumes (:meth:`ConsumerStore.stored_offsets`).  An event
+naming exactly the Butler datasets a visit was applied from is skipped without reading
+(:meth:`ConsumerStore.applied_from`).
 """
 
 from __future__ import annotations
 
+from streamstars.butler.read import event_dataset_ids
 from streamstars.config import BuildStarsConfig, load_config
 from streamstars.errors import StateError
+from streamstars.events import VisitEvent
 from streamstars.ingest import (
     ApplyResult,
     KafkaOffset,
@@ -73,11 +77,13 @@ class ConsumerStore:
         else:
             config = BuildStarsConfig()
         # validate the reference catalog before the store is touched (when the config is
-        # given), and that the store caches the same catalog
-        source = open_reference_source(config.fgcmLoadReferenceCatalog) if config else None
+        # given), and that the store caches the same catalog (a catalog kept in a Butler is
+        # read from --butler unless the config names its repository)
+        source = open_reference_source(config.fgcmLoadReferenceCatalog, opts.butler) \
+            if config else None
         store = StarStore.open(opts.state, config)
         try:
-            attach_references(store, source)
+            attach_references(store, source, butler=opts.butler)
         except BaseException:
             store.close()
             raise
@@ -96,6 +102,17 @@ class ConsumerStore:
     def stored_offsets(self, topic: str) -> dict[int, int]:
         """partition -> next offset to consume of ``topic``, as recorded with the visits."""
         return self.star_store.stored_offsets(topic)
+
+    def applied_from(self, event: VisitEvent) -> bool:
+        """True when the store holds the event's visit from exactly the Butler datasets the
+        event names (datasets are immutable: there is nothing to read).  False for file
+        events and retractions."""
+        if event.butler_datasets is None or event.action == "retract":
+            return False
+        store = self.star_store
+        with store.read() as txn:
+            record = store.visit_record(txn, event.visit)
+        return record is not None and record.get("dataset_ids") == event_dataset_ids(event)
 
     def record_offset(self, position: Position) -> None:
         """Record the offset after ``position`` alone (a message that changes nothing else)."""

@@ -20,6 +20,16 @@ accepted by :func:`streamstars.io.visitmeta.metadata_from_values`.  A ``retract`
 only ``schema_version``, ``action`` and ``visit``.  :func:`parse_event` validates events by
 that JSON Schema (``jsonschema``, compiled once) and names the offending field.
 
+Schema version 2 adds one field, ``butler``: the visit's datasets in a Butler repository, by
+dataset type and UUID, instead of ``source_uris`` and ``metadata`` (the consumer, run with
+``--butler REPO``, resolves them through the registry)::
+
+      "butler": {"datasets": {"sourceTable_visit": ["0190..."], "visitSummary": ["0190..."]},
+                 "collections": ["LSSTCam/runs/nightly"]}
+
+Events without ``butler`` are still written as version 1, so consumers that read only
+version 1 keep reading every directory event.
+
 Security: :func:`resolve_uri` admits only local paths and ``file://`` URIs that resolve (after
 following symlinks) inside one of the configured data roots; anything else raises
 :class:`ForbiddenPathError` before any file is opened.
@@ -33,6 +43,7 @@ import json
 import math
 import os
 import reprlib
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,8 +73,16 @@ __all__ = [
     "schema_path",
 ]
 
-#: The schema version this streamstars writes and the highest one it reads.
-SCHEMA_VERSION = 1
+#: The highest schema version this streamstars reads (and writes, for Butler events).
+SCHEMA_VERSION = 2
+#: The version of events naming files (``source_uris`` + ``metadata``): still 1.
+FILE_EVENT_VERSION = 1
+#: The first version with the ``butler`` field.
+BUTLER_EVENT_VERSION = 2
+#: Dataset types a ``butler.datasets`` object may name: the source table (required) and the
+#: visit's metadata (``visitSummary``, or ``visitTable`` with an optional ``ccdVisitTable``).
+BUTLER_DATASET_TYPES: tuple[str, ...] = ("sourceTable_visit", "visitSummary", "visitTable",
+                                         "ccdVisitTable")
 #: Allowed values of ``action``.
 ACTIONS: tuple[str, ...] = ("apply", "replace", "retract")
 #: Largest event accepted (bytes); a visit event is a few kB.
@@ -88,6 +107,7 @@ _TOP_KEYS = {
     "finished_at",
     "published_at",
     "producer",
+    "butler",
 }
 
 
@@ -115,7 +135,7 @@ def event_key(visit: int) -> bytes:
 
 @dataclass(frozen=True)
 class VisitEvent:
-    """One visit event (schema version 1).
+    """One visit event (schema version 1, or 2 when it names Butler datasets).
 
     Attributes:
         action: ``apply`` (add a new visit; a duplicate with the same content is a no-op),
@@ -128,7 +148,11 @@ class VisitEvent:
         metadata_values: inline metadata values, or None when a visitSummary URI is given.
         finished_at: when the visit finished (UTC, ISO 8601), or None for ``retract``.
         published_at, producer: optional provenance written by publishers.
-        schema_version: the version the event was written with.
+        butler_datasets: dataset type -> UUIDs of the visit's Butler datasets (instead of
+            ``source_uris`` and ``metadata``; schema version 2), or None.
+        butler_collections: the collections the publisher found them in (provenance).
+        schema_version: the version the event was written with (version 2 is written
+            whenever ``butler_datasets`` is set).
     """
 
     action: Action
@@ -142,7 +166,9 @@ class VisitEvent:
     finished_at: str | None = None
     published_at: str | None = None
     producer: str | None = None
-    schema_version: int = SCHEMA_VERSION
+    butler_datasets: Mapping[str, tuple[str, ...]] | None = None
+    butler_collections: tuple[str, ...] = ()
+    schema_version: int = FILE_EVENT_VERSION
 
     @property
     def key(self) -> bytes:
@@ -151,8 +177,11 @@ class VisitEvent:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this event (only the fields that are set)."""
+        version = self.schema_version
+        if self.butler_datasets is not None:
+            version = max(version, BUTLER_EVENT_VERSION)
         out: dict[str, Any] = {
-            "schema_version": self.schema_version,
+            "schema_version": version,
             "action": self.action,
             "visit": self.visit,
         }
@@ -166,6 +195,12 @@ class VisitEvent:
             out["metadata"] = {"visit_summary_uri": self.metadata_uri}
         elif self.metadata_values is not None:
             out["metadata"] = {"values": _json_safe(dict(self.metadata_values))}
+        if self.butler_datasets is not None:
+            butler: dict[str, Any] = {"datasets": {k: list(v) for k, v in
+                                                   sorted(self.butler_datasets.items())}}
+            if self.butler_collections:
+                butler["collections"] = list(self.butler_collections)
+            out["butler"] = butler
         for name in ("finished_at", "published_at", "producer"):
             value = getattr(self, name)
             if value is not None:
@@ -302,9 +337,10 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
     The key is checked only when given (``None``: not checked); a Kafka consumer uses
     :func:`parse_message`, which requires it.  The value is decoded with
     :func:`loads_bounded` (at most :data:`MAX_EVENT_BYTES` bytes and :data:`MAX_EVENT_DEPTH`
-    levels of nesting), then validated by the shipped JSON Schema (:func:`schema_path`) and
-    the two rules a schema cannot state: the key and ``metadata.values.visit`` are the
-    event's visit.
+    levels of nesting), then validated by the shipped JSON Schema (:func:`schema_path`:
+    versions 1 and 2, ``butler`` only in version 2 and instead of ``source_uris`` +
+    ``metadata``) and the two rules a schema cannot state: the key and
+    ``metadata.values.visit`` are the event's visit.
 
     Raises:
         MalformedEventError: too large or too deeply nested, not UTF-8 JSON, not an object,
@@ -324,6 +360,7 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
     if problems:
         raise MalformedEventError(min(problems)[2])
     meta = data.get("metadata") or {}
+    butler = data.get("butler")
     return VisitEvent(
         action=cast(Action, data["action"]),
         visit=data["visit"],
@@ -336,6 +373,9 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
         finished_at=data.get("finished_at"),
         published_at=data.get("published_at"),
         producer=data.get("producer"),
+        butler_datasets=None if butler is None else
+        {name: tuple(ids) for name, ids in butler["datasets"].items()},
+        butler_collections=() if butler is None else tuple(butler.get("collections", ())),
         schema_version=data["schema_version"],
     )
 
@@ -344,10 +384,13 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
 #: When an event breaks several rules, the first of these fields is named: what identifies
 #: the event first (version, known fields, visit, action, key), then the fields in the order
 #: an event lists them.  ``<unknown>`` stands for fields the schema does not know, ``<key>``
-#: for the message key; fields not listed come last.
+#: for the message key; ``<butler rule>`` for the rule tying ``butler`` to schema version 2
+#: and to apply/replace, ``<butler and files>`` for ``butler`` given with ``source_uris`` or
+#: ``metadata``; fields not listed come last.
 _REPORT_ORDER = ("schema_version", "<unknown>", "visit", "action", "<key>", "instrument",
-                 "band", "physical_filter", "source_uris", "metadata", "finished_at",
-                 "published_at", "producer")
+                 "band", "physical_filter", "<butler rule>", "butler", "<butler and files>",
+                 "butler.datasets", "butler.collections", "source_uris", "metadata",
+                 "finished_at", "published_at", "producer")
 #: Fields whose message says what they must be also when they are absent (the others say
 #: "missing required field").
 _NAMED_WHEN_MISSING = ("schema_version", "visit", "action")
@@ -357,19 +400,41 @@ _TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a strin
 
 
 @functools.cache
+def _schema() -> _Data:
+    """The shipped JSON Schema (:func:`schema_path`), read once."""
+    return json.loads(schema_path().read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+@functools.cache
 def _validator() -> Any:
     """The shipped JSON Schema, compiled once: ``integer`` is a JSON integer (not ``true``,
-    not ``7.0``) and ``date-time`` an ISO 8601 time with a time zone (what
-    :meth:`datetime.fromisoformat` reads)."""
+    not ``7.0``), ``date-time`` an ISO 8601 time with a time zone (what
+    :meth:`datetime.fromisoformat` reads) and ``uuid`` what :class:`uuid.UUID` reads."""
     from jsonschema import FormatChecker, validators
 
-    schema = json.loads(schema_path().read_text(encoding="utf-8"))
+    schema = _schema()
     base = validators.validator_for(schema)
     types = base.TYPE_CHECKER.redefine("integer", lambda _checker, value: _is_int(value))
     strict = validators.extend(base, type_checker=types)
     formats = FormatChecker(formats=())
     formats.checks("date-time")(lambda value: _time_problem(value) is None)
+    formats.checks("uuid")(lambda value: not isinstance(value, str) or _is_uuid(value))
     return strict(schema, format_checker=formats)
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+@functools.cache
+def _butler_rule() -> int:
+    """The index in the schema's ``allOf`` of the rule that applies when ``butler`` is given."""
+    rules = _schema()["allOf"]
+    return next(i for i, rule in enumerate(rules) if rule["if"] == {"$ref": "#/$defs/has_butler"})
 
 
 def _problems(data: _Data, key: bytes | None) -> list[tuple[int, int, str]]:
@@ -389,9 +454,13 @@ def _rank(name: str) -> int:
 def _describe(error: Any, data: _Data, where: str) -> list[tuple[str, str]]:
     """``(field, message)`` of one schema error (a ``required`` error may name several)."""
     path = [str(p) for p in error.absolute_path]
+    rule = list(error.schema_path)[:2]
+    if rule == ["allOf", _butler_rule()]:
+        return [_butler_rule_message(error, data, where)]
     if path:
-        name = path[0]
-        describe = _FIELD_MESSAGES.get(name)
+        describe = _FIELD_MESSAGES.get(path[0])
+        # ranked by the field, or by the nested field when the report order names it
+        name = ".".join(path[:2]) if ".".join(path[:2]) in _REPORT_ORDER else path[0]
         if describe is not None:
             return [(name, describe(data, where, path, error))]
         return [(name, _rule_message(error, path, where))]
@@ -446,6 +515,51 @@ def _schema_version_message(data: _Data, where: str, path: list[str], error: Any
         return f"{where}: 'schema_version' must be an integer, got {_shown(version)}"
     return (f"{where}: schema_version {version} is not supported (this streamstars reads "
             f"1..{SCHEMA_VERSION}); upgrade the consumers before the producers")
+
+
+def _butler_rule_message(error: Any, data: _Data, where: str) -> tuple[str, str]:
+    """The rule of a ``butler`` field: schema version 2, apply or replace, no files."""
+    if error.validator == "const":  # schema_version (one this streamstars reads)
+        return ("<butler rule>", f"{where}: 'butler' needs schema_version "
+                                 f"{BUTLER_EVENT_VERSION}, got {_shown(data['schema_version'])}")
+    if error.validator == "enum":  # action (retract)
+        return ("<butler rule>", f"{where}: a retract event names no datasets ('butler')")
+    return ("<butler and files>",
+            f"{where}: give either 'butler' or 'source_uris' + 'metadata', not both")
+
+
+def _butler_message(data: _Data, where: str, path: list[str], error: Any) -> str:
+    raw = data["butler"]
+    if len(path) == 1:
+        return (f"{where}: 'butler' must be {{\"datasets\": {{TYPE: [UUID, ...]}}, "
+                f"\"collections\": [...]}}, got {_shown(raw)}")
+    if path[1] == "collections":
+        return f"{where}: 'butler.collections' must be a list of strings"
+    if len(path) == 2:
+        return _datasets_message(raw["datasets"], where, error)
+    name = f"butler.datasets.{path[2]}"
+    if error.validator == "format":
+        return f"{where}: {name!r} holds {_shown(error.instance)}, not a UUID"
+    if error.validator == "uniqueItems":
+        return f"{where}: {name!r} lists a UUID twice"
+    if error.validator == "maxItems":
+        return f"{where}: {name!r} must hold one UUID"
+    return f"{where}: {name!r} must be a non-empty list of UUID strings"
+
+
+def _datasets_message(datasets: Any, where: str, error: Any) -> str:
+    if error.validator == "additionalProperties":
+        unknown = ", ".join(sorted(set(datasets) - set(BUTLER_DATASET_TYPES)))
+        return (f"{where}: 'butler.datasets' names unknown dataset type(s) {unknown[:200]}; "
+                f"known: {', '.join(BUTLER_DATASET_TYPES)}")
+    if error.validator == "required":
+        return f"{where}: 'butler.datasets' lacks 'sourceTable_visit'"
+    if error.validator == "oneOf":
+        if ("visitSummary" in datasets) == ("visitTable" in datasets):
+            return (f"{where}: 'butler.datasets' needs exactly one of 'visitSummary' and "
+                    "'visitTable' (the visit's metadata)")
+        return f"{where}: 'ccdVisitTable' only goes with 'visitTable'"
+    return f"{where}: 'butler.datasets' must be an object"
 
 
 def _visit_message(data: _Data, where: str, path: list[str], error: Any) -> str:
@@ -507,6 +621,7 @@ _FIELD_MESSAGES: dict[str, Callable[[_Data, str, list[str], Any], str]] = {
     "finished_at": _time_message,
     "published_at": _time_message,
     "producer": _producer_message,
+    "butler": _butler_message,
 }
 
 

@@ -70,6 +70,8 @@ class VisitInput:
     visit: int
     source_paths: Sequence[Path | str]
     metadata: VisitMetadata
+    #: UUIDs of the Butler datasets the visit comes from (empty outside a Butler)
+    dataset_ids: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class PreparedVisit:
     #: rows dropped for unusable coordinates that pass every other cut, by reason
     #: (``nonFiniteRaDec``, ``raDecOutOfRange``; streamstars.select.select_visit)
     dropped: dict[str, int] = field(default_factory=dict)
+    #: UUIDs of the Butler datasets read, so a resumed Butler backfill can skip unchanged ones
+    dataset_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -245,7 +249,8 @@ def prepare_visit(visit_input: VisitInput, config: BuildStarsConfig) -> Prepared
         delta_aper_detector={int(k): float(v) for k, v in per_detector.items()},
         content_hash=content_hash(observations, metadata, band),
         source_paths=[str(p) for p in visit_input.source_paths],
-        files=file_signature(visit_input.source_paths), dropped=dropped)
+        files=file_signature(visit_input.source_paths), dropped=dropped,
+        dataset_ids=sorted(visit_input.dataset_ids))
 
 
 def _report_dropped(visit: int, dropped: dict[str, int], n_selected: int) -> None:
@@ -352,15 +357,20 @@ def _same_content(record: dict[str, Any], prepared: PreparedVisit) -> bool:
 
 def _follow_files(store: StarStore, txn: lmdb.Transaction, record: dict[str, Any],
                   prepared: PreparedVisit) -> None:
-    """A visit skipped as unchanged: its record follows its files when they moved (so the next
-    resume skips it without reading) and an older record gets the current content hash."""
+    """A visit skipped as unchanged: its record follows its inputs when they moved or were
+    re-ingested (files, or Butler datasets with new UUIDs; so the next resume skips it without
+    reading) and an older record gets the current content hash."""
     moved = (record.get("files") != prepared.files
              or record.get("source_paths") != prepared.source_paths
-             or record.get("metadata", {}).get("source") != prepared.metadata.source)
+             or record.get("metadata", {}).get("source") != prepared.metadata.source
+             or (bool(prepared.dataset_ids)
+                 and record.get("dataset_ids") != prepared.dataset_ids))
     if not moved and record.get("content_hash_version") == CONTENT_HASH_VERSION:
         return
     record = dict(record, files=prepared.files, source_paths=prepared.source_paths,
                   content_hash=prepared.content_hash, content_hash_version=CONTENT_HASH_VERSION)
+    if prepared.dataset_ids:
+        record["dataset_ids"] = prepared.dataset_ids
     record["metadata"] = dict(record["metadata"], source=prepared.metadata.source)
     store.put_visit_record(txn, prepared.visit, record)
 
@@ -388,6 +398,8 @@ def _add_visit(store: StarStore, txn: lmdb.Transaction, prepared: PreparedVisit,
         "source_paths": prepared.source_paths,
         "files": prepared.files,
     }
+    if prepared.dataset_ids:
+        record["dataset_ids"] = prepared.dataset_ids
     if kafka_offset is not None:
         record["kafka"] = [kafka_offset.topic, kafka_offset.partition, kafka_offset.next_offset]
     store.put_visit_record(txn, prepared.visit, record)

@@ -210,3 +210,43 @@ def test_healthz_fails_when_a_message_is_stuck() -> None:
         assert get("/healthz")[1].startswith("main loop stalled")
     finally:
         server.stop()
+
+
+def test_read_ahead_reads_only_what_applying_would_read(tmp_path: Path) -> None:
+    """The read-ahead prepares the visits applying will read: not a retraction, nor an event
+    its ``needs_reading`` refuses (a Butler event naming the datasets its visit was applied
+    from, ``ConsumerStore.applied_from``)."""
+    from confluent_kafka import Message
+
+    from streamstars.config import BuildStarsConfig
+    from streamstars.consumers.kafka_client import position_of
+    from streamstars.consumers.prepare import EventPreparer
+    from streamstars.consumers.read_ahead import ReadAhead
+    from streamstars.events import VisitEvent
+
+    def event(visit: int, action: str = "apply") -> VisitEvent:
+        # files that do not exist: preparing the visit fails (counted as "failed")
+        return VisitEvent(action=action, visit=visit,  # type: ignore[arg-type]
+                          instrument="LSSTCam", band="r", physical_filter="r_57",
+                          source_uris=(str(tmp_path / f"{visit}.parquet"),),
+                          metadata_uri=str(tmp_path / f"{visit}.fits"),
+                          finished_at="2024-12-02T03:14:15Z")
+
+    events = [event(7), event(8), event(9, "retract")]
+    messages = [Message(topic="visits", partition=0, offset=k, key=e.key, value=e.to_json())
+                for k, e in enumerate(events)]
+    metrics = ConsumerMetrics()
+    preparer = EventPreparer([tmp_path])
+    ahead = ReadAhead(3, lambda e: preparer.prepare(e, BuildStarsConfig()), metrics,
+                      needs_reading=lambda e: e.action != "retract" and e.visit != 8)
+    ahead.start()
+    try:
+        ahead.submit(messages)
+        for msg, e in zip(messages, events, strict=True):
+            assert ahead.event(position_of(msg)) == e
+            assert ahead.take(position_of(msg), e) is None
+    finally:
+        ahead.close()
+    counted = metrics.registry.get_sample_value
+    assert counted("streamstars_visits_read_ahead_total", {"outcome": "failed"}) == 1  # visit 7
+    assert not counted("streamstars_visits_read_ahead_total", {"outcome": "used"})
