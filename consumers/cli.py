@@ -63,8 +63,12 @@ def _verbose_logging() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``streamstars run``: consume visit events until SIGTERM/SIGINT."""
+    from streamstars.errors import ConfigError
+
+    from .hooks import load_hooks
     from .kafka_config import load_kafka_properties
-    from .runner import Runner, RunOptions, parse_seek_offsets
+    from .options import RunOptions, parse_seek_offsets
+    from .runner import Runner
 
     _verbose_logging()
     if not args.data_root and not args.butler:
@@ -104,7 +108,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         or options.snapshot_on_exit
     ):
         options.snapshot_every_seconds = 600.0
-    return Runner(options).run()
+    try:
+        hooks = load_hooks()
+    except ConfigError as exc:
+        print(f"streamstars run: error: {exc}", file=sys.stderr)
+        return 2
+    return Runner(options, hooks).run()
 
 
 def cmd_publish(args: argparse.Namespace) -> int:

@@ -147,17 +147,7 @@ def build_dead_letter(
     ``payload_truncated`` is true.
     """
     raw = value or b""
-    src: dict[str, Any] = dict(source)
-    produce_key = key
-    if key is None:
-        src["key"] = None
-    elif len(key) <= MAX_KEY_BYTES:
-        src["key"] = key.decode("utf-8", "replace")
-    else:
-        src["key"] = key[:MAX_KEY_BYTES].decode("utf-8", "replace")
-        src["key_bytes"] = len(key)
-        src["key_sha256"] = hashlib.sha256(key).hexdigest()
-        produce_key = None
+    src, produce_key = _with_key(source, key)
     err = dict(error)
     err["message"] = _cut(str(err.get("message", "")), MAX_ERROR_CHARS)
     record: dict[str, Any] = {
@@ -172,6 +162,29 @@ def build_dead_letter(
         "payload_sha256": hashlib.sha256(raw).hexdigest(),
         "payload_truncated": False,
     }
+    return _with_payload(record, raw, produce_key, max_bytes)
+
+
+def _with_key(source: Mapping[str, Any], key: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    """``source`` with the message key (shortened, with its size and digest, when longer than
+    :data:`MAX_KEY_BYTES`), and the key to produce the dead letter with (None then)."""
+    src: dict[str, Any] = dict(source)
+    if key is None:
+        src["key"] = None
+    elif len(key) <= MAX_KEY_BYTES:
+        src["key"] = key.decode("utf-8", "replace")
+    else:
+        src["key"] = key[:MAX_KEY_BYTES].decode("utf-8", "replace")
+        src["key_bytes"] = len(key)
+        src["key_sha256"] = hashlib.sha256(key).hexdigest()
+        return src, None
+    return src, key
+
+
+def _with_payload(record: dict[str, Any], raw: bytes, produce_key: bytes | None,
+                  max_bytes: int) -> DeadLetter:
+    """The dead letter of ``record`` with the event ``raw``: whole (parsed, else as text or
+    base64) when it fits in ``max_bytes``, else its longest prefix that fits."""
     text: str | None
     try:
         text = raw.decode("utf-8")
@@ -198,6 +211,7 @@ def build_dead_letter(
     record[field] = ""
     budget = max_bytes - len(_encoded(record))
     if budget < 0:  # the record alone is too large: shorten the message further
+        err = record["error"]
         err["message"] = _cut(err["message"], 256)
         budget = max_bytes - len(_encoded(record))
     if text is not None:

@@ -1,30 +1,43 @@
-"""Prometheus metrics and the ``/metrics`` ``/healthz`` ``/readyz`` HTTP endpoint of the consumer.
+"""Prometheus metrics of the consumer (served by :mod:`.http_server`).
 
 Every metric lives in the consumer's own :class:`prometheus_client.CollectorRegistry` (no global
-state, so several consumers can live in one test process).  The HTTP server binds to
-``127.0.0.1`` unless told otherwise.
+state, so several consumers can live in one test process).
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from dataclasses import dataclass, field
+from datetime import datetime
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["ConsumerMetrics", "HealthServer", "HealthState"]
+from streamstars.events import VisitEvent
+
+from .health import HealthState
+
+__all__ = ["ConsumerMetrics", "Outcome"]
 
 _APPLY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _LATENCY_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
+
+
+@dataclass
+class Outcome:
+    """What one message did: ``status`` is an :class:`~streamstars.ingest.ApplyResult` status
+    (``applied``, ``replaced``, ``retracted``, ``skipped``, ``absent``) or ``dead_lettered``."""
+
+    status: str
+    n_sources: int = 0
+    n_selected: int = 0
+    seconds: float = 0.0
+    #: rows dropped for unusable coordinates, by reason (applied / replaced visits)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        """True when the store's visits changed (applied, replaced or retracted)."""
+        return self.status in ("applied", "replaced", "retracted")
 
 
 class ConsumerMetrics:
@@ -165,132 +178,30 @@ class ConsumerMetrics:
         """The text exposition of every metric."""
         return bytes(generate_latest(self.registry))
 
-
-class HealthState:
-    """What ``/healthz`` and ``/readyz`` report.
-
-    The consumer is healthy while it makes progress.  It is not (``/healthz`` answers 503 with
-    the reason) when, for more than ``stall_seconds``:
-
-    * one message has been in flight -- fetched, and neither applied, skipped nor
-      dead-lettered with its offset recorded (stuck reading a file, dead-letter delivery
-      failing, ...); messages behind it in its partition wait meanwhile; or
-    * no message is in flight and the main loop has not turned.
-    """
-
-    def __init__(self, stall_seconds: float = 600.0) -> None:
-        self.stall_seconds = stall_seconds
-        self.last_loop = time.monotonic()
-        self.ready = False
-        self.reason = "starting"
-        self.lock = threading.Lock()
-        self._in_flight: str | None = None
-        self._in_flight_since = 0.0
-        self._waiting_for = ""
-
-    def beat(self) -> None:
-        """The main loop is alive."""
-        self.last_loop = time.monotonic()
-
-    def set_ready(self, ready: bool, reason: str) -> None:
-        """Record readiness and why."""
-        with self.lock:
-            self.ready = ready
-            self.reason = reason
-
-    def begin(self, message: str) -> None:
-        """A message (``topic[partition]@offset``) is now in flight."""
-        with self.lock:
-            self._in_flight = message
-            self._in_flight_since = time.monotonic()
-            self._waiting_for = "being applied"
-
-    def waiting_for(self, what: str) -> None:
-        """What the message in flight is waiting for (shown by ``/healthz`` when stalled)."""
-        with self.lock:
-            self._waiting_for = what
-
-    def end(self) -> None:
-        """The message in flight is done (its offset is recorded)."""
-        with self.lock:
-            self._in_flight = None
-        self.beat()
-
-    def in_flight_seconds(self) -> float:
-        """How long the current message has been in flight, in seconds (0 when none)."""
-        with self.lock:
-            if self._in_flight is None:
-                return 0.0
-            return time.monotonic() - self._in_flight_since
-
-    def healthy(self) -> tuple[bool, str]:
-        """``(True, "ok")``, or ``(False, reason)`` when no progress was made for longer than
-        ``stall_seconds`` (see the class)."""
-        now = time.monotonic()
-        with self.lock:
-            if self._in_flight is not None:
-                stuck = now - self._in_flight_since
-                if stuck > self.stall_seconds:
-                    return False, (
-                        f"no progress: {self._in_flight} in flight for {stuck:.0f} s "
-                        f"(threshold {self.stall_seconds:g} s), {self._waiting_for}"
-                    )
-                return True, "ok"
-        idle = now - self.last_loop
-        if idle > self.stall_seconds:
-            return False, f"main loop stalled for {idle:.0f} s"
-        return True, "ok"
-
-
-class HealthServer:
-    """``/metrics``, ``/healthz`` and ``/readyz`` on a background thread."""
-
-    def __init__(
-        self, metrics: ConsumerMetrics, health: HealthState, host: str, port: int
-    ) -> None:
-        self.metrics = metrics
-        self.health = health
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._send(200, outer.metrics.exposition(), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    ok, why = outer.health.healthy()
-                    self._send(200 if ok else 503, (why + "\n").encode(), "text/plain")
-                elif path == "/readyz":
-                    with outer.health.lock:
-                        ok, why = outer.health.ready, outer.health.reason
-                    self._send(200 if ok else 503, (why + "\n").encode(), "text/plain")
-                else:
-                    self._send(404, b"not found\n", "text/plain")
-
-            def _send(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                return
-
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful with port 0)."""
-        return int(self.server.server_address[1])
-
-    def start(self) -> None:
-        """Serve in the background."""
-        self.thread.start()
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self.server.shutdown()
-        self.server.server_close()
+    def count(self, outcome: Outcome, event: VisitEvent | None) -> None:
+        """Count one message's outcome (``event``: its event, when it could be decoded)."""
+        status = outcome.status
+        if status in ("applied", "replaced"):
+            self.applied.labels("replace" if status == "replaced" else "apply").inc()
+        elif status == "retracted":
+            self.retracted.inc()
+        elif status == "skipped":
+            self.skipped.labels("duplicate").inc()
+        elif status == "absent":
+            self.skipped.labels("retract_absent").inc()
+        if outcome.changed:
+            self.visits_stored.inc(-1 if status == "retracted" else (1 if status == "applied"
+                                                                      else 0))
+        for reason, count in outcome.dropped.items():
+            self.rows_dropped.labels(reason).inc(count)
+        if status in ("applied", "replaced", "skipped"):
+            self.sources_read.inc(outcome.n_sources)
+            self.observations_selected.inc(outcome.n_selected if status != "skipped" else 0)
+            self.apply_seconds.observe(outcome.seconds)
+            stamp = event.published_at or event.finished_at if event is not None else None
+            if stamp and status != "skipped":
+                try:
+                    latency = time.time() - datetime.fromisoformat(stamp).timestamp()
+                    self.event_latency.observe(max(0.0, latency))
+                except ValueError:
+                    pass

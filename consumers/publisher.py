@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import KafkaError, Message, Producer
+
 from streamstars import __version__
 from streamstars.events import (
     Action,
@@ -35,6 +37,7 @@ from streamstars.events import (
     now_iso,
     path_to_uri,
 )
+from streamstars.ingest import file_signature
 from streamstars.io.discover import DiscoveredVisit, RepoInventory, discover_repo
 
 __all__ = [
@@ -125,10 +128,8 @@ def events_for_inventory(
     return events, skipped
 
 
-def make_producer(bootstrap: str, kafka_config: Mapping[str, str] | None = None) -> Any:
+def make_producer(bootstrap: str, kafka_config: Mapping[str, str] | None = None) -> Producer:
     """A confluent-kafka Producer: client settings from the properties file, then bootstrap."""
-    from confluent_kafka import Producer
-
     settings: dict[str, Any] = {"acks": "all", "linger.ms": 5}
     settings.update(kafka_config or {})
     settings["bootstrap.servers"] = bootstrap
@@ -136,7 +137,7 @@ def make_producer(bootstrap: str, kafka_config: Mapping[str, str] | None = None)
 
 
 def publish_events(
-    producer: Any, topic: str, events: Iterable[VisitEvent], timeout: float = 60.0
+    producer: Producer, topic: str, events: Iterable[VisitEvent], timeout: float = 60.0
 ) -> list[int]:
     """Produce events (key = visit id), wait for every acknowledgement, return the visits.
 
@@ -146,7 +147,7 @@ def publish_events(
     errors: list[str] = []
     sent: list[int] = []
 
-    def on_delivery(err: Any, msg: Any) -> None:
+    def on_delivery(err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             errors.append(f"key {msg.key()!r}: {err}")
 
@@ -196,20 +197,15 @@ def publish_repo(
 
 
 # --------------------------------------------------------------------------------- watching
-def _file_sig(path: Path) -> list[Any]:
-    st = path.stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
 def visit_signature(entry: DiscoveredVisit) -> str:
     """Signature of a visit's inputs: its source files (size, mtime) and metadata values.
 
     Shared metadata files (a visitTable listing many visits) enter through the visit's own
     metadata values only, so that a new visit appended to them does not change older visits.
     """
-    parts: list[Any] = [_file_sig(p) for p in entry.source_paths]
+    parts: list[Any] = file_signature(entry.source_paths)
     if entry.metadata_path is not None and _FITS.search(entry.metadata_path.name):
-        parts.append(_file_sig(entry.metadata_path))
+        parts.extend(file_signature([entry.metadata_path]))
     if entry.metadata is not None:
         parts.append(entry.metadata.to_json())
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

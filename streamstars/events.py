@@ -17,7 +17,8 @@ version 1 (JSON Schema: ``streamstars/schemas/visit_event.schema.json``)::
 
 ``metadata`` is either ``{"visit_summary_uri": URI}`` or ``{"values": {...}}`` with the keys
 accepted by :func:`streamstars.io.visitmeta.metadata_from_values`.  A ``retract`` event needs
-only ``schema_version``, ``action`` and ``visit``.
+only ``schema_version``, ``action`` and ``visit``.  :func:`parse_event` validates events by
+that JSON Schema (``jsonschema``, compiled once) and names the offending field.
 
 Schema version 2 adds one field, ``butler``: the visit's datasets in a Butler repository, by
 dataset type and UUID, instead of ``source_uris`` and ``metadata`` (the consumer, run with
@@ -37,16 +38,17 @@ following symlinks) inside one of the configured data roots; anything else raise
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import reprlib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeGuard, cast
 from urllib.parse import quote, unquote, urlsplit
 
 import numpy as np
@@ -91,6 +93,7 @@ MAX_EVENT_BYTES = 1 << 20
 MAX_EVENT_DEPTH = 16
 
 Action = Literal["apply", "replace", "retract"]
+_Data = dict[str, Any]  # a decoded event
 
 _TOP_KEYS = {
     "schema_version",
@@ -229,39 +232,25 @@ def _reject_constant(name: str) -> Any:
 
 
 def _where(visit: Any) -> str:
-    return f"visit {visit}" if isinstance(visit, int) and not isinstance(visit, bool) else "event"
+    return f"visit {visit}" if _is_int(visit) else "event"
 
 
-def _need_str(data: Mapping[str, Any], name: str, where: str, required: bool) -> str:
-    if name not in data:
-        if required:
-            raise MalformedEventError(f"{where}: missing required field {name!r}")
-        return ""
-    value = data[name]
-    if not isinstance(value, str) or (required and not value.strip()):
-        raise MalformedEventError(
-            f"{where}: {name!r} must be a non-empty string, got {_shown(value)}"
-        )
-    return value
+def _is_int(value: Any) -> TypeGuard[int]:
+    """A JSON integer (``true``/``false`` and ``7.0`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_time(value: Any, name: str, where: str) -> str:
+def _time_problem(value: Any) -> str | None:
+    """Why ``value`` is not an ISO 8601 time with a time zone, or None when it is one."""
     if not isinstance(value, str):
-        raise MalformedEventError(
-            f"{where}: {name!r} must be an ISO 8601 string, got {_shown(value)}"
-        )
+        return f"must be an ISO 8601 string, got {_shown(value)}"
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise MalformedEventError(
-            f"{where}: {name!r} is not an ISO 8601 time ({_shown(value)}); "
-            "use e.g. 2024-12-02T03:14:15Z"
-        ) from exc
+    except ValueError:
+        return f"is not an ISO 8601 time ({_shown(value)}); use e.g. 2024-12-02T03:14:15Z"
     if parsed.tzinfo is None:
-        raise MalformedEventError(
-            f"{where}: {name!r} has no time zone ({_shown(value)}); append Z for UTC"
-        )
-    return value
+        return f"has no time zone ({_shown(value)}); append Z for UTC"
+    return None
 
 
 _short = reprlib.Repr()
@@ -348,13 +337,17 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
     The key is checked only when given (``None``: not checked); a Kafka consumer uses
     :func:`parse_message`, which requires it.  The value is decoded with
     :func:`loads_bounded` (at most :data:`MAX_EVENT_BYTES` bytes and :data:`MAX_EVENT_DEPTH`
-    levels of nesting).
+    levels of nesting), then validated by the shipped JSON Schema (:func:`schema_path`:
+    versions 1 and 2, ``butler`` only in version 2 and instead of ``source_uris`` +
+    ``metadata``) and the two rules a schema cannot state: the key and
+    ``metadata.values.visit`` are the event's visit.
 
     Raises:
         MalformedEventError: too large or too deeply nested, not UTF-8 JSON, not an object,
             unknown or missing fields, wrong types, a schema version this streamstars cannot
-            read, or a key that is not the event's visit id.  The message names the visit when
-            it can, and shows offending values shortened.
+            read, or a key that is not the event's visit id.  The message names the field (the
+            first one in :data:`_REPORT_ORDER` when several are wrong) and the visit when it
+            can, and shows offending values shortened.
     """
     if value is None:
         raise MalformedEventError("event has no value (tombstone or empty message)")
@@ -363,184 +356,293 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
     data = loads_bounded(value)
     if not isinstance(data, dict):
         raise MalformedEventError(f"event must be a JSON object, got {type(data).__name__}")
-
-    visit_raw = data.get("visit")
-    where = _where(visit_raw)
-    version = data.get("schema_version")
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise MalformedEventError(
-            f"{where}: 'schema_version' must be an integer, got {_shown(version)}"
-        )
-    if version < 1 or version > SCHEMA_VERSION:
-        raise MalformedEventError(
-            f"{where}: schema_version {version} is not supported (this streamstars reads "
-            f"1..{SCHEMA_VERSION}); upgrade the consumers before the producers"
-        )
-    unknown = sorted(set(data) - _TOP_KEYS)
-    if unknown:
-        raise MalformedEventError(
-            f"{where}: unknown field(s) {', '.join(unknown)} in a schema_version {version} event"
-        )
-    if isinstance(visit_raw, bool) or not isinstance(visit_raw, int) or visit_raw < 0:
-        raise MalformedEventError(
-            f"event: 'visit' must be a non-negative integer, got {_shown(visit_raw)}"
-        )
-    visit = int(visit_raw)
-    action = data.get("action")
-    if action not in ACTIONS:
-        raise MalformedEventError(
-            f"{where}: 'action' must be one of {', '.join(ACTIONS)}, got {_shown(action)}"
-        )
-    if key is not None and key != event_key(visit):
-        raise MalformedEventError(
-            f"{where}: message key {_shown(key)} is not the visit id {event_key(visit)!r}"
-        )
-    needs_data = action != "retract"
-    instrument = _need_str(data, "instrument", where, needs_data)
-    band = _need_str(data, "band", where, needs_data)
-    physical_filter = _need_str(data, "physical_filter", where, needs_data)
-
-    butler_datasets, butler_collections = _butler_field(data, where, version, action)
-    needs_files = needs_data and butler_datasets is None
-
-    uris_raw = data.get("source_uris")
-    source_uris: tuple[str, ...] = ()
-    if uris_raw is None:
-        if needs_files:
-            raise MalformedEventError(f"{where}: missing required field 'source_uris'")
-    else:
-        if (
-            not isinstance(uris_raw, list)
-            or not uris_raw
-            or not all(isinstance(u, str) and u for u in uris_raw)
-        ):
-            raise MalformedEventError(
-                f"{where}: 'source_uris' must be a non-empty list of strings, got "
-                f"{_shown(uris_raw)}"
-            )
-        if len(set(uris_raw)) != len(uris_raw):
-            raise MalformedEventError(f"{where}: 'source_uris' lists a file twice")
-        source_uris = tuple(uris_raw)
-
-    metadata_uri: str | None = None
-    metadata_values: dict[str, Any] | None = None
-    meta = data.get("metadata")
-    if meta is None:
-        if needs_files:
-            raise MalformedEventError(f"{where}: missing required field 'metadata'")
-    else:
-        if not isinstance(meta, dict) or len(meta) != 1:
-            raise MalformedEventError(
-                f"{where}: 'metadata' must be {{\"visit_summary_uri\": URI}} or "
-                f"{{\"values\": {{...}}}}, got {_shown(meta)}"
-            )
-        if "visit_summary_uri" in meta:
-            metadata_uri = meta["visit_summary_uri"]
-            if not isinstance(metadata_uri, str) or not metadata_uri:
-                raise MalformedEventError(
-                    f"{where}: 'metadata.visit_summary_uri' must be a non-empty string"
-                )
-        elif "values" in meta:
-            metadata_values = meta["values"]
-            if not isinstance(metadata_values, dict):
-                raise MalformedEventError(f"{where}: 'metadata.values' must be an object")
-            inner = metadata_values.get("visit", visit)
-            if inner != visit:
-                raise MalformedEventError(
-                    f"{where}: 'metadata.values.visit' is {_shown(inner)}, not the event's visit"
-                )
-        else:
-            raise MalformedEventError(
-                f"{where}: 'metadata' must hold 'visit_summary_uri' or 'values', got "
-                f"{', '.join(sorted(meta))}"
-            )
-
-    finished_at: str | None = None
-    if "finished_at" in data:
-        finished_at = _check_time(data["finished_at"], "finished_at", where)
-    elif needs_data:
-        raise MalformedEventError(f"{where}: missing required field 'finished_at'")
-    published_at = None
-    if "published_at" in data:
-        published_at = _check_time(data["published_at"], "published_at", where)
-    producer = data.get("producer")
-    if producer is not None and not isinstance(producer, str):
-        raise MalformedEventError(f"{where}: 'producer' must be a string")
-
+    problems = _problems(data, key)
+    if problems:
+        raise MalformedEventError(min(problems)[2])
+    meta = data.get("metadata") or {}
+    butler = data.get("butler")
     return VisitEvent(
-        action=cast(Action, action),
-        visit=visit,
-        instrument=instrument,
-        band=band,
-        physical_filter=physical_filter,
-        source_uris=source_uris,
-        metadata_uri=metadata_uri,
-        metadata_values=metadata_values,
-        finished_at=finished_at,
-        published_at=published_at,
-        producer=producer,
-        butler_datasets=butler_datasets,
-        butler_collections=butler_collections,
-        schema_version=version,
+        action=cast(Action, data["action"]),
+        visit=data["visit"],
+        instrument=data.get("instrument", ""),
+        band=data.get("band", ""),
+        physical_filter=data.get("physical_filter", ""),
+        source_uris=tuple(data.get("source_uris") or ()),
+        metadata_uri=meta.get("visit_summary_uri"),
+        metadata_values=meta.get("values"),
+        finished_at=data.get("finished_at"),
+        published_at=data.get("published_at"),
+        producer=data.get("producer"),
+        butler_datasets=None if butler is None else
+        {name: tuple(ids) for name, ids in butler["datasets"].items()},
+        butler_collections=() if butler is None else tuple(butler.get("collections", ())),
+        schema_version=data["schema_version"],
     )
 
 
-def _butler_field(data: Mapping[str, Any], where: str, version: int, action: Any,
-                  ) -> tuple[dict[str, tuple[str, ...]] | None, tuple[str, ...]]:
-    """Validate the ``butler`` field (schema version 2): dataset type -> UUID strings."""
-    raw = data.get("butler")
-    if raw is None:
-        return None, ()
-    if version < BUTLER_EVENT_VERSION:
-        raise MalformedEventError(
-            f"{where}: 'butler' needs schema_version {BUTLER_EVENT_VERSION}, got {version}")
-    if action == "retract":
-        raise MalformedEventError(f"{where}: a retract event names no datasets ('butler')")
-    if not isinstance(raw, dict) or "datasets" not in raw or set(raw) - {"datasets",
-                                                                         "collections"}:
-        raise MalformedEventError(
-            f"{where}: 'butler' must be {{\"datasets\": {{TYPE: [UUID, ...]}}, "
-            f"\"collections\": [...]}}, got {raw!r}")
-    if "source_uris" in data or "metadata" in data:
-        raise MalformedEventError(
+# ---------------------------------------------------------------------------- validation
+#: When an event breaks several rules, the first of these fields is named: what identifies
+#: the event first (version, known fields, visit, action, key), then the fields in the order
+#: an event lists them.  ``<unknown>`` stands for fields the schema does not know, ``<key>``
+#: for the message key; ``<butler rule>`` for the rule tying ``butler`` to schema version 2
+#: and to apply/replace, ``<butler and files>`` for ``butler`` given with ``source_uris`` or
+#: ``metadata``; fields not listed come last.
+_REPORT_ORDER = ("schema_version", "<unknown>", "visit", "action", "<key>", "instrument",
+                 "band", "physical_filter", "<butler rule>", "butler", "<butler and files>",
+                 "butler.datasets", "butler.collections", "source_uris", "metadata",
+                 "finished_at", "published_at", "producer")
+#: Fields whose message says what they must be also when they are absent (the others say
+#: "missing required field").
+_NAMED_WHEN_MISSING = ("schema_version", "visit", "action")
+_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string",
+               "array": "a list", "object": "an object", "boolean": "true or false",
+               "null": "null"}
+
+
+@functools.cache
+def _schema() -> _Data:
+    """The shipped JSON Schema (:func:`schema_path`), read once."""
+    return json.loads(schema_path().read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _validator() -> Any:
+    """The shipped JSON Schema, compiled once: ``integer`` is a JSON integer (not ``true``,
+    not ``7.0``), ``date-time`` an ISO 8601 time with a time zone (what
+    :meth:`datetime.fromisoformat` reads) and ``uuid`` what :class:`uuid.UUID` reads."""
+    from jsonschema import FormatChecker, validators
+
+    schema = _schema()
+    base = validators.validator_for(schema)
+    types = base.TYPE_CHECKER.redefine("integer", lambda _checker, value: _is_int(value))
+    strict = validators.extend(base, type_checker=types)
+    formats = FormatChecker(formats=())
+    formats.checks("date-time")(lambda value: _time_problem(value) is None)
+    formats.checks("uuid")(lambda value: not isinstance(value, str) or _is_uuid(value))
+    return strict(schema, format_checker=formats)
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+@functools.cache
+def _butler_rule() -> int:
+    """The index in the schema's ``allOf`` of the rule that applies when ``butler`` is given."""
+    rules = _schema()["allOf"]
+    return next(i for i, rule in enumerate(rules) if rule["if"] == {"$ref": "#/$defs/has_butler"})
+
+
+def _problems(data: _Data, key: bytes | None) -> list[tuple[int, int, str]]:
+    """Every rule ``data`` breaks, as ``(rank, sequence, message)``."""
+    where = _where(data.get("visit"))
+    found: list[tuple[str, str]] = []
+    for error in _validator().iter_errors(data):
+        found.extend(_describe(error, data, where))
+    found.extend(_cross_field_problems(data, key, where))
+    return [(_rank(name), n, message) for n, (name, message) in enumerate(found)]
+
+
+def _rank(name: str) -> int:
+    return _REPORT_ORDER.index(name) if name in _REPORT_ORDER else len(_REPORT_ORDER)
+
+
+def _describe(error: Any, data: _Data, where: str) -> list[tuple[str, str]]:
+    """``(field, message)`` of one schema error (a ``required`` error may name several)."""
+    path = [str(p) for p in error.absolute_path]
+    rule = list(error.schema_path)[:2]
+    if rule == ["allOf", _butler_rule()]:
+        return [_butler_rule_message(error, data, where)]
+    if path:
+        describe = _FIELD_MESSAGES.get(path[0])
+        # ranked by the field, or by the nested field when the report order names it
+        name = ".".join(path[:2]) if ".".join(path[:2]) in _REPORT_ORDER else path[0]
+        if describe is not None:
+            return [(name, describe(data, where, path, error))]
+        return [(name, _rule_message(error, path, where))]
+    if error.validator == "required":
+        found = []
+        for name in (n for n in error.validator_value if n not in data):
+            describe = _FIELD_MESSAGES[name] if name in _NAMED_WHEN_MISSING else _missing
+            found.append((name, describe(data, where, [name], None)))
+        return found
+    if error.validator == "additionalProperties":
+        unknown = ", ".join(sorted(set(data) - _TOP_KEYS))
+        return [("<unknown>", f"{where}: unknown field(s) {unknown} in a schema_version "
+                              f"{data.get('schema_version')} event")]
+    return [("", _rule_message(error, path, where))]
+
+
+def _rule_message(error: Any, path: list[str], where: str) -> str:
+    """A message for any rule of the schema, naming the field by its dotted path."""
+    name = ".".join(path)
+    rule, expected = error.validator, error.validator_value
+    if rule == "required":
+        missing = [k for k in expected if k not in error.instance]
+        return f"{where}: missing required field {'.'.join([*path, missing[0]])!r}"
+    if rule == "additionalProperties":
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return f"{where}: unknown field(s) {_shown(', '.join(unknown))} in {name!r}"
+    if rule == "type":
+        kinds = [expected] if isinstance(expected, str) else list(expected)
+        wanted = " or ".join(_TYPE_NAMES.get(k, k) for k in kinds)
+    elif rule == "minimum":
+        wanted = f">= {expected}"
+    elif rule == "enum":
+        wanted = "one of " + ", ".join(map(str, expected))
+    elif rule == "const":
+        wanted = str(expected)
+    elif rule in ("minLength", "pattern"):
+        wanted = "a non-empty string"
+    elif rule == "minItems":
+        wanted = "a non-empty list"
+    else:
+        wanted = f"as the schema's {rule!r} rule says ({_shown(expected)})"
+    return f"{where}: {name!r} must be {wanted}, got {_shown(error.instance)}"
+
+
+def _missing(data: _Data, where: str, path: list[str], error: Any) -> str:
+    return f"{where}: missing required field {path[0]!r}"
+
+
+def _schema_version_message(data: _Data, where: str, path: list[str], error: Any) -> str:
+    version = data.get("schema_version")
+    if not _is_int(version):
+        return f"{where}: 'schema_version' must be an integer, got {_shown(version)}"
+    return (f"{where}: schema_version {version} is not supported (this streamstars reads "
+            f"1..{SCHEMA_VERSION}); upgrade the consumers before the producers")
+
+
+def _butler_rule_message(error: Any, data: _Data, where: str) -> tuple[str, str]:
+    """The rule of a ``butler`` field: schema version 2, apply or replace, no files."""
+    if error.validator == "const":  # schema_version (one this streamstars reads)
+        return ("<butler rule>", f"{where}: 'butler' needs schema_version "
+                                 f"{BUTLER_EVENT_VERSION}, got {_shown(data['schema_version'])}")
+    if error.validator == "enum":  # action (retract)
+        return ("<butler rule>", f"{where}: a retract event names no datasets ('butler')")
+    return ("<butler and files>",
             f"{where}: give either 'butler' or 'source_uris' + 'metadata', not both")
-    datasets = raw["datasets"]
-    if not isinstance(datasets, dict):
-        raise MalformedEventError(f"{where}: 'butler.datasets' must be an object")
-    unknown = sorted(set(datasets) - set(BUTLER_DATASET_TYPES))
-    if unknown:
-        raise MalformedEventError(
-            f"{where}: 'butler.datasets' names unknown dataset type(s) {', '.join(unknown)}; "
-            f"known: {', '.join(BUTLER_DATASET_TYPES)}")
-    out: dict[str, tuple[str, ...]] = {}
-    for name, ids in datasets.items():
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-            raise MalformedEventError(
-                f"{where}: 'butler.datasets.{name}' must be a non-empty list of UUID strings")
-        for text in ids:
-            try:
-                uuid.UUID(text)
-            except ValueError as exc:
-                raise MalformedEventError(
-                    f"{where}: 'butler.datasets.{name}' holds {text!r}, not a UUID") from exc
-        if len(set(ids)) != len(ids):
-            raise MalformedEventError(f"{where}: 'butler.datasets.{name}' lists a UUID twice")
-        out[name] = tuple(ids)
-    if "sourceTable_visit" not in out:
-        raise MalformedEventError(f"{where}: 'butler.datasets' lacks 'sourceTable_visit'")
-    if ("visitSummary" in out) == ("visitTable" in out):
-        raise MalformedEventError(
-            f"{where}: 'butler.datasets' needs exactly one of 'visitSummary' and "
-            "'visitTable' (the visit's metadata)")
-    if "ccdVisitTable" in out and "visitTable" not in out:
-        raise MalformedEventError(f"{where}: 'ccdVisitTable' only goes with 'visitTable'")
-    for name in ("visitSummary", "visitTable", "ccdVisitTable"):
-        if len(out.get(name, ())) > 1:
-            raise MalformedEventError(f"{where}: 'butler.datasets.{name}' must hold one UUID")
-    collections = raw.get("collections", [])
-    if not isinstance(collections, list) or not all(isinstance(c, str) for c in collections):
-        raise MalformedEventError(f"{where}: 'butler.collections' must be a list of strings")
-    return out, tuple(collections)
+
+
+def _butler_message(data: _Data, where: str, path: list[str], error: Any) -> str:
+    raw = data["butler"]
+    if len(path) == 1:
+        return (f"{where}: 'butler' must be {{\"datasets\": {{TYPE: [UUID, ...]}}, "
+                f"\"collections\": [...]}}, got {_shown(raw)}")
+    if path[1] == "collections":
+        return f"{where}: 'butler.collections' must be a list of strings"
+    if len(path) == 2:
+        return _datasets_message(raw["datasets"], where, error)
+    name = f"butler.datasets.{path[2]}"
+    if error.validator == "format":
+        return f"{where}: {name!r} holds {_shown(error.instance)}, not a UUID"
+    if error.validator == "uniqueItems":
+        return f"{where}: {name!r} lists a UUID twice"
+    if error.validator == "maxItems":
+        return f"{where}: {name!r} must hold one UUID"
+    return f"{where}: {name!r} must be a non-empty list of UUID strings"
+
+
+def _datasets_message(datasets: Any, where: str, error: Any) -> str:
+    if error.validator == "additionalProperties":
+        unknown = ", ".join(sorted(set(datasets) - set(BUTLER_DATASET_TYPES)))
+        return (f"{where}: 'butler.datasets' names unknown dataset type(s) {unknown[:200]}; "
+                f"known: {', '.join(BUTLER_DATASET_TYPES)}")
+    if error.validator == "required":
+        return f"{where}: 'butler.datasets' lacks 'sourceTable_visit'"
+    if error.validator == "oneOf":
+        if ("visitSummary" in datasets) == ("visitTable" in datasets):
+            return (f"{where}: 'butler.datasets' needs exactly one of 'visitSummary' and "
+                    "'visitTable' (the visit's metadata)")
+        return f"{where}: 'ccdVisitTable' only goes with 'visitTable'"
+    return f"{where}: 'butler.datasets' must be an object"
+
+
+def _visit_message(data: _Data, where: str, path: list[str], error: Any) -> str:
+    return f"event: 'visit' must be a non-negative integer, got {_shown(data.get('visit'))}"
+
+
+def _action_message(data: _Data, where: str, path: list[str], error: Any) -> str:
+    return (f"{where}: 'action' must be one of {', '.join(ACTIONS)}, got "
+            f"{_shown(data.get('action'))}")
+
+
+def _text_message(data: _Data, where: str, path: list[str], error: Any) -> str:
+    return f"{where}: {path[0]!r} must be a non-empty string, got {_shown(data[path[0]])}"
+
+
+def _uris_message(data: _Data, where: str, path: list[str], error: Any) -> str:
+    uris = data.get("source_uris")
+    if uris is None:  # absent or null
+        return _missing(data, where, path, None)
+    if isinstance(uris, list) and uris and all(isinstance(u, str) and u for u in uris):
+        return f"{where}: 'source_uris' lists a file twice"
+    return f"{where}: 'source_uris' must be a non-empty list of strings, got {_shown(uris)}"
+
+
+def _metadata_message(data: _Data, where: str, path: list[str], error: Any) -> str:
+    meta = data.get("metadata")
+    if meta is None:  # absent or null
+        return _missing(data, where, path, None)
+    if len(path) == 1 or not isinstance(meta, dict) or len(meta) != 1:
+        if isinstance(meta, dict) and len(meta) == 1:
+            return (f"{where}: 'metadata' must hold 'visit_summary_uri' or 'values', got "
+                    f"{str(next(iter(meta)))[:200]}")
+        return (f"{where}: 'metadata' must be {{\"visit_summary_uri\": URI}} or "
+                f"{{\"values\": {{...}}}}, got {_shown(meta)}")
+    if path[1] == "visit_summary_uri":
+        return f"{where}: 'metadata.visit_summary_uri' must be a non-empty string"
+    if not isinstance(meta.get("values"), dict):
+        return f"{where}: 'metadata.values' must be an object"
+    return _rule_message(error, path, where)  # a rule inside the inline values
+
+
+def _time_message(data: _Data, where: str, path: list[str], error: Any) -> str:
+    return f"{where}: {path[0]!r} {_time_problem(data[path[0]]) or 'is invalid'}"
+
+
+def _producer_message(data: _Data, where: str, path: list[str], error: Any) -> str:
+    return f"{where}: 'producer' must be a string"
+
+
+_FIELD_MESSAGES: dict[str, Callable[[_Data, str, list[str], Any], str]] = {
+    "schema_version": _schema_version_message,
+    "visit": _visit_message,
+    "action": _action_message,
+    "instrument": _text_message,
+    "band": _text_message,
+    "physical_filter": _text_message,
+    "source_uris": _uris_message,
+    "metadata": _metadata_message,
+    "finished_at": _time_message,
+    "published_at": _time_message,
+    "producer": _producer_message,
+    "butler": _butler_message,
+}
+
+
+def _cross_field_problems(data: _Data, key: bytes | None,
+                          where: str) -> list[tuple[str, str]]:
+    """The rules a JSON Schema cannot state: the message key and the inline metadata's
+    ``visit`` are the event's visit."""
+    visit = data.get("visit")
+    if not _is_int(visit) or visit < 0:
+        return []  # the schema's error names the visit
+    found = []
+    if key is not None and key != event_key(visit):
+        found.append(("<key>", f"{where}: message key {_shown(key)} is not the visit id "
+                               f"{event_key(visit)!r}"))
+    meta = data.get("metadata")
+    values = meta.get("values") if isinstance(meta, dict) else None
+    inner = values.get("visit") if isinstance(values, dict) else None
+    if _is_int(inner) and inner != visit:
+        found.append(("metadata", f"{where}: 'metadata.values.visit' is {_shown(inner)}, not "
+                                  "the event's visit"))
+    return found
 
 
 # ---------------------------------------------------------------------------- paths & URIs

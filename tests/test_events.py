@@ -95,6 +95,60 @@ def test_malformed_events_are_permanent(value: bytes, needle: str) -> None:
     assert isinstance(info.value, PermanentInputError)
 
 
+_VALUES = {"visit": 7, "physical_filter": "r_57", "band": "r", "telra": 1.0, "teldec": 2.0,
+           "mjd": 60000.0, "exptime": 30.0}
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        # JSON integers only: neither true nor 7.0 is a visit or a schema version
+        ({"visit": 7.0}, "event: 'visit' must be a non-negative integer, got 7.0"),
+        ({"visit": True}, "event: 'visit' must be a non-negative integer, got True"),
+        ({"visit": -1}, "event: 'visit' must be a non-negative integer, got -1"),
+        ({"schema_version": 1.0}, "'schema_version' must be an integer, got 1.0"),
+        ({"band": "  "}, "visit 7: 'band' must be a non-empty string, got '  '"),
+        ({"metadata": None}, "visit 7: missing required field 'metadata'"),
+        ({"metadata": {"x": 1, "y": 2}}, "'metadata' must be {\"visit_summary_uri\""),
+        ({"metadata": {"values": []}}, "visit 7: 'metadata.values' must be an object"),
+        ({"source_uris": ["a", "a"]}, "visit 7: 'source_uris' lists a file twice"),
+        ({"published_at": "2024-12-02T03:14:15"}, "'published_at' has no time zone"),
+        ({"producer": 3}, "visit 7: 'producer' must be a string"),
+        # the inline values are checked by the schema too, naming the field by its path
+        ({"metadata": {"values": dict(_VALUES, visit=8)}},
+         "visit 7: 'metadata.values.visit' is 8, not the event's visit"),
+        ({"metadata": {"values": dict(_VALUES, telra=None)}},
+         "visit 7: 'metadata.values.telra' must be a number, got None"),
+        ({"metadata": {"values": {k: v for k, v in _VALUES.items() if k != "mjd"}}},
+         "visit 7: missing required field 'metadata.values.mjd'"),
+        ({"metadata": {"values": dict(_VALUES, colour="red")}},
+         "visit 7: unknown field(s) 'colour' in 'metadata.values'"),
+        ({"metadata": {"values": dict(_VALUES, detectors=[1, "2"])}},
+         "visit 7: 'metadata.values.detectors.1' must be an integer, got '2'"),
+        # several problems: the first field in the event's order is named
+        ({"band": 7, "finished_at": "x", "colour": 1}, "unknown field(s) colour"),
+        ({"band": 7, "finished_at": "x"}, "visit 7: 'band' must be a non-empty string, got 7"),
+    ],
+)
+def test_schema_errors_name_the_field(changes: dict[str, object], needle: str) -> None:
+    data = {**_event(), **changes}
+    with pytest.raises(MalformedEventError) as info:
+        parse_event(json.dumps(data).encode(), key=b"7")
+    assert needle in str(info.value)
+
+
+def test_null_means_absent_where_it_did() -> None:
+    """``null`` for source_uris, metadata and producer is read as absent (a retract may give
+    them; an apply still needs source_uris and metadata)."""
+    retract = {"schema_version": 1, "action": "retract", "visit": 9, "source_uris": None,
+               "metadata": None, "producer": None}
+    assert parse_event(json.dumps(retract)).to_dict() == \
+        {"schema_version": 1, "action": "retract", "visit": 9}
+    assert parse_event(json.dumps(_event(producer="p") | {"producer": None})).producer is None
+    with pytest.raises(MalformedEventError, match="missing required field 'source_uris'"):
+        parse_event(json.dumps(_event() | {"source_uris": None}))
+
+
 def test_key_must_match_visit() -> None:
     with pytest.raises(MalformedEventError, match="message key"):
         parse_event(json.dumps(_event()).encode(), key=b"8")
@@ -152,11 +206,17 @@ def test_schema_file_matches_parser() -> None:
     from streamstars.events import _TOP_KEYS
 
     assert set(schema["properties"]) == _TOP_KEYS
+    from streamstars.events import BUTLER_DATASET_TYPES
+
+    datasets = schema["properties"]["butler"]["properties"]["datasets"]["properties"]
+    assert tuple(datasets) == BUTLER_DATASET_TYPES
 
 
 def test_schema_validates_examples() -> None:
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed")
+    import jsonschema
+
     schema = json.loads(schema_path().read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.validate(_event(), schema)
     jsonschema.validate({"schema_version": 1, "action": "retract", "visit": 3}, schema)
     with pytest.raises(jsonschema.ValidationError):
@@ -266,6 +326,15 @@ def test_file_events_are_still_written_as_version_1() -> None:
          "must hold one UUID"),
         ({"butler": {"datasets": {"sourceTable_visit": [_SRC], "visitSummary": [_SUM]},
                      "run": "x"}}, "'butler' must be"),
+        ({"butler": {"datasets": {"sourceTable_visit": [_SRC, _SRC], "visitSummary": [_SUM]}}},
+         "lists a UUID twice"),
+        ({"butler": {"datasets": {"sourceTable_visit": [_SRC], "visitSummary": [_SUM],
+                                  "ccdVisitTable": [_SRC]}}}, "only goes with 'visitTable'"),
+        ({"butler": {"datasets": {"sourceTable_visit": [_SRC], "visitSummary": [_SUM]},
+                     "collections": "c"}}, "'butler.collections' must be a list of strings"),
+        ({"action": "retract"}, "a retract event names no datasets"),
+        ({"schema_version": 1, "source_uris": ["/d/s.parquet"]}, "needs schema_version 2"),
+        ({"source_uris": ["/d/s.parquet"], "butler": {"datasets": {}}}, "not both"),
     ],
 )
 def test_malformed_butler_events(changes: dict[str, object], needle: str) -> None:
@@ -282,3 +351,11 @@ def test_schema_validates_butler_events() -> None:
                 _butler_event(butler={"datasets": {"sourceTable_visit": [_SRC]}})):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
+
+
+def test_null_butler_is_absent() -> None:
+    """``"butler": null`` is a file event (as ``null`` is absent for the other fields)."""
+    event = parse_event(json.dumps(_event(schema_version=2, butler=None)))
+    assert event.butler_datasets is None and event.source_uris
+    with pytest.raises(MalformedEventError, match="missing required field 'source_uris'"):
+        parse_event(json.dumps(_butler_event(butler=None)))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crash_hooks import hooks_env
 from kafka_broker import TansuBroker, free_port, write_kafka_config
 
 from streamstars.events import VisitEvent
@@ -136,7 +137,7 @@ class Consumer:
             "--data-root", str(data_root), "--kafka-config", str(kafka_config),
             "--dead-letter-topic", f"{topic}.dead-letters", *extra,
         ]
-        env = {**os.environ, "STREAMSTARS_APPLICATION_LOG": str(app_log)}
+        env = {**os.environ, **hooks_env(app_log)}
         self.log = open(self.log_path, "w")  # noqa: SIM115
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 

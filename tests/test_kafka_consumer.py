@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crash_hooks import hooks_env
 from kafka_broker import TansuBroker, free_port, write_kafka_config
 
 from streamstars.events import VisitEvent, path_to_uri
@@ -240,9 +241,7 @@ def test_sigkill_crash_loop_exactly_once(
     kills = 0
     killed_at: list[str] = []
     for plan in KILL_PLAN:
-        env = {"STREAMSTARS_APPLICATION_LOG": str(app_log)}
-        if plan != "external":
-            env["STREAMSTARS_TEST_KILL"] = plan
+        env = hooks_env(app_log, kill=None if plan == "external" else plan)
         consumer = Consumer(broker, topic, state, survey.out_dir.parent, tmp_path,
                             "--exit-when-idle", "2", env=env)
         if plan == "external":
@@ -264,7 +263,7 @@ def test_sigkill_crash_loop_exactly_once(
     # Drain what is left, cleanly.
     final = Consumer(broker, topic, state, survey.out_dir.parent, tmp_path,
                      "--exit-when-idle", "2",
-                     env={"STREAMSTARS_APPLICATION_LOG": str(app_log)})
+                     env=hooks_env(app_log))
     assert final.wait(90) == 0, final.text()
 
     assert sorted(_applied(state)) == sorted(events)

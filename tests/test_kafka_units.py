@@ -1,4 +1,4 @@
-"""Consumer pieces that need no broker: client properties, metrics/health server, faults."""
+"""Consumer pieces that need no broker: client properties, metrics/health server, hooks."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crash_hooks import CrashHooks, hooks_env
 
 from streamstars.consumers.dead_letters import (
     DEAD_LETTER_SCHEMA,
@@ -23,10 +24,12 @@ from streamstars.consumers.dead_letters import (
     dead_letter_limit,
     shrink_limit,
 )
-from streamstars.consumers.faults import Faults
+from streamstars.consumers.health import HealthState
+from streamstars.consumers.hooks import ENV_HOOKS, NO_HOOKS, load_hooks
+from streamstars.consumers.http_server import HealthServer
 from streamstars.consumers.kafka_config import load_kafka_properties, redacted
-from streamstars.consumers.metrics import ConsumerMetrics, HealthServer, HealthState
-from streamstars.consumers.runner import parse_seek_offsets
+from streamstars.consumers.metrics import ConsumerMetrics
+from streamstars.consumers.options import parse_seek_offsets
 from streamstars.errors import ConfigError
 
 
@@ -70,17 +73,33 @@ def test_metrics_and_health_endpoints() -> None:
 
 
 def test_fault_plan_parsing_and_inert_default(tmp_path: Path) -> None:
-    faults = Faults("after_lmdb_commit:3,during_apply:2:15", str(tmp_path / "log"))
+    faults = CrashHooks("after_lmdb_commit:3,during_apply:2:15", str(tmp_path / "log"))
     assert faults.plan == {"after_lmdb_commit": (3, 0.0), "during_apply": (2, 15.0)}
     faults.point("after_lmdb_commit")  # 1st and 2nd time: not due
     faults.point("after_lmdb_commit")
     faults.point("before_apply")  # not planned
-    inert = Faults("", "")
+    inert = CrashHooks("", "")
     assert not inert.active
     inert.record_application(1, "applied", 2)  # no log configured: nothing happens
     faults.record_application(7, "applied", 3)
     faults.record_application(7, "skipped", 4)
     assert (tmp_path / "log").read_text().count('"visit": 7') == 1
+
+
+def test_hooks_are_loaded_only_when_named(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production consumers get the no-op hooks; a test names a module that provides its own;
+    a name that cannot be loaded is a setting error (exit code 2 of ``run``)."""
+    assert load_hooks({}) is NO_HOOKS and load_hooks({ENV_HOOKS: " "}) is NO_HOOKS
+    env = hooks_env(tmp_path / "log", "before_apply:2")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    hooks = load_hooks()
+    assert isinstance(hooks, CrashHooks) and hooks.plan == {"before_apply": (2, 0.0)}
+    assert hooks.log_path == str(tmp_path / "log")
+    for bad in ("no_such_module_here", "json"):  # missing; no consumer_hooks()
+        with pytest.raises(ConfigError, match=ENV_HOOKS):
+            load_hooks({ENV_HOOKS: bad})
 
 
 def test_seek_offsets() -> None:
@@ -191,3 +210,43 @@ def test_healthz_fails_when_a_message_is_stuck() -> None:
         assert get("/healthz")[1].startswith("main loop stalled")
     finally:
         server.stop()
+
+
+def test_read_ahead_reads_only_what_applying_would_read(tmp_path: Path) -> None:
+    """The read-ahead prepares the visits applying will read: not a retraction, nor an event
+    its ``needs_reading`` refuses (a Butler event naming the datasets its visit was applied
+    from, ``ConsumerStore.applied_from``)."""
+    from confluent_kafka import Message
+
+    from streamstars.config import BuildStarsConfig
+    from streamstars.consumers.kafka_client import position_of
+    from streamstars.consumers.prepare import EventPreparer
+    from streamstars.consumers.read_ahead import ReadAhead
+    from streamstars.events import VisitEvent
+
+    def event(visit: int, action: str = "apply") -> VisitEvent:
+        # files that do not exist: preparing the visit fails (counted as "failed")
+        return VisitEvent(action=action, visit=visit,  # type: ignore[arg-type]
+                          instrument="LSSTCam", band="r", physical_filter="r_57",
+                          source_uris=(str(tmp_path / f"{visit}.parquet"),),
+                          metadata_uri=str(tmp_path / f"{visit}.fits"),
+                          finished_at="2024-12-02T03:14:15Z")
+
+    events = [event(7), event(8), event(9, "retract")]
+    messages = [Message(topic="visits", partition=0, offset=k, key=e.key, value=e.to_json())
+                for k, e in enumerate(events)]
+    metrics = ConsumerMetrics()
+    preparer = EventPreparer([tmp_path])
+    ahead = ReadAhead(3, lambda e: preparer.prepare(e, BuildStarsConfig()), metrics,
+                      needs_reading=lambda e: e.action != "retract" and e.visit != 8)
+    ahead.start()
+    try:
+        ahead.submit(messages)
+        for msg, e in zip(messages, events, strict=True):
+            assert ahead.event(position_of(msg)) == e
+            assert ahead.take(position_of(msg), e) is None
+    finally:
+        ahead.close()
+    counted = metrics.registry.get_sample_value
+    assert counted("streamstars_visits_read_ahead_total", {"outcome": "failed"}) == 1  # visit 7
+    assert not counted("streamstars_visits_read_ahead_total", {"outcome": "used"})

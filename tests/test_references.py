@@ -597,7 +597,8 @@ def test_stored_config_keeps_filter_order(built: dict[str, object]) -> None:
 
 
 def test_consumer_refuses_bad_refcat_before_consuming(survey: Path, tmp_path: Path) -> None:
-    from streamstars.consumers.runner import EXIT_STATE, EXIT_USAGE, Runner, RunOptions
+    from streamstars.consumers.options import EXIT_STATE, EXIT_USAGE, RunOptions
+    from streamstars.consumers.runner import Runner
 
     bad = write_toml(tmp_path / "bad.toml", sim_config(tmp_path / "nowhere"))
     # no broker at this address: the refcat is refused before any Kafka connection

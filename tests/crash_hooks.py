@@ -1,4 +1,5 @@
-"""Test-only fault injection for the consumer (crash tests).  Inert unless the env var is set.
+"""Consumer hooks of the crash tests (``STREAMSTARS_CONSUMER_HOOKS=crash_hooks``, with this
+directory on ``PYTHONPATH``: :func:`hooks_env` sets both).
 
 ``STREAMSTARS_TEST_KILL`` names where the consumer SIGKILLs itself, as comma-separated
 ``POINT:N`` items (the N-th time the point is reached in this process, 1-based):
@@ -28,14 +29,39 @@ import signal
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
+
+from streamstars.consumers.hooks import ENV_HOOKS, ConsumerHooks
+from streamstars.consumers.kafka_client import Position
+from streamstars.events import VisitEvent
+from streamstars.state.store import StarStore
 
 ENV_KILL = "STREAMSTARS_TEST_KILL"
 ENV_APPLICATION_LOG = "STREAMSTARS_APPLICATION_LOG"
 
 
-class Faults:
-    """Parsed ``STREAMSTARS_TEST_KILL`` plan; every method is a no-op when it is empty."""
+def hooks_env(app_log: Path | None = None, kill: str | None = None) -> dict[str, str]:
+    """Environment variables that make a ``streamstars run`` subprocess use these hooks
+    (logging its applications to ``app_log``, killing itself as ``kill`` says)."""
+    tests = str(Path(__file__).resolve().parent)
+    path = os.environ.get("PYTHONPATH")
+    env = {ENV_HOOKS: "crash_hooks",
+           "PYTHONPATH": tests if not path else f"{tests}{os.pathsep}{path}"}
+    if app_log is not None:
+        env[ENV_APPLICATION_LOG] = str(app_log)
+    if kill is not None:
+        env[ENV_KILL] = kill
+    return env
+
+
+def consumer_hooks() -> CrashHooks:
+    """The hooks ``streamstars run`` loads (from the environment variables above)."""
+    return CrashHooks()
+
+
+class CrashHooks(ConsumerHooks):
+    """Parsed ``STREAMSTARS_TEST_KILL`` plan; kills and logs at the consumer's steps."""
 
     def __init__(self, spec: str | None = None, log_path: str | None = None) -> None:
         spec = os.environ.get(ENV_KILL, "") if spec is None else spec
@@ -48,6 +74,7 @@ class Faults:
             delay_ms = float(parts[2]) if len(parts) > 2 else 0.0
             self.plan[name] = (nth, delay_ms)
         self.seen: Counter[str] = Counter()
+        #: the visit of the message in flight (None before its event is decoded)
         self.visit: int | None = None
 
     @property
@@ -55,6 +82,33 @@ class Faults:
         """True when any kill is planned."""
         return bool(self.plan)
 
+    # ------------------------------------------------------------------ the consumer's steps
+    def store_opened(self, store: StarStore) -> None:
+        """Arm the ``lmdb_commit`` point on the store's write transactions (when planned)."""
+        if "lmdb_commit" in self.plan:
+            store.env = _EnvProxy(store.env, self)  # type: ignore[assignment]
+
+    def event_parsed(self, event: VisitEvent) -> None:
+        self.visit = event.visit
+        self.point("before_apply")
+
+    def apply_started(self, event: VisitEvent) -> None:
+        self.timer("during_apply", default_ms=50.0)
+
+    def visit_applied(self, event: VisitEvent, status: str, next_offset: int) -> None:
+        self.record_application(event.visit, status, next_offset)
+
+    def offset_stored(self, position: Position) -> None:
+        self.point("after_lmdb_commit")
+
+    def offset_committed(self, position: Position) -> None:
+        self.point("after_kafka_commit")
+        self.visit = None  # the message is finished
+
+    def snapshot_started(self) -> None:
+        self.timer("during_snapshot", default_ms=100.0)
+
+    # ------------------------------------------------------------------ kills and the log
     def _write(self, record: dict[str, Any]) -> None:
         if not self.log_path:
             return
@@ -101,44 +155,34 @@ class Faults:
         threading.Thread(target=fire, daemon=True).start()
 
 
-class _TxnProxy:
-    """Wraps an ``lmdb.Transaction`` context so a fault timer is armed right before commit."""
+class _Proxy:
+    """Passes every attribute through to the wrapped LMDB object."""
 
-    def __init__(self, txn: Any, faults: Faults) -> None:
-        self._txn = txn
-        self._faults = faults
+    def __init__(self, wrapped: Any, hooks: CrashHooks) -> None:
+        self._wrapped = wrapped
+        self._hooks = hooks
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._txn, name)
+        return getattr(self._wrapped, name)
+
+
+class _TxnProxy(_Proxy):
+    """Wraps an ``lmdb.Transaction`` context so a kill timer is armed right before commit."""
 
     def __enter__(self) -> Any:
-        return self._txn.__enter__()
+        return self._wrapped.__enter__()
 
     def __exit__(self, *exc: Any) -> Any:
         if exc[0] is None:
-            self._faults.timer("lmdb_commit", default_ms=random.uniform(0.0, 0.5))
-        result = self._txn.__exit__(*exc)
-        return result
+            self._hooks.timer("lmdb_commit", default_ms=random.uniform(0.0, 0.5))
+        return self._wrapped.__exit__(*exc)
 
 
-class _EnvProxy:
+class _EnvProxy(_Proxy):
     """Wraps an ``lmdb.Environment`` so that write transactions get :class:`_TxnProxy`."""
 
-    def __init__(self, env: Any, faults: Faults) -> None:
-        self._env = env
-        self._faults = faults
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._env, name)
-
     def begin(self, *args: Any, **kwargs: Any) -> Any:
-        txn = self._env.begin(*args, **kwargs)
+        txn = self._wrapped.begin(*args, **kwargs)
         if kwargs.get("write"):
-            return _TxnProxy(txn, self._faults)
+            return _TxnProxy(txn, self._hooks)
         return txn
-
-
-def instrument_store(store: Any, faults: Faults) -> None:
-    """Arm the ``lmdb_commit`` point on ``store`` (only when that point is planned)."""
-    if "lmdb_commit" in faults.plan:
-        store.env = _EnvProxy(store.env, faults)

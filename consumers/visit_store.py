@@ -1,0 +1,144 @@
+"""The consumer's LMDB store: the one consumer part that uses :mod:`streamstars.state` and the
+store steps of :mod:`streamstars.ingest` and :mod:`streamstars.snapshot`.
+
+Each visit is applied in ONE write transaction that also stores its partition's next offset,
+and a message that changes nothing else (a dead letter) records its offset alone, so the store
+always knows where each partition resumes (:meth:`ConsumerStore.stored_offsets`).  An event
+naming exactly the Butler datasets a visit was applied from is skipped without reading
+(:meth:`ConsumerStore.applied_from`).
+"""
+
+from __future__ import annotations
+
+from streamstars.butler.read import event_dataset_ids
+from streamstars.config import BuildStarsConfig, load_config
+from streamstars.errors import StateError
+from streamstars.events import VisitEvent
+from streamstars.ingest import (
+    ApplyResult,
+    KafkaOffset,
+    PreparedVisit,
+    apply_prepared,
+    retract_visit,
+)
+from streamstars.references import attach_references, open_reference_source
+from streamstars.snapshot import SnapshotSummary, write_store_snapshot
+from streamstars.state.store import StarStore
+
+from .kafka_client import Position
+from .options import RunOptions
+
+__all__ = ["ConsumerStore"]
+
+
+class ConsumerStore:
+    """The store of ``options.state``, opened by :meth:`open` and closed by :meth:`close`."""
+
+    def __init__(self, options: RunOptions) -> None:
+        self.opts = options
+        self._store: StarStore | None = None
+
+    @property
+    def star_store(self) -> StarStore:
+        """The open :class:`~streamstars.state.store.StarStore`.
+
+        Raises:
+            StateError: the store is not open.
+        """
+        if self._store is None:
+            raise StateError(f"the state {self.opts.state} is not open")
+        return self._store
+
+    @property
+    def is_open(self) -> bool:
+        """True between :meth:`open` and :meth:`close`."""
+        return self._store is not None
+
+    @property
+    def config(self) -> BuildStarsConfig:
+        """The configuration the store was built with."""
+        return self.star_store.config
+
+    def open(self) -> None:
+        """Open (or create) the store with ``--config`` (the store's own configuration when
+        it exists and none is given) and check its reference catalog, before any event.
+
+        Raises:
+            RefcatError: the configured reference catalog cannot be used, or the store
+                caches another one (run ``streamstars refresh-refs``).
+            StreamstarsError: the store cannot be opened (a ``StateError``, a bad config).
+        """
+        opts = self.opts
+        config: BuildStarsConfig | None
+        if opts.config_path is not None:
+            config = load_config(opts.config_path)
+        elif (opts.state / "data.mdb").exists():
+            config = None  # the configuration the store was built with
+        else:
+            config = BuildStarsConfig()
+        # validate the reference catalog before the store is touched (when the config is
+        # given), and that the store caches the same catalog (a catalog kept in a Butler is
+        # read from --butler unless the config names its repository)
+        source = open_reference_source(config.fgcmLoadReferenceCatalog, opts.butler) \
+            if config else None
+        store = StarStore.open(opts.state, config)
+        try:
+            attach_references(store, source, butler=opts.butler)
+        except BaseException:
+            store.close()
+            raise
+        self._store = store
+
+    def close(self) -> None:
+        """Close the LMDB environment (nothing when it is not open)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def visit_count(self) -> int:
+        """How many visits the store holds."""
+        return len(self.star_store.applied_visits())
+
+    def stored_offsets(self, topic: str) -> dict[int, int]:
+        """partition -> next offset to consume of ``topic``, as recorded with the visits."""
+        return self.star_store.stored_offsets(topic)
+
+    def applied_from(self, event: VisitEvent) -> bool:
+        """True when the store holds the event's visit from exactly the Butler datasets the
+        event names (datasets are immutable: there is nothing to read).  False for file
+        events and retractions."""
+        if event.butler_datasets is None or event.action == "retract":
+            return False
+        store = self.star_store
+        with store.read() as txn:
+            record = store.visit_record(txn, event.visit)
+        return record is not None and record.get("dataset_ids") == event_dataset_ids(event)
+
+    def record_offset(self, position: Position) -> None:
+        """Record the offset after ``position`` alone (a message that changes nothing else)."""
+        self.star_store.record_offset(position.topic, position.partition, position.next_offset)
+
+    def apply(self, prepared: PreparedVisit, *, replace: bool,
+              position: Position) -> ApplyResult:
+        """Apply a prepared visit and the offset after ``position`` in one transaction
+        (:func:`streamstars.ingest.apply_prepared`)."""
+        return apply_prepared(self.star_store, prepared, replace=replace,
+                              kafka_offset=_kafka_offset(position))
+
+    def retract(self, visit: int, position: Position) -> ApplyResult:
+        """Retract ``visit`` and record the offset after ``position`` in one transaction
+        (:func:`streamstars.ingest.retract_visit`)."""
+        return retract_visit(self.star_store, visit, kafka_offset=_kafka_offset(position))
+
+    def write_snapshot(self) -> SnapshotSummary:
+        """Write a snapshot to ``--snapshot-dir`` from one read transaction (safe while
+        another thread applies visits)."""
+        assert self.opts.snapshot_dir is not None
+        return write_store_snapshot(
+            self.star_store, self.opts.snapshot_dir, formats=self.opts.snapshot_formats,
+            extra_metadata={"kafka_topic": self.opts.topic, "kafka_group": self.opts.group},
+        )
+
+
+def _kafka_offset(position: Position) -> KafkaOffset:
+    return KafkaOffset(position.topic, position.partition, position.next_offset)
