@@ -183,6 +183,7 @@ class Runner:
         self.stop_requested = threading.Event()
         self.faults = Faults()
         self.store: Any = None
+        self.references: Any = None  # the reference catalog visits cache stars from
         self.consumer: Any = None
         self.producer: Any = None
         self.http: HealthServer | None = None
@@ -217,7 +218,7 @@ class Runner:
         # given), and that the store caches the same catalog, before any event is consumed
         source = open_reference_source(config.fgcmLoadReferenceCatalog) if config else None
         self.store = StarStore.open(opts.state, config)
-        attach_references(self.store, source)
+        self.references = attach_references(self.store, source)
         instrument_store(self.store, self.faults)
         self.metrics.visits_stored.set(len(self.store.applied_visits()))
 
@@ -588,7 +589,7 @@ class Runner:
             prepared = self._prepare_event(event)
         self.faults.timer("during_apply", default_ms=50.0)
         result = apply_prepared(self.store, prepared, replace=event.action == "replace",
-                                kafka_offset=kafka_offset)
+                                kafka_offset=kafka_offset, references=self.references)
         self.faults.record_application(event.visit, result.status, kafka_offset.next_offset)
         return _Outcome(result.status, result.n_sources, result.n_selected,
                         time.perf_counter() - start, result.dropped)

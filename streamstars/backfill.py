@@ -6,7 +6,7 @@ while the current one is applied (pyarrow and numpy release the GIL), so the sin
 is kept busy.  A visit already applied from the same files (same paths, sizes and mtimes) is
 skipped without reading; one whose files changed is read and hashed: same content -> skipped,
 different content -> a failure unless ``replace``.  A configured reference catalog is
-validated (:func:`streamstars.references.ensure_references`) before any visit is read.
+validated (:func:`streamstars.references.attach_references`) before any visit is read.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from streamstars.ingest import (
     prepare_visit,
 )
 from streamstars.io.discover import DiscoveredVisit, RepoInventory, discover_repo
-from streamstars.references import ensure_references
-from streamstars.state.store import StarStore
+from streamstars.references import CONFIGURED, ReferenceChoice, resolve_references
+from streamstars.state import StarStore
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,11 @@ class BackfillReport:
 
 
 def _unchanged(store: StarStore, visit: DiscoveredVisit) -> bool:
-    with store.read() as txn:
-        record = store.visit_record(txn, visit.visit)
-    if record is None or "files" not in record:
+    record = store.visit_record(visit.visit)
+    if record is None or record.files is None:
         return False
     try:
-        return bool(record["files"] == file_signature(visit.source_paths))
+        return bool(record.files == file_signature(visit.source_paths))
     except OSError:
         return False
 
@@ -90,8 +89,13 @@ def _prepare(store: StarStore, visit: DiscoveredVisit) -> PreparedVisit:
 def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
              prefetch: int = 2, progress: bool = True,
              inventory: RepoInventory | None = None,
-             on_result: Callable[[ApplyResult], None] | None = None) -> BackfillReport:
+             on_result: Callable[[ApplyResult], None] | None = None,
+             references: ReferenceChoice = CONFIGURED) -> BackfillReport:
     """Apply every visit found in ``repo`` to ``store``; never stops at a bad visit.
+
+    ``references``: the reference catalog visits cache stars from, as
+    :func:`streamstars.references.attach_references` returned it for ``store`` (default: the
+    store's configured catalog, opened and checked before any visit is read).
 
     Raises:
         RefcatError, StateError: the configured reference catalog is unusable or differs from
@@ -102,7 +106,7 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
             aborted), the visits applied before it stay, the visits read ahead are dropped.
     """
     start = time.perf_counter()
-    ensure_references(store)
+    source = resolve_references(store, references)
     inventory = inventory or discover_repo(repo, reference_ccd=store.config.referenceCCD)
     report = BackfillReport(problems=list(inventory.problems))
     # visits named by a metadata table whose source tables are not (yet) in the repository
@@ -116,7 +120,7 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
         for visit, future in _prefetched(pool, store, todo, prefetch):
             try:
                 prepared = future.result()
-                result = apply_prepared(store, prepared, replace=replace)
+                result = apply_prepared(store, prepared, replace=replace, references=source)
             except KeyboardInterrupt:
                 pool.shutdown(wait=False, cancel_futures=True)  # do not read further visits
                 raise
