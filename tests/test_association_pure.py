@@ -7,6 +7,8 @@ literally (every observation against every other) and compared with the per-comp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 
@@ -34,13 +36,13 @@ RADIUS = match_chord(1.0)
 RA0 = 10.0
 
 
-def fixed_at(offsets: list[tuple[float, float]]) -> np.ndarray:
+def fixed_at(offsets: Sequence[tuple[float, float]]) -> np.ndarray:
     """Fixed-point unit vectors of points (dx, dy) arcsec from (RA0, 0)."""
     xy = np.asarray(offsets, dtype=np.float64).reshape(-1, 2)
     return fixed_unit_vectors(RA0 + xy[:, 0] / 3600.0, xy[:, 1] / 3600.0)
 
 
-def summarize(offsets: list[tuple[float, float]], visit: list[int], source_id: list[int],
+def summarize(offsets: Sequence[tuple[float, float]], visit: list[int], source_id: list[int],
               min_per_band: int) -> tuple[ColumnDict, ColumnDict]:
     """Components and non-clique candidates of the FoF pieces of the points."""
     fixed = fixed_at(offsets)
@@ -55,7 +57,7 @@ def all_candidates(comps: ColumnDict, cands: ColumnDict, min_per_band: int) -> l
     (star id, count, sums, seed visit, seed sourceId)."""
     out = []
     implicit = comps["clique"] & (comps["count"] >= min_per_band)
-    for i in np.flatnonzero(implicit):
+    for i in np.flatnonzero(implicit).tolist():
         out.append((int(comps["comp_id"][i]), int(comps["count"][i]),
                     (int(comps["sx"][i]), int(comps["sy"][i]), int(comps["sz"][i])),
                     int(comps["seed_visit"][i]), int(comps["seed_src"][i])))
