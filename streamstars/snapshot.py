@@ -177,11 +177,35 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
     ``observations`` those are (grouped by star, in star order).
     """
     match = chord_from_arcsec(config.matchRadius)
-    isolation = chord_from_arcsec(config.isolationRadius)
+    star_id, star_v = merge_bands(candidates, config.primaryBands, match)
+    star_id, star_v = isolated(star_id, star_v, chord_from_arcsec(config.isolationRadius))
+    owner = memberships(star_v, observations, match)
+    star_id = published_ids(len(star_id), owner, observations["source_id"])
+    keep = star_id != _NO_ID  # a star needs members
+    keep &= has_required_bands(owner, band_code, band_names, len(star_id), config)
+    keep &= density_cut(star_id, star_v, keep, config)
+    survivors = np.flatnonzero(keep)
+    survivors = survivors[np.argsort(star_id[survivors], kind="stable")]
+    rows, n_obs = grouped_members(owner, survivors, len(star_id), observations)
+    final_id = star_id[survivors]
+    ra, dec = radec_from_vectors(star_v[survivors]) if len(survivors) else (
+        np.zeros(0), np.zeros(0))
+    return StarCatalog(final_id, ra, dec, n_obs, reserve_flags(final_id, config),
+                       take(observations, rows)), rows
 
+
+#: The published id of a star without members (removed).
+_NO_ID = np.iinfo(np.int64).max
+
+
+def merge_bands(candidates: dict[str, ColumnDict], primary_bands: tuple[str, ...],
+                match: float) -> tuple[np.ndarray, np.ndarray]:
+    """Step 2, cross-band merge: in ``primary_bands`` order, a later band's candidate within
+    ``match`` (chord) of an already accepted star is dropped.  Returns the accepted
+    candidates' ids and unit vectors."""
     ids: list[np.ndarray] = []
     vecs: list[np.ndarray] = []
-    for band in config.primaryBands:
+    for band in primary_bands:
         cand = candidates.get(band)
         if cand is None or len(cand["star_id"]) == 0:
             continue
@@ -196,51 +220,78 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
             ids.append(cand["star_id"])
         vecs.append(v)
     star_id = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    star_v = np.concatenate(vecs) if vecs else np.zeros((0, 3))
+    return star_id, (np.concatenate(vecs) if vecs else np.zeros((0, 3)))
 
-    if len(star_id) > 1:
-        close = kdtree(star_v).query_pairs(isolation, output_type="ndarray")
-        isolated = np.ones(len(star_id), dtype=bool)
-        isolated[close.ravel()] = False
-        star_id, star_v = star_id[isolated], star_v[isolated]
 
+def isolated(star_id: np.ndarray, star_v: np.ndarray,
+             isolation: float) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3: every star with another star within ``isolation`` (chord) is removed (both)."""
+    if len(star_id) <= 1:
+        return star_id, star_v
+    close = kdtree(star_v).query_pairs(isolation, output_type="ndarray")
+    keep = np.ones(len(star_id), dtype=bool)
+    keep[close.ravel()] = False
+    return star_id[keep], star_v[keep]
+
+
+def memberships(star_v: np.ndarray, observations: ColumnDict, match: float) -> np.ndarray:
+    """Step 4: the star each observation (any band) is within ``match`` of, or -1 (stars are
+    isolated, so there is at most one)."""
     obs_v = vectors_from_fixed(fixed_unit_vectors(observations["ra"], observations["dec"]))
-    if len(star_id) and len(obs_v):
-        dist, nearest = kdtree(star_v).query(obs_v, k=1, distance_upper_bound=match * 1.001)
-        member = dist <= match
-    else:
-        nearest = np.zeros(len(obs_v), dtype=np.int64)
-        member = np.zeros(len(obs_v), dtype=bool)
-    owner = np.where(member, nearest, -1)
+    if not (len(star_v) and len(obs_v)):
+        return np.full(len(obs_v), -1, dtype=np.int64)
+    dist, nearest = kdtree(star_v).query(obs_v, k=1, distance_upper_bound=match * 1.001)
+    return np.where(dist <= match, nearest, -1)
 
-    # the published id: the smallest sourceId among the star's members.  Unlike the seed of
-    # the winning candidate it survives a later primary band taking the star over.
-    big = np.iinfo(np.int64).max
-    published = np.full(len(star_id), big, dtype=np.int64)
-    np.minimum.at(published, owner[member], observations["source_id"][member])
-    star_id = published
 
-    keep = star_id != big  # a star needs members
+def published_ids(n_stars: int, owner: np.ndarray, source_id: np.ndarray) -> np.ndarray:
+    """The published id of each star: the smallest sourceId among its members
+    (:data:`_NO_ID` without members).  Unlike the seed of the winning candidate it survives a
+    later primary band taking the star over."""
+    member = owner >= 0
+    published = np.full(n_stars, _NO_ID, dtype=np.int64)
+    np.minimum.at(published, owner[member], source_id[member])
+    return published
+
+
+def has_required_bands(owner: np.ndarray, band_code: np.ndarray, band_names: list[str],
+                       n_stars: int, config: BuildStarsConfig) -> np.ndarray:
+    """Step 5: per star, >= ``minPerBand`` member observations in each required band."""
+    keep = np.ones(n_stars, dtype=bool)
+    member = owner >= 0
     for band in config.requiredBands:
         code = band_names.index(band) if band in band_names else -1
         in_band = member & (band_code == code)
-        keep &= np.bincount(owner[in_band], minlength=len(star_id)) >= config.minPerBand
+        keep &= np.bincount(owner[in_band], minlength=n_stars) >= config.minPerBand
+    return keep
 
-    if len(star_id):
-        pixel = hp.vec2pix(config.densityCutNside, star_v[:, 0], star_v[:, 1], star_v[:, 2],
-                           nest=True)
-        rank_key = seeded_hash(star_id, config.randomSeed, _DENSITY_SALT)
-        candidates_idx = np.flatnonzero(keep)
-        order = candidates_idx[np.lexsort((star_id[candidates_idx], rank_key[candidates_idx],
-                                           pixel[candidates_idx]))]
-        sorted_pixel = pixel[order]
-        starts = np.flatnonzero(np.r_[True, sorted_pixel[1:] != sorted_pixel[:-1]])
-        rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-        keep[order[rank >= config.densityCutMaxPerPixel]] = False
 
-    new_index = np.full(len(star_id), -1, dtype=np.int64)
-    survivors = np.flatnonzero(keep)
-    survivors = survivors[np.argsort(star_id[survivors], kind="stable")]
+def density_cut(star_id: np.ndarray, star_v: np.ndarray, keep: np.ndarray,
+                config: BuildStarsConfig) -> np.ndarray:
+    """Step 6: per star kept so far, whether it survives the density cut: in each
+    ``densityCutNside`` pixel at most ``densityCutMaxPerPixel`` stars, those with the
+    smallest seeded hash of their id."""
+    survive = np.ones(len(star_id), dtype=bool)
+    if not len(star_id):
+        return survive
+    pixel = hp.vec2pix(config.densityCutNside, star_v[:, 0], star_v[:, 1], star_v[:, 2],
+                       nest=True)
+    rank_key = seeded_hash(star_id, config.randomSeed, _DENSITY_SALT)
+    candidates_idx = np.flatnonzero(keep)
+    order = candidates_idx[np.lexsort((star_id[candidates_idx], rank_key[candidates_idx],
+                                       pixel[candidates_idx]))]
+    sorted_pixel = pixel[order]
+    starts = np.flatnonzero(np.r_[True, sorted_pixel[1:] != sorted_pixel[:-1]])
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    survive[order[rank >= config.densityCutMaxPerPixel]] = False
+    return survive
+
+
+def grouped_members(owner: np.ndarray, survivors: np.ndarray, n_stars: int,
+                    observations: ColumnDict) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of the surviving stars' members grouped by star (in ``survivors`` order),
+    each star's sorted by (visit, sourceId), and the number of members of each star."""
+    new_index = np.full(n_stars, -1, dtype=np.int64)
     new_index[survivors] = np.arange(len(survivors))
     obs_owner = np.full(len(owner), -1, dtype=np.int64)
     has_owner = owner >= 0  # no star at all: new_index is empty
@@ -248,15 +299,15 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
     rows = np.flatnonzero(obs_owner >= 0)
     rows = rows[np.lexsort((observations["source_id"][rows], observations["visit"][rows],
                             obs_owner[rows]))]
-    n_obs = np.bincount(obs_owner[rows], minlength=len(survivors)).astype(np.int32)
+    return rows, np.bincount(obs_owner[rows], minlength=len(survivors)).astype(np.int32)
 
-    final_id = star_id[survivors]
-    ra, dec = radec_from_vectors(star_v[survivors]) if len(survivors) else (
-        np.zeros(0), np.zeros(0))
-    reserve_draw = seeded_hash(final_id, config.randomSeed, _RESERVE_SALT)
+
+def reserve_flags(star_id: np.ndarray, config: BuildStarsConfig) -> np.ndarray:
+    """Step 7: ``obj_flag`` of each star, RESERVED for a seeded-hash fraction
+    ``reserveFraction`` of them."""
+    reserve_draw = seeded_hash(star_id, config.randomSeed, _RESERVE_SALT)
     threshold = np.uint64(int(config.reserveFraction * float(1 << 64)) & 0xFFFFFFFFFFFFFFFF)
-    obj_flag = np.where(reserve_draw < threshold, OBJ_FLAG_RESERVED, 0).astype(np.int32)
-    return StarCatalog(final_id, ra, dec, n_obs, obj_flag, take(observations, rows)), rows
+    return np.where(reserve_draw < threshold, OBJ_FLAG_RESERVED, 0).astype(np.int32)
 
 
 def visit_catalog(records: list[VisitRecord]) -> dict[str, np.ndarray]:

@@ -9,7 +9,7 @@ from streamstars.association.context import BandContext
 from streamstars.association.fof import centres_of, fof_labels, summarize_pieces
 from streamstars.association.members import forget_members
 from streamstars.association.update import update_candidates
-from streamstars.columns import concat, take
+from streamstars.columns import ColumnDict, concat, take
 from streamstars.sky import (
     fixed_unit_vectors,
     normalized,
@@ -39,6 +39,28 @@ def rebuild_after_removal(tx: Transaction, band: str, removed_pixels: np.ndarray
     tx.observations.delete_visit(band, removed_pixels, removed_visit)
     if band not in ctx.config.primaryBands:
         return
+    new_comps, new_cands = _pieces_after_removal(ctx, before, removed_visit, inner)
+    old, old_pixel = tx.components.load(band, outer)
+    stay = ~np.isin(old_pixel, inner)
+    removed = take(old, ~stay)
+    new_pixel = pixels_of(centres_of(new_comps), ctx.nside)
+    dirty = np.unique(np.concatenate([inner, new_pixel]))
+    outside = np.setdiff1d(dirty, outer)
+    extra, extra_pixel = tx.components.load(band, outside)
+    table = concat([take(old, stay), new_comps, extra], COMPONENT_DTYPES)
+    table_pixel = np.concatenate([old_pixel[stay], new_pixel, extra_pixel])
+    tx.components.write(band, table, table_pixel, dirty)
+    forget_members(ctx, removed["comp_id"][removed["tracked"]])
+    nonclique = ~removed["clique"]
+    update_candidates(ctx, removed["comp_id"][nonclique], old_pixel[~stay][nonclique],
+                      new_comps, new_cands)
+
+
+def _pieces_after_removal(ctx: BandContext, before: ColumnDict, removed_visit: int,
+                          inner: np.ndarray) -> tuple[ColumnDict, ColumnDict]:
+    """The components (and non-clique candidates), without the removed visit, of every
+    component of ``before`` (the stored observations around the removal) centred in
+    ``inner``."""
     fixed = fixed_unit_vectors(before["ra"], before["dec"])
     v = vectors_from_fixed(fixed)
     labels_before = fof_labels(v, ctx.radius)
@@ -57,21 +79,5 @@ def rebuild_after_removal(tx: Transaction, band: str, removed_pixels: np.ndarray
     remap = np.full(labels_after.max() + 1 if len(labels_after) else 0, -1, dtype=np.int64)
     remap[wanted] = np.arange(len(wanted))
     sub = take(before, remaining)
-    new_comps, new_cands = summarize_pieces(
-        sub["visit"][rows], sub["source_id"][rows], fixed[remaining][rows],
-        remap[labels_after[rows]], ctx.radius, ctx.min_per_band)
-
-    old, old_pixel = tx.components.load(band, outer)
-    stay = ~np.isin(old_pixel, inner)
-    removed = take(old, ~stay)
-    new_pixel = pixels_of(centres_of(new_comps), ctx.nside)
-    dirty = np.unique(np.concatenate([inner, new_pixel]))
-    outside = np.setdiff1d(dirty, outer)
-    extra, extra_pixel = tx.components.load(band, outside)
-    table = concat([take(old, stay), new_comps, extra], COMPONENT_DTYPES)
-    table_pixel = np.concatenate([old_pixel[stay], new_pixel, extra_pixel])
-    tx.components.write(band, table, table_pixel, dirty)
-    forget_members(ctx, removed["comp_id"][removed["tracked"]])
-    nonclique = ~removed["clique"]
-    update_candidates(ctx, removed["comp_id"][nonclique], old_pixel[~stay][nonclique],
-                      new_comps, new_cands)
+    return summarize_pieces(sub["visit"][rows], sub["source_id"][rows], fixed[remaining][rows],
+                            remap[labels_after[rows]], ctx.radius, ctx.min_per_band)
