@@ -102,7 +102,7 @@ def grow_map(env: lmdb.Environment) -> None:
 # map trimming
 # ---------------------------------------------------------------------------------------------
 class MapTrimmer:
-    """Keeps the resident part of one environment's memory map under a budget.
+    """Keeps the resident part of LMDB memory maps under one budget.
 
     Pages of the memory map that were read stay mapped (and count in the process's RSS) until
     unmapped, and the kernel maps whole page-cache folios around each page touched (hundreds
@@ -110,16 +110,31 @@ class MapTrimmer:
     the store.  Every table of the store counts its scattered accesses here
     (:meth:`note_access`); every :data:`TRIM_CHECK_EVERY` of them, and after every commit,
     :meth:`trim_if_large` compares the process's file-backed resident memory with a baseline
-    and, past the budget, ``madvise(MADV_DONTNEED)``-s the map.
+    and, past the budget, ``madvise(MADV_DONTNEED)``-s the maps.
+
+    A store makes its own trimmer unless it is given one: resident memory is the process's,
+    so the stores one process opens (one per sky shard) may share one trimmer and one budget,
+    each :meth:`watch`-ing its ``data.mdb``.
     """
 
-    def __init__(self, data_file: Path) -> None:
-        self.data_file = data_file
-        #: file-backed resident memory (the LMDB map) allowed before the map is trimmed
+    def __init__(self) -> None:
+        #: the ``data.mdb`` files whose mappings are trimmed
+        self.data_files: list[Path] = []
+        #: file-backed resident memory (the LMDB maps) allowed before the maps are trimmed
         self.budget = map_rss_budget()
         self._baseline = _rss_file_bytes()
         self.trims = 0
         self._accesses = 0
+
+    def watch(self, data_file: Path) -> None:
+        """Trim the mappings of ``data_file`` too."""
+        if data_file not in self.data_files:
+            self.data_files.append(data_file)
+
+    def unwatch(self, data_file: Path) -> None:
+        """Stop trimming ``data_file`` (its store is closed)."""
+        if data_file in self.data_files:
+            self.data_files.remove(data_file)
 
     def trim_if_large(self, *, force: bool = False) -> bool:
         """Drop the map's pages from this process when they grow large.
@@ -139,7 +154,7 @@ class MapTrimmer:
         rss = _rss_file_bytes()
         if not force and (rss is None or rss - self._baseline <= self.budget):
             return False
-        trimmed = _drop_mapped_pages(self.data_file)
+        trimmed = _drop_mapped_pages(self.data_files)
         self.trims += trimmed
         if trimmed:
             # none of the map is resident now: what is left is the process's other file-backed
@@ -182,16 +197,16 @@ def _libc() -> ctypes.CDLL:
     return _LIBC[0]
 
 
-def _drop_mapped_pages(data_file: Path) -> int:
-    """``madvise(MADV_DONTNEED)`` every mapping of ``data_file`` in this process; returns how
+def _drop_mapped_pages(data_files: list[Path]) -> int:
+    """``madvise(MADV_DONTNEED)`` every mapping of ``data_files`` in this process; returns how
     many ranges were trimmed (0 where /proc/self/maps or libc are not available)."""
-    target = str(data_file.resolve())
+    targets = {str(f.resolve()) for f in data_files}
     ranges = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                if len(fields) == 6 and fields[5].rstrip("\n") in targets:
                     start, end = (int(x, 16) for x in fields[0].split("-"))
                     ranges.append((start, end - start))
         libc = _libc()

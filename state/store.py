@@ -82,7 +82,7 @@ class StarStore:
     """
 
     def __init__(self, path: Path, env: lmdb.Environment, config: BuildStarsConfig,
-                 readonly: bool) -> None:
+                 readonly: bool, trimmer: MapTrimmer | None = None) -> None:
         self.path = path
         self.config = config
         self.readonly = readonly
@@ -91,13 +91,14 @@ class StarStore:
         #: the sourceId index was checked (:meth:`ensure_source_index`)
         self.source_index_checked = False
         self.min_free_disk = min_free_disk()
-        self.trimmer = MapTrimmer(path / "data.mdb")
+        self.trimmer = MapTrimmer() if trimmer is None else trimmer
+        self.trimmer.watch(path / "data.mdb")
         self.cache = WriteCache()
 
     # ------------------------------------------------------------------ opening / closing
     @classmethod
     def open(cls, path: str | Path, config: BuildStarsConfig | None = None, *,
-             readonly: bool = False) -> StarStore:
+             readonly: bool = False, trimmer: MapTrimmer | None = None) -> StarStore:
         """Open (or create) the store in directory ``path``.
 
         ``config`` None means: use the configuration the store was built with.  A given config
@@ -107,6 +108,9 @@ class StarStore:
         A read-only open of a directory this process cannot write (a backup on a read-only
         file system, another user's store) goes without LMDB's lock file: it cannot be
         created there, and no writer can be working in such a directory.
+
+        ``trimmer``: share the map budget with other stores of this process (by default the
+        store has its own, :class:`~streamstars.state.environment.MapTrimmer`).
 
         Raises:
             StateError: not a store (also another program's LMDB environment, which is never
@@ -129,13 +133,14 @@ class StarStore:
                 raise StateError(f"{path} holds no streamstars metadata; it is not a "
                                  "streamstars state directory")
             effective = _check_meta(path, stored, config)
-            return cls(path, env, effective, readonly)
+            return cls(path, env, effective, readonly, trimmer)
         except BaseException:
             env.close()
             raise
 
     def close(self) -> None:
         """Close the environment (idempotent)."""
+        self.trimmer.unwatch(self.path / "data.mdb")
         self.env.close()
 
     def __enter__(self) -> StarStore:

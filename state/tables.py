@@ -23,7 +23,7 @@ from streamstars.columns import ColumnDict, concat, take
 from streamstars.config import BuildStarsConfig, config_from_json, to_dict
 from streamstars.errors import StateError
 from streamstars.sky import fixed_unit_vectors, pixels_in_discs, pixels_of, vectors_from_fixed
-from streamstars.state.cache import MISS, WriteCache
+from streamstars.state.cache import WriteCache
 from streamstars.state.codec import ColumnReader, decode_columns, encode_columns
 from streamstars.state.environment import MapTrimmer
 from streamstars.state.records import VisitRecord
@@ -426,8 +426,8 @@ class MemberTable(_Table):
             return None if raw is None else bytes(raw)
         ckey = (DB_MEMBERS, key)
         value = self._cache.get(ckey)
-        if value is not MISS:
-            return value  # type: ignore[return-value]
+        if value is None or isinstance(value, bytes):
+            return value
         self._trimmer.note_access()
         raw = self._txn.get(key, db=self._db)
         if raw is None:

@@ -396,9 +396,9 @@ def attach_references(store: StarStore, source: ReferenceSource | None = None, *
 
 def resolve_references(store: StarStore, references: ReferenceChoice) -> ReferenceSource | None:
     """``references`` as given, or, for :data:`CONFIGURED`, :func:`attach_references` now."""
-    if references is CONFIGURED:
+    if isinstance(references, _Configured):
         return attach_references(store)
-    return references  # type: ignore[return-value]
+    return references
 
 
 def _write_pixels(tx: Transaction, source: ReferenceSource, pixels: np.ndarray) -> int:
@@ -464,13 +464,13 @@ def _observed_pixels(tx: Transaction) -> np.ndarray:
     return np.unique(np.concatenate(pixels)) if pixels else np.zeros(0, dtype=np.int64)
 
 
-def refresh_all(store: StarStore, source: ReferenceSource | None | _Configured = CONFIGURED, *,
-                progress: bool = False,
+def refresh_all(store: StarStore, source: ReferenceChoice = CONFIGURED, *, progress: bool = False,
                 batch_pixels: int = REFRESH_BATCH_PIXELS) -> tuple[int, float]:
     """Drop and rebuild every ``refmatch`` record in ONE write transaction.
 
-    ``source`` is the catalog to cache (default: the store's configured catalog, opened now
-    without checking it against the store's cache — this is how a cache is changed).  Every
+    ``source`` is the catalog to cache (``None``: none, the cache is dropped; default: the
+    store's configured catalog, opened now without checking it against the store's cache —
+    this is how a cache is changed).  Every
     pixel holding observations and its neighbours gets a record; ``meta/refcat`` and the
     ``fgcmLoadReferenceCatalog`` table of the stored configuration are updated to the
     configured catalog (both removed when it has no path, which just drops the cache).
@@ -479,9 +479,8 @@ def refresh_all(store: StarStore, source: ReferenceSource | None | _Configured =
         ``(reference stars cached, seconds)``.
     """
     start = time.perf_counter()
-    if source is CONFIGURED:
-        source = attach_references(store, check=False)
-    catalog: ReferenceSource | None = source
+    catalog = attach_references(store, check=False) if isinstance(source, _Configured) \
+        else source
 
     def body(tx: Transaction) -> int:
         tx.refcache.clear()

@@ -177,3 +177,24 @@ def test_a_forced_trim_drops_the_map_under_its_budget(tmp_path: Path,
         assert not store.trim_map_if_large()  # far under the budget
         assert store.trim_map_if_large(force=True)
         assert store.map_trims == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_the_stores_of_one_process_may_share_one_map_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resident memory is the process's: stores opened with one trimmer (one per sky shard)
+    are trimmed together, and a closed store is no longer watched."""
+    from streamstars.state.environment import MapTrimmer
+
+    monkeypatch.setenv("STREAMSTARS_MAP_RSS_MB", "512")
+    trimmer = MapTrimmer()
+    with StarStore.open(tmp_path / "a", BuildStarsConfig(), trimmer=trimmer) as a, \
+            StarStore.open(tmp_path / "b", BuildStarsConfig(), trimmer=trimmer) as b:
+        assert a.trimmer is b.trimmer is trimmer
+        assert trimmer.trim_if_large(force=True)
+        assert trimmer.trims == 2  # the one mapping of each store's data.mdb
+        a.close()
+        assert trimmer.data_files == [tmp_path / "b" / "data.mdb"]
+        assert b.trim_map_if_large(force=True)
+        assert trimmer.trims == 3
+    assert trimmer.data_files == []
