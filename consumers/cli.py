@@ -67,9 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import Runner, RunOptions, parse_seek_offsets
 
     _verbose_logging()
-    if not args.data_root:
+    if not args.data_root and not args.butler:
         print("streamstars run: error: give at least one --data-root (events may only name "
-              "files under these directories)", file=sys.stderr)
+              "files under these directories), or --butler REPO", file=sys.stderr)
         return 2
     dead_letter = args.dead_letter_topic
     if dead_letter is None:
@@ -80,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         state=Path(args.state),
         group=args.group,
         config_path=Path(args.config) if args.config else None,
-        data_roots=[Path(p) for p in args.data_root],
+        data_roots=[Path(p) for p in args.data_root or []],
         kafka_config=load_kafka_properties(args.kafka_config),
         dead_letter_topic=dead_letter or None,
         snapshot_dir=Path(args.snapshot_dir) if args.snapshot_dir else None,
@@ -97,6 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         read_ahead=args.read_ahead,
         stall_seconds=args.stall_seconds,
         dead_letter_max_bytes=args.dead_letter_max_bytes,
+        butler=args.butler,
     )
     if options.snapshot_dir is not None and not (
         options.snapshot_every_visits or options.snapshot_every_seconds
@@ -115,6 +116,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
     _verbose_logging()
     settings = load_kafka_properties(args.kafka_config)
+    if args.butler:
+        from streamstars.butler.cli import publish_from_butler
+
+        return publish_from_butler(args, settings)
+    if not args.repo:
+        print("streamstars publish: error: give the repository directory (or --butler REPO)",
+              file=sys.stderr)
+        return 2
     reference_ccd = load_config(args.config).referenceCCD if args.config else 40
     if not args.watch:
         summary = publish_repo(args.repo, args.bootstrap_servers, args.topic, settings,
@@ -185,13 +194,15 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--read-ahead", type=_non_negative_int, default=1, metavar="N",
                    help="visits of a backlog read and selected while the previous one is "
                    "applied (default %(default)s; 0: one at a time)")
+    p.add_argument("--butler", metavar="REPO", help="resolve events naming Butler datasets "
+                   "(schema version 2) in this repository (needs streamstars[butler])")
     p.set_defaults(func=cmd_run)
 
     p = subparsers.add_parser(
         "publish",
         help="publish one visit event per visit of a repository (optionally watching it)",
     )
-    p.add_argument("repo", help="repository directory (same discovery as backfill)")
+    p.add_argument("repo", nargs="?", help="repository directory (same discovery as backfill)")
     p.add_argument("--bootstrap-servers", required=True, metavar="HOST:PORT")
     p.add_argument("--topic", required=True)
     p.add_argument("--kafka-config", metavar="FILE", help="librdkafka properties file")
@@ -201,6 +212,20 @@ def add_commands(subparsers: Any) -> None:
                    help="keep watching and publish each visit once its files are complete")
     p.add_argument("--poll-seconds", type=_positive_float, default=30.0)
     p.add_argument("--watch-state", metavar="FILE",
-                   help="what was published (default REPO/.streamstars-published.json)")
+                   help="what was published (default REPO/.streamstars-published.json; "
+                   "required with --butler --watch)")
     p.add_argument("--max-polls", type=_positive_int, help=argparse.SUPPRESS)
+    g = p.add_argument_group("Butler repository (needs streamstars[butler]; docs/butler.md)")
+    g.add_argument("--butler", metavar="REPO",
+                   help="publish the visits of this Butler repository's collections")
+    g.add_argument("--collections", metavar="C[,C...]",
+                   help="collections to search, in order (first match wins)")
+    g.add_argument("--where", metavar="EXPR", default="",
+                   help="Butler query expression on the data IDs")
+    g.add_argument("--overlap-seconds", type=_positive_float, default=300.0,
+                   help="each poll looks again this far before the ingest_date watermark "
+                   "(default %(default)s)")
+    g.add_argument("--full-every", type=_non_negative_int, default=20, metavar="N",
+                   help="compare every (visit, UUID) pair every N polls (default "
+                   "%(default)s; also at start and when a chain changes)")
     p.set_defaults(func=cmd_publish)

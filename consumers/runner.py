@@ -71,6 +71,7 @@ from typing import Any
 from streamstars import __version__
 from streamstars.config import BuildStarsConfig, load_config
 from streamstars.errors import (
+    ConfigError,
     PermanentInputError,
     RefcatError,
     StateError,
@@ -151,6 +152,8 @@ class RunOptions:
         if self.stall_seconds is not None:
             return self.stall_seconds
         return self.retry_max_seconds + 300.0
+    #: Butler repository resolving events that name datasets (schema version 2)
+    butler: str | None = None
 
 
 #: At most this many already-fetched messages are taken at once (see "Read-ahead").
@@ -199,6 +202,8 @@ class Runner:
         #: (topic, partition, offset) -> the visit read ahead for that message
         self._ahead: dict[tuple[str, int, int], Future[Any]] = {}
         self._ahead_pool: ThreadPoolExecutor | None = None
+        #: resolves Butler events (streamstars.butler.read.EventResolver) with --butler
+        self.resolver: Any = None
 
     # ------------------------------------------------------------------ setup / teardown
     def _open_store(self) -> None:
@@ -216,9 +221,15 @@ class Runner:
 
         # validate the reference catalog before the store is touched (when the config is
         # given), and that the store caches the same catalog, before any event is consumed
-        source = open_reference_source(config.fgcmLoadReferenceCatalog) if config else None
+        if opts.butler:
+            from streamstars.butler.read import EventResolver
+            from streamstars.butler.repo import open_butler
+
+            self.resolver = EventResolver(open_butler(opts.butler))
+        source = open_reference_source(config.fgcmLoadReferenceCatalog, opts.butler) \
+            if config else None
         self.store = StarStore.open(opts.state, config)
-        self.references = attach_references(self.store, source)
+        self.references = attach_references(self.store, source, butler=opts.butler)
         instrument_store(self.store, self.faults)
         self.metrics.visits_stored.set(len(self.store.applied_visits()))
 
@@ -353,7 +364,7 @@ class Runner:
                 self.store.close()
                 self.store = None
             self._stop_http()
-            return EXIT_USAGE if isinstance(exc, RefcatError) else EXIT_STATE
+            return EXIT_USAGE if isinstance(exc, RefcatError | ConfigError) else EXIT_STATE
         log.info("kafka client settings from --kafka-config: %s", redacted(opts.kafka_config))
         try:
             self.dead_letter_max_bytes = dead_letter_limit(self._producer_settings(),
@@ -457,7 +468,7 @@ class Runner:
                 event = parse_message(msg.value(), msg.key())
             except Exception:  # noqa: BLE001 - the normal path dead-letters it
                 continue
-            if event.action != "retract":
+            if event.action != "retract" and not self._applied_from(event):
                 self._ahead[key] = self._ahead_pool.submit(self._prepare_event, event)
 
     def _idle_exit_due(self) -> bool:
@@ -570,6 +581,11 @@ class Runner:
         from streamstars.ingest import apply_prepared, retract_visit
 
         start = time.perf_counter()
+        if self._applied_from(event):
+            # the visit holds exactly these Butler datasets (immutable): nothing to read
+            self.store.record_offset(kafka_offset.topic, kafka_offset.partition,
+                                     kafka_offset.next_offset)
+            return _Outcome("skipped", seconds=time.perf_counter() - start)
         if event.action == "retract":
             result = retract_visit(self.store, event.visit, kafka_offset=kafka_offset)
             self.faults.record_application(event.visit, result.status, kafka_offset.next_offset)
@@ -594,11 +610,26 @@ class Runner:
         return _Outcome(result.status, result.n_sources, result.n_selected,
                         time.perf_counter() - start, result.dropped)
 
+    def _applied_from(self, event: VisitEvent) -> bool:
+        """The store holds the visit from exactly the Butler datasets the event names."""
+        if event.butler_datasets is None or event.action == "retract":
+            return False
+        from streamstars.butler.read import event_dataset_ids
+
+        record = self.store.visit_record(event.visit)
+        return record is not None and record.dataset_ids == event_dataset_ids(event)
+
     def _prepare_event(self, event: VisitEvent) -> Any:
         """Resolve the event's files and metadata, read and select the visit (no store
         access: safe in the read-ahead thread)."""
         from streamstars.ingest import VisitInput, prepare_visit
 
+        if event.butler_datasets is not None:
+            if self.resolver is None:
+                raise MalformedEventError(
+                    f"visit {event.visit}: the event names Butler datasets; run the consumer "
+                    "with --butler REPO to resolve them")
+            return self.resolver.prepare(event, self.store.config)
         roots = self.opts.data_roots
         paths = [resolve_uri(u, roots, what=f"visit {event.visit} source table")
                  for u in event.source_uris]

@@ -5,6 +5,7 @@ Usage:
     python scripts/bench.py [--visits 200] [--sources-per-visit 50000] [--small-visits 20]
                             [--workdir bench-work] [--json results.json]
                             [--kafka | --kafka-only] [--kafka-visits N] [--kafka-paced-visits M]
+                            [--butler | --butler-only] [--butler-pairs 2] [--watch-datasets N]
 
 It simulates a survey once (reused when ``--workdir`` already holds one with the same
 parameters), then runs each measurement in its own subprocess so peak RSS is per measurement:
@@ -19,7 +20,7 @@ parameters), then runs each measurement in its own subprocess so peak RSS is per
   just written (``--snapshot``) and on its own (it then snapshots the store into a temporary
   directory first): time and peak RSS, printed beside the snapshot's (skipped with a message
   when the ``report`` extra is not installed);
-* the batch reference of the tests (tests/batch_reference.py) on the same observations
+* the batch computation of the tests (tests/batch_computation.py) on the same observations
   (read + select + one in-memory batch association): time and peak RSS.
 Prints numbers and the target ratios; never asserts.
 
@@ -47,6 +48,18 @@ with TZ=UTC so its log times are UTC).  The mean of the consumer's own
 cross-check.  The consumer's peak RSS comes from ``wait4`` on the consumer process.  The
 consumer log and the broker log are kept in the workdir (``kafka-consumer.log``,
 ``kafka-broker.log``).
+
+Butler mode (``--butler``; ``--butler-only`` skips everything else; needs
+``streamstars[butler]``) writes the simulated survey as a Butler repository (``butler-repo``
+in the workdir, files hard-linked into the datastore) and measures, in back-to-back pairs
+(``--butler-pairs``, alternating which runs first), the backfill of all visits from the
+directory and from the repository (``backfill --butler``), each timed end to end *including*
+discovery (directory walk and
+parquet footers / Butler import, registry queries and URIs); then the polling cost of
+``publish --butler --watch`` on a repository whose collection holds ``--watch-datasets``
+(default 10,000) ``sourceTable_visit`` datasets (+ as many ``visitSummary``; registry only,
+the watcher never opens a source file): a full (visit, UUID) diff, an incremental poll that
+finds nothing, and one that finds 10 new datasets.
 """
 
 from __future__ import annotations
@@ -250,10 +263,10 @@ def measure_report(state: Path, out: Path, snapshot: str) -> dict[str, float]:
 
 
 def measure_batch(repo: Path, n_visits: int) -> dict[str, float]:
-    """The tests' batch reference on the same observations: read + select + associate."""
+    """The tests' batch computation on the same observations: read + select + associate."""
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     import numpy as np
-    from batch_reference import batch_build  # type: ignore[import-not-found]
+    from batch_computation import batch_build  # type: ignore[import-not-found]
 
     from streamstars.config import BuildStarsConfig
     from streamstars.ingest import VisitInput, prepare_visit
@@ -535,6 +548,147 @@ def measure_kafka(repo: Path, workdir: Path, state: Path, n_visits: int, n_paced
     }
 
 
+# --------------------------------------------------------------------------- Butler
+def ensure_butler_repo(workdir: Path, repo: Path) -> Path:
+    """The directory survey as a Butler repository (reused when already written for it)."""
+    import pyarrow.parquet as pq
+
+    from streamstars.butler.simulate import write_survey_repo
+    from streamstars.simulate import SimulatedSurvey
+
+    root = workdir / "butler-repo"
+    stamp = workdir / "butler-repo.json"
+    wanted = json.loads((workdir / "survey.json").read_text())
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    table = pq.read_table(repo / "visitTable.parquet", columns=["visit", "band",
+                                                                "physical_filter"])
+    visits = [int(v) for v in table.column("visit").to_pylist()]
+    paths = [repo / f"sourceTable_visit_{v}.parquet" for v in visits]
+    survey = SimulatedSurvey(repo, visits, table.column("band").to_pylist(),
+                             table.column("physical_filter").to_pylist(), paths,
+                             repo / "visitTable.parquet", repo / "ccdVisitTable.parquet", None,
+                             repo / "truth.parquet", 0)
+    start = time.perf_counter()
+    written = write_survey_repo(survey, root)
+    print(f"wrote the survey as a Butler repository ({written.n_datasets} datasets) in "
+          f"{time.perf_counter() - start:.1f} s")
+    stamp.write_text(json.dumps(wanted))
+    return root
+
+
+def measure_backfill_from(kind: str, source: Path, state: Path) -> dict[str, object]:
+    """Backfill every visit of ``source`` (a directory, or a Butler repository with
+    ``kind == "butler"``) into a fresh store, timed from discovery (incl. the Butler import)
+    to the last visit applied."""
+    shutil.rmtree(state, ignore_errors=True)
+    start = time.perf_counter()
+    from streamstars.backfill import backfill
+    from streamstars.config import BuildStarsConfig
+    from streamstars.state.store import StarStore
+
+    prepare = None
+    if kind == "butler":
+        from streamstars.butler.discover import butler_inventory
+        from streamstars.butler.read import prepare_butler_visit
+        from streamstars.butler.repo import open_butler
+
+        inventory: Any = butler_inventory(open_butler(source), ["SimCam/sim"])
+        prepare = prepare_butler_visit
+    else:
+        from streamstars.io.discover import discover_repo
+
+        inventory = discover_repo(source)
+    discovered = time.perf_counter() - start
+    with StarStore.open(state, BuildStarsConfig()) as store:
+        report = backfill(source, store, inventory=inventory, prepare=prepare, progress=False)
+    return {"seconds": time.perf_counter() - start, "discovery_seconds": discovered,
+            "visits": report.applied, "failed": len(report.failed),
+            "sources": report.sources_read, "peak_rss_mb": _peak_rss_mb()}
+
+
+def measure_watch(workdir: Path, n_datasets: int) -> dict[str, object]:
+    """Polling cost of the Butler watcher with ``n_datasets`` visits in the collection."""
+    from streamstars.butler.repo import open_butler
+    from streamstars.butler.simulate import create_repo, register_dataset_type
+    from streamstars.butler.watch import ButlerWatcher, WatchState
+
+    root = workdir / f"watch-repo-{n_datasets}"
+    shutil.rmtree(root, ignore_errors=True)
+    repo = create_repo(root)
+    registry = repo.butler.registry
+    registry.insertDimensionData("instrument", {"name": "SimCam", "visit_max": 10**14,
+                                                "detector_max": 1000, "visit_system": 0})
+    registry.insertDimensionData("physical_filter", {"instrument": "SimCam", "name": "r_57",
+                                                     "band": "r"})
+    nights = range(20250601, 20250601 + n_datasets // 1000 + 2)
+    registry.insertDimensionData("day_obs", *[{"instrument": "SimCam", "id": d} for d in nights])
+    visits = [(20250601 + i // 1000) * 100000 + i % 1000 for i in range(n_datasets + 10)]
+    registry.insertDimensionData("visit", *[
+        {"instrument": "SimCam", "id": v, "name": str(v), "physical_filter": "r_57",
+         "day_obs": v // 100000} for v in visits])
+    types = [register_dataset_type(repo, name, ["instrument", "visit"], sc)
+             for name, sc in (("sourceTable_visit", "ArrowAstropy"),
+                              ("visitSummary", "ExposureCatalog"))]
+    registry.registerRun("SimCam/runs/nightly")
+    start = time.perf_counter()
+    for dataset_type in types:
+        registry.insertDatasets(dataset_type, [{"instrument": "SimCam", "visit": v}
+                                               for v in visits[:n_datasets]],
+                                run="SimCam/runs/nightly")
+    inserted = time.perf_counter() - start
+    repo = open_butler(root)
+    # a 1 s overlap: the datasets inserted above are not "recent" for the idle polls below
+    watcher = ButlerWatcher(repo, ["SimCam/runs/nightly"], full_every=0, overlap_seconds=1.0)
+    state = WatchState(None)
+
+    def timed(call: Any) -> tuple[float, Any]:
+        t0 = time.perf_counter()
+        out = call()
+        return time.perf_counter() - t0, out
+
+    full_s, (ready, _, watermark) = timed(lambda: watcher.poll(state))
+    for entry in ready:
+        state.published[entry.visit] = entry.ids
+    state.watermark = str(watermark.tai.isot)
+    full_again = [timed(lambda: watcher.full_diff(state))[0] for _ in range(3)]
+    time.sleep(2.0)  # past the overlap: an idle poll finds nothing
+    idle = [timed(lambda: watcher.poll(state))[0] for _ in range(5)]
+    writer = open_butler(root, writeable=True).butler.registry
+    for dataset_type in types:
+        writer.insertDatasets(dataset_type, [{"instrument": "SimCam", "visit": v}
+                                             for v in visits[n_datasets:]],
+                              run="SimCam/runs/nightly")
+    new_s, (new_ready, full, _) = timed(lambda: watcher.poll(state))
+    assert not full and len(new_ready) == 10, (full, len(new_ready))
+    return {"datasets": n_datasets, "insert_seconds": inserted, "first_full_s": full_s,
+            "full_diff_s": statistics.median(full_again), "idle_poll_s": statistics.median(idle),
+            "poll_with_10_new_s": new_s, "published_first": len(ready)}
+
+
+def report_butler(results: dict[str, dict[str, object]]) -> None:
+    """Print the Butler numbers: directory vs Butler backfill side by side, polling cost."""
+    print("\n-- butler -- (backfill timed from discovery to the last visit; pairs back to back, "
+          "the first of each pair alternating)")
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]] = results["butler"]["pairs"]  # type: ignore
+    for i, (d, b) in enumerate(pairs, 1):
+        print(f"pair {i}: directory {d['seconds']:7.1f} s (discovery "
+              f"{d['discovery_seconds']:.2f} s) | Butler {b['seconds']:7.1f} s (discovery "
+              f"{b['discovery_seconds']:.2f} s)"
+              f" | ratio {b['seconds'] / d['seconds']:.3f}  ({b['visits']} / {d['visits']} "
+              "visits)")
+    best_d = min(float(d["seconds"]) for d, _ in pairs)
+    best_b = min(float(b["seconds"]) for _, b in pairs)
+    print(f"best of each               : directory {best_d:.1f} s | Butler {best_b:.1f} s | "
+          f"ratio {best_b / best_d:.3f}  (target <= 1.1)")
+    w: dict[str, Any] = results["butler"]["watch"]  # type: ignore[assignment]
+    print(f"watch, {w['datasets']:,} datasets   : full (visit, UUID) diff "
+          f"{w['full_diff_s']:.2f} s (first {w['first_full_s']:.2f} s), incremental poll "
+          f"{1e3 * w['idle_poll_s']:.0f} ms idle / {1e3 * w['poll_with_10_new_s']:.0f} ms with "
+          "10 new")
+
+
 # --------------------------------------------------------------------------- driver
 def _run(kind: str, *args: str, show_stderr: bool = False) -> dict[str, object]:
     out = subprocess.run([sys.executable, __file__, "_measure", kind, *args], check=True,
@@ -572,7 +726,10 @@ def main() -> int:
                  "batch": lambda: measure_batch(Path(rest[0]), int(rest[1])),
                  "refs": lambda: measure_refs(Path(rest[0]), int(rest[1]), Path(rest[2])),
                  "kafka": lambda: measure_kafka(Path(rest[0]), Path(rest[1]), Path(rest[2]),
-                                                int(rest[3]), int(rest[4]), int(rest[5]))}
+                                                int(rest[3]), int(rest[4]), int(rest[5])),
+                 "backfill_from": lambda: measure_backfill_from(rest[0], Path(rest[1]),
+                                                                Path(rest[2])),
+                 "watch": lambda: measure_watch(Path(rest[0]), int(rest[1]))}
         print(json.dumps(funcs[kind]()))
         return 0
 
@@ -583,7 +740,7 @@ def main() -> int:
     parser.add_argument("--sources-per-visit", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workdir", default="bench-work")
-    parser.add_argument("--skip-batch", action="store_true", help="skip the batch reference")
+    parser.add_argument("--skip-batch", action="store_true", help="skip the batch computation")
     parser.add_argument("--json", help="also write the results to this file")
     kafka = parser.add_argument_group("Kafka mode")
     kafka.add_argument("--kafka", action="store_true",
@@ -599,16 +756,30 @@ def main() -> int:
                        help="partitions of the topic (default %(default)s)")
     kafka.add_argument("--kafka-state", default="state-kafka",
                        help="consumer state directory inside the workdir (default %(default)s)")
+    butler = parser.add_argument_group("Butler mode (needs streamstars[butler])")
+    butler.add_argument("--butler", action="store_true",
+                        help="also compare a backfill from a Butler repository with one from "
+                        "the directory, and measure the --watch polling cost")
+    butler.add_argument("--butler-only", action="store_true",
+                        help="measure only the Butler part (implies --butler)")
+    butler.add_argument("--butler-pairs", type=int, default=2,
+                        help="directory/Butler backfill pairs run back to back (default "
+                        "%(default)s)")
+    butler.add_argument("--watch-datasets", type=int, default=10_000,
+                        help="datasets in the watched collection (default %(default)s)")
     args = parser.parse_args()
     if args.kafka_only:
         args.kafka = True
+    if args.butler_only:
+        args.butler = True
+    default_part = not (args.kafka_only or args.butler_only)
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     repo = ensure_survey(workdir, args.visits, args.sources_per_visit, args.seed)
     n, small = str(args.visits), str(args.small_visits)
     results: dict[str, dict[str, object]] = {}
-    if not args.kafka_only:
+    if default_part:
         first_floor = _run("floor", str(repo), n)
         results["backfill_small"] = _run("backfill", str(repo), small,
                                          str(workdir / "state-small"))
@@ -630,16 +801,30 @@ def main() -> int:
         results["refs"] = _run("refs", str(repo), small, str(workdir / "state-refs"))
         if not args.skip_batch:
             results["batch"] = _run("batch", str(repo), n)
+    if args.butler:
+        butler_repo = ensure_butler_repo(workdir, repo)
+        pairs = []
+        for i in range(max(1, args.butler_pairs)):
+            # alternate which one runs first: the machine's speed drifts within minutes
+            order = ("directory", "butler") if i % 2 == 0 else ("butler", "directory")
+            runs = {kind: _run("backfill_from", kind,
+                               str(repo if kind == "directory" else butler_repo),
+                               str(workdir / f"state-{kind}")) for kind in order}
+            pairs.append((runs["directory"], runs["butler"]))
+        results["butler"] = {"pairs": pairs,  # type: ignore[dict-item]
+                             "watch": _run("watch", str(workdir), str(args.watch_datasets))}
     if args.kafka:
         burst = max(1, min(args.kafka_visits or args.visits, args.visits))
         paced = max(0, min(args.kafka_paced_visits, args.visits - burst))
         results["kafka"] = _run("kafka", str(repo), str(workdir), str(workdir / args.kafka_state),
                                 str(burst), str(paced), str(args.kafka_partitions),
                                 show_stderr=True)
-    if not args.kafka_only:
+    if default_part:
         report(results, args)
     if args.kafka:
         report_kafka(results, args)
+    if args.butler:
+        report_butler(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -692,7 +877,7 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
               f"{f('refs', 'full_refresh_cold_s'):.2f} s cold / "
               f"{f('refs', 'full_refresh_warm_s'):.2f} s warm ({r['reference_stars']:,} refs)")
     if "batch" in results:
-        print(f"batch reference             : {f('batch', 'seconds'):8.1f} s  "
+        print(f"batch computation           : {f('batch', 'seconds'):8.1f} s  "
               f"(read+select {f('batch', 'read_select_seconds'):.1f} s), "
               f"{results['batch']['stars']:,} stars, peak RSS {f('batch', 'peak_rss_mb'):.0f} MB")
     print("\n-- where the time goes --")
@@ -730,7 +915,7 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
                   "  (target <= 2)")
     if "batch" in results:
         ratio = f("backfill", "seconds") / f("batch", "seconds")
-        print(f"backfill / batch reference  : {ratio:6.2f}  (target <= 1)")
+        print(f"backfill / batch computation: {ratio:6.2f}  (target <= 1)")
 
 
 def report_kafka(results: dict[str, dict[str, object]], args: argparse.Namespace) -> None:

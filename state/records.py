@@ -18,7 +18,7 @@ from streamstars.errors import StateError
 _REQUIRED = ("visit", "band", "metadata", "content_hash", "pixels", "n_sources", "n_selected",
              "delta_aper")
 _OPTIONAL = ("content_hash_version", "dropped_rows", "delta_aper_detector", "source_paths",
-             "files", "kafka")
+             "files", "dataset_ids", "kafka")
 
 
 @dataclass
@@ -42,6 +42,8 @@ class VisitRecord:
         delta_aper_detector: per-detector aperture corrections (keys: detector ids as text).
         source_paths: the source tables it was read from.
         files: (path, size, mtime_ns) of those files, for resuming backfills.
+        dataset_ids: UUIDs of the Butler datasets it was read from (sorted; None outside a
+            Butler and in records of older versions), for resuming Butler backfills.
         kafka: [topic, partition, next offset] when the visit came from Kafka.
         extra: keys of the stored JSON this version does not know, kept as they are.
     """
@@ -59,6 +61,7 @@ class VisitRecord:
     delta_aper_detector: dict[str, float] | None = None
     source_paths: list[str] | None = None
     files: list[list[Any]] | None = None
+    dataset_ids: list[str] | None = None
     kafka: list[Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

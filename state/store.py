@@ -17,13 +17,8 @@ process-global.
 
 from __future__ import annotations
 
-import fcntl
-import glob
 import json
 import logging
-import os
-import secrets
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +30,7 @@ import numpy as np
 
 from streamstars.config import BuildStarsConfig, config_from_json
 from streamstars.errors import ConfigError, StateError
+from streamstars.staging import staged_directory
 from streamstars.state.cache import WriteCache
 from streamstars.state.environment import (
     MapTrimmer,
@@ -282,7 +278,8 @@ class StarStore:
         (``flock``) while the copy runs, and renamed into place, so ``dest`` is either
         complete or absent.  Such directories left behind by a killed backup of the same
         ``dest`` (unlocked, their process gone) are removed first; one of a backup still
-        running is left alone.  Returns ``dest``.
+        running is left alone (:func:`streamstars.staging.staged_directory`).  Returns
+        ``dest``.
 
         Raises:
             StateError: ``dest`` exists and is not an empty directory, or the copy failed.
@@ -291,23 +288,11 @@ class StarStore:
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise StateError(f"backup destination {dest} exists and is not an empty directory")
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            _remove_dead_backups(dest)
-            building = dest.parent / f".{dest.name}.backup-{os.getpid()}-{secrets.token_hex(4)}"
-            building.mkdir()
-            lock_fd = os.open(building, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            raise StateError(f"cannot back up {self.path} to {dest}: {exc}") from exc
-        try:
-            # held until the copy is in place: a backup that starts meanwhile leaves it alone
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            self.env.copy(str(building), compact=True)
-            os.replace(building, dest)  # replaces an empty directory atomically
+            with staged_directory(dest, "backup") as building:
+                self.env.copy(str(building.path), compact=True)
+                building.replace_empty_target()
         except (lmdb.Error, OSError) as exc:
-            shutil.rmtree(building, ignore_errors=True)
             raise StateError(f"cannot back up {self.path} to {dest}: {exc}") from exc
-        finally:
-            os.close(lock_fd)
         return dest
 
 
@@ -320,70 +305,23 @@ def _stored_ids(tx: Transaction) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield np.array(cols["source_id"]), np.array(cols["visit"])
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _remove_dead_backups(dest: Path) -> list[Path]:
-    """Remove ``.<dest>.backup-<pid>[-<random>]`` directories of killed backups of ``dest``.
-
-    A running backup holds an exclusive ``flock`` on its directory from just after creating
-    it until it is renamed into place; in the instant between the two its process is alive.
-    So a directory is removed only when its lock can be taken *and* the process named in it
-    is gone (a reused pid merely postpones the cleaning).  Returns the directories removed.
-    """
-    removed = []
-    for leftover in dest.parent.glob(f".{glob.escape(dest.name)}.backup-*"):
-        if leftover.is_symlink() or not leftover.is_dir():
-            continue
-        pid_text = leftover.name.rsplit(".backup-", 1)[1].split("-", 1)[0]
-        if pid_text.isdigit() and _process_alive(int(pid_text)):
-            continue
-        try:
-            fd = os.open(leftover, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            continue  # renamed or removed meanwhile
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue  # a backup is writing into it
-        try:
-            shutil.rmtree(leftover, ignore_errors=True)
-        finally:
-            os.close(fd)
-        removed.append(leftover)
-        log.info("removed %s, left by a backup that was killed", leftover)
-    return removed
-
-
 def _create(path: Path, config: BuildStarsConfig) -> None:
     """Create a new store atomically: built beside ``path`` with its metadata and every
     sub-database, then renamed into place, so a reader never sees a half-created store."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise StateError(f"{path} exists and is not a streamstars state directory (no "
                          "data.mdb); give an empty or new directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    building = path.parent / f".{path.name}.creating-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir()
-    env = _open_env(building, readonly=False)
     try:
-        for name in ALL_DBS:
-            env.open_db(name)
-        _write_meta(env, config)
-    finally:
-        env.close()
-    try:
-        os.rename(building, path)  # replaces an empty directory atomically
+        with staged_directory(path, "creating") as building:
+            env = _open_env(building.path, readonly=False)
+            try:
+                for name in ALL_DBS:
+                    env.open_db(name)
+                _write_meta(env, config)
+            finally:
+                env.close()
+            building.replace_empty_target()
     except OSError:
-        shutil.rmtree(building, ignore_errors=True)
         if not (path / "data.mdb").exists():  # another process did not just create it
             raise
 

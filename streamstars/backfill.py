@@ -5,8 +5,10 @@ Visits are applied in visit order with the very same per-visit step as the Kafka
 while the current one is applied (pyarrow and numpy release the GIL), so the single LMDB writer
 is kept busy.  A visit already applied from the same files (same paths, sizes and mtimes) is
 skipped without reading; one whose files changed is read and hashed: same content -> skipped,
-different content -> a failure unless ``replace``.  A configured reference catalog is
-validated (:func:`streamstars.references.attach_references`) before any visit is read.
+different content -> a failure unless ``replace``.  A visit from a Butler repository
+(:mod:`streamstars.butler`) is skipped when the UUIDs of its datasets are those it was applied
+from.  A configured reference catalog is validated
+(:func:`streamstars.references.attach_references`) before any visit is read.
 """
 
 from __future__ import annotations
@@ -69,7 +71,11 @@ class BackfillReport:
 
 def _unchanged(store: StarStore, visit: DiscoveredVisit) -> bool:
     record = store.visit_record(visit.visit)
-    if record is None or record.files is None:
+    if record is None:
+        return False
+    if visit.dataset_ids:  # Butler datasets are immutable: same UUIDs, same content
+        return record.dataset_ids == sorted(visit.dataset_ids)
+    if record.files is None:
         return False
     try:
         return bool(record.files == file_signature(visit.source_paths))
@@ -77,25 +83,33 @@ def _unchanged(store: StarStore, visit: DiscoveredVisit) -> bool:
         return False
 
 
+#: Reads and selects one visit (in a prefetch thread, no store writes).
+PrepareVisit = Callable[[StarStore, DiscoveredVisit], PreparedVisit]
+
+
 def _prepare(store: StarStore, visit: DiscoveredVisit) -> PreparedVisit:
     if visit.metadata is None:
         reason = visit.metadata_error or "no visitSummary / visitTable row names this visit"
         raise MissingMetadataError(f"visit {visit.visit}: no visit metadata ({reason}); "
                                    "add its visitSummary or visitTable/ccdVisitTable")
-    return prepare_visit(VisitInput(visit.visit, visit.source_paths, visit.metadata),
-                         store.config)
+    return prepare_visit(VisitInput(visit.visit, visit.source_paths, visit.metadata,
+                                    visit.dataset_ids), store.config)
 
 
 def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
              prefetch: int = 2, progress: bool = True,
              inventory: RepoInventory | None = None,
              on_result: Callable[[ApplyResult], None] | None = None,
-             references: ReferenceChoice = CONFIGURED) -> BackfillReport:
+             references: ReferenceChoice = CONFIGURED,
+             prepare: PrepareVisit | None = None) -> BackfillReport:
     """Apply every visit found in ``repo`` to ``store``; never stops at a bad visit.
 
     ``references``: the reference catalog visits cache stars from, as
     :func:`streamstars.references.attach_references` returned it for ``store`` (default: the
     store's configured catalog, opened and checked before any visit is read).
+    ``inventory`` replaces the directory discovery of ``repo`` (a Butler repository's visits,
+    :func:`streamstars.butler.discover.butler_inventory`) and ``prepare`` the reading of a
+    visit (:func:`streamstars.butler.read.prepare_butler_visit` reads through dataset URIs).
 
     Raises:
         RefcatError, StateError: the configured reference catalog is unusable or differs from
@@ -109,15 +123,17 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
     source = resolve_references(store, references)
     inventory = inventory or discover_repo(repo, reference_ccd=store.config.referenceCCD)
     report = BackfillReport(problems=list(inventory.problems))
-    # visits named by a metadata table whose source tables are not (yet) in the repository
-    report.without_sources = sorted(v for v, d in inventory.visits.items() if not d.source_paths)
-    visits = [v for _, v in sorted(inventory.visits.items()) if v.source_paths]
+    # visits named by a metadata table whose source tables are not (yet) in the repository;
+    # a Butler visit always has its source dataset (read through its URI, maybe remote)
+    report.without_sources = sorted(v for v, d in inventory.visits.items()
+                                    if not (d.source_paths or d.dataset_ids))
+    visits = [v for _, v in sorted(inventory.visits.items()) if v.source_paths or v.dataset_ids]
     todo = [v for v in visits if replace or not _unchanged(store, v)]
     report.skipped += len(visits) - len(todo)
     with (ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool,
           tqdm(total=len(visits), initial=len(visits) - len(todo), unit="visit",
                desc="backfill", dynamic_ncols=True, disable=not progress) as bar):
-        for visit, future in _prefetched(pool, store, todo, prefetch):
+        for visit, future in _prefetched(pool, store, todo, prefetch, prepare or _prepare):
             try:
                 prepared = future.result()
                 result = apply_prepared(store, prepared, replace=replace, references=source)
@@ -153,12 +169,13 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
 
 
 def _prefetched(pool: ThreadPoolExecutor, store: StarStore, visits: list[DiscoveredVisit],
-                depth: int) -> Iterator[tuple[DiscoveredVisit, Future[PreparedVisit]]]:
+                depth: int, prepare: PrepareVisit,
+                ) -> Iterator[tuple[DiscoveredVisit, Future[PreparedVisit]]]:
     """Yield (visit, future) in order, keeping ``depth`` visits being prepared ahead."""
     queue: list[tuple[DiscoveredVisit, Future[PreparedVisit]]] = []
     it = iter(visits)
     for visit in it:
-        queue.append((visit, pool.submit(_prepare, store, visit)))
+        queue.append((visit, pool.submit(prepare, store, visit)))
         if len(queue) > depth:
             yield queue.pop(0)
     while queue:

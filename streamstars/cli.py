@@ -9,13 +9,15 @@ Subcommands: ``backfill``, ``snapshot``, ``status``, ``backup``, ``retract``, ``
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import logging
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from streamstars import __version__
 from streamstars.config import BuildStarsConfig, load_config, load_snapshot_config
@@ -30,19 +32,34 @@ def _config(args: argparse.Namespace) -> BuildStarsConfig | None:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
+    """Run ``backfill``: apply every visit of a repository; 1 when a visit failed."""
     from streamstars.backfill import backfill
     from streamstars.references import attach_references, open_reference_source
     from streamstars.state.store import StarStore
 
-    if not Path(args.repo).is_dir():
-        raise ConfigError(f"repository {args.repo} is not a directory")
     config = _config(args) or BuildStarsConfig()
+    if args.butler:
+        if args.repo:
+            raise ConfigError("give either a repository directory or --butler REPO, not both")
+        from streamstars.butler.cli import butler_backfill_inputs
+
+        # the repository, collections and dataset types are checked before the store exists
+        inventory, prepare = butler_backfill_inputs(args)
+        source_name = f"{args.butler} (collections {args.collections})"
+    else:
+        if not args.repo:
+            raise ConfigError("give the repository directory (or --butler REPO)")
+        if not Path(args.repo).is_dir():
+            raise ConfigError(f"repository {args.repo} is not a directory")
+        inventory, prepare = None, None
+        source_name = args.repo
     # a bad reference catalog is refused before the store is even created (exit code 2)
-    source = open_reference_source(config.fgcmLoadReferenceCatalog)
+    source = open_reference_source(config.fgcmLoadReferenceCatalog, args.butler)
     with StarStore.open(args.state, config) as store:
-        references = attach_references(store, source)
-        report = backfill(args.repo, store, replace=args.replace, prefetch=args.prefetch,
-                          progress=not args.no_progress, references=references)
+        references = attach_references(store, source, butler=args.butler)
+        report = backfill(args.butler or args.repo, store, replace=args.replace,
+                          prefetch=args.prefetch, progress=not args.no_progress,
+                          inventory=inventory, prepare=prepare, references=references)
         with store.read() as tx:
             n_visits = tx.visits.count()
     for problem in report.problems:
@@ -54,8 +71,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         print(f"FAILED visit {failure.visit}: {failure.error}", file=sys.stderr)
     if report.applied + report.replaced + report.skipped + len(report.failed) == 0 \
             and not report.problems:
-        print(f"streamstars: no source tables (sourceTable_visit*.parq*, sourceTable-*.parq) "
-              f"found under {args.repo}", file=sys.stderr)
+        what = "no sourceTable_visit datasets" if args.butler else \
+            "no source tables (sourceTable_visit*.parq*, sourceTable-*.parq)"
+        print(f"streamstars: {what} found in {source_name}", file=sys.stderr)
         return 1
     rate = report.sources_read / report.seconds if report.seconds else 0.0
     dropped = sum(report.dropped.values())
@@ -72,6 +90,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    """Run ``snapshot``: write the fgcm input catalogs of a store."""
     from streamstars.snapshot import write_store_snapshot
     from streamstars.state.store import StarStore
 
@@ -79,6 +98,12 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     bad = [f for f in formats if f not in ("fits", "parquet")]
     if bad or not formats:
         raise SystemExit(f"--format takes fits and/or parquet, got {args.format!r}")
+    target = None
+    if args.butler:
+        from streamstars.butler.cli import snapshot_target
+
+        # the repository, RUN and instrument are checked before anything is written
+        target = snapshot_target(args, formats)
     with StarStore.open(args.state, readonly=True) as store:
         # the file's keys are applied on top of the store's configuration; a key that shapes
         # the stored data must keep the store's value (ConfigError naming it otherwise)
@@ -87,10 +112,16 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     print(f"snapshot: {summary.n_visits} visits, {summary.n_stars:,} stars, "
           f"{summary.n_observations:,} observations -> {summary.out_dir} "
           f"({summary.seconds:.1f} s)")
+    if target is not None:
+        ingested = target.ingest(summary.out_dir)
+        print(f"snapshot: {len(ingested.refs)} datasets ingested into RUN {ingested.run} of "
+              f"{args.butler} (instrument {ingested.instrument}"
+              + (f"; first in {ingested.chain}" if ingested.chain else "") + ")")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Run ``status``: print what a store holds (``--json``: machine-readable)."""
     from streamstars.status import store_status
 
     with _open_readonly(args.state) as store:
@@ -110,6 +141,7 @@ def _open_readonly(path: str) -> StarStore:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    """Run ``backup``: a consistent compact copy of a store."""
     with _open_readonly(args.state) as store:
         dest = store.backup(args.dest)
     size = sum(f.stat().st_size for f in dest.iterdir())
@@ -118,6 +150,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_retract(args: argparse.Namespace) -> int:
+    """Run ``retract``: remove visits completely from a store."""
     from streamstars.ingest import retract_visit
     from streamstars.state.store import StarStore
 
@@ -129,6 +162,7 @@ def cmd_retract(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
+    """Run ``config show``: print the effective configuration as TOML."""
     if args.state:
         with _open_readonly(args.state) as store:
             print(store.config.to_toml())
@@ -138,6 +172,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run ``simulate``: write a simulated survey in the Rubin formats."""
     from streamstars.simulate import simulate_survey
 
     if args.visits < 1:
@@ -147,17 +182,30 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.ra) and math.isfinite(args.dec) and -90.0 <= args.dec <= 90.0):
         raise ConfigError(f"--ra must be finite and --dec within [-90, 90], got {args.ra}, "
                           f"{args.dec}")
+    if args.butler:
+        from streamstars.butler.repo import require_butler
+
+        require_butler("streamstars simulate --butler")  # before minutes of simulation
     try:
         survey = simulate_survey(args.out, n_visits=args.visits, seed=args.seed,
                                  sources_per_visit=args.sources_per_visit, crowded=args.crowded,
-                                 ra_center=args.ra, dec_center=args.dec)
+                                 ra_center=args.ra, dec_center=args.dec,
+                                 file_style=args.file_style)
     except ValueError as exc:
         raise ConfigError(f"cannot simulate: {exc}") from exc
     print(f"simulated {len(survey.visits)} visits ({survey.n_sources:,} sources) in {args.out}")
+    if args.butler:
+        from streamstars.butler.simulate import write_survey_repo
+
+        written = write_survey_repo(survey, args.butler, instrument=args.instrument,
+                                    source_storage_class=args.file_style)
+        print(f"Butler repository {written.repo}: {written.n_datasets} datasets of instrument "
+              f"{written.instrument} in collection {written.collection} (RUN {written.run})")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Run ``report``: write the HTML quality report of a store."""
     from streamstars.report import build_report
 
     summary = build_report(args.state, args.out, args.snapshot, outlier_z=args.outlier_z,
@@ -168,6 +216,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_butler_input_options(p: argparse.ArgumentParser) -> None:
+    """``--butler REPO --collections C[,C...] [--instrument I] [--where EXPR]``."""
+    g = p.add_argument_group("Butler repository (needs streamstars[butler]; docs/butler.md)")
+    g.add_argument("--butler", metavar="REPO",
+                   help="read the visits from this Butler repository instead of a directory")
+    g.add_argument("--collections", metavar="C[,C...]",
+                   help="collections to search, in order (first match wins); with --butler")
+    g.add_argument("--instrument", help="instrument of the visits (required when the "
+                   "collections hold several)")
+    g.add_argument("--where", metavar="EXPR", default="",
+                   help="Butler query expression on the data IDs, e.g. \"visit > 100\"")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -176,9 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamstars {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_backfill(sub)
+    _add_snapshot(sub)
+    _add_store_commands(sub)
+    _add_simulate(sub)
+    _add_report(sub)
+    _add_plugged_commands(sub)
+    return parser
 
+
+def _add_backfill(sub: Any) -> None:
     p = sub.add_parser("backfill", help="apply every visit of a repository (resumable)")
-    p.add_argument("repo", help="directory tree with sourceTable_visit and metadata files")
+    p.add_argument("repo", nargs="?",
+                   help="directory tree with sourceTable_visit and metadata files")
+    add_butler_input_options(p)
     p.add_argument("--state", required=True, help="state directory (LMDB store)")
     p.add_argument("--config", help="TOML config with fgcmcal field names")
     p.add_argument("--replace", action="store_true",
@@ -188,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_backfill)
 
+
+def _add_snapshot(sub: Any) -> None:
     p = sub.add_parser("snapshot", help="write the fgcm input catalogs from a store")
     p.add_argument("out", help="output directory (replaced atomically)")
     p.add_argument("--state", required=True, help="state directory")
@@ -196,8 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "configuration; only snapshot-time settings (requiredBands, isolationRadius, "
                    "density cut, randomSeed, reserveFraction, fgcmLoadReferenceCatalog."
                    "matchRadius) may differ from the store's")
+    g = p.add_argument_group("Butler repository (needs streamstars[butler]; docs/butler.md)")
+    g.add_argument("--butler", metavar="REPO", help="also ingest the snapshot into this "
+                   "repository as the datasets fgcmFitCycle reads")
+    g.add_argument("--output-run", metavar="RUN", help="the new RUN collection to ingest into "
+                   "(required with --butler; an existing RUN is refused)")
+    g.add_argument("--output-chain", metavar="CHAIN", help="also put RUN first in this CHAINED "
+                   "collection (created if needed): a fixed name for the latest snapshot")
+    g.add_argument("--instrument", help="instrument of the outputs (default: the "
+                   "repository's only instrument)")
     p.set_defaults(func=cmd_snapshot)
 
+
+def _add_store_commands(sub: Any) -> None:
+    """``status``, ``backup``, ``retract`` and ``config show``."""
     p = sub.add_parser("status", help="what a store holds")
     p.add_argument("--state", required=True)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -220,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--state", help="print the configuration a store was built with")
     show.set_defaults(func=cmd_config_show)
 
+
+def _add_simulate(sub: Any) -> None:
     p = sub.add_parser("simulate", help="write a simulated survey in the Rubin formats")
     p.add_argument("out")
     p.add_argument("--visits", type=int, default=20)
@@ -228,8 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crowded", action="store_true")
     p.add_argument("--ra", type=float, default=150.0, help="field centre RA [deg]")
     p.add_argument("--dec", type=float, default=2.0, help="field centre Dec [deg]")
+    p.add_argument("--file-style", choices=("ArrowAstropy", "DataFrame"),
+                   default="ArrowAstropy", help="write the source tables as an ArrowAstropy "
+                   "(default) or a pandas DataFrame dataset (older pipelines)")
+    p.add_argument("--butler", metavar="REPO", help="also write the survey as a new Butler "
+                   "repository (needs streamstars[butler]; docs/butler.md)")
+    p.add_argument("--instrument", default="SimCam", help="instrument name in the Butler "
+                   "repository (default %(default)s)")
     p.set_defaults(func=cmd_simulate)
 
+
+def _add_report(sub: Any) -> None:
     p = sub.add_parser("report", help="write an HTML quality report of a store (docs/report.md)")
     p.add_argument("out", help="output directory: OUT/index.html and OUT/plots/*.png")
     p.add_argument("--state", required=True, help="state directory (opened read-only)")
@@ -243,19 +340,46 @@ def build_parser() -> argparse.ArgumentParser:
                    "from the page")
     p.set_defaults(func=cmd_report)
 
-    try:
-        from streamstars.refs_cli import add_commands as add_ref_commands
-    except ImportError:  # the reference-catalog commands are optional at import time
-        pass
-    else:
-        add_ref_commands(sub)
-    try:
-        from streamstars.consumers.cli import add_commands as add_kafka_commands
-    except ImportError:
-        pass
-    else:
-        add_kafka_commands(sub)
-    return parser
+
+#: Subcommands defined in other modules (each has ``add_commands(sub)``): the module and the
+#: subcommands it adds.
+PLUGGED_COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("streamstars.refs_cli", ("refresh-refs",)),
+    ("streamstars.consumers.cli", ("run", "publish")),
+)
+
+
+class CommandUnavailableError(StreamstarsError):
+    """A subcommand's module could not be imported (a broken installation)."""
+
+
+def _add_plugged_commands(sub: Any) -> None:
+    """Add the subcommands of :data:`PLUGGED_COMMANDS`.
+
+    A module that fails to import does not take the other commands down with it: its
+    subcommands stay listed, marked unavailable, and running one fails (exit code 2) naming
+    the module and the import error.  None of these modules belongs to an optional extra, so
+    a failed import means a broken installation, not something to install.
+    """
+    for module_name, names in PLUGGED_COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            reason = (f"importing {module_name} failed ({type(exc).__name__}: {exc}); the "
+                      "streamstars installation is broken: reinstall it")
+            for name in names:
+                # no option prefix: whatever follows is accepted, so that running the command
+                # reports why it is unavailable instead of a usage error
+                p = sub.add_parser(name, add_help=False, prefix_chars="\0",
+                                   help=f"(unavailable: {reason})")
+                p.add_argument("arguments", nargs="*")
+                p.set_defaults(func=functools.partial(_unavailable, name, reason))
+        else:
+            module.add_commands(sub)
+
+
+def _unavailable(name: str, reason: str, args: argparse.Namespace) -> int:
+    raise CommandUnavailableError(f"the {name} command is unavailable: {reason}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

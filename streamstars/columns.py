@@ -48,7 +48,3 @@ def concat(parts: list[ColumnDict], dtypes: dict[str, np.dtype]) -> ColumnDict:
     return {name: np.concatenate([p[name] for p in parts]).astype(dt, copy=False)
             for name, dt in dtypes.items()}
 
-
-def n_rows(columns: ColumnDict) -> int:
-    """Number of rows of a column dict."""
-    return len(next(iter(columns.values()))) if columns else 0

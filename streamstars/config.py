@@ -150,9 +150,18 @@ class RefcatLoadConfig:
     ``path`` is an LSST HTM-indexed reference catalog directory; empty means no reference
     matching.  ``filterMap`` maps a physical filter to the refcat filter whose ``<f>_flux`` is
     used.  ``colorterms`` maps a physical filter to its colour term.
+
+    The catalog may instead come from a Butler repository (``streamstars[butler]``,
+    docs/butler.md): ``collections`` names the collections holding its ``datasetType``
+    datasets (one per ``htm<depth>`` shard, storage class ``SimpleCatalog``, as fgcmcal's
+    ``cal_ref_cat`` prerequisite input), in the repository ``repo`` -- empty: the command's
+    ``--butler`` repository.  ``path`` and ``collections`` exclude each other.
     """
 
     path: str = ""
+    collections: tuple[str, ...] = ()
+    datasetType: str = "cal_ref_cat"
+    repo: str = ""
     filterMap: dict[str, str] = field(default_factory=dict)
     applyColorTerms: bool = False
     colorterms: dict[str, ColortermConfig] = field(default_factory=dict)

@@ -65,3 +65,13 @@ class StateError(StreamstarsError):
 class DiskFullError(StateError):
     """The store's file system is (nearly) full: nothing more can be written until space is
     freed; a backfill stops (it resumes where it stopped), the consumer exits."""
+
+
+class ButlerError(ConfigError):
+    """A Butler repository, collection or dataset type cannot be used as given (the extra not
+    installed, repository or collection not found, dataset type not registered ...)."""
+
+
+class DatasetFileMissingError(TransientInputError):
+    """A Butler dataset is registered but its file is not in the datastore (not yet, or lost):
+    the consumer retries, a backfill fails the visit."""

@@ -19,6 +19,16 @@ version 1 (JSON Schema: ``streamstars/schemas/visit_event.schema.json``)::
 accepted by :func:`streamstars.io.visitmeta.metadata_from_values`.  A ``retract`` event needs
 only ``schema_version``, ``action`` and ``visit``.
 
+Schema version 2 adds one field, ``butler``: the visit's datasets in a Butler repository, by
+dataset type and UUID, instead of ``source_uris`` and ``metadata`` (the consumer, run with
+``--butler REPO``, resolves them through the registry)::
+
+      "butler": {"datasets": {"sourceTable_visit": ["0190..."], "visitSummary": ["0190..."]},
+                 "collections": ["LSSTCam/runs/nightly"]}
+
+Events without ``butler`` are still written as version 1, so consumers that read only
+version 1 keep reading every directory event.
+
 Security: :func:`resolve_uri` admits only local paths and ``file://`` URIs that resolve (after
 following symlinks) inside one of the configured data roots; anything else raises
 :class:`ForbiddenPathError` before any file is opened.
@@ -31,6 +41,7 @@ import json
 import math
 import os
 import reprlib
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -60,8 +71,16 @@ __all__ = [
     "schema_path",
 ]
 
-#: The schema version this streamstars writes and the highest one it reads.
-SCHEMA_VERSION = 1
+#: The highest schema version this streamstars reads (and writes, for Butler events).
+SCHEMA_VERSION = 2
+#: The version of events naming files (``source_uris`` + ``metadata``): still 1.
+FILE_EVENT_VERSION = 1
+#: The first version with the ``butler`` field.
+BUTLER_EVENT_VERSION = 2
+#: Dataset types a ``butler.datasets`` object may name: the source table (required) and the
+#: visit's metadata (``visitSummary``, or ``visitTable`` with an optional ``ccdVisitTable``).
+BUTLER_DATASET_TYPES: tuple[str, ...] = ("sourceTable_visit", "visitSummary", "visitTable",
+                                         "ccdVisitTable")
 #: Allowed values of ``action``.
 ACTIONS: tuple[str, ...] = ("apply", "replace", "retract")
 #: Largest event accepted (bytes); a visit event is a few kB.
@@ -85,6 +104,7 @@ _TOP_KEYS = {
     "finished_at",
     "published_at",
     "producer",
+    "butler",
 }
 
 
@@ -112,7 +132,7 @@ def event_key(visit: int) -> bytes:
 
 @dataclass(frozen=True)
 class VisitEvent:
-    """One visit event (schema version 1).
+    """One visit event (schema version 1, or 2 when it names Butler datasets).
 
     Attributes:
         action: ``apply`` (add a new visit; a duplicate with the same content is a no-op),
@@ -125,7 +145,11 @@ class VisitEvent:
         metadata_values: inline metadata values, or None when a visitSummary URI is given.
         finished_at: when the visit finished (UTC, ISO 8601), or None for ``retract``.
         published_at, producer: optional provenance written by publishers.
-        schema_version: the version the event was written with.
+        butler_datasets: dataset type -> UUIDs of the visit's Butler datasets (instead of
+            ``source_uris`` and ``metadata``; schema version 2), or None.
+        butler_collections: the collections the publisher found them in (provenance).
+        schema_version: the version the event was written with (version 2 is written
+            whenever ``butler_datasets`` is set).
     """
 
     action: Action
@@ -139,7 +163,9 @@ class VisitEvent:
     finished_at: str | None = None
     published_at: str | None = None
     producer: str | None = None
-    schema_version: int = SCHEMA_VERSION
+    butler_datasets: Mapping[str, tuple[str, ...]] | None = None
+    butler_collections: tuple[str, ...] = ()
+    schema_version: int = FILE_EVENT_VERSION
 
     @property
     def key(self) -> bytes:
@@ -148,8 +174,11 @@ class VisitEvent:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this event (only the fields that are set)."""
+        version = self.schema_version
+        if self.butler_datasets is not None:
+            version = max(version, BUTLER_EVENT_VERSION)
         out: dict[str, Any] = {
-            "schema_version": self.schema_version,
+            "schema_version": version,
             "action": self.action,
             "visit": self.visit,
         }
@@ -163,6 +192,12 @@ class VisitEvent:
             out["metadata"] = {"visit_summary_uri": self.metadata_uri}
         elif self.metadata_values is not None:
             out["metadata"] = {"values": _json_safe(dict(self.metadata_values))}
+        if self.butler_datasets is not None:
+            butler: dict[str, Any] = {"datasets": {k: list(v) for k, v in
+                                                   sorted(self.butler_datasets.items())}}
+            if self.butler_collections:
+                butler["collections"] = list(self.butler_collections)
+            out["butler"] = butler
         for name in ("finished_at", "published_at", "producer"):
             value = getattr(self, name)
             if value is not None:
@@ -365,10 +400,13 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
     band = _need_str(data, "band", where, needs_data)
     physical_filter = _need_str(data, "physical_filter", where, needs_data)
 
+    butler_datasets, butler_collections = _butler_field(data, where, version, action)
+    needs_files = needs_data and butler_datasets is None
+
     uris_raw = data.get("source_uris")
     source_uris: tuple[str, ...] = ()
     if uris_raw is None:
-        if needs_data:
+        if needs_files:
             raise MalformedEventError(f"{where}: missing required field 'source_uris'")
     else:
         if (
@@ -388,7 +426,7 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
     metadata_values: dict[str, Any] | None = None
     meta = data.get("metadata")
     if meta is None:
-        if needs_data:
+        if needs_files:
             raise MalformedEventError(f"{where}: missing required field 'metadata'")
     else:
         if not isinstance(meta, dict) or len(meta) != 1:
@@ -441,8 +479,68 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
         finished_at=finished_at,
         published_at=published_at,
         producer=producer,
+        butler_datasets=butler_datasets,
+        butler_collections=butler_collections,
         schema_version=version,
     )
+
+
+def _butler_field(data: Mapping[str, Any], where: str, version: int, action: Any,
+                  ) -> tuple[dict[str, tuple[str, ...]] | None, tuple[str, ...]]:
+    """Validate the ``butler`` field (schema version 2): dataset type -> UUID strings."""
+    raw = data.get("butler")
+    if raw is None:
+        return None, ()
+    if version < BUTLER_EVENT_VERSION:
+        raise MalformedEventError(
+            f"{where}: 'butler' needs schema_version {BUTLER_EVENT_VERSION}, got {version}")
+    if action == "retract":
+        raise MalformedEventError(f"{where}: a retract event names no datasets ('butler')")
+    if not isinstance(raw, dict) or "datasets" not in raw or set(raw) - {"datasets",
+                                                                         "collections"}:
+        raise MalformedEventError(
+            f"{where}: 'butler' must be {{\"datasets\": {{TYPE: [UUID, ...]}}, "
+            f"\"collections\": [...]}}, got {raw!r}")
+    if "source_uris" in data or "metadata" in data:
+        raise MalformedEventError(
+            f"{where}: give either 'butler' or 'source_uris' + 'metadata', not both")
+    datasets = raw["datasets"]
+    if not isinstance(datasets, dict):
+        raise MalformedEventError(f"{where}: 'butler.datasets' must be an object")
+    unknown = sorted(set(datasets) - set(BUTLER_DATASET_TYPES))
+    if unknown:
+        raise MalformedEventError(
+            f"{where}: 'butler.datasets' names unknown dataset type(s) {', '.join(unknown)}; "
+            f"known: {', '.join(BUTLER_DATASET_TYPES)}")
+    out: dict[str, tuple[str, ...]] = {}
+    for name, ids in datasets.items():
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise MalformedEventError(
+                f"{where}: 'butler.datasets.{name}' must be a non-empty list of UUID strings")
+        for text in ids:
+            try:
+                uuid.UUID(text)
+            except ValueError as exc:
+                raise MalformedEventError(
+                    f"{where}: 'butler.datasets.{name}' holds {text!r}, not a UUID") from exc
+        if len(set(ids)) != len(ids):
+            raise MalformedEventError(f"{where}: 'butler.datasets.{name}' lists a UUID twice")
+        out[name] = tuple(ids)
+    if "sourceTable_visit" not in out:
+        raise MalformedEventError(f"{where}: 'butler.datasets' lacks 'sourceTable_visit'")
+    if ("visitSummary" in out) == ("visitTable" in out):
+        raise MalformedEventError(
+            f"{where}: 'butler.datasets' needs exactly one of 'visitSummary' and "
+            "'visitTable' (the visit's metadata)")
+    if "ccdVisitTable" in out and "visitTable" not in out:
+        raise MalformedEventError(f"{where}: 'ccdVisitTable' only goes with 'visitTable'")
+    for name in ("visitSummary", "visitTable", "ccdVisitTable"):
+        if len(out.get(name, ())) > 1:
+            raise MalformedEventError(f"{where}: 'butler.datasets.{name}' must hold one UUID")
+    collections = raw.get("collections", [])
+    if not isinstance(collections, list) or not all(isinstance(c, str) for c in collections):
+        raise MalformedEventError(f"{where}: 'butler.collections' must be a list of strings")
+    return out, tuple(collections)
 
 
 # ---------------------------------------------------------------------------- paths & URIs

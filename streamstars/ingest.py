@@ -69,6 +69,8 @@ class VisitInput:
     visit: int
     source_paths: Sequence[Path | str]
     metadata: VisitMetadata
+    #: UUIDs of the Butler datasets the visit comes from (empty outside a Butler)
+    dataset_ids: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class PreparedVisit:
     #: rows dropped for unusable coordinates that pass every other cut, by reason
     #: (``nonFiniteRaDec``, ``raDecOutOfRange``; streamstars.select.select_visit)
     dropped: dict[str, int] = field(default_factory=dict)
+    #: UUIDs of the Butler datasets read, so a resumed Butler backfill can skip unchanged ones
+    dataset_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -244,7 +248,8 @@ def prepare_visit(visit_input: VisitInput, config: BuildStarsConfig) -> Prepared
         delta_aper_detector={int(k): float(v) for k, v in per_detector.items()},
         content_hash=content_hash(observations, metadata, band),
         source_paths=[str(p) for p in visit_input.source_paths],
-        files=file_signature(visit_input.source_paths), dropped=dropped)
+        files=file_signature(visit_input.source_paths), dropped=dropped,
+        dataset_ids=sorted(visit_input.dataset_ids))
 
 
 def _report_dropped(visit: int, dropped: dict[str, int], n_selected: int) -> None:
@@ -360,16 +365,19 @@ def _same_content(record: VisitRecord, prepared: PreparedVisit) -> bool:
 
 
 def _follow_files(tx: Transaction, record: VisitRecord, prepared: PreparedVisit) -> None:
-    """A visit skipped as unchanged: its record follows its files when they moved (so the next
-    resume skips it without reading) and an older record gets the current content hash."""
+    """A visit skipped as unchanged: its record follows its inputs when they moved or were
+    re-ingested (files, or Butler datasets with new UUIDs; so the next resume skips it without
+    reading) and an older record gets the current content hash."""
     moved = (record.files != prepared.files
              or record.source_paths != prepared.source_paths
-             or record.metadata_source != prepared.metadata.source)
+             or record.metadata_source != prepared.metadata.source
+             or (bool(prepared.dataset_ids) and record.dataset_ids != prepared.dataset_ids))
     if not moved and record.content_hash_version == CONTENT_HASH_VERSION:
         return
     tx.visits.put(record.replace(
         files=prepared.files, source_paths=prepared.source_paths,
         content_hash=prepared.content_hash, content_hash_version=CONTENT_HASH_VERSION,
+        dataset_ids=prepared.dataset_ids or record.dataset_ids,
         metadata=dict(record.metadata, source=prepared.metadata.source)))
 
 
@@ -394,6 +402,7 @@ def _add_visit(tx: Transaction, prepared: PreparedVisit, kafka_offset: KafkaOffs
         delta_aper_detector={str(k): v for k, v in sorted(prepared.delta_aper_detector.items())},
         source_paths=prepared.source_paths,
         files=prepared.files,
+        dataset_ids=prepared.dataset_ids or None,
         kafka=None if kafka_offset is None else [kafka_offset.topic, kafka_offset.partition,
                                                  kafka_offset.next_offset],
     )

@@ -194,8 +194,14 @@ def _settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def open_reference_source(cfg: RefcatLoadConfig) -> ReferenceSource | None:
-    """Open and validate the configured catalog (``None`` when ``path`` is empty).
+def open_reference_source(cfg: RefcatLoadConfig,
+                          butler: str | None = None) -> ReferenceSource | None:
+    """Open and validate the configured catalog (``None`` when ``path`` and ``collections``
+    are empty).
+
+    With ``collections`` the catalog is read from a Butler repository
+    (:class:`streamstars.butler.refcat.ButlerRefcat`): ``cfg.repo``, else ``butler`` (the
+    command's ``--butler``).
 
     Checks, before any visit is read: the directory, ``config.py`` and ``master_schema.fits``
     exist; the format version is >= 1 (``config.py``, overridden by the FITS header); every
@@ -205,14 +211,19 @@ def open_reference_source(cfg: RefcatLoadConfig) -> ReferenceSource | None:
 
     Raises:
         RefcatError: naming the missing directory, file, column or the bad version.
+        ButlerError: the Butler repository, collection or dataset type cannot be used.
     """
-    if not cfg.path:
+    if cfg.collections:
+        refcat: HtmRefcat = _butler_refcat(cfg, butler)
+    elif not cfg.path:
         return None
-    refcat = HtmRefcat(cfg.path)
+    else:
+        refcat = HtmRefcat(cfg.path)
     filters = tuple(cfg.filterMap)
     if not filters:
         raise RefcatError(
-            f"fgcmLoadReferenceCatalog.path is {cfg.path!r} but filterMap is empty; map each "
+            f"fgcmLoadReferenceCatalog names {cfg.path or refcat.dataset_name!r} but filterMap "
+            "is empty; map each "
             "physical filter to a reference catalog filter, e.g. filterMap = {\"r_57\" = \"r\"}")
     if not cfg.matchRadius > 0:
         raise RefcatError(
@@ -222,6 +233,20 @@ def open_reference_source(cfg: RefcatLoadConfig) -> ReferenceSource | None:
     refcat.validate((), selector=None, extra_columns=[*_BASE_COLUMNS, *columns])
     _check_all_shards(refcat, [*_BASE_COLUMNS, *columns])
     return ReferenceSource(refcat, cfg, filters, columns)
+
+
+def _butler_refcat(cfg: RefcatLoadConfig, butler: str | None) -> HtmRefcat:
+    if cfg.path:
+        raise RefcatError("fgcmLoadReferenceCatalog sets both path and collections; keep one "
+                          "(a refcat directory, or the Butler collections holding it)")
+    repo = cfg.repo or butler
+    if not repo:
+        raise RefcatError(
+            "fgcmLoadReferenceCatalog.collections is set but no Butler repository is given: "
+            "set fgcmLoadReferenceCatalog.repo or pass --butler REPO")
+    from streamstars.butler.refcat import open_butler_refcat
+
+    return open_butler_refcat(repo, cfg.collections, cfg.datasetType)
 
 
 def _check_all_shards(refcat: HtmRefcat, required: list[str]) -> None:
@@ -344,11 +369,12 @@ def _refresh_hint(path: Path) -> str:
 
 
 def attach_references(store: StarStore, source: ReferenceSource | None = None, *,
-                      check: bool = True) -> ReferenceSource | None:
+                      check: bool = True, butler: str | None = None) -> ReferenceSource | None:
     """The reference catalog visits applied to ``store`` cache stars from, checked.
 
     ``source`` may be an already validated :func:`open_reference_source` result for
-    ``store.config.fgcmLoadReferenceCatalog`` (``None``: it is opened now).  With ``check``
+    ``store.config.fgcmLoadReferenceCatalog`` (``None``: it is opened now); ``butler`` is the
+    command's Butler repository (for a catalog kept in a Butler).  With ``check``
     (every caller but ``refresh-refs``) the store's ``meta/refcat`` must agree with it; an
     empty store without ``meta/refcat`` gets the configured one recorded.  Pass the result to
     :func:`streamstars.ingest.apply_prepared` / :func:`streamstars.backfill.backfill` as
@@ -360,7 +386,7 @@ def attach_references(store: StarStore, source: ReferenceSource | None = None, *
             message says to run ``streamstars refresh-refs``.
     """
     if source is None:
-        source = open_reference_source(store.config.fgcmLoadReferenceCatalog)
+        source = open_reference_source(store.config.fgcmLoadReferenceCatalog, butler)
     if check:
         stored = stored_refcat(store)
         if source is None:
@@ -539,16 +565,16 @@ def snapshot_references(tx: Transaction, config: BuildStarsConfig, star_id: np.n
     """The ``fgcmReferenceStars`` rows of the final stars, from the cache in ``tx``.
 
     Returns ``(reference, FILTERNAMES, meta/refcat)``; ``reference`` is ``None`` when the store
-    caches no catalog or ``config`` has no ``fgcmLoadReferenceCatalog.path`` (no matching
-    asked for).  Rows: ``fgcm_id`` int64 (sorted), ``refMag``/``refMagErr`` float32
-    (n, nFilters); ``ref_id`` is included for diagnostics.
+    caches no catalog or ``config`` has no ``fgcmLoadReferenceCatalog.path`` nor
+    ``collections`` (no matching asked for).  Rows: ``fgcm_id`` int64 (sorted),
+    ``refMag``/``refMagErr`` float32 (n, nFilters); ``ref_id`` is included for diagnostics.
 
     Raises:
         StateError: ``config``'s reference settings differ from those of the cache.
     """
     stored = tx.meta.refcat()
     cfg = config.fgcmLoadReferenceCatalog
-    if stored is None or not cfg.path:
+    if stored is None or not (cfg.path or cfg.collections):
         return None, (), stored
     settings_hash = _settings_hash(_settings(cfg))
     if settings_hash != stored.get("settings_hash"):

@@ -154,36 +154,23 @@ def reference_magnitudes(
     Returns:
         ``(mag, magErr, keep)``: float32 arrays of shape (n, nfilt) and the selector mask (n,).
         Without colour terms ``mag = -2.5 log10(flux) + 31.4`` of ``filterMap[pf]`` and
-        ``magErr = 2.5/ln10 * fluxErr/flux``.  With colour terms (as LSST's
-        ``Colorterm.getCorrectedMagnitudes``) ``mag = p + c0 + c1 (p - s) + c2 (p - s)^2`` with
-        p, s the primary and secondary AB mags, and the error from the flux error
-        ``hypot((1 + c1) primaryFluxErr, c1 secondaryFluxErr)`` over the primary flux.  A
-        physical filter absent from ``filter_map`` gives a column of 99; so does any
-        non-finite or non-positive flux, or a non-finite error (both mag and magErr are 99).
+        ``magErr = 2.5/ln10 * fluxErr/flux``; with colour terms see
+        :func:`_colour_term_magnitudes`.  A physical filter absent from ``filter_map`` gives a
+        column of 99; so does any non-finite or non-positive flux, or a non-finite error (both
+        mag and magErr are 99).
 
     Raises:
         RefcatError: a needed column or flag is missing, or a colour term is missing while
             ``apply_color_terms`` is true.
     """
-    n = _nrows(ref_columns)
-    nfilt = len(physical_filters)
+    n, nfilt = _nrows(ref_columns), len(physical_filters)
     mag = np.full((n, nfilt), MISSING_MAG, dtype=np.float64)
     mag_err = np.full((n, nfilt), MISSING_MAG, dtype=np.float64)
     for j, pf in enumerate(physical_filters):
         if pf not in filter_map:
             continue
         if apply_color_terms:
-            ct = colorterms.get(pf)
-            if ct is None:
-                raise RefcatError(_no_colorterm(pf, colorterms))
-            p_flux = _column(ref_columns, f"{ct.primary}_flux")
-            p_err = _column(ref_columns, f"{ct.primary}_fluxErr")
-            s_flux = _column(ref_columns, f"{ct.secondary}_flux")
-            s_err = _column(ref_columns, f"{ct.secondary}_fluxErr")
-            p = ab_mag_from_flux(p_flux)
-            colour = p - ab_mag_from_flux(s_flux)
-            m = p + ct.c0 + ct.c1 * colour + ct.c2 * colour * colour
-            e = ab_mag_err_from_flux_err(np.hypot((1.0 + ct.c1) * p_err, ct.c1 * s_err), p_flux)
+            m, e = _colour_term_magnitudes(ref_columns, pf, colorterms)
         else:
             ref_filter = filter_map[pf]
             flux = _column(ref_columns, f"{ref_filter}_flux")
@@ -194,6 +181,32 @@ def reference_magnitudes(
         mag_err[good, j] = e[good]
     keep = reference_selection(ref_columns, selector, flag_names)
     return mag.astype(np.float32), mag_err.astype(np.float32), keep
+
+
+def _colour_term_magnitudes(ref_columns: Mapping[str, np.ndarray], physical_filter: str,
+                            colorterms: Mapping[str, ColortermConfig]) -> tuple[np.ndarray,
+                                                                                np.ndarray]:
+    """Magnitude and error of ``physical_filter`` with its colour term.
+
+    As LSST's ``Colorterm.getCorrectedMagnitudes``: ``mag = p + c0 + c1 (p - s) + c2 (p - s)^2``
+    with p, s the primary and secondary AB mags, and the error from the flux error
+    ``hypot((1 + c1) primaryFluxErr, c1 secondaryFluxErr)`` over the primary flux.
+
+    Raises:
+        RefcatError: no colour term for the filter, or a flux column is missing.
+    """
+    ct = colorterms.get(physical_filter)
+    if ct is None:
+        raise RefcatError(_no_colorterm(physical_filter, colorterms))
+    p_flux = _column(ref_columns, f"{ct.primary}_flux")
+    p_err = _column(ref_columns, f"{ct.primary}_fluxErr")
+    s_flux = _column(ref_columns, f"{ct.secondary}_flux")
+    s_err = _column(ref_columns, f"{ct.secondary}_fluxErr")
+    p = ab_mag_from_flux(p_flux)
+    colour = p - ab_mag_from_flux(s_flux)
+    m = p + ct.c0 + ct.c1 * colour + ct.c2 * colour * colour
+    e = ab_mag_err_from_flux_err(np.hypot((1.0 + ct.c1) * p_err, ct.c1 * s_err), p_flux)
+    return m, e
 
 
 def angular_separation_arcsec(
@@ -237,9 +250,21 @@ def match_reference_to_stars(
     rids = np.arange(len(ref_xyz)) if ref_ids is None else np.asarray(ref_ids)
     if sids.shape != (len(star_xyz),) or rids.shape != (len(ref_xyz),):
         raise ValueError("star_ids/ref_ids must have one entry per star/reference star")
+    ri, si, dist = _pairs_within(ref_xyz, star_xyz, radius_arcsec)
+    # 1. nearest star per reference star (ties -> smaller star id).
+    ri, si, dist = _first_of_each(ri, (ri, si, dist), np.lexsort((sids[si], dist, ri)))
+    # 2. nearest reference star per star (ties -> smaller reference id).
+    ri, si, dist = _first_of_each(si, (ri, si, dist), np.lexsort((rids[ri], dist, si)))
+    order = np.argsort(ri, kind="stable")
+    return ri[order], si[order]
+
+
+def _pairs_within(ref_xyz: np.ndarray, star_xyz: np.ndarray,
+                  radius_arcsec: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reference row, star row, chord) of every pair closer than ``radius_arcsec``."""
     empty = np.zeros(0, dtype=np.int64)
     if len(ref_xyz) == 0 or len(star_xyz) == 0 or not radius_arcsec > 0:
-        return empty, empty
+        return empty, empty, np.zeros(0)
     radius = math.radians(radius_arcsec / 3600.0)
     chord_max = 2.0 * math.sin(min(radius, math.pi) / 2.0)
     pairs = cKDTree(ref_xyz).sparse_distance_matrix(
@@ -247,23 +272,17 @@ def match_reference_to_stars(
     )
     ri = pairs["i"].astype(np.int64)
     si = pairs["j"].astype(np.int64)
-    if ri.size == 0:
-        return empty, empty
     # Recompute distances here so that ties are compared on identical numbers.
     dist = np.linalg.norm(ref_xyz[ri] - star_xyz[si], axis=1)
     ok = dist <= chord_max
-    ri, si, dist = ri[ok], si[ok], dist[ok]
-    # 1. nearest star per reference star (ties -> smaller star id).
-    order = np.lexsort((sids[si], dist, ri))
-    ri, si, dist = ri[order], si[order], dist[order]
-    first = np.ones(ri.size, dtype=bool)
-    first[1:] = ri[1:] != ri[:-1]
-    ri, si, dist = ri[first], si[first], dist[first]
-    # 2. nearest reference star per star (ties -> smaller reference id).
-    order = np.lexsort((rids[ri], dist, si))
-    ri, si = ri[order], si[order]
-    first = np.ones(si.size, dtype=bool)
-    first[1:] = si[1:] != si[:-1]
-    ri, si = ri[first], si[first]
-    order = np.argsort(ri, kind="stable")
-    return ri[order], si[order]
+    return ri[ok], si[ok], dist[ok]
+
+
+def _first_of_each(key: np.ndarray, columns: tuple[np.ndarray, ...],
+                   order: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The rows of ``columns`` that come first, in ``order``, among the rows of equal
+    ``key`` (``order`` sorts by ``key`` first)."""
+    key = key[order]
+    first = np.ones(key.size, dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    return tuple(column[order][first] for column in columns)

@@ -25,9 +25,9 @@ def cmd_refresh_refs(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else None
     if config is not None:
         # validate the catalog before the store is touched
-        open_reference_source(config.fgcmLoadReferenceCatalog)
+        open_reference_source(config.fgcmLoadReferenceCatalog, args.butler)
     with StarStore.open(args.state, config) as store:
-        source = attach_references(store, check=False)
+        source = attach_references(store, check=False, butler=args.butler)
         n_refs, seconds = refresh_all(store, source, progress=not args.no_progress)
         with store.read() as tx:
             n_pixels = tx.refcache.count()
@@ -49,4 +49,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--config", help="TOML config whose [fgcmLoadReferenceCatalog] to use "
                    "(default: the one the store was built with)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--butler", metavar="REPO", help="the Butler repository of a reference "
+                   "catalog configured by fgcmLoadReferenceCatalog.collections (when its repo "
+                   "key is empty)")
     p.set_defaults(func=cmd_refresh_refs)

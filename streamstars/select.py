@@ -1,4 +1,10 @@
-"""Source selection and per-observation quantities of one visit (reference §2, §3, §1.2).
+"""Source selection and per-observation quantities of one visit, as fgcmcal computes them.
+
+The cuts are fgcmcal's source selector (``sourceSelector``, :func:`cut_masks`), the
+quantities those its ``FgcmBuildStarsTableTask`` stores per observation (instrumental
+magnitude, aperture and background corrections, WCS jacobian, :func:`select_visit`) and the
+per-visit and per-detector aperture corrections of its visit catalog
+(:func:`aperture_corrections`).
 
 Input: the canonical table of :func:`streamstars.io.sourcetable.read_source_table`.  Output: a
 column dict with exactly the columns/dtypes of :data:`streamstars.columns.OBSERVATION_DTYPES`.
@@ -26,7 +32,8 @@ from .visit import BAD_DETECTOR_VALUE, VisitMetadata
 MAG_ERR_FACTOR = 2.5 / math.log(10.0)
 #: fgcm's marker for a missing aperture correction / magnitude.
 BAD_MAG = 99.0
-#: Minimum number of sources for a per-detector aperture correction (reference §1.2).
+#: Minimum number of sources for a per-detector aperture correction (fgcmcal's
+#: ``deltaAperDetector``).
 MIN_SOURCES_PER_DETECTOR = 3
 
 #: Names of the cuts, in the order they are reported.
@@ -93,7 +100,11 @@ def _local_background(table: pa.Table, config: BuildStarsConfig) -> np.ndarray:
 
 
 def cut_masks(table: pa.Table, config: BuildStarsConfig) -> dict[str, np.ndarray]:
-    """Pass masks (True = the source survives) of every enabled cut (reference §2).
+    """Pass masks (True = the source survives) of every enabled cut of fgcmcal's selector.
+
+    The cuts, each switchable in ``config.sourceSelector``: bad flags, unresolved, S/N,
+    isolated (never deblended), finite ra/dec, ``detect_isPrimary`` (skipped when the column
+    is absent), and with ``doSubtractLocalBackground`` the local-background cut.
 
     Keys are names of :data:`CUT_NAMES`; a disabled cut, or ``requirePrimary`` when the table
     has no primary column, is absent.  ``localBackground`` (present with
@@ -132,13 +143,16 @@ def cut_masks(table: pa.Table, config: BuildStarsConfig) -> dict[str, np.ndarray
     if sel.doRequirePrimary and sel.requirePrimary.primaryColName in names:
         masks["requirePrimary"] = _bool(table, sel.requirePrimary.primaryColName, null=False)
     if config.doSubtractLocalBackground:
-        flux = _float(table, config.instFluxField)
-        with np.errstate(invalid="ignore"):
-            positive = (flux - _local_background(table, config)) > 0
-        masks["localBackground"] = positive & ~_bool(
-            table, local_background_flag_name(config), null=True
-        )
+        masks["localBackground"] = _local_background_mask(table, config)
     return masks
+
+
+def _local_background_mask(table: pa.Table, config: BuildStarsConfig) -> np.ndarray:
+    """``localBackground_flag`` False and ``flux - pi r^2 bkg > 0``."""
+    flux = _float(table, config.instFluxField)
+    with np.errstate(invalid="ignore"):
+        positive = (flux - _local_background(table, config)) > 0
+    return positive & ~_bool(table, local_background_flag_name(config), null=True)
 
 
 #: Names of the counts of rows dropped for unusable coordinates (visit record, reports).
@@ -219,38 +233,12 @@ def select_visit(
 ) -> tuple[ColumnDict, dict[str, int]]:
     """Select the good star observations of one visit and compute their fgcm quantities.
 
-    Cuts (reference §2), each switchable in ``config.sourceSelector``: bad flags, unresolved,
-    S/N, isolated (never deblended), finite ra/dec, ``detect_isPrimary`` (skipped when the
-    column is absent), and with ``doSubtractLocalBackground`` the local-background cut.
-
-    Unusable coordinates: as in fgcmcal, ``doRequireFiniteRaDec`` (default on) drops rows with
-    non-finite ``ra``/``dec`` and the rest of the visit is used.  With it off fgcmcal would keep
-    them, but a row without coordinates cannot be placed on the sky, so it is dropped all the
-    same.  Rows with finite coordinates outside ``0 <= ra < 360``, ``-90 <= dec <= 90`` are
-    dropped too (they would be folded onto another position).  The rows dropped for these
-    reasons that pass every other cut are counted (``nonFiniteRaDec``, ``raDecOutOfRange``):
-    they are the observations the visit lost to bad coordinates.
-
-    Quantities (reference §3), magnitudes in mag:
-
-    * ``inst_mag = -2.5 log10(instFlux / exptime) - 2.5 log10(jacobian)`` (jacobian term only
-      with ``doApplyWcsJacobian``).  As in fgcmcal (both its afw and its parquet path),
-      ``instFlux`` here is the flux *without* local-background subtraction: the background
-      correction is carried separately in ``delta_mag_bkg``.
-    * ``inst_mag_err = 2.5/ln10 * instFluxErr / instFlux``.
-    * ``delta_mag_aper = m(inner) - m(outer)``, ``delta_mag_err_aper`` = quadrature sum of the
-      two aperture magnitude errors; both 99.0 where ``delta_mag_aper`` (or its error) is not
-      finite.
-    * ``delta_mag_bkg = m(instFlux - pi r^2 bkg) - m(instFlux)`` with r parsed from
-      ``instFluxField`` (``apFlux_12_0`` -> 12 pixels) when ``doSubtractLocalBackground``,
-      else 0.
-    * ``jacobian``: with ``doApplyWcsJacobian`` and the ``localWcs_CDMatrix_*`` columns present,
-      the source's pixel area |det CD| divided by a reference pixel area, the median |det CD|
-      over this visit's sources on detector ``config.referenceCCD`` (falling back to all of the
-      visit's sources; see :func:`reference_pixel_area`).  fgcmcal uses an approximate
-      pixel-area field from the camera geometry instead, which streamstars does not have.
-      1.0 otherwise, and where a source's own |det CD| is not finite and positive.
-    * ``psf_candidate`` from ``config.psfCandidateName`` (False when absent or null).
+    The rows kept are those passing every cut of :func:`cut_masks` with usable coordinates
+    (:func:`_selected_rows`); their quantities are the instrumental magnitude
+    (:func:`_instrumental_magnitudes`, with the WCS jacobian of :func:`_jacobian`), the
+    aperture correction (:func:`_aperture_magnitudes`), the local-background correction
+    (:func:`_background_correction`) and ``psf_candidate`` (``config.psfCandidateName``, False
+    when absent or null).
 
     Args:
         table: canonical source table of ONE visit (see ``read_source_table``).
@@ -268,6 +256,49 @@ def select_visit(
         MissingMetadataError: ``metadata.exptime`` is not a positive number.
         ConfigError: ``doSubtractLocalBackground`` with an unparseable ``instFluxField``.
     """
+    visit, exptime = _check_visit(table, metadata)
+    idx, dropped = _selected_rows(table, config)
+    sub = table.take(pa.array(idx, type=pa.int64()))
+    flux = _float(sub, config.instFluxField)
+    inst_mag, inst_mag_err = _instrumental_magnitudes(sub, flux, exptime, config)
+    jacobian = _jacobian(table, sub, config)
+    if config.doApplyWcsJacobian:
+        inst_mag = inst_mag - 2.5 * np.log10(jacobian)
+    delta_aper, delta_aper_err = _aperture_magnitudes(sub, config)
+    quantities = {"inst_mag": inst_mag, "inst_mag_err": inst_mag_err, "jacobian": jacobian,
+                  "delta_mag_bkg": _background_correction(sub, flux, config),
+                  "delta_mag_aper": delta_aper, "delta_mag_err_aper": delta_aper_err}
+    return _observations(sub, visit, quantities, config), dropped
+
+
+def _observations(sub: pa.Table, visit: int, quantities: ColumnDict,
+                  config: BuildStarsConfig) -> ColumnDict:
+    """The observation columns (``OBSERVATION_DTYPES``) of the selected rows ``sub``: their
+    identity, position and ``psf_candidate`` from the table, and the computed quantities."""
+    n = sub.num_rows
+    out: ColumnDict = {
+        "source_id": _int(sub, "sourceId", null=-1),
+        "visit": np.full(n, visit),
+        "detector": _int(sub, "detector", null=-1),
+        "ra": _float(sub, "ra"),
+        "dec": _float(sub, "dec"),
+        "x": _float(sub, "x"),
+        "y": _float(sub, "y"),
+        "psf_candidate": (_bool(sub, config.psfCandidateName, null=False)
+                          if config.psfCandidateName in sub.column_names
+                          else np.zeros(n, dtype=np.bool_)),
+        **quantities,
+    }
+    return {name: np.asarray(out[name], dtype=dt) for name, dt in OBSERVATION_DTYPES.items()}
+
+
+def _check_visit(table: pa.Table, metadata: VisitMetadata) -> tuple[int, float]:
+    """The visit id and its exposure time [s], checked against the table.
+
+    Raises:
+        InvalidSourceTableError: the table holds another visit than ``metadata.visit``.
+        MissingMetadataError: ``metadata.exptime`` is not a positive number.
+    """
     visit = int(metadata.visit)
     if table.num_rows:
         visits = np.unique(_int(table, "visit", null=-1))
@@ -282,7 +313,22 @@ def select_visit(
             f"visit {visit}: exposure time {exptime!r} s is not positive; cannot compute "
             "instrumental magnitudes (check the visit metadata)"
         )
+    return visit, exptime
 
+
+def _selected_rows(table: pa.Table, config: BuildStarsConfig) -> tuple[np.ndarray,
+                                                                      dict[str, int]]:
+    """The rows selected (in sourceId order) and the counts of rows dropped for their
+    coordinates.
+
+    Unusable coordinates: as in fgcmcal, ``doRequireFiniteRaDec`` (default on) drops rows with
+    non-finite ``ra``/``dec`` and the rest of the visit is used.  With it off fgcmcal would keep
+    them, but a row without coordinates cannot be placed on the sky, so it is dropped all the
+    same.  Rows with finite coordinates outside ``0 <= ra < 360``, ``-90 <= dec <= 90`` are
+    dropped too (they would be folded onto another position).  The rows dropped for these
+    reasons that pass every other cut are counted (``nonFiniteRaDec``, ``raDecOutOfRange``):
+    they are the observations the visit lost to bad coordinates.
+    """
     masks = cut_masks(table, config)
     keep = np.ones(table.num_rows, dtype=np.bool_)
     for name, mask in masks.items():
@@ -294,19 +340,30 @@ def select_visit(
     keep &= in_range
     if "requireFiniteRaDec" in masks:
         keep &= masks["requireFiniteRaDec"]
-
     idx = np.flatnonzero(keep)
     # the selected rows in sourceId order, taken from the table once
-    idx = idx[np.argsort(_int(table, "sourceId", null=-1)[idx], kind="stable")]
-    sub = table.take(pa.array(idx, type=pa.int64()))
-    n = sub.num_rows
+    return idx[np.argsort(_int(table, "sourceId", null=-1)[idx], kind="stable")], dropped
 
-    flux = _float(sub, config.instFluxField)
+
+def _instrumental_magnitudes(sub: pa.Table, flux: np.ndarray, exptime: float,
+                             config: BuildStarsConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``inst_mag = -2.5 log10(instFlux / exptime)`` and ``inst_mag_err = 2.5/ln10 *
+    instFluxErr / instFlux`` [mag], before the jacobian term.
+
+    As in fgcmcal (both its afw and its parquet path), ``instFlux`` here is the flux *without*
+    local-background subtraction: the background correction is carried separately in
+    ``delta_mag_bkg`` (:func:`_background_correction`).
+    """
     flux_err = _float(sub, config.instFluxField + "Err")
     with np.errstate(invalid="ignore", divide="ignore"):
-        inst_mag = _mag(flux / exptime)
-        inst_mag_err = MAG_ERR_FACTOR * flux_err / flux
+        return _mag(flux / exptime), MAG_ERR_FACTOR * flux_err / flux
 
+
+def _aperture_magnitudes(sub: pa.Table,
+                         config: BuildStarsConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``delta_mag_aper = m(inner) - m(outer)`` and ``delta_mag_err_aper``, the quadrature sum
+    of the two aperture magnitude errors [mag]; both 99.0 where either is not finite."""
+    with np.errstate(invalid="ignore", divide="ignore"):
         inner = _float(sub, config.apertureInnerInstFluxField)
         outer = _float(sub, config.apertureOuterInstFluxField)
         err_inner = MAG_ERR_FACTOR * _float(sub, config.apertureInnerInstFluxField + "Err") / inner
@@ -316,13 +373,30 @@ def select_visit(
     bad_aper = ~(np.isfinite(delta_aper) & np.isfinite(delta_aper_err))
     delta_aper[bad_aper] = BAD_MAG
     delta_aper_err[bad_aper] = BAD_MAG
+    return delta_aper, delta_aper_err
 
+
+def _background_correction(sub: pa.Table, flux: np.ndarray,
+                           config: BuildStarsConfig) -> np.ndarray:
+    """``delta_mag_bkg = m(instFlux - pi r^2 bkg) - m(instFlux)`` [mag] with r parsed from
+    ``instFluxField`` (``apFlux_12_0`` -> 12 pixels) when ``doSubtractLocalBackground``, else
+    0."""
     if config.doSubtractLocalBackground:
-        delta_bkg = _mag(flux - _local_background(sub, config)) - _mag(flux)
-    else:
-        delta_bkg = np.zeros(n)
+        return _mag(flux - _local_background(sub, config)) - _mag(flux)
+    return np.zeros(sub.num_rows)
 
-    jacobian = np.ones(n)
+
+def _jacobian(table: pa.Table, sub: pa.Table, config: BuildStarsConfig) -> np.ndarray:
+    """The WCS jacobian of the selected rows ``sub`` of ``table``.
+
+    With ``doApplyWcsJacobian`` and the ``localWcs_CDMatrix_*`` columns present, the source's
+    pixel area |det CD| divided by a reference pixel area, the median |det CD| over this
+    visit's sources on detector ``config.referenceCCD`` (falling back to all of the visit's
+    sources; see :func:`reference_pixel_area`).  fgcmcal uses an approximate pixel-area field
+    from the camera geometry instead, which streamstars does not have.  1.0 otherwise, and
+    where a source's own |det CD| is not finite and positive.
+    """
+    jacobian = np.ones(sub.num_rows)
     names = set(table.column_names)
     if config.doApplyWcsJacobian and all(c in names for c in CD_MATRIX_COLUMNS):
         ref_area = reference_pixel_area(table, config.referenceCCD)
@@ -330,36 +404,11 @@ def select_visit(
             area = pixel_area(sub)
             usable = np.isfinite(area) & (area > 0)
             jacobian[usable] = area[usable] / ref_area
-    if config.doApplyWcsJacobian:
-        inst_mag = inst_mag - 2.5 * np.log10(jacobian)
-
-    if config.psfCandidateName in names:
-        psf_candidate = _bool(sub, config.psfCandidateName, null=False)
-    else:
-        psf_candidate = np.zeros(n, dtype=np.bool_)
-
-    out: ColumnDict = {
-        "source_id": _int(sub, "sourceId", null=-1),
-        "visit": np.full(n, visit),
-        "detector": _int(sub, "detector", null=-1),
-        "ra": _float(sub, "ra"),
-        "dec": _float(sub, "dec"),
-        "x": _float(sub, "x"),
-        "y": _float(sub, "y"),
-        "psf_candidate": psf_candidate,
-        "inst_mag": inst_mag,
-        "inst_mag_err": inst_mag_err,
-        "jacobian": jacobian,
-        "delta_mag_bkg": delta_bkg,
-        "delta_mag_aper": delta_aper,
-        "delta_mag_err_aper": delta_aper_err,
-    }
-    return ({name: np.asarray(out[name], dtype=dt) for name, dt in OBSERVATION_DTYPES.items()},
-            dropped)
+    return jacobian
 
 
 def aperture_corrections(observations: ColumnDict) -> tuple[float, dict[int, float]]:
-    """Per-visit and per-detector aperture corrections deltaAper [mag] (reference §1.2).
+    """Per-visit and per-detector aperture corrections deltaAper [mag] of the visit catalog.
 
     The median of ``delta_mag_aper`` over the selected observations, ignoring the 99.0
     markers (and non-finite values).  Per detector the median needs at least

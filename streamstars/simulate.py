@@ -3,9 +3,9 @@
 :func:`simulate_survey` writes, into one directory,
 
 * one ``sourceTable_visit_<visit>.parquet`` per visit with the modern LSST column names
-  (reference §1.1) plus ``localWcs_CDMatrix_*`` and a few other real columns;
-* ``visitTable.parquet`` and ``ccdVisitTable.parquet`` (DPDD ``Visit`` / ``CcdVisit``, §1.2);
-* an LSST HTM-indexed reference catalog in ``refcat/`` (depth 7, format_version 1, nJy, §1.3);
+  (the columns fgcmcal reads) plus ``localWcs_CDMatrix_*`` and a few other real columns;
+* ``visitTable.parquet`` and ``ccdVisitTable.parquet`` (DPDD ``Visit`` / ``CcdVisit``);
+* an LSST HTM-indexed reference catalog in ``refcat/`` (depth 7, format_version 1, nJy);
 * ``truth.parquet``: every true object (id, position, magnitudes, star/galaxy, blend group).
 
 The sky is a fixed set of true objects in a spherical cap (stars 16–24 mag with simple colours,
@@ -19,6 +19,13 @@ groups in bad seeing, deblend parents with children.  Each visit also gets junk 
 Everything is vectorised over sources; the output is byte-identical for identical arguments
 (random numbers come from ``numpy.random.SeedSequence(seed)`` spawned per visit).
 
+The parquet files carry the schema metadata the Butler's ``ParquetFormatter`` writes
+(:func:`with_table_metadata`): ``lsst::arrow::rowcount``, the string lengths
+(``lsst::arrow::len::<column>``) and astropy's ``table_meta_yaml`` for ``ArrowAstropy`` files
+(current pipelines, the default); for ``file_style="DataFrame"`` (older pipelines) the source
+tables are written as pandas would, ``sourceId`` being the index (pandas schema metadata).
+:mod:`streamstars.butler.simulate` ingests them into a Butler repository.
+
 Conventions: ``sourceId = visit << 20 | row`` (row index within the visit file, sorted by
 detector); visit ids are LSSTCam-like ``YYYYMMDD * 100000 + seq``; ``ccdVisitId = visit * 1000
 + detector``; ``localWcs_CDMatrix_*`` are in **radians per pixel**, as in real LSST/HSC
@@ -27,13 +34,16 @@ sourceTables; ``zeroPoint`` (ccdVisitTable) is the AB magnitude of one count in 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from streamstars.sky import radec_from_vectors, unit_vectors
@@ -350,9 +360,41 @@ def make_sky(rng: np.random.Generator, n_objects: int, bands: Sequence[str], ra_
     size = np.where(is_star, 0.0, rng.uniform(0.2, 1.5, n_objects))
     group = np.full(n_objects, -1, dtype=np.int64)
     min_sep = np.full(n_objects, np.inf)
+    comp = _close_companions(rng, xyz, r_mag, np.flatnonzero(is_star), crowded)
+    group[comp.pair_primary] = comp.pair_primary
+    min_sep[comp.pair_primary] = comp.pair_sep
+    group[comp.chain_primary] = comp.chain_primary
+    min_sep[comp.chain_primary] = comp.chain_step
+    n_new = len(comp.r_mag)
+    xyz = np.concatenate([xyz, comp.xyz])
+    r_mag = np.concatenate([r_mag, comp.r_mag])
+    colour = np.concatenate([colour, comp.colour])
+    is_star = np.concatenate([is_star, np.ones(n_new, dtype=bool)])
+    ext = np.concatenate([ext, np.zeros(n_new)])
+    size = np.concatenate([size, np.zeros(n_new)])
+    group = np.concatenate([group, comp.pair_primary, comp.chain_primary, comp.chain_primary])
+    min_sep = np.concatenate([min_sep, comp.pair_sep, comp.chain_step, comp.chain_step])
+    ra, dec = radec_from_vectors(xyz)
+    return Sky(xyz=xyz, ra=ra, dec=dec, mags=_band_mags(r_mag, colour, bands), is_star=is_star,
+               extendedness=ext, size_arcsec=size, group=group, group_min_sep=min_sep)
 
-    # Close companions of stars: pairs (and, when crowded, chains of three).
-    star_idx = np.flatnonzero(is_star)
+
+@dataclass(frozen=True)
+class _Companions:
+    """Close companions of some stars: one per pair primary, then two per chain primary."""
+
+    pair_primary: np.ndarray
+    pair_sep: np.ndarray  # [arcsec]
+    chain_primary: np.ndarray
+    chain_step: np.ndarray  # [arcsec]
+    xyz: np.ndarray  # the companions: pair companions, first then second chain members
+    r_mag: np.ndarray
+    colour: np.ndarray
+
+
+def _close_companions(rng: np.random.Generator, xyz: np.ndarray, r_mag: np.ndarray,
+                      star_idx: np.ndarray, crowded: bool) -> _Companions:
+    """Pairs at 0.3-3" (and, when crowded, chains of three) around some of the stars."""
     pair_frac = 0.25 if crowded else 0.02
     chain_frac = 0.05 if crowded else 0.0
     pick = rng.random(len(star_idx))
@@ -374,23 +416,11 @@ def make_sky(rng: np.random.Generator, n_objects: int, bands: Sequence[str], ra_
     chain_r1 = r_mag[chain_primary] + rng.uniform(0.0, 2.0, len(chain_primary))
     chain_r2 = r_mag[chain_primary] + rng.uniform(0.0, 2.0, len(chain_primary))
     chain_colour = rng.uniform(0.2, 1.5, (2, len(chain_primary)))
-
-    group[pair_primary] = pair_primary
-    min_sep[pair_primary] = pair_sep
-    group[chain_primary] = chain_primary
-    min_sep[chain_primary] = chain_step
-    n_new = len(pair_primary) + 2 * len(chain_primary)
-    xyz = np.concatenate([xyz, comp_xyz, chain1, chain2])
-    r_mag = np.concatenate([r_mag, comp_r, chain_r1, chain_r2])
-    colour = np.concatenate([colour, comp_colour, chain_colour[0], chain_colour[1]])
-    is_star = np.concatenate([is_star, np.ones(n_new, dtype=bool)])
-    ext = np.concatenate([ext, np.zeros(n_new)])
-    size = np.concatenate([size, np.zeros(n_new)])
-    group = np.concatenate([group, pair_primary, chain_primary, chain_primary])
-    min_sep = np.concatenate([min_sep, pair_sep, chain_step, chain_step])
-    ra, dec = radec_from_vectors(xyz)
-    return Sky(xyz=xyz, ra=ra, dec=dec, mags=_band_mags(r_mag, colour, bands), is_star=is_star,
-               extendedness=ext, size_arcsec=size, group=group, group_min_sep=min_sep)
+    return _Companions(pair_primary=pair_primary, pair_sep=pair_sep, chain_primary=chain_primary,
+                       chain_step=chain_step,
+                       xyz=np.concatenate([comp_xyz, chain1, chain2]),
+                       r_mag=np.concatenate([comp_r, chain_r1, chain_r2]),
+                       colour=np.concatenate([comp_colour, chain_colour[0], chain_colour[1]]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -588,69 +618,158 @@ def _measure(rng: np.random.Generator, flux_total: np.ndarray, sigma_pix: np.nda
 
 def simulate_visit(sky: Sky, camera: Camera, plan: VisitPlan, conditions: DetectorConditions,
                    i: int, rng: np.random.Generator, n_junk: int) -> pa.Table:
-    """The ``sourceTable_visit`` table of visit number ``i`` of the plan."""
-    visit = int(plan.visit[i])
-    ra0, dec0, rot = float(plan.ra[i]), float(plan.dec[i]), float(plan.rotation[i])
-    cond = DetectorConditions(zp_per_second=conditions.zp_per_second[i],
-                              seeing=conditions.seeing[i], sky=conditions.sky[i])
+    """The ``sourceTable_visit`` table of visit number ``i`` of the plan.
 
-    # --- true objects on the focal plane -------------------------------------------------
-    pos0 = unit_vectors(np.array([ra0]), np.array([dec0]))[0]
+    The steps below draw from ``rng`` in this order, which the byte-identical output of a
+    seed depends on: detection and measurement of the true objects, deblend parents of close
+    groups, junk singletons, then the flags and the local background of every row.
+    """
+    view = _VisitView.of(plan, conditions, i)
+    objects = _detect_objects(sky, camera, view, rng)
+    parents = _deblend_parents(sky, objects, rng)
+    junk = _junk_sources(camera, view, rng, n_junk)
+    return _source_table(sky, camera, view, objects, parents, junk, rng)
+
+
+@dataclass(frozen=True)
+class _VisitView:
+    """One visit of the plan: its pointing, exposure and detector conditions."""
+
+    visit: int
+    ra0: float
+    dec0: float
+    rot: float
+    exptime: float
+    band_index: int
+    band: str
+    physical_filter: str
+    cond: DetectorConditions  # this visit's row: arrays over detectors
+
+    @classmethod
+    def of(cls, plan: VisitPlan, conditions: DetectorConditions, i: int) -> _VisitView:
+        return cls(visit=int(plan.visit[i]), ra0=float(plan.ra[i]), dec0=float(plan.dec[i]),
+                   rot=float(plan.rotation[i]), exptime=float(plan.exptime[i]),
+                   band_index=int(plan.band_index[i]), band=plan.band[i],
+                   physical_filter=plan.physical_filter[i],
+                   cond=DetectorConditions(zp_per_second=conditions.zp_per_second[i],
+                                           seeing=conditions.seeing[i], sky=conditions.sky[i]))
+
+    def rotated(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tangent plane (xi, eta) <-> focal plane (p, q): the visit's rotation with the axes
+        flipped, its own inverse."""
+        c, s = math.cos(math.radians(self.rot)), math.sin(math.radians(self.rot))
+        return -c * a - s * b, -s * a + c * b
+
+
+@dataclass
+class _Objects:
+    """The true objects detected in one visit, with their measurements (one row each)."""
+
+    obj: np.ndarray  # index into the Sky
+    det: np.ndarray
+    xi: np.ndarray
+    eta: np.ndarray
+    flux: np.ndarray  # counts in the exposure
+    sigma_pix: np.ndarray  # PSF convolved with the object's size [pix]
+    sky: np.ndarray  # counts / pixel
+    seeing: np.ndarray  # FWHM [arcsec]
+    snr: np.ndarray
+    meas: dict[str, np.ndarray] = field(default_factory=dict)
+    lbg: np.ndarray = field(default_factory=lambda: np.zeros(0))  # true local background
+    sat_center: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    sat_any: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    extendedness: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def __len__(self) -> int:
+        return len(self.obj)
+
+
+def _detect_objects(sky: Sky, camera: Camera, view: _VisitView,
+                    rng: np.random.Generator) -> _Objects:
+    """The true objects on a detector that pass detection (PSF-like S/N with noise above 5),
+    with astrometric noise, aperture fluxes, saturation and extendedness."""
+    pos0 = unit_vectors(np.array([view.ra0]), np.array([view.dec0]))[0]
     reach = math.radians(camera.half_diagonal_deg * 1.05 + 0.01)
     cand = np.flatnonzero(sky.xyz @ pos0 > math.cos(reach))
-    xi, eta = gnomonic(sky.xyz[cand], ra0, dec0)
-    c, s = math.cos(math.radians(rot)), math.sin(math.radians(rot))
-    pl, ql = camera.undistort(-c * xi - s * eta, -s * xi + c * eta)
-    det, _, _ = camera.to_pixels(pl, ql)
+    xi, eta = gnomonic(sky.xyz[cand], view.ra0, view.dec0)
+    det, _, _ = camera.to_pixels(*camera.undistort(*view.rotated(xi, eta)))
     on = det >= 0
-    obj = cand[on]
-    det = det[on]
-    xi, eta = xi[on], eta[on]
+    obj, det, xi, eta = cand[on], det[on], xi[on], eta[on]
 
-    # --- photometry of the true objects ----------------------------------------------------
-    mags = sky.mags[obj, int(plan.band_index[i])]
-    zp = cond.zp_per_second[det]
-    seeing = cond.seeing[det]
-    skyc = cond.sky[det]
-    exptime = float(plan.exptime[i])
-    flux = exptime * 10.0 ** (-0.4 * (mags - zp))
+    mags = sky.mags[obj, view.band_index]
+    zp = view.cond.zp_per_second[det]
+    seeing = view.cond.seeing[det]
+    skyc = view.cond.sky[det]
+    flux = view.exptime * 10.0 ** (-0.4 * (mags - zp))
     psf_sigma_pix = seeing / 2.3548 / PIXEL_SCALE_ARCSEC
     size_pix = sky.size_arcsec[obj] / PIXEL_SCALE_ARCSEC
     sigma_pix = np.sqrt(psf_sigma_pix**2 + size_pix**2)
-    # Detection: PSF-like S/N with noise, threshold 5.
     area_psf = 4.0 * math.pi * sigma_pix**2
     snr_det = flux / np.sqrt(flux + area_psf * skyc)
     detected = snr_det + rng.standard_normal(len(flux)) > 5.0
-    obj, det, xi, eta = obj[detected], det[detected], xi[detected], eta[detected]
-    flux, sigma_pix, psf_sigma_pix = flux[detected], sigma_pix[detected], psf_sigma_pix[detected]
-    skyc, seeing = skyc[detected], seeing[detected]
-    n_obj = len(obj)
+    flux, skyc = flux[detected], skyc[detected]
+    objects = _Objects(obj=obj[detected], det=det[detected], xi=xi[detected],
+                       eta=eta[detected], flux=flux, sigma_pix=sigma_pix[detected], sky=skyc,
+                       seeing=seeing[detected],
+                       snr=flux / np.sqrt(flux + area_psf[detected] * skyc))
+    _add_astrometric_noise(objects, rng)
+    _measure_objects(sky, objects, rng)
+    return objects
 
-    # Astrometric noise: systematic 0.02-0.05" per visit plus centroid noise ~ FWHM / SNR.
-    snr_est = flux / np.sqrt(flux + area_psf[detected] * skyc)
+
+def _add_astrometric_noise(objects: _Objects, rng: np.random.Generator) -> None:
+    """Systematic 0.02-0.05" per visit plus centroid noise ~ FWHM / SNR, at most 0.3"."""
+    n_obj = len(objects)
     sig_sys = rng.uniform(0.02, 0.05)
-    sig_pos = np.minimum(np.hypot(sig_sys, 0.5 * seeing / np.maximum(snr_est, 1.0)), 0.3) / 3600.0
-    xi = xi + rng.standard_normal(n_obj) * sig_pos
-    eta = eta + rng.standard_normal(n_obj) * sig_pos
+    sig_pos = np.minimum(np.hypot(sig_sys, 0.5 * objects.seeing / np.maximum(objects.snr, 1.0)),
+                         0.3) / 3600.0
+    objects.xi = objects.xi + rng.standard_normal(n_obj) * sig_pos
+    objects.eta = objects.eta + rng.standard_normal(n_obj) * sig_pos
 
-    lbg_true = rng.normal(0.0, 0.3, n_obj) * np.sqrt(skyc / 1000.0)
-    meas = _measure(rng, flux, sigma_pix, skyc, lbg_true)
+
+def _measure_objects(sky: Sky, objects: _Objects, rng: np.random.Generator) -> None:
+    """Aperture fluxes with a local background, saturation (core flux lost) and the
+    extendedness reported (a tenth of the faint stars look extended)."""
+    n_obj = len(objects)
+    flux, sigma_pix, skyc = objects.flux, objects.sigma_pix, objects.sky
+    objects.lbg = rng.normal(0.0, 0.3, n_obj) * np.sqrt(skyc / 1000.0)
+    meas = _measure(rng, flux, sigma_pix, skyc, objects.lbg)
     peak = flux / (2.0 * math.pi * sigma_pix**2) + skyc
-    sat_center = peak > FULL_WELL
-    sat_any = sat_center | (peak > 0.85 * FULL_WELL) & (rng.random(n_obj) < 0.5)
-    # Saturated stars lose flux in the core.
-    lost = np.where(sat_center, (FULL_WELL / peak) ** 0.3, 1.0)
+    objects.sat_center = peak > FULL_WELL
+    objects.sat_any = objects.sat_center | (peak > 0.85 * FULL_WELL) & (rng.random(n_obj) < 0.5)
+    lost = np.where(objects.sat_center, (FULL_WELL / peak) ** 0.3, 1.0)
     for key in ("apFlux_12_0_instFlux", "apFlux_17_0_instFlux"):
         meas[key] = meas[key] * lost
-    ext = sky.extendedness[obj].copy()
-    faint_star = (ext == 0.0) & (snr_est < 10.0)
+    objects.meas = meas
+    ext = sky.extendedness[objects.obj].copy()
+    faint_star = (ext == 0.0) & (objects.snr < 10.0)
     ext[faint_star & (rng.random(n_obj) < 0.1)] = 1.0
+    objects.extendedness = ext
 
-    # --- deblending of close groups --------------------------------------------------------
-    group = sky.group[obj]
-    blended = (group >= 0) & (sky.group_min_sep[obj] < 0.6 * seeing)
-    grp_ids, grp_inv, grp_count = np.unique(group[blended], return_inverse=True,
-                                            return_counts=True)
+
+@dataclass(frozen=True)
+class _Parents:
+    """Deblend parents of the close groups of a visit and which objects are their children."""
+
+    child: np.ndarray  # per object: it is a deblended child
+    slot: np.ndarray  # per child (in object order): index of its parent
+    n_child: np.ndarray
+    det: np.ndarray
+    xi: np.ndarray
+    eta: np.ndarray
+    meas: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.det)
+
+
+def _deblend_parents(sky: Sky, objects: _Objects, rng: np.random.Generator) -> _Parents:
+    """A parent for each group of two or more detected objects closer than 0.6 x seeing: the
+    summed flux at the flux-weighted position, measured with a 1.5 x wider profile."""
+    n_obj = len(objects)
+    group = sky.group[objects.obj]
+    blended = (group >= 0) & (sky.group_min_sep[objects.obj] < 0.6 * objects.seeing)
+    _, grp_inv, grp_count = np.unique(group[blended], return_inverse=True, return_counts=True)
     keep_group = grp_count >= 2
     child = np.zeros(n_obj, dtype=bool)
     child_group = np.full(n_obj, -1, dtype=np.int64)
@@ -661,57 +780,103 @@ def simulate_visit(sky: Sky, camera: Camera, plan: VisitPlan, conditions: Detect
     n_parent = int(keep_group.sum())
     parent_slot = np.cumsum(keep_group) - 1  # group index -> parent row index
     cg = parent_slot[child_group[child]] if n_parent else np.zeros(0, dtype=np.int64)
+    flux = objects.flux
     w = np.maximum(flux[child], 1.0)
+    weights = np.maximum(np.bincount(cg, weights=w, minlength=n_parent), 1e-300)
     p_flux = np.bincount(cg, weights=flux[child], minlength=n_parent)
-    p_xi = np.bincount(cg, weights=w * xi[child], minlength=n_parent) / np.maximum(
-        np.bincount(cg, weights=w, minlength=n_parent), 1e-300)
-    p_eta = np.bincount(cg, weights=w * eta[child], minlength=n_parent) / np.maximum(
-        np.bincount(cg, weights=w, minlength=n_parent), 1e-300)
-    p_nchild = np.bincount(cg, minlength=n_parent).astype(np.int32)
+    p_xi = np.bincount(cg, weights=w * objects.xi[child], minlength=n_parent) / weights
+    p_eta = np.bincount(cg, weights=w * objects.eta[child], minlength=n_parent) / weights
     p_first = np.full(n_parent, n_obj, dtype=np.int64)
     np.minimum.at(p_first, cg, np.flatnonzero(child))
-    p_det = det[p_first] if n_parent else np.zeros(0, dtype=np.int64)
-    p_sky = skyc[p_first] if n_parent else np.zeros(0)
-    p_sigma = sigma_pix[p_first] * 1.5 if n_parent else np.zeros(0)
-    p_meas = _measure(rng, p_flux, p_sigma, p_sky, np.zeros(n_parent))
+    p_det = objects.det[p_first] if n_parent else np.zeros(0, dtype=np.int64)
+    p_sky = objects.sky[p_first] if n_parent else np.zeros(0)
+    p_sigma = objects.sigma_pix[p_first] * 1.5 if n_parent else np.zeros(0)
+    return _Parents(child=child, slot=cg,
+                    n_child=np.bincount(cg, minlength=n_parent).astype(np.int32),
+                    det=p_det, xi=p_xi, eta=p_eta,
+                    meas=_measure(rng, p_flux, p_sigma, p_sky, np.zeros(n_parent)))
 
-    # --- junk singletons ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Junk:
+    """Junk singletons: cosmic rays, artefacts and a few unflagged non-repeating sources."""
+
+    det: np.ndarray
+    xi: np.ndarray
+    eta: np.ndarray
+    meas: dict[str, np.ndarray]
+    kind: np.ndarray  # uniform [0, 1): < 0.75 cosmic ray, < 0.9 artefact, else unflagged
+
+    def __len__(self) -> int:
+        return len(self.det)
+
+
+def _junk_sources(camera: Camera, view: _VisitView, rng: np.random.Generator,
+                  n_junk: int) -> _Junk:
+    """``n_junk`` junk singletons anywhere on the detectors (300 to 30 000 counts)."""
     j_det = rng.integers(0, camera.n_detectors, n_junk)
     j_x = rng.uniform(0.0, camera.n_pixels - 1.0, n_junk)
     j_y = rng.uniform(0.0, camera.n_pixels - 1.0, n_junk)
-    j_pl, j_ql = camera.from_pixels(j_det, j_x, j_y)
-    j_p, j_q = camera.distort(j_pl, j_ql)
-    j_xi, j_eta = -c * j_p - s * j_q, -s * j_p + c * j_q
+    j_xi, j_eta = view.rotated(*camera.distort(*camera.from_pixels(j_det, j_x, j_y)))
     j_flux = np.exp(rng.uniform(math.log(300.0), math.log(3e4), n_junk))
-    j_sky = cond.sky[j_det]
-    j_meas = _measure(rng, j_flux, np.full(n_junk, 0.8), j_sky, np.zeros(n_junk))
-    j_kind = rng.random(n_junk)  # <0.75 cosmic ray, <0.9 artefact, else unflagged singleton
+    j_meas = _measure(rng, j_flux, np.full(n_junk, 0.8), view.cond.sky[j_det], np.zeros(n_junk))
+    return _Junk(det=j_det, xi=j_xi, eta=j_eta, meas=j_meas, kind=rng.random(n_junk))
 
-    # --- assemble rows: objects, parents, junk ------------------------------------------
-    n_rows = n_obj + n_parent + n_junk
-    all_xi = np.concatenate([xi, p_xi, j_xi])
-    all_eta = np.concatenate([eta, p_eta, j_eta])
-    all_det = np.concatenate([det, p_det, j_det])
-    pl_all, ql_all = camera.undistort(-c * all_xi - s * all_eta, -s * all_xi + c * all_eta)
-    _, x, y = camera.to_pixels(pl_all, ql_all)
+
+def _source_table(sky: Sky, camera: Camera, view: _VisitView, objects: _Objects,
+                  parents: _Parents, junk: _Junk, rng: np.random.Generator) -> pa.Table:
+    """The rows of the objects, the deblend parents and the junk as one ``sourceTable_visit``:
+    positions, fluxes, flags, classification and local background, sorted by detector."""
+    n_obj, n_parent = len(objects), len(parents)
+    n_rows = n_obj + n_parent + len(junk)
+    xi = np.concatenate([objects.xi, parents.xi, junk.xi])
+    eta = np.concatenate([objects.eta, parents.eta, junk.eta])
+    det = np.concatenate([objects.det, parents.det, junk.det])
+    pl, ql = camera.undistort(*view.rotated(xi, eta))
+    _, x, y = camera.to_pixels(pl, ql)
     x = np.clip(x, 0.0, camera.n_pixels - 1.0)
     y = np.clip(y, 0.0, camera.n_pixels - 1.0)
-    ra, dec = inverse_gnomonic(all_xi, all_eta, ra0, dec0)
-    cd = camera.cd_matrix(pl_all, ql_all, rot)
-    cols: dict[str, np.ndarray] = {}
-    for key in meas:
-        cols[key] = np.concatenate([meas[key], p_meas[key], j_meas[key]])
-
+    ra, dec = inverse_gnomonic(xi, eta, view.ra0, view.dec0)
+    cd = camera.cd_matrix(pl, ql, view.rot)
     kind = np.zeros(n_rows, dtype=np.int8)  # 0 object, 1 parent, 2 junk
     kind[n_obj:n_obj + n_parent] = 1
     kind[n_obj + n_parent:] = 2
-    junk_kind = np.concatenate([np.full(n_obj + n_parent, 9.0), j_kind])
-    cr = (kind == 2) & (junk_kind < 0.75)
-    artefact = (kind == 2) & (junk_kind >= 0.75) & (junk_kind < 0.9)
+    columns = {key: np.concatenate([objects.meas[key], parents.meas[key], junk.meas[key]])
+               for key in objects.meas}
+    cr, artefact = _junk_kinds(junk, kind)
     u = rng.random((8, n_rows))
     edge_dist = np.minimum(np.minimum(x, camera.n_pixels - 1.0 - x),
                            np.minimum(y, camera.n_pixels - 1.0 - y))
-    flags = {name: np.zeros(n_rows, dtype=bool) for name in _FLAG_NAMES}
+    columns |= _flags(objects, parents, cr, artefact, edge_dist, u)
+    # truncated apertures at the very edge have no flux
+    for key, radius in (("apFlux_12_0_instFlux", APERTURE_RADII[0]),
+                        ("apFlux_17_0_instFlux", APERTURE_RADII[1])):
+        columns[key] = np.where(edge_dist < 0.5 * radius, np.nan, columns[key])
+    columns |= _classification(sky, objects, parents, artefact, columns, u)
+    columns["localBackground_instFlux"] = (np.concatenate([objects.lbg, np.zeros(n_rows - n_obj)])
+                                           + rng.normal(0.0, 0.05, n_rows))
+    columns |= {"ra": ra, "dec": dec, "x": x, "y": y,
+                "localWcs_CDMatrix_1_1": cd[:, 0, 0], "localWcs_CDMatrix_1_2": cd[:, 0, 1],
+                "localWcs_CDMatrix_2_1": cd[:, 1, 0], "localWcs_CDMatrix_2_2": cd[:, 1, 1]}
+    return _sorted_table(view, det, y, kind, parents, columns)
+
+
+def _junk_kinds(junk: _Junk, kind: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Masks over every row of the cosmic rays and the artefacts among the junk rows."""
+    junk_kind = np.concatenate([np.full(len(kind) - len(junk), 9.0), junk.kind])
+    cr = (kind == 2) & (junk_kind < 0.75)
+    artefact = (kind == 2) & (junk_kind >= 0.75) & (junk_kind < 0.9)
+    return cr, artefact
+
+
+def _flags(objects: _Objects, parents: _Parents, cr: np.ndarray, artefact: np.ndarray,
+           edge_dist: np.ndarray, u: np.ndarray) -> dict[str, np.ndarray]:
+    """The pixel, centroid, aperture and background flags of every row: edges, random
+    interpolation / cosmic rays / bad pixels, what the junk is, and saturation (a parent is
+    saturated where one of its children is)."""
+    n_obj, n_parent = len(objects), len(parents)
+    n_other = len(cr) - n_obj
+    flags = {name: np.zeros(len(cr), dtype=bool) for name in _FLAG_NAMES}
     flags["pixelFlags_edge"] = (edge_dist < 8.0) | (artefact & (u[0] < 0.4))
     flags["pixelFlags_interpolated"] = ((u[1] < 0.02) | (artefact & (u[0] >= 0.4))
                                         | (cr & (u[2] < 0.5)))
@@ -719,96 +884,146 @@ def simulate_visit(sky: Sky, camera: Camera, plan: VisitPlan, conditions: Detect
     flags["pixelFlags_crCenter"] = (u[4] < 0.005) | (cr & (u[2] < 0.95))
     flags["pixelFlags_bad"] = (u[5] < 0.003) | (artefact & (u[0] < 0.7) & (u[0] >= 0.4))
     flags["centroid_flag"] = (u[6] < 0.005) | (artefact & (u[0] >= 0.7))
-    sat_c = np.concatenate([sat_center, np.zeros(n_parent + n_junk, dtype=bool)])
-    sat_a = np.concatenate([sat_any, np.zeros(n_parent + n_junk, dtype=bool)])
+    sat_c = np.concatenate([objects.sat_center, np.zeros(n_other, dtype=bool)])
+    sat_a = np.concatenate([objects.sat_any, np.zeros(n_other, dtype=bool)])
     if n_parent:
-        ch = np.flatnonzero(child)
-        sat_c[n_obj:n_obj + n_parent] = np.bincount(cg, weights=sat_center[ch],
+        ch = np.flatnonzero(parents.child)
+        sat_c[n_obj:n_obj + n_parent] = np.bincount(parents.slot, weights=objects.sat_center[ch],
                                                     minlength=n_parent) > 0
-        sat_a[n_obj:n_obj + n_parent] = np.bincount(cg, weights=sat_any[ch],
+        sat_a[n_obj:n_obj + n_parent] = np.bincount(parents.slot, weights=objects.sat_any[ch],
                                                     minlength=n_parent) > 0
     flags["pixelFlags_saturatedCenter"] = sat_c
     flags["pixelFlags_saturated"] = sat_a
     flags["apFlux_12_0_flag"] = (edge_dist < APERTURE_RADII[0]) | (u[7] < 0.002)
     flags["apFlux_17_0_flag"] = (edge_dist < APERTURE_RADII[1]) | flags["apFlux_12_0_flag"]
     flags["localBackground_flag"] = (u[7] > 0.995) | (edge_dist < 3.0)
-    # Truncated apertures at the very edge have no flux.
-    nan12 = edge_dist < 0.5 * APERTURE_RADII[0]
-    cols["apFlux_12_0_instFlux"] = np.where(nan12, np.nan, cols["apFlux_12_0_instFlux"])
-    nan17 = edge_dist < 0.5 * APERTURE_RADII[1]
-    cols["apFlux_17_0_instFlux"] = np.where(nan17, np.nan, cols["apFlux_17_0_instFlux"])
+    return flags
 
-    extendedness = np.concatenate([ext, np.ones(n_parent),
+
+def _classification(sky: Sky, objects: _Objects, parents: _Parents, artefact: np.ndarray,
+                    columns: dict[str, np.ndarray], u: np.ndarray) -> dict[str, np.ndarray]:
+    """``extendedness`` (parents and artefacts 1, NaN for a few bad centroids),
+    ``calib_psf_candidate`` (bright unsaturated isolated stars, half of them) and
+    ``deblend_nChild`` of every row."""
+    n_obj, n_parent = len(objects), len(parents)
+    n_other = len(artefact) - n_obj
+    extendedness = np.concatenate([objects.extendedness, np.ones(n_parent),
                                    np.where(artefact[n_obj + n_parent:], 1.0, 0.0)])
-    extendedness[flags["centroid_flag"] & (u[6] < 0.002)] = np.nan
-    snr = cols["apFlux_12_0_instFlux"] / cols["apFlux_12_0_instFluxErr"]
-    psf_cand = ((kind == 0) & (np.concatenate([sky.is_star[obj], np.zeros(n_parent + n_junk,
-                                                                          dtype=bool)]))
-                & ~np.concatenate([child, np.zeros(n_parent + n_junk, dtype=bool)])
-                & (snr > 50.0) & (snr < 1000.0) & ~sat_a & (u[3] > 0.5))
-    n_child = np.concatenate([np.zeros(n_obj, dtype=np.int32), p_nchild,
-                              np.zeros(n_junk, dtype=np.int32)])
-    lbg_col = np.concatenate([lbg_true, np.zeros(n_parent + n_junk)])
-    lbg_col = lbg_col + rng.normal(0.0, 0.05, n_rows)
+    extendedness[columns["centroid_flag"] & (u[6] < 0.002)] = np.nan
+    snr = columns["apFlux_12_0_instFlux"] / columns["apFlux_12_0_instFluxErr"]
+    is_object = np.arange(len(artefact)) < n_obj
+    psf_cand = (is_object & np.concatenate([sky.is_star[objects.obj],
+                                            np.zeros(n_other, dtype=bool)])
+                & ~np.concatenate([parents.child, np.zeros(n_other, dtype=bool)])
+                & (snr > 50.0) & (snr < 1000.0) & ~columns["pixelFlags_saturated"]
+                & (u[3] > 0.5))
+    n_child = np.concatenate([np.zeros(n_obj, dtype=np.int32), parents.n_child,
+                              np.zeros(n_other - n_parent, dtype=np.int32)])
+    return {"extendedness": extendedness, "calib_psf_candidate": psf_cand,
+            "deblend_nChild": n_child}
 
-    # --- sort by detector, assign ids ---------------------------------------------------
-    order = np.lexsort((y, all_det))
+
+def _sorted_table(view: _VisitView, det: np.ndarray, y: np.ndarray, kind: np.ndarray,
+                  parents: _Parents, columns: dict[str, np.ndarray]) -> pa.Table:
+    """The rows sorted by (detector, y) with their ids: ``sourceId = visit << 20 | row``, a
+    child's ``parentSourceId`` is its parent's, parents are not primary."""
+    n_rows = len(det)
+    n_obj = int(np.count_nonzero(kind == 0))
+    order = np.lexsort((y, det))
     if n_rows >= (1 << SOURCE_ID_SHIFT):
-        raise ValueError(f"visit {visit}: {n_rows} sources do not fit in 2^{SOURCE_ID_SHIFT}")
-    source_id = (np.int64(visit) << np.int64(SOURCE_ID_SHIFT)) + np.arange(n_rows, dtype=np.int64)
+        raise ValueError(f"visit {view.visit}: {n_rows} sources do not fit in "
+                         f"2^{SOURCE_ID_SHIFT}")
+    source_id = ((np.int64(view.visit) << np.int64(SOURCE_ID_SHIFT))
+                 + np.arange(n_rows, dtype=np.int64))
     new_pos = np.empty(n_rows, dtype=np.int64)
     new_pos[order] = np.arange(n_rows)
     parent_id = np.zeros(n_rows, dtype=np.int64)
-    if n_parent:
-        parent_rows = new_pos[n_obj + np.arange(n_parent)]
-        ch = np.flatnonzero(child)
-        parent_id[ch] = source_id[parent_rows[cg]]
-    is_primary = kind != 1
-
-    data: dict[str, np.ndarray] = {
-        "sourceId": source_id,
-        "visit": np.full(n_rows, visit, dtype=np.int64),
-        "detector": all_det[order].astype(np.int64),
-        "ccdVisitId": (visit * 1000 + all_det[order]).astype(np.int64),
-        "ra": ra[order],
-        "dec": dec[order],
-        "x": x[order],
-        "y": y[order],
-        "calib_psf_candidate": psf_cand[order],
-        "apFlux_12_0_instFlux": cols["apFlux_12_0_instFlux"][order],
-        "apFlux_12_0_instFluxErr": cols["apFlux_12_0_instFluxErr"][order],
-        "apFlux_12_0_flag": flags["apFlux_12_0_flag"][order],
-        "apFlux_17_0_instFlux": cols["apFlux_17_0_instFlux"][order],
-        "apFlux_17_0_instFluxErr": cols["apFlux_17_0_instFluxErr"][order],
-        "apFlux_17_0_flag": flags["apFlux_17_0_flag"][order],
-        "extendedness": extendedness[order],
-        "parentSourceId": parent_id[order],
-        "deblend_nChild": n_child[order],
-        "detect_isPrimary": is_primary[order],
-        "localBackground_instFlux": lbg_col[order],
-        "localBackground_flag": flags["localBackground_flag"][order],
-        "localWcs_CDMatrix_1_1": cd[order, 0, 0],
-        "localWcs_CDMatrix_1_2": cd[order, 0, 1],
-        "localWcs_CDMatrix_2_1": cd[order, 1, 0],
-        "localWcs_CDMatrix_2_2": cd[order, 1, 1],
-    }
-    for name in _FLAG_NAMES:
-        if name not in data:
-            data[name] = flags[name][order]
+    if len(parents):
+        parent_rows = new_pos[n_obj + np.arange(len(parents))]
+        parent_id[np.flatnonzero(parents.child)] = source_id[parent_rows[parents.slot]]
+    data = {name: values[order] for name, values in columns.items()}
+    data |= {"sourceId": source_id, "visit": np.full(n_rows, view.visit, dtype=np.int64),
+             "detector": det[order].astype(np.int64),
+             "ccdVisitId": (view.visit * 1000 + det[order]).astype(np.int64),
+             "parentSourceId": parent_id[order], "detect_isPrimary": (kind != 1)[order]}
     arrays = []
     for fld in SOURCE_SCHEMA:
-        if fld.name == "band":
+        if fld.name in ("band", "physical_filter"):
+            value = view.band if fld.name == "band" else view.physical_filter
             arrays.append(pa.DictionaryArray.from_arrays(
-                pa.array(np.zeros(n_rows, dtype=np.int32)), pa.array([plan.band[i]]))
-                .dictionary_decode())
-        elif fld.name == "physical_filter":
-            arrays.append(pa.DictionaryArray.from_arrays(
-                pa.array(np.zeros(n_rows, dtype=np.int32)), pa.array([plan.physical_filter[i]]))
+                pa.array(np.zeros(n_rows, dtype=np.int32)), pa.array([value]))
                 .dictionary_decode())
         else:
             arrays.append(pa.array(data[fld.name], type=fld.type))
     return pa.Table.from_arrays(arrays, schema=SOURCE_SCHEMA)
 
+
+# ------------------------------------------------------------------------------------------
+# Schema metadata of the files (as the Butler's ParquetFormatter / pandas write them)
+# ------------------------------------------------------------------------------------------
+
+#: How the parquet files are written: as an ``ArrowAstropy`` dataset (current pipelines) or a
+#: pandas ``DataFrame`` dataset (older pipelines; ``sourceId`` is the index).
+FileStyle = Literal["ArrowAstropy", "DataFrame"]
+FILE_STYLES: tuple[str, ...] = ("ArrowAstropy", "DataFrame")
+
+_ASTROPY_DATATYPE = {"int64": "int64", "int32": "int32", "double": "float64",
+                     "float": "float32", "bool": "bool", "string": "string"}
+_PANDAS_TYPE = {"int64": ("int64", "int64"), "int32": ("int32", "int32"),
+                "double": ("float64", "float64"), "float": ("float32", "float32"),
+                "bool": ("bool", "bool"), "string": ("unicode", "object")}
+
+
+def _string_lengths(table: pa.Table) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for fld in table.schema:
+        if pa.types.is_string(fld.type):
+            longest = pc.max(pc.utf8_length(table.column(fld.name))).as_py() or 0
+            out[f"lsst::arrow::len::{fld.name}".encode()] = str(longest).encode()
+            out[f"table::len::{fld.name}".encode()] = str(longest).encode()
+    return out
+
+
+def with_table_metadata(table: pa.Table, style: FileStyle = "ArrowAstropy",
+                        index: str | None = None) -> pa.Table:
+    """``table`` with the schema metadata a Butler-written parquet file of ``style`` carries.
+
+    ``ArrowAstropy``: ``lsst::arrow::rowcount``, ``lsst::arrow::len::<string column>`` and
+    ``table_meta_yaml`` (astropy's column datatypes), as ``astropy_to_arrow`` writes them.
+    ``DataFrame``: the ``pandas`` metadata of a DataFrame whose index is the column ``index``
+    (moved last, as pyarrow stores an index), plus the row count and string lengths
+    ``pandas_to_arrow`` adds.  No pandas or astropy table is built.
+    """
+    md: dict[bytes, bytes] = {b"lsst::arrow::rowcount": str(table.num_rows).encode()}
+    md.update(_string_lengths(table))
+    if style == "ArrowAstropy":
+        lines = ["datatype:"]
+        for fld in table.schema:
+            datatype = _ASTROPY_DATATYPE.get(str(fld.type), str(fld.type))
+            lines.append(f"- {{name: {fld.name}, datatype: {datatype}}}")
+        md[b"table_meta_yaml"] = "\n".join(lines).encode()
+    elif style == "DataFrame":
+        if index is not None:
+            names = [n for n in table.column_names if n != index] + [index]
+            table = table.select(names)
+        columns = []
+        for fld in table.schema:
+            pandas_type, numpy_type = _PANDAS_TYPE.get(str(fld.type), ("object", "object"))
+            columns.append({"name": fld.name, "field_name": fld.name,
+                            "pandas_type": pandas_type, "numpy_type": numpy_type,
+                            "metadata": None})
+        pandas = {
+            "index_columns": [index] if index is not None else [],
+            "column_indexes": [{"name": None, "field_name": None, "pandas_type": "unicode",
+                                "numpy_type": "object", "metadata": {"encoding": "UTF-8"}}],
+            "columns": columns,
+            "creator": {"library": "pyarrow", "version": "15.0.0"},
+            "pandas_version": "2.2.0",
+        }
+        md[b"pandas"] = json.dumps(pandas).encode()
+    else:
+        raise ValueError(f"file style must be one of {FILE_STYLES}, got {style!r}")
+    return table.replace_schema_metadata(md)
 
 
 # ------------------------------------------------------------------------------------------
@@ -825,7 +1040,7 @@ def _mjd_to_timestamp(mjd: np.ndarray) -> pa.Array:
 
 
 def visit_table(plan: VisitPlan) -> pa.Table:
-    """DPDD ``Visit`` table (reference §1.2)."""
+    """DPDD ``Visit`` table: one row per visit."""
     obs_start = plan.mjd_mid - 0.5 * plan.exptime / 86400.0
     return pa.table({
         "visit": pa.array(plan.visit, type=pa.int64()),
@@ -847,7 +1062,7 @@ def visit_table(plan: VisitPlan) -> pa.Table:
 
 
 def ccd_visit_table(plan: VisitPlan, camera: Camera, cond: DetectorConditions) -> pa.Table:
-    """DPDD ``CcdVisit`` table (reference §1.2): one row per (visit, detector)."""
+    """DPDD ``CcdVisit`` table: one row per (visit, detector)."""
     n_v, n_d = len(plan.visit), camera.n_detectors
     vi = np.repeat(np.arange(n_v), n_d)
     det = np.tile(np.arange(n_d, dtype=np.int64), n_v)
@@ -1076,7 +1291,8 @@ def simulate_survey(out_dir: str | Path, n_visits: int, seed: int,
                     ra_center: float = 150.0, dec_center: float = 2.0,
                     field_radius_deg: float = 1.0, n_detectors: int = 9,
                     crowded: bool = False, write_refcat: bool = True,
-                    progress: bool = False) -> SimulatedSurvey:
+                    progress: bool = False,
+                    file_style: FileStyle = "ArrowAstropy") -> SimulatedSurvey:
     """Simulate a survey and write it in the Rubin formats (see the module docstring).
 
     Args:
@@ -1092,23 +1308,18 @@ def simulate_survey(out_dir: str | Path, n_visits: int, seed: int,
         crowded: add many close star pairs (0.3-3"), chains of three and hence deblends.
         write_refcat: write the HTM-7 reference catalog to ``out_dir/refcat``.
         progress: show a tqdm progress bar over visits.
+        file_style: ``"ArrowAstropy"`` or ``"DataFrame"`` source tables
+            (:func:`with_table_metadata`); same rows and values either way.
 
     Returns:
         A :class:`SimulatedSurvey` describing the files written.
     """
-    if n_visits < 1:
-        raise ValueError(f"n_visits must be >= 1, got {n_visits}")
-    if not bands:
-        raise ValueError("bands must not be empty")
-    if sources_per_visit < 1:
-        raise ValueError(f"sources_per_visit must be >= 1, got {sources_per_visit}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ra_center = float(np.mod(ra_center, 360.0))
-    bands = [str(b) for b in bands]
+    if file_style not in FILE_STYLES:
+        raise ValueError(f"file_style must be one of {FILE_STYLES}, got {file_style!r}")
+    out, ra_center, bands = _survey_arguments(out_dir, n_visits, bands, sources_per_visit,
+                                              ra_center)
     seeds = np.random.SeedSequence(seed).spawn(n_visits + 3)
     rng_sky, rng_plan, rng_ref = (np.random.default_rng(s) for s in seeds[:3])
-
     max_dither = 0.3 * min(1.0, field_radius_deg)
     camera = make_camera(n_detectors, field_radius_deg, max_dither)
     n_junk = int(round(JUNK_FRACTION * sources_per_visit))
@@ -1117,30 +1328,11 @@ def simulate_survey(out_dir: str | Path, n_visits: int, seed: int,
     sky = make_sky(rng_sky, n_primary, bands, ra_center, dec_center, field_radius_deg, crowded)
     plan = make_visit_plan(rng_plan, n_visits, bands, ra_center, dec_center, max_dither)
     cond = make_detector_conditions(rng_plan, plan, camera)
-
-    paths: list[Path] = []
-    counts: list[int] = []
-    from tqdm import tqdm
-
-    for i in tqdm(range(n_visits), desc="simulating visits", unit="visit", disable=not progress):
-        rng = np.random.default_rng(seeds[3 + i])
-        table = simulate_visit(sky, camera, plan, cond, i, rng, n_junk)
-        path = out / f"sourceTable_visit_{int(plan.visit[i])}.parquet"
-        pq.write_table(table, path, compression="snappy")
-        paths.append(path)
-        counts.append(table.num_rows)
-
-    visit_path = out / "visitTable.parquet"
-    pq.write_table(visit_table(plan), visit_path)
-    ccd_path = out / "ccdVisitTable.parquet"
-    pq.write_table(ccd_visit_table(plan, camera, cond), ccd_path)
-    truth_path = out / "truth.parquet"
-    pq.write_table(truth_table(sky, bands), truth_path)
-    refcat_path: Path | None = None
-    n_ref = 0
-    if write_refcat:
-        refcat_path = out / "refcat"
-        n_ref = write_reference_catalog(refcat_path, sky, bands, rng_ref)
+    paths, counts = _write_source_tables(out, sky, camera, plan, cond, seeds[3:], n_junk, progress,
+                                         file_style)
+    visit_path, ccd_path, truth_path = _write_tables(out, sky, bands, camera, plan, cond)
+    refcat_path = out / "refcat" if write_refcat else None
+    n_ref = write_reference_catalog(out / "refcat", sky, bands, rng_ref) if write_refcat else 0
     if int(plan.visit.max()) >= (1 << (63 - SOURCE_ID_SHIFT)):
         raise ValueError("visit ids too large for sourceId packing")
     return SimulatedSurvey(out_dir=out, visits=[int(v) for v in plan.visit], bands=list(plan.band),
@@ -1150,3 +1342,50 @@ def simulate_survey(out_dir: str | Path, n_visits: int, seed: int,
                            n_sources=int(sum(counts)), n_sources_per_visit=counts,
                            n_objects=len(sky), n_refcat=n_ref, seed=seed)
 
+
+def _survey_arguments(out_dir: str | Path, n_visits: int, bands: Sequence[str],
+                      sources_per_visit: int, ra_center: float) -> tuple[Path, float, list[str]]:
+    """The output directory (created), the RA wrapped to [0, 360) and the band names, after
+    the arguments are checked."""
+    if n_visits < 1:
+        raise ValueError(f"n_visits must be >= 1, got {n_visits}")
+    if not bands:
+        raise ValueError("bands must not be empty")
+    if sources_per_visit < 1:
+        raise ValueError(f"sources_per_visit must be >= 1, got {sources_per_visit}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, float(np.mod(ra_center, 360.0)), [str(b) for b in bands]
+
+
+def _write_tables(out: Path, sky: Sky, bands: Sequence[str], camera: Camera, plan: VisitPlan,
+                  cond: DetectorConditions) -> tuple[Path, Path, Path]:
+    """Write ``visitTable.parquet``, ``ccdVisitTable.parquet`` and ``truth.parquet``."""
+    paths = (out / "visitTable.parquet", out / "ccdVisitTable.parquet", out / "truth.parquet")
+    pq.write_table(with_table_metadata(visit_table(plan)), paths[0])
+    pq.write_table(with_table_metadata(ccd_visit_table(plan, camera, cond)), paths[1])
+    pq.write_table(truth_table(sky, bands), paths[2])
+    return paths
+
+
+def _write_source_tables(out: Path, sky: Sky, camera: Camera, plan: VisitPlan,
+                         cond: DetectorConditions, seeds: Sequence[np.random.SeedSequence],
+                         n_junk: int, progress: bool, file_style: FileStyle
+                         ) -> tuple[list[Path], list[int]]:
+    """Write the ``sourceTable_visit`` file of every visit of the plan (visit ``i`` draws from
+    ``seeds[i]``; ``file_style``: see :func:`with_table_metadata`); return their paths and row
+    counts."""
+    from tqdm import tqdm
+
+    paths: list[Path] = []
+    counts: list[int] = []
+    for i in tqdm(range(len(plan.visit)), desc="simulating visits", unit="visit",
+                  disable=not progress):
+        rng = np.random.default_rng(seeds[i])
+        table = with_table_metadata(simulate_visit(sky, camera, plan, cond, i, rng, n_junk),
+                                    file_style, index="sourceId")
+        path = out / f"sourceTable_visit_{int(plan.visit[i])}.parquet"
+        pq.write_table(table, path, compression="snappy")
+        paths.append(path)
+        counts.append(table.num_rows)
+    return paths, counts

@@ -3,7 +3,7 @@
 Observations are made directly (no source tables), with 0.3" astrometric scatter and a
 companion for every fifth object at 0.3"-3", so most components are non-cliques, links are
 often unsure and components merge across visits.  The incremental store must still equal
-the batch reference and be independent of the visit order, also after retractions.
+the batch computation and be independent of the visit order, also after retractions.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from batch_reference import batch_build
+from batch_computation import batch_build
 from survey_helpers import PreparedSurvey, all_observations, assert_same_stars, ingest, members_of
 
 from streamstars.columns import OBSERVATION_DTYPES
@@ -63,7 +63,7 @@ def hostile_survey(seed: int, n_visits: int = 12, n_objects: int = 2500,
 
 
 def _assert_equals_batch(stars: StarCatalog, survey: PreparedSurvey) -> None:
-    """Every star id and every member set equal the batch reference's."""
+    """Every star id and every member set equal the batch computation's."""
     obs, bands = all_observations(survey.visits)
     batch = batch_build(obs["visit"], obs["source_id"], obs["ra"], obs["dec"], bands,
                         survey.config)
@@ -77,18 +77,18 @@ def _assert_equals_batch(stars: StarCatalog, survey: PreparedSurvey) -> None:
 def test_hostile_field_equals_batch_in_any_order(seed: int, tmp_path: Path) -> None:
     survey = hostile_survey(seed)
     n = len(survey.visits)
-    reference = ingest(tmp_path / "sorted", survey, range(n))
-    _assert_equals_batch(reference, survey)
+    in_order = ingest(tmp_path / "sorted", survey, range(n))
+    _assert_equals_batch(in_order, survey)
     for i, order in enumerate([list(range(n))[::-1],
                                np.random.default_rng(seed).permutation(n).tolist()]):
-        assert_same_stars(reference, ingest(tmp_path / f"order{i}", survey, order))
+        assert_same_stars(in_order, ingest(tmp_path / f"order{i}", survey, order))
 
 
 @pytest.mark.parametrize("min_per_band", [1, 3])
 def test_other_min_per_band_equals_batch_in_any_order(min_per_band: int, tmp_path: Path) -> None:
     """minPerBand 1 keeps the in-order extension (every member is a seed or covered);
     minPerBand 3 cannot use it (a member with two neighbours may seed later) and takes the
-    exact path: both equal the batch reference, whatever the order."""
+    exact path: both equal the batch computation, whatever the order."""
     config = dataclasses.replace(CONFIG, minPerBand=min_per_band)
     base = hostile_survey(4, n_visits=10, n_objects=1500)
     survey = PreparedSurvey(base.repo, base.visits, config)
@@ -96,11 +96,11 @@ def test_other_min_per_band_equals_batch_in_any_order(min_per_band: int, tmp_pat
     with StarStore.open(tmp_path / "sorted", config) as store:
         results = [apply_prepared(store, visit) for visit in survey.visits]
         with store.read() as txn:
-            _, reference = build_catalogs(store, txn)
+            _, in_order = build_catalogs(store, txn)
     extended = sum(r.association.extended for r in results if r.association)
     assert (extended > 0) == (min_per_band <= 2)
-    _assert_equals_batch(reference, survey)
-    assert_same_stars(reference, ingest(tmp_path / "reversed", survey, list(range(n))[::-1]))
+    _assert_equals_batch(in_order, survey)
+    assert_same_stars(in_order, ingest(tmp_path / "reversed", survey, list(range(n))[::-1]))
 
 
 def test_hostile_field_retract_and_reapply(tmp_path: Path) -> None:

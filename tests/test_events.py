@@ -12,6 +12,7 @@ from streamstars.errors import PermanentInputError
 from streamstars.events import (
     MAX_EVENT_BYTES,
     MAX_EVENT_DEPTH,
+    SCHEMA_VERSION,
     ForbiddenPathError,
     MalformedEventError,
     VisitEvent,
@@ -75,7 +76,7 @@ def test_retract_needs_only_visit() -> None:
         (b"{not json", "not UTF-8 JSON"),
         (b"[1, 2]", "JSON object"),
         (b'{"visit": NaN}', "not UTF-8 JSON"),
-        (json.dumps(_event(schema_version=2)).encode(), "schema_version 2 is not supported"),
+        (json.dumps(_event(schema_version=3)).encode(), "schema_version 3 is not supported"),
         (json.dumps(_event(action="delete")).encode(), "'action' must be one of"),
         (json.dumps(_event(visit="7")).encode(), "non-negative integer"),
         (json.dumps(_event(source_uris=None)).encode(), "'source_uris'"),
@@ -145,7 +146,7 @@ def test_resolve_uri_inside_and_outside(tmp_path: Path) -> None:
 
 def test_schema_file_matches_parser() -> None:
     schema = json.loads(schema_path().read_text())
-    assert schema["properties"]["schema_version"]["const"] == 1
+    assert schema["properties"]["schema_version"]["enum"] == list(range(1, SCHEMA_VERSION + 1))
     assert set(schema["properties"]["action"]["enum"]) == {"apply", "replace", "retract"}
     # Every field the parser knows is in the schema and vice versa.
     from streamstars.events import _TOP_KEYS
@@ -214,3 +215,70 @@ def test_error_messages_do_not_echo_huge_values() -> None:
     with pytest.raises(MalformedEventError) as info:
         parse_event(json.dumps(_event(source_uris=huge, band=7)).encode())
     assert len(str(info.value)) < 1000
+
+
+# ------------------------------------------------------------------ Butler events (version 2)
+_SRC = "0190c8a2-5bd1-7c4a-9a1e-3f2b6a7d8e90"
+_SUM = "0190c8a2-5bd1-7c4a-9a1e-3f2b6a7d8e91"
+
+
+def _butler_event(**changes: object) -> dict[str, object]:
+    base = _event(schema_version=2, butler={
+        "datasets": {"sourceTable_visit": [_SRC], "visitSummary": [_SUM]},
+        "collections": ["LSSTCam/runs/nightly"]})
+    del base["source_uris"], base["metadata"]
+    base.update(changes)
+    return base
+
+
+def test_butler_event_round_trip() -> None:
+    event = parse_event(json.dumps(_butler_event()))
+    assert event.butler_datasets == {"sourceTable_visit": (_SRC,), "visitSummary": (_SUM,)}
+    assert event.butler_collections == ("LSSTCam/runs/nightly",)
+    assert event.source_uris == () and event.metadata_uri is None
+    assert json.loads(event.to_json()) == _butler_event()
+
+
+def test_file_events_are_still_written_as_version_1() -> None:
+    """Consumers that read only version 1 keep reading directory events."""
+    event = VisitEvent(action="apply", visit=7, instrument="LSSTCam", band="r",
+                       physical_filter="r_57", source_uris=("/d/s.parquet",),
+                       metadata_uri="/d/v.fits", finished_at="2024-12-02T03:14:15Z")
+    assert json.loads(event.to_json())["schema_version"] == 1
+    butler = VisitEvent(action="apply", visit=7, instrument="LSSTCam", band="r",
+                        physical_filter="r_57", finished_at="2024-12-02T03:14:15Z",
+                        butler_datasets={"sourceTable_visit": (_SRC,), "visitTable": (_SUM,)})
+    assert json.loads(butler.to_json())["schema_version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"schema_version": 1}, "needs schema_version 2"),
+        ({"source_uris": ["/d/s.parquet"]}, "not both"),
+        ({"butler": {"datasets": {"visitSummary": [_SUM]}}}, "lacks 'sourceTable_visit'"),
+        ({"butler": {"datasets": {"sourceTable_visit": [_SRC]}}}, "exactly one of"),
+        ({"butler": {"datasets": {"sourceTable_visit": ["nope"], "visitSummary": [_SUM]}}},
+         "not a UUID"),
+        ({"butler": {"datasets": {"sourceTable_visit": [_SRC], "calexp": [_SUM],
+                                  "visitSummary": [_SUM]}}}, "unknown dataset type(s) calexp"),
+        ({"butler": {"datasets": {"sourceTable_visit": [_SRC], "visitSummary": [_SUM, _SRC]}}},
+         "must hold one UUID"),
+        ({"butler": {"datasets": {"sourceTable_visit": [_SRC], "visitSummary": [_SUM]},
+                     "run": "x"}}, "'butler' must be"),
+    ],
+)
+def test_malformed_butler_events(changes: dict[str, object], needle: str) -> None:
+    with pytest.raises(MalformedEventError) as info:
+        parse_event(json.dumps(_butler_event(**changes)))
+    assert needle in str(info.value)
+
+
+def test_schema_validates_butler_events() -> None:
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed")
+    schema = json.loads(schema_path().read_text())
+    jsonschema.validate(_butler_event(), schema)
+    for bad in (_butler_event(schema_version=1), _butler_event(source_uris=["/d/s.parquet"]),
+                _butler_event(butler={"datasets": {"sourceTable_visit": [_SRC]}})):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)

@@ -31,7 +31,6 @@ from streamstars.backfill import backfill
 from streamstars.columns import OBSERVATION_DTYPES
 from streamstars.config import BuildStarsConfig, RefcatLoadConfig
 from streamstars.io import flat_stream
-from streamstars.io import snapshot_files as sf
 from streamstars.io.flat_stream import (
     finish_partitioned_snapshot,
     iter_merged_stars,
@@ -55,6 +54,7 @@ from streamstars.io.snapshot_files import (
     stage_snapshot,
     write_snapshot,
 )
+from streamstars.io.snapshot_parquet import compare_parquet
 from streamstars.references import attach_references, open_reference_source
 from streamstars.simulate import simulate_survey
 from streamstars.snapshot import build_catalogs
@@ -393,7 +393,7 @@ def test_multi_level_merge(memory_bytes: int, fan_in: int, n_runs: int, levels: 
     for name in FITS_FILES.values():
         assert (flat / name).read_bytes() == (one_shot / name).read_bytes(), name
     for name in PARQUET_FILES.values():  # bitwise, NaN included
-        assert sf._compare_parquet(name, one_shot / name, flat / name, ()) == []
+        assert compare_parquet(name, one_shot / name, flat / name, ()) == []
     assert sorted(os.listdir(flat)) == sorted([*FITS_FILES.values(), *PARQUET_FILES.values()])
 
 

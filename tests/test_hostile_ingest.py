@@ -581,7 +581,7 @@ def test_status_and_snapshot_read_a_store_they_cannot_write(
     base = world_readable_dir
     state, backup = base / "S", base / "B"
     assert backfill(pristine, state, capsys)[0] == 0
-    reference = snapshot(state, base / "reference", capsys)
+    expected = snapshot(state, base / "expected", capsys)
     assert main(["backup", str(backup), "--state", str(state)]) == 0  # data.mdb only
     capsys.readouterr()
     assert not (backup / "lock.mdb").exists() and (state / "lock.mdb").exists()
@@ -607,7 +607,7 @@ def test_status_and_snapshot_read_a_store_they_cannot_write(
                                str(out), "--state", str(store_dir)], capture_output=True,
                               text=True, env=env, timeout=120, cwd=home)
         assert snap.returncode == 0, snap.stderr
-        assert_same(reference, out)
+        assert_same(expected, out)
     assert not (backup / "lock.mdb").exists()
 
     unshare = _require("unshare")
@@ -623,7 +623,7 @@ def test_status_and_snapshot_read_a_store_they_cannot_write(
     assert "WRITABLE" not in mounted.stdout
     assert mounted.returncode == 0, mounted.stderr
     assert json.loads((outputs / "status.json").read_text())["visits"] == N_VISITS
-    assert_same(reference, outputs / "snap-ro")
+    assert_same(expected, outputs / "snap-ro")
 
 
 # ------------------------------------------------------------- the consumer

@@ -20,7 +20,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-import streamstars.io.snapshot_files as sf
+import streamstars.io.snapshot_parquet as snapshot_parquet
 from streamstars.config import (
     ALLOWED,
     STORE_FINE_FACTOR,
@@ -34,6 +34,7 @@ from streamstars.config import (
 from streamstars.errors import ConfigError
 from streamstars.io.snapshot_files import (
     SNAPSHOT_ENTRIES,
+    SnapshotCatalogs,
     SnapshotDirectoryError,
     compare_snapshots,
     read_snapshot,
@@ -151,13 +152,13 @@ def test_an_entry_put_into_out_while_the_snapshot_is_written_is_not_deleted(
         with store.read() as txn:
             catalogs, _ = build_catalogs(store, txn)
     write_snapshot(out, catalogs, grace_seconds=0)
-    real_writer = sf._write_parquet_files
+    real_writer = snapshot_parquet.write_parquet_files
 
-    def writer_meanwhile(tmp: Path, cat: sf.SnapshotCatalogs) -> dict[str, int]:
+    def writer_meanwhile(tmp: Path, cat: SnapshotCatalogs) -> dict[str, int]:
         (out / "arrived-meanwhile.txt").write_text("precious")
         return real_writer(tmp, cat)
 
-    monkeypatch.setattr(sf, "_write_parquet_files", writer_meanwhile)
+    monkeypatch.setattr(snapshot_parquet, "write_parquet_files", writer_meanwhile)
     with pytest.raises(SnapshotDirectoryError, match="does not write: arrived-meanwhile.txt"):
         write_snapshot(out, catalogs, grace_seconds=0)
     assert (out / "arrived-meanwhile.txt").read_text() == "precious"
@@ -301,7 +302,7 @@ def test_every_numeric_setting_has_a_range_and_the_defaults_are_valid() -> None:
     assert patterns == set(ALLOWED)
     for key, pattern, value in numeric_fields(config):
         assert ALLOWED[pattern].allows(value), key
-    # fgcmcal's defaults (reference §4) are valid as they are
+    # fgcmcal's defaults are valid as they are
     assert load_config(None) == BuildStarsConfig()
     assert STORE_FINE_FACTOR == FINE_FACTOR
     # dataclasses.replace goes through the same checks

@@ -66,7 +66,7 @@ def _backfill_snapshot(repo: Path, tmp: Path, name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def backfill_snapshot(survey: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Snapshot of ``backfill`` over the survey repository: the reference catalogs."""
+    """Snapshot of ``backfill`` over the survey repository: the expected catalogs."""
     return _backfill_snapshot(survey.out_dir, tmp_path_factory.mktemp("backfill"), "ref")
 
 
@@ -367,8 +367,8 @@ def test_bad_events_dead_letters_and_event_semantics(
     shutil.copy(replace_path, expected_repo / replace_path.name)
     retracted = Path(local[v_retract].source_uris[0][len("file://"):]).name
     (expected_repo / retracted).unlink()
-    reference = _backfill_snapshot(expected_repo, tmp_path, "expected")
-    _same(_snapshot(state, tmp_path / "snap"), reference)
+    expected = _backfill_snapshot(expected_repo, tmp_path, "expected")
+    _same(_snapshot(state, tmp_path / "snap"), expected)
 
 
 def test_broker_restart_consumer_reconnects(

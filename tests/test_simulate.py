@@ -22,7 +22,7 @@ from streamstars.sky import unit_vectors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-#: Reference §1.1 columns and the Arrow types the simulation writes.
+#: The sourceTable_visit columns fgcmcal reads and the Arrow types the simulation writes.
 SOURCE_COLUMNS: dict[str, pa.DataType] = {
     "visit": pa.int64(),
     "detector": pa.int64(),

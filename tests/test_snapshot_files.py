@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 
+from streamstars import __version__
 from streamstars.columns import OBSERVATION_DTYPES
-from streamstars.io import snapshot_files as sf
+from streamstars.io import snapshot_directory
+from streamstars.io.snapshot_catalogs import STAR_DTYPES, VISIT_ORDER
 from streamstars.io.snapshot_files import (
     SnapshotCatalogs,
     SnapshotDirectoryError,
@@ -156,7 +158,7 @@ def _fits_table(path: Path) -> tuple[fits.FITS_rec, fits.Header, fits.Header]:
 def test_fits_visit_catalog(written: tuple[Path, SnapshotCatalogs]) -> None:
     out, cats = written
     data, primary, _ = _fits_table(out / "fgcmVisitCatalog.fits")
-    assert list(data.columns.names) == list(sf._VISIT_ORDER)
+    assert list(data.columns.names) == list(VISIT_ORDER)
     formats = {c.name: c.format for c in data.columns}
     assert formats["visit"] == "K"
     assert formats["physicalFilter"] == "30A"
@@ -260,7 +262,7 @@ def test_parquet_schemas(written: tuple[Path, SnapshotCatalogs]) -> None:
     assert prov["generation"] == "0" and prov["visits"] == "1200,1228,903334"
 
     visits = pq.read_table(out / "fgcmVisitCatalog.parquet")
-    assert visits.column_names == list(sf._VISIT_ORDER)
+    assert visits.column_names == list(VISIT_ORDER)
     assert visits.schema.field("physicalFilter").type == pa.string()
     assert visits.schema.field("scaling").type == pa.list_(pa.float64(), N_CCD)
     assert visits.schema.field("deepFlag").type == pa.int32()
@@ -328,7 +330,7 @@ def test_replace_twice(tmp_path: Path) -> None:
 
 
 def test_fallback_without_renameat2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sf, "_renameat2", None)
+    monkeypatch.setattr(snapshot_directory, "_renameat2", None)
     out = tmp_path / "snap"
     write_snapshot(out, make_catalogs(generation=1), grace_seconds=0)
     write_snapshot(out, make_catalogs(generation=2), grace_seconds=0)
@@ -447,12 +449,12 @@ def test_read_snapshot_round_trip(written: tuple[Path, SnapshotCatalogs]) -> Non
                                           expected.astype(np.float32), err_msg=name)
     for name, values in cats.stars.items():
         np.testing.assert_array_equal(back.stars[name], values, err_msg=name)
-        assert back.stars[name].dtype == sf.STAR_DTYPES[name]
+        assert back.stars[name].dtype == STAR_DTYPES[name]
     assert back.reference is not None and cats.reference is not None
     for name, values in cats.reference.items():
         np.testing.assert_array_equal(back.reference[name], values)
     assert back.reference_filters == FILTERS
-    assert back.metadata == {**cats.metadata, "streamstars_version": sf.__version__}
+    assert back.metadata == {**cats.metadata, "streamstars_version": __version__}
 
 
 def test_read_snapshot_from_fits_only(tmp_path: Path) -> None:
@@ -513,7 +515,7 @@ def test_created_added_when_absent(tmp_path: Path) -> None:
     write_snapshot(tmp_path / "s", cats)
     meta = read_snapshot(tmp_path / "s").metadata
     assert meta["created"].endswith("+00:00")
-    assert meta["streamstars_version"] == sf.__version__
+    assert meta["streamstars_version"] == __version__
     assert "created" not in cats.metadata  # the caller's dict is not modified
 
 
@@ -529,11 +531,11 @@ def test_empty_catalogs(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not os.uname().sysname == "Linux", reason="renameat2 is Linux-only")
 def test_exchange_swaps_directories(tmp_path: Path) -> None:
-    assert sf._renameat2 is not None
+    assert snapshot_directory._renameat2 is not None
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
     (a / "A").write_text("a")
     (b / "B").write_text("b")
-    assert sf._exchange(a, b)
+    assert snapshot_directory._exchange(a, b)
     assert os.listdir(a) == ["B"] and os.listdir(b) == ["A"]

@@ -61,6 +61,8 @@ class DiscoveredVisit:
         metadata: the visit's metadata, None when none was found or it could not be read.
         metadata_error: why ``metadata`` is None although a metadata file names this visit.
         metadata_path: the file the metadata came from (or failed to come from).
+        dataset_ids: UUIDs of the Butler datasets the visit comes from (source tables and
+            visitSummary, sorted; :mod:`streamstars.butler.discover`); empty for a directory.
     """
 
     visit: int
@@ -68,6 +70,7 @@ class DiscoveredVisit:
     metadata: VisitMetadata | None = None
     metadata_error: str | None = None
     metadata_path: Path | None = None
+    dataset_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -207,70 +210,103 @@ def discover_repo(
         raise FileNotFoundError(f"repository root {root} is not a directory")
     inv = RepoInventory(root=root)
     problems: list[str] = []
+    summaries, visit_tables, ccd_tables = _walk_repo(inv, problems)
+    for path in summaries:
+        _add_visit_summary(inv, path, reference_ccd, problems)
+    for vt, ccd in _pair_visit_tables(visit_tables, ccd_tables, problems):
+        _add_visit_tables(inv, vt, ccd, site_longitude_deg, problems)
+    inv.visits = {v: inv.visits[v] for v in sorted(inv.visits)}
+    for entry in inv.visits.values():
+        entry.source_paths.sort()
+    inv.visits_without_metadata = [
+        v for v, e in inv.visits.items() if e.source_paths and e.metadata is None
+    ]
+    inv.problems = sorted(problems)
+    return inv
 
-    def visit_entry(visit: int) -> DiscoveredVisit:
-        if visit not in inv.visits:
-            inv.visits[visit] = DiscoveredVisit(visit=visit)
-        return inv.visits[visit]
 
+def _walk_repo(inv: RepoInventory,
+               problems: list[str]) -> tuple[list[Path], list[Path], list[Path]]:
+    """List every source table of the repository under its visits; return the visitSummary
+    files, the visitTables and the ccdVisitTables found, each sorted by path."""
     summaries: list[Path] = []
     visit_tables: list[Path] = []
     ccd_tables: list[Path] = []
-    for path in _walk(root):
+    for path in _walk(inv.root):
         name = path.name
         if is_source_table_name(name):
-            try:
-                visits = read_parquet_visits(path)
-            except KeyError as exc:
-                problems.append(f"{path}: source table unusable ({exc.args[0]})")
-                continue
-            except (OSError, pa.ArrowException, ValueError) as exc:
-                problems.append(
-                    f"{path}: source table unreadable ({type(exc).__name__}: {exc}); "
-                    "truncated or not parquet?"
-                )
-                continue
-            if visits.size == 0:
-                problems.append(f"{path}: source table has no rows")
-                continue
-            if visits.size > 1:
-                problems.append(
-                    f"{path}: mixed visits {visits.tolist()} in one source table"
-                )
-            for v in visits:
-                visit_entry(int(v)).source_paths.append(path)
+            _add_source_table(inv, path, problems)
         elif _matches(name, VISIT_SUMMARY_PATTERNS):
             summaries.append(path)
         elif _matches(name, CCD_VISIT_TABLE_PATTERNS):
             ccd_tables.append(path)
         elif _matches(name, VISIT_TABLE_PATTERNS):
             visit_tables.append(path)
+    return summaries, visit_tables, ccd_tables
 
-    # visitSummary files (one visit each).
-    for path in summaries:
-        try:
-            in_file = _fits_visits(path)
-        except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
-            problems.append(f"{path}: visitSummary unreadable ({type(exc).__name__}: {exc})")
-            continue
-        if in_file.size != 1:
-            problems.append(f"{path}: visitSummary holds visits {in_file.tolist()}, expected one")
-            continue
-        entry = visit_entry(int(in_file[0]))
-        if entry.metadata is not None or entry.metadata_error is not None:
-            problems.append(
-                f"{path}: second metadata file for visit {entry.visit} ignored "
-                f"(using {entry.metadata_path})"
-            )
-            continue
-        entry.metadata_path = path
-        try:
-            entry.metadata = read_visit_summary(path, reference_ccd=reference_ccd)
-        except StreamstarsError as exc:
-            entry.metadata_error = str(exc)
-            problems.append(str(exc))
 
-    # visitTable + ccdVisitTable pairs.
+def _entry(inv: RepoInventory, visit: int) -> DiscoveredVisit:
+    """The inventory's entry of ``visit``, created when absent."""
+    if visit not in inv.visits:
+        inv.visits[visit] = DiscoveredVisit(visit=visit)
+    return inv.visits[visit]
+
+
+def _add_source_table(inv: RepoInventory, path: Path, problems: list[str]) -> None:
+    """List a source table under every visit it holds (a problem when unreadable, empty or
+    holding several visits)."""
+    try:
+        visits = read_parquet_visits(path)
+    except KeyError as exc:
+        problems.append(f"{path}: source table unusable ({exc.args[0]})")
+        return
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        problems.append(
+            f"{path}: source table unreadable ({type(exc).__name__}: {exc}); "
+            "truncated or not parquet?"
+        )
+        return
+    if visits.size == 0:
+        problems.append(f"{path}: source table has no rows")
+        return
+    if visits.size > 1:
+        problems.append(
+            f"{path}: mixed visits {visits.tolist()} in one source table"
+        )
+    for v in visits:
+        _entry(inv, int(v)).source_paths.append(path)
+
+
+def _add_visit_summary(inv: RepoInventory, path: Path, reference_ccd: int,
+                       problems: list[str]) -> None:
+    """Read the metadata of a visitSummary (one visit) unless its visit has some already."""
+    try:
+        in_file = _fits_visits(path)
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+        problems.append(f"{path}: visitSummary unreadable ({type(exc).__name__}: {exc})")
+        return
+    if in_file.size != 1:
+        problems.append(f"{path}: visitSummary holds visits {in_file.tolist()}, expected one")
+        return
+    entry = _entry(inv, int(in_file[0]))
+    if entry.metadata is not None or entry.metadata_error is not None:
+        problems.append(
+            f"{path}: second metadata file for visit {entry.visit} ignored "
+            f"(using {entry.metadata_path})"
+        )
+        return
+    entry.metadata_path = path
+    try:
+        entry.metadata = read_visit_summary(path, reference_ccd=reference_ccd)
+    except StreamstarsError as exc:
+        entry.metadata_error = str(exc)
+        problems.append(str(exc))
+
+
+def _pair_visit_tables(visit_tables: list[Path], ccd_tables: list[Path],
+                       problems: list[str]) -> list[tuple[Path, Path | None]]:
+    """visitTable + ccdVisitTable pairs (by name suffix; the last unpaired one of each are
+    paired together), sorted by visitTable path; a visitTable left alone has no ccd table."""
     ccd_by_key = {_suffix_key(p.name, "ccdVisitTable"): p for p in ccd_tables}
     pairs: list[tuple[Path, Path | None]] = []
     unpaired_vt: list[Path] = []
@@ -287,29 +323,26 @@ def discover_repo(
         pairs.append((vt, None))
     for ccd in ccd_by_key.values():
         problems.append(f"{ccd}: ccdVisitTable without a matching visitTable, ignored")
-    for vt, ccd in sorted(pairs, key=lambda p: str(p[0])):
-        try:
-            table_meta = read_visit_tables(vt, ccd, site_longitude_deg=site_longitude_deg)
-        except StreamstarsError as exc:
-            problems.append(str(exc))
-            continue
-        for visit, meta in sorted(table_meta.items()):
-            entry = visit_entry(visit)
-            if entry.metadata is not None:
-                continue  # visitSummary (or an earlier table) already provides it
-            if entry.metadata_error is not None:
-                problems.append(
-                    f"visit {visit}: using {vt} because {entry.metadata_path} failed"
-                )
-                entry.metadata_error = None
-            entry.metadata = meta
-            entry.metadata_path = vt
+    return sorted(pairs, key=lambda p: str(p[0]))
 
-    inv.visits = {v: inv.visits[v] for v in sorted(inv.visits)}
-    for entry in inv.visits.values():
-        entry.source_paths.sort()
-    inv.visits_without_metadata = [
-        v for v, e in inv.visits.items() if e.source_paths and e.metadata is None
-    ]
-    inv.problems = sorted(problems)
-    return inv
+
+def _add_visit_tables(inv: RepoInventory, vt: Path, ccd: Path | None,
+                      site_longitude_deg: float, problems: list[str]) -> None:
+    """Give the visits of a visitTable pair their metadata where no visitSummary (or earlier
+    table) did; a failed visitSummary is replaced (noted in ``problems``)."""
+    try:
+        table_meta = read_visit_tables(vt, ccd, site_longitude_deg=site_longitude_deg)
+    except StreamstarsError as exc:
+        problems.append(str(exc))
+        return
+    for visit, meta in sorted(table_meta.items()):
+        entry = _entry(inv, visit)
+        if entry.metadata is not None:
+            continue  # visitSummary (or an earlier table) already provides it
+        if entry.metadata_error is not None:
+            problems.append(
+                f"visit {visit}: using {vt} because {entry.metadata_path} failed"
+            )
+            entry.metadata_error = None
+        entry.metadata = meta
+        entry.metadata_path = vt

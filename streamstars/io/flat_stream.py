@@ -52,39 +52,42 @@ from streamstars.io.hats import (
     OBSERVATIONS_COLUMN,
     ROW_GROUP_OBSERVATIONS,
     PartitionFile,
-    _row_group_bounds,
     finish_catalog,
     flatten_observations,
+    row_group_bounds,
 )
-from streamstars.io.snapshot_files import (
-    _FITS_INDEX_COLUMNS,
-    _FITS_OBS_COLUMNS,
-    _FITS_STAR_COLUMNS,
-    _ID_HEADER,
-    _PARQUET_COMPRESSION,
-    _PARQUET_OBS_COLUMNS,
-    _PARQUET_STAR_COLUMNS,
+from streamstars.io.snapshot_catalogs import (
     FITS_FILES,
     MANIFEST_NAME,
     PARQUET_FILES,
-    SnapshotStaging,
-    _check_formats,
-    _check_legacy_obs_count,
-    _fits_hdulist,
-    _fits_observation_arrays,
-    _fits_reference_columns,
-    _fsync_path,
-    _normalise_filters,
-    _normalise_metadata,
-    _normalise_visits,
-    _parquet_observation_arrays,
-    _parquet_reference_columns,
-    _parquet_schema,
-    _reference_fits_header,
-    _reference_parquet_metadata,
-    _write_manifest,
-    _write_visit_fits,
-    _write_visit_parquet,
+    check_formats,
+    normalise_filters,
+    normalise_metadata,
+    normalise_visits,
+)
+from streamstars.io.snapshot_directory import SnapshotStaging, fsync_path, write_manifest
+from streamstars.io.snapshot_fits import (
+    FITS_INDEX_COLUMNS,
+    FITS_OBS_COLUMNS,
+    FITS_STAR_COLUMNS,
+    ID_HEADER,
+    check_legacy_obs_count,
+    fits_hdulist,
+    fits_observation_arrays,
+    fits_reference_columns,
+    reference_fits_header,
+    write_visit_fits,
+)
+from streamstars.io.snapshot_parquet import (
+    PARQUET_COMPRESSION,
+    PARQUET_OBS_COLUMNS,
+    PARQUET_STAR_COLUMNS,
+    fixed_list,
+    parquet_observation_arrays,
+    parquet_reference_columns,
+    parquet_schema,
+    reference_parquet_metadata,
+    write_visit_parquet,
 )
 
 __all__ = [
@@ -231,7 +234,7 @@ def _flush_run(writer: pq.ParquetWriter, buffered: list[pa.Table], limit: int) -
         return
     table = pa.concat_tables(buffered).combine_chunks()
     n_obs = table["n_obs"].to_numpy().astype(np.int64)
-    for start, end in _row_group_bounds(n_obs, limit):
+    for start, end in row_group_bounds(n_obs, limit):
         writer.write_table(table.slice(start, end - start), row_group_size=end - start)
 
 
@@ -242,28 +245,24 @@ def iter_merged_stars(partition_files: Sequence[str | os.PathLike[str] | Partiti
                       columns: list[str] | None = None) -> Iterator[pa.Table]:
     """Every row of the partitions, in global ``fgcm_id`` order, as a stream of tables.
 
-    Parameters
-    ----------
-    partition_files
-        Partition files (each sorted by ``fgcm_id``, one schema), any number.
-    memory_bytes
-        Bound of the row groups buffered at once (uncompressed, from the footers).  When the
-        partitions need more, groups of them are merged first into temporary runs under
-        ``tmp_dir`` (removed as soon as they are merged).
-    max_fan_in
-        Most files merged in one pass (each step of a pass looks at every file of the pass:
-        the bound keeps the Python work per merged row group constant).
-    tmp_dir
-        Where temporary runs go (a fresh ``.merge-runs-*`` directory is made there, default:
-        beside the first partition, and removed at the end); used only when one pass does
-        not fit ``memory_bytes``.
-    columns
-        Columns to read (default: all).
+    Args:
+        partition_files: partition files (each sorted by ``fgcm_id``, one schema), any
+            number.
+        memory_bytes: bound of the row groups buffered at once (uncompressed, from the
+            footers).  When the partitions need more, groups of them are merged first into
+            temporary runs under ``tmp_dir`` (removed as soon as they are merged).
+        max_fan_in: most files merged in one pass (each step of a pass looks at every file of
+            the pass: the bound keeps the Python work per merged row group constant).
+        tmp_dir: where temporary runs go (a fresh ``.merge-runs-*`` directory is made there,
+            default: beside the first partition, and removed at the end); used only when one
+            pass does not fit ``memory_bytes``.
+        columns: columns to read (default: all).
 
-    Raises
-    ------
-    ValueError
-        An ``fgcm_id`` in two partitions, or a partition not sorted by ``fgcm_id``.
+    Yields:
+        Tables of whole stars, in ``fgcm_id`` order over all of them.
+
+    Raises:
+        ValueError: an ``fgcm_id`` in two partitions, or a partition not sorted by ``fgcm_id``.
     """
     paths = [p.path if isinstance(p, PartitionFile) else Path(p) for p in partition_files]
     if not paths:
@@ -276,11 +275,20 @@ def iter_merged_stars(partition_files: Sequence[str | os.PathLike[str] | Partiti
     sources = [_source(p) for p in paths]
     if len(_plan(sources, memory_bytes, max_fan_in)) == 1:
         yield from _merge_once(sources, read_columns)
-        return
-    base = Path(tmp_dir) if tmp_dir is not None else paths[0].parent
+    else:
+        yield from _merge_in_runs(sources, memory_bytes, max_fan_in,
+                                  Path(tmp_dir) if tmp_dir is not None else paths[0].parent,
+                                  read_columns)
+
+
+def _merge_in_runs(sources: list[_Source], memory_bytes: int, max_fan_in: int, base: Path,
+                   read_columns: list[str] | None) -> Iterator[pa.Table]:
+    """The merge of sources too many for one pass: groups are merged into temporary sorted
+    runs in a fresh directory under ``base`` (removed at the end), level by level, until one
+    pass merges the rest."""
     base.mkdir(parents=True, exist_ok=True)
     runs_dir = Path(tempfile.mkdtemp(prefix=".merge-runs-", dir=base))
-    schema = pq.read_schema(paths[0])
+    schema = pq.read_schema(sources[0].path)
     if read_columns is not None:
         schema = pa.schema([schema.field(c) for c in read_columns], metadata=schema.metadata)
     level = 0
@@ -290,23 +298,29 @@ def iter_merged_stars(partition_files: Sequence[str | os.PathLike[str] | Partiti
             if len(groups) == 1:
                 yield from _merge_once(sources, read_columns)
                 return
-            runs: list[_Source] = []
-            for i, group in enumerate(groups):
-                run = runs_dir / f"run-{level}-{i}.parquet"
-                if len(group) == 1:  # a lone file in the last group: merged at the next level
-                    runs.append(group[0])
-                    continue
-                _write_run(run, _merge_once(group, read_columns), schema,
-                           ROW_GROUP_OBSERVATIONS)
-                for s in group:  # a merged run is read once: drop it
-                    if s.path.parent == runs_dir:
-                        s.path.unlink()
-                runs.append(_source(run))
-            sources = runs
+            sources = _merge_level(groups, runs_dir, level, read_columns, schema)
             read_columns = None  # the runs hold exactly the columns wanted
             level += 1
     finally:
         shutil.rmtree(runs_dir, ignore_errors=True)
+
+
+def _merge_level(groups: list[list[_Source]], runs_dir: Path, level: int,
+                 columns: list[str] | None, schema: pa.Schema) -> list[_Source]:
+    """Merge each group of sources into one sorted run (a lone source is kept for the next
+    level); the runs of the previous level are deleted once merged."""
+    runs: list[_Source] = []
+    for i, group in enumerate(groups):
+        run = runs_dir / f"run-{level}-{i}.parquet"
+        if len(group) == 1:  # a lone file in the last group: merged at the next level
+            runs.append(group[0])
+            continue
+        _write_run(run, _merge_once(group, columns), schema, ROW_GROUP_OBSERVATIONS)
+        for s in group:  # a merged run is read once: drop it
+            if s.path.parent == runs_dir:
+                s.path.unlink()
+        runs.append(_source(run))
+    return runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +352,7 @@ class _FitsStream:
         columns = [fits.Column(name=name, format=form, unit=unit,
                                array=empty[src].astype(bool) if form == "L" else empty[src])
                    for name, src, form, unit in self.specs]
-        hdul = _fits_hdulist(metadata, columns, extra_header)
+        hdul = fits_hdulist(metadata, columns, extra_header)
         if int(hdul[1].header["NAXIS1"]) != self.dtype.itemsize:
             raise AssertionError(f"{path.name}: row width {self.dtype.itemsize} != NAXIS1 "
                                  f"{hdul[1].header['NAXIS1']}")
@@ -388,7 +402,7 @@ class _ParquetStream:
 
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.schema = schema
-        self.writer = pq.ParquetWriter(path, schema, compression=_PARQUET_COMPRESSION)
+        self.writer = pq.ParquetWriter(path, schema, compression=PARQUET_COMPRESSION)
         self.buffered: list[pa.Table] = []
         self.n_buffered = 0
         self.rows = 0
@@ -428,126 +442,157 @@ def write_flat_files(out_dir: str | os.PathLike[str],
     """Write the flat snapshot files into the existing directory ``out_dir`` (a staging
     directory), streamed from the partitions in ``fgcm_id`` order.
 
-    Parameters
-    ----------
-    out_dir
-        Directory the files are written into (no manifest is written here).
-    partition_files
-        The catalog's partitions (:class:`~streamstars.io.hats.PartitionFile` or paths).
-    visits
-        The visit catalog columns, as ``SnapshotCatalogs.visits``.
-    metadata
-        Provenance strings (as ``SnapshotCatalogs.metadata``; ``created`` and
-        ``streamstars_version`` are added when absent — pass the same dict to everything
-        written in one snapshot).
-    reference_filters
-        The partitions' reference filters; when not empty the reference files are written
-        (one row per star with a reference match).
-    formats
-        Any of ``"fits"`` and ``"parquet"``.
-    memory_bytes, max_fan_in, tmp_dir
-        See :func:`iter_merged_stars` (``tmp_dir`` defaults to ``out_dir``).
+    Args:
+        out_dir: directory the files are written into (no manifest is written here).
+        partition_files: the catalog's partitions
+            (:class:`~streamstars.io.hats.PartitionFile` or paths).
+        visits: the visit catalog columns, as ``SnapshotCatalogs.visits``.
+        metadata: provenance strings (as ``SnapshotCatalogs.metadata``; ``created`` and
+            ``streamstars_version`` are added when absent — pass the same dict to everything
+            written in one snapshot).
+        reference_filters: the partitions' reference filters; when not empty the reference
+            files are written (one row per star with a reference match).
+        formats: any of ``"fits"`` and ``"parquet"``.
+        memory_bytes: see :func:`iter_merged_stars`.
+        max_fan_in: see :func:`iter_merged_stars`.
+        tmp_dir: see :func:`iter_merged_stars` (default ``out_dir``).
 
-    Returns
-    -------
-    dict[str, int]
+    Returns:
         Rows written per file name.
 
-    Raises
-    ------
-    ValueError
-        Bad formats, visits or filters; more observations than the legacy int32 obsIndex
-        holds (with ``"fits"``); a star in two partitions; observations whose count differs
-        from ``n_obs``.
+    Raises:
+        ValueError: bad formats, visits or filters; more observations than the legacy int32
+            obsIndex holds (with ``"fits"``); a star in two partitions; observations whose
+            count differs from ``n_obs``.
     """
-    out = Path(out_dir)
-    fmts = _check_formats(formats)
-    filters = _normalise_filters(reference_filters)
-    meta = _normalise_metadata(metadata)
-    v = _normalise_visits(visits)
-    nfilt = len(filters)
-    rows: dict[str, int] = {}
-    fits_streams: dict[str, _FitsStream] = {}
-    parquet_streams: dict[str, _ParquetStream] = {}
+    out, fmts = Path(out_dir), check_formats(formats)
+    filters = normalise_filters(reference_filters)
+    meta = normalise_metadata(metadata)
+    visits = normalise_visits(visits)
     with contextlib.ExitStack() as stack:
         # on an error every file opened is closed (the caller's staging directory is dropped)
-        def fits_stream(key: str, *args: Any) -> None:
-            fits_streams[key] = _FitsStream(out / FITS_FILES[key], meta, *args)
-            stack.callback(_close_quietly, fits_streams[key])
-
-        def parquet_stream(key: str, schema: pa.Schema) -> None:
-            parquet_streams[key] = _ParquetStream(out / PARQUET_FILES[key], schema)
-            stack.callback(_close_quietly, parquet_streams[key])
-
-        if "fits" in fmts:
-            rows[FITS_FILES["visits"]] = _write_visit_fits(out, v, meta)
-            fits_stream("observations", _FITS_OBS_COLUMNS)
-            fits_stream("stars", _FITS_STAR_COLUMNS, _ID_HEADER)
-            fits_stream("indices", _FITS_INDEX_COLUMNS)
-            if filters:
-                fits_stream("reference", _fits_reference_columns(nfilt),
-                            _reference_fits_header(filters))
-        if "parquet" in fmts:
-            rows[PARQUET_FILES["visits"]] = _write_visit_parquet(out, v, meta)
-            parquet_stream("observations", _parquet_schema(_PARQUET_OBS_COLUMNS, meta))
-            parquet_stream("stars", _parquet_schema(_PARQUET_STAR_COLUMNS, meta))
-            if filters:
-                parquet_stream("reference", _parquet_schema(
-                    _parquet_reference_columns(nfilt), meta, _reference_parquet_metadata(filters)))
-
-        n_obs_total = 0
+        files = _FlatFiles(out, fmts, filters, meta, visits, stack)
         wanted = ["fgcm_id", "ra", "dec", "n_obs", "obj_flag",
                   *(["refMag", "refMagErr"] if filters else []), OBSERVATIONS_COLUMN]
-        for batch in iter_merged_stars(partition_files, memory_bytes=memory_bytes,
-                                       max_fan_in=max_fan_in, columns=wanted,
-                                       tmp_dir=tmp_dir if tmp_dir is not None else out):
-            obs_arrow, lengths = flatten_observations(batch[OBSERVATIONS_COLUMN])
-            n_obs = _numpy(batch["n_obs"].combine_chunks(), np.dtype(np.int32))
-            if not np.array_equal(lengths, n_obs):
-                bad = _numpy(batch["fgcm_id"].combine_chunks(), np.dtype(np.int64))[
-                    lengths != n_obs][:5]
-                raise ValueError(f"stars {bad.tolist()}: n_obs differs from the number of "
-                                 "observations stored with them")
-            starts = np.cumsum(n_obs, dtype=np.int64) - n_obs + n_obs_total
-            n_batch = int(lengths.sum())
-            if "fits" in fmts:
-                _check_legacy_obs_count(n_obs_total + n_batch)
-            stars = {
-                "fgcm_id": _numpy(batch["fgcm_id"].combine_chunks(), np.dtype(np.int64)),
-                "ra": _numpy(batch["ra"].combine_chunks(), np.dtype(np.float64)),
-                "dec": _numpy(batch["dec"].combine_chunks(), np.dtype(np.float64)),
-                "obs_arr_index": starts,
-                "n_obs": n_obs,
-                "obj_flag": _numpy(batch["obj_flag"].combine_chunks(), np.dtype(np.int32)),
-            }
-            obs = {name: _numpy(obs_arrow[name], np.dtype(obs_arrow[name].type.to_pandas_dtype()))
-                   for name in OBSERVATION_DTYPES}
-            reference = _batch_reference(batch, stars["fgcm_id"], nfilt) if filters else None
-            if fits_streams:
-                fits_streams["observations"].write(_fits_observation_arrays(obs))
-                fits_streams["stars"].write(
-                    {**stars, "obs_arr_index": starts.astype(np.int32)})
-                fits_streams["indices"].write({"obs_index": np.arange(
-                    n_obs_total, n_obs_total + n_batch, dtype=np.int32)})
-                if reference is not None:
-                    fits_streams["reference"].write(reference)
-            if parquet_streams:
-                parquet_streams["observations"].write(_parquet_observation_arrays(obs))
-                parquet_streams["stars"].write([pa.array(stars[name], type=typ)
-                                                for name, typ in _PARQUET_STAR_COLUMNS])
-                if reference is not None:
-                    parquet_streams["reference"].write([
-                        pa.array(reference["fgcm_id"], pa.int64()),
-                        _fixed(reference["refMag"], nfilt), _fixed(reference["refMagErr"], nfilt)])
-            n_obs_total += n_batch
-            del batch, obs_arrow, obs, stars, reference
-
-        for key, fstream in fits_streams.items():
-            rows[FITS_FILES[key]] = fstream.close()
-        for key, pstream in parquet_streams.items():
-            rows[PARQUET_FILES[key]] = pstream.close()
+        files.write_merged(iter_merged_stars(partition_files, memory_bytes=memory_bytes,
+                                             max_fan_in=max_fan_in, columns=wanted,
+                                             tmp_dir=tmp_dir if tmp_dir is not None else out),
+                           len(filters))
+        rows = files.close()
         stack.pop_all()
     return rows
+
+
+class _FlatFiles:
+    """The flat files of one snapshot being streamed: the visit catalogs (written at once)
+    and one stream per star, observation, index and reference file of each format."""
+
+    def __init__(self, out: Path, fmts: tuple[str, ...], filters: tuple[str, ...],
+                 meta: dict[str, str], visits: dict[str, np.ndarray],
+                 stack: contextlib.ExitStack) -> None:
+        self.out, self.meta, self.stack = out, meta, stack
+        self.rows: dict[str, int] = {}
+        self.fits: dict[str, _FitsStream] = {}
+        self.parquet: dict[str, _ParquetStream] = {}
+        nfilt = len(filters)
+        if "fits" in fmts:
+            self.rows[FITS_FILES["visits"]] = write_visit_fits(out, visits, meta)
+            self._fits("observations", FITS_OBS_COLUMNS)
+            self._fits("stars", FITS_STAR_COLUMNS, ID_HEADER)
+            self._fits("indices", FITS_INDEX_COLUMNS)
+            if filters:
+                self._fits("reference", fits_reference_columns(nfilt),
+                           reference_fits_header(filters))
+        if "parquet" in fmts:
+            self.rows[PARQUET_FILES["visits"]] = write_visit_parquet(out, visits, meta)
+            self._parquet("observations", parquet_schema(PARQUET_OBS_COLUMNS, meta))
+            self._parquet("stars", parquet_schema(PARQUET_STAR_COLUMNS, meta))
+            if filters:
+                self._parquet("reference", parquet_schema(
+                    parquet_reference_columns(nfilt), meta, reference_parquet_metadata(filters)))
+
+    def _fits(self, key: str, *args: Any) -> None:
+        self.fits[key] = _FitsStream(self.out / FITS_FILES[key], self.meta, *args)
+        self.stack.callback(_close_quietly, self.fits[key])
+
+    def _parquet(self, key: str, schema: pa.Schema) -> None:
+        self.parquet[key] = _ParquetStream(self.out / PARQUET_FILES[key], schema)
+        self.stack.callback(_close_quietly, self.parquet[key])
+
+    def write_merged(self, batches: Iterator[pa.Table], nfilt: int) -> None:
+        """Append the merged batches of stars in order, numbering their observations.
+
+        Raises:
+            ValueError: a star's ``n_obs`` differs from its observations, or (FITS) more
+                observations than the legacy int32 obsIndex holds.
+        """
+        n_obs_total = 0
+        for batch in batches:
+            stars, obs = _batch_columns(batch, n_obs_total)
+            n_batch = len(obs["source_id"])
+            if self.fits:
+                check_legacy_obs_count(n_obs_total + n_batch)
+            reference = _reference_rows(batch, stars["fgcm_id"], nfilt) if nfilt else None
+            self.write(stars, obs, reference, n_obs_total)
+            n_obs_total += n_batch
+            del batch, obs, stars, reference
+
+    def write(self, stars: dict[str, np.ndarray], obs: dict[str, np.ndarray],
+              reference: dict[str, np.ndarray] | None, first_obs: int) -> None:
+        """Append a batch of stars, their observations (numbered from ``first_obs``) and
+        their reference rows to every file."""
+        if self.fits:
+            self.fits["observations"].write(fits_observation_arrays(obs))
+            self.fits["stars"].write(
+                {**stars, "obs_arr_index": stars["obs_arr_index"].astype(np.int32)})
+            self.fits["indices"].write({"obs_index": np.arange(
+                first_obs, first_obs + len(obs["source_id"]), dtype=np.int32)})
+            if reference is not None:
+                self.fits["reference"].write(reference)
+        if self.parquet:
+            self.parquet["observations"].write(parquet_observation_arrays(obs))
+            self.parquet["stars"].write([pa.array(stars[name], type=typ)
+                                         for name, typ in PARQUET_STAR_COLUMNS])
+            if reference is not None:
+                self.parquet["reference"].write([
+                    pa.array(reference["fgcm_id"], pa.int64()),
+                    fixed_list(reference["refMag"], pa.float32()),
+                    fixed_list(reference["refMagErr"], pa.float32())])
+
+    def close(self) -> dict[str, int]:
+        """Finish every file; the rows written per file name."""
+        for key, fstream in self.fits.items():
+            self.rows[FITS_FILES[key]] = fstream.close()
+        for key, pstream in self.parquet.items():
+            self.rows[PARQUET_FILES[key]] = pstream.close()
+        return self.rows
+
+
+def _batch_columns(batch: pa.Table, first_obs: int) -> tuple[dict[str, np.ndarray],
+                                                             dict[str, np.ndarray]]:
+    """The star columns (``obs_arr_index`` counted from ``first_obs``) and the observation
+    columns of a merged batch.
+
+    Raises:
+        ValueError: a star's ``n_obs`` differs from the observations stored with it.
+    """
+    obs_arrow, lengths = flatten_observations(batch[OBSERVATIONS_COLUMN])
+    n_obs = _numpy(batch["n_obs"].combine_chunks(), np.dtype(np.int32))
+    if not np.array_equal(lengths, n_obs):
+        bad = _numpy(batch["fgcm_id"].combine_chunks(), np.dtype(np.int64))[lengths != n_obs][:5]
+        raise ValueError(f"stars {bad.tolist()}: n_obs differs from the number of "
+                         "observations stored with them")
+    stars = {
+        "fgcm_id": _numpy(batch["fgcm_id"].combine_chunks(), np.dtype(np.int64)),
+        "ra": _numpy(batch["ra"].combine_chunks(), np.dtype(np.float64)),
+        "dec": _numpy(batch["dec"].combine_chunks(), np.dtype(np.float64)),
+        "obs_arr_index": np.cumsum(n_obs, dtype=np.int64) - n_obs + first_obs,
+        "n_obs": n_obs,
+        "obj_flag": _numpy(batch["obj_flag"].combine_chunks(), np.dtype(np.int32)),
+    }
+    obs = {name: _numpy(obs_arrow[name], np.dtype(obs_arrow[name].type.to_pandas_dtype()))
+           for name in OBSERVATION_DTYPES}
+    return stars, obs
 
 
 def _close_quietly(stream: _FitsStream | _ParquetStream) -> None:
@@ -558,13 +603,7 @@ def _close_quietly(stream: _FitsStream | _ParquetStream) -> None:
             stream.writer.close()
 
 
-def _fixed(values: np.ndarray, nfilt: int) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(
-        pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1), pa.float32()),
-        nfilt)
-
-
-def _batch_reference(batch: pa.Table, ids: np.ndarray, nfilt: int) -> dict[str, np.ndarray]:
+def _reference_rows(batch: pa.Table, ids: np.ndarray, nfilt: int) -> dict[str, np.ndarray]:
     """The reference rows of a merged batch: the stars whose refMag is not null."""
     mags = batch["refMag"].combine_chunks()
     errs = batch["refMagErr"].combine_chunks()
@@ -596,31 +635,27 @@ def finish_partitioned_snapshot(staging: SnapshotStaging, partitions: Sequence[P
     partitions (:func:`write_flat_files`) and ``SNAPSHOT.json`` (as
     :func:`~streamstars.io.snapshot_files.write_snapshot` writes it, plus
     ``"partitions": {"written": W, "reused": R}`` counting the partition files).  The swap
-    into place happens when the :func:`~streamstars.io.snapshot_files.stage_snapshot` block
+    into place happens when the :func:`~streamstars.io.snapshot_directory.stage_snapshot` block
     ends.
 
-    Returns
-    -------
-    list[Path]
+    Returns:
         The flat files, the catalog directory and the manifest, under ``staging.target``.
 
-    Raises
-    ------
-    ValueError
-        As :func:`~streamstars.io.hats.finish_catalog` and :func:`write_flat_files`.
+    Raises:
+        ValueError: as :func:`~streamstars.io.hats.finish_catalog` and :func:`write_flat_files`.
     """
-    fmts = _check_formats(formats)
-    filters = _normalise_filters(reference_filters)
-    meta = _normalise_metadata(metadata)
+    fmts = check_formats(formats)
+    filters = normalise_filters(reference_filters)
+    meta = normalise_metadata(metadata)
     finish_catalog(staging.path / CATALOG_DIR, partitions, reference_filters=filters,
                    metadata=meta)
     rows = write_flat_files(staging.path, partitions, visits=visits, metadata=meta,
                             reference_filters=filters, formats=fmts, memory_bytes=memory_bytes,
                             max_fan_in=max_fan_in)
     written = sum(1 for p in partitions if not p.reused)
-    _write_manifest(staging.path, rows, fmts, filters, meta, checksums=checksums,
+    write_manifest(staging.path, rows, fmts, filters, meta, checksums=checksums,
                     extra={"partitions": {"written": written,
                                           "reused": len(partitions) - written}})
-    _fsync_path(staging.path, directory=True)
+    fsync_path(staging.path, directory=True)
     return ([staging.target / name for name in sorted(rows)]
             + [staging.target / CATALOG_DIR, staging.target / MANIFEST_NAME])

@@ -60,16 +60,19 @@ import pyarrow.parquet as pq
 
 from streamstars import __version__
 from streamstars.columns import OBSERVATION_DTYPES
-from streamstars.io.snapshot_files import (
-    _PARQUET_COMPRESSION,
-    _PARQUET_META_KEY,
-    _PARQUET_OBS_COLUMNS,
+from streamstars.io.snapshot_catalogs import (
     HATS_CATALOG_DIR,
-    _fsync_path,
-    _normalise_filters,
-    _parquet_reference_columns,
-    _provenance_json,
-    _reference_parquet_metadata,
+    normalise_filters,
+    provenance_json,
+)
+from streamstars.io.snapshot_directory import fsync_path
+from streamstars.io.snapshot_parquet import (
+    PARQUET_COMPRESSION,
+    PARQUET_META_KEY,
+    PARQUET_OBS_COLUMNS,
+    ipc_bytes,
+    parquet_reference_columns,
+    reference_parquet_metadata,
 )
 
 __all__ = [
@@ -88,6 +91,7 @@ __all__ = [
     "pixel_at_order",
     "read_partition_file",
     "reuse_partition",
+    "row_group_bounds",
     "write_partition",
 ]
 
@@ -114,7 +118,7 @@ _STAR_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
 _STAR_INPUT_COLUMNS = ("fgcm_id", "ra", "dec", "n_obs", "obj_flag")
 #: The observation struct: fgcm_star_observations' columns and types, x/y float64 (see above).
 OBSERVATION_FIELDS: tuple[tuple[str, pa.DataType], ...] = tuple(
-    (name, pa.float64() if name in ("x", "y") else typ) for name, typ in _PARQUET_OBS_COLUMNS)
+    (name, pa.float64() if name in ("x", "y") else typ) for name, typ in PARQUET_OBS_COLUMNS)
 _PROPERTIES_FILES = ("hats.properties", "properties")
 _HATS_VERSION = "v1.0"
 _HATS_RELEASE_DATE = "2025-08-22"  # release date of the HATS IVOA note v1.0
@@ -210,10 +214,8 @@ def flatten_observations(column: pa.Array | pa.ChunkedArray) -> tuple[dict[str, 
     row order) and the number of observations of each row.  Accepts the struct-of-lists
     layout written here and a list<struct> one.
 
-    Raises
-    ------
-    ValueError
-        The lists of one row differ in length, or the column is neither layout.
+    Raises:
+        ValueError: the lists of one row differ in length, or the column is neither layout.
     """
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pa.types.is_struct(array.type):
@@ -243,7 +245,7 @@ def partition_schema(reference_filters: Sequence[str] = ()) -> pa.Schema:
     fields = [pa.field(n, t) for n, t in _STAR_FIELDS]
     if reference_filters:
         fields += [pa.field(n, t) for n, t in
-                   _parquet_reference_columns(len(reference_filters))[1:]]
+                   parquet_reference_columns(len(reference_filters))[1:]]
     fields.append(pa.field(OBSERVATIONS_COLUMN, _observation_type()))
     return pa.schema(fields)
 
@@ -252,7 +254,7 @@ def _schema_metadata(reference_filters: Sequence[str]) -> dict[bytes, bytes]:
     if not reference_filters:
         return {}
     return {k.encode(): v.encode()
-            for k, v in _reference_parquet_metadata(reference_filters).items()}
+            for k, v in reference_parquet_metadata(reference_filters).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +271,7 @@ def _group_rows(n_obs: np.ndarray, order: np.ndarray) -> np.ndarray:
     return np.repeat(starts[order] - new_starts, counts) + np.arange(total, dtype=np.int64)
 
 
-def _row_group_bounds(n_obs: np.ndarray, limit: int) -> list[tuple[int, int]]:
+def row_group_bounds(n_obs: np.ndarray, limit: int) -> list[tuple[int, int]]:
     """Consecutive star ranges holding at most ``limit`` observations each (at least one
     star each)."""
     cum = np.cumsum(n_obs, dtype=np.int64)
@@ -293,53 +295,60 @@ def write_partition(catalog_dir: str | os.PathLike[str], order: int, pixel: int,
                     row_group_observations: int = ROW_GROUP_OBSERVATIONS) -> PartitionFile | None:
     """Write the stars one shard owns as the partition ``(order, pixel)`` of the catalog.
 
-    Parameters
-    ----------
-    catalog_dir
-        The catalog directory being written (``STAGING/fgcm_stars``); created as needed.
-    order, pixel
-        The shard's HEALPix nest pixel.
-    stars
-        ``fgcm_id`` (int64, unique), ``ra``, ``dec`` (deg), ``n_obs``, ``obj_flag``; any
-        order (rows are written sorted by ``fgcm_id``); other columns (``obs_arr_index``)
-        are ignored.
-    observations
-        :data:`streamstars.columns.OBSERVATION_DTYPES` columns grouped by star in ``stars``
-        order (star ``i`` owns the next ``n_obs[i]`` rows), ra/dec in degrees.
-    reference
-        ``fgcm_id`` (a subset of the stars, unique), ``refMag``/``refMagErr`` (n, nfilt)
-        float32 (99 = missing), or None.  With ``reference_filters`` non-empty the partition
-        has ``refMag``/``refMagErr`` columns (null where a star has no reference match).
-    reference_filters
-        Filter names, in the column order of ``refMag`` (no commas).
-    metadata
-        Strings stored with the partition (schema metadata ``streamstars_partition``),
-        e.g. the shard's last write transaction, to decide later whether it can be reused.
-    row_group_observations
-        Bound of a row group, in observations.
+    Args:
+        catalog_dir: the catalog being written (``STAGING/fgcm_stars``); created as needed.
+        order: the HEALPix order of the shard's nest pixel.
+        pixel: the shard's nest pixel.
+        stars: ``fgcm_id`` (int64, unique), ``ra``, ``dec`` (deg), ``n_obs``, ``obj_flag``;
+            any order (rows are written sorted by ``fgcm_id``); other columns
+            (``obs_arr_index``) are ignored.
+        observations: :data:`streamstars.columns.OBSERVATION_DTYPES` columns grouped by star
+            in ``stars`` order (star ``i`` owns the next ``n_obs[i]`` rows), ra/dec in degrees.
+        reference: ``fgcm_id`` (a subset of the stars, unique), ``refMag``/``refMagErr``
+            (n, nfilt) float32 (99 = missing), or None.  With ``reference_filters`` non-empty
+            the partition has ``refMag``/``refMagErr`` columns (null where a star has no
+            reference match).
+        reference_filters: filter names, in the column order of ``refMag`` (no commas).
+        metadata: strings stored with the partition (schema metadata
+            ``streamstars_partition``), e.g. the shard's last write transaction, to decide
+            later whether it can be reused.
+        row_group_observations: bound of a row group, in observations.
 
-    Returns
-    -------
-    PartitionFile | None
-        The file written, or None when the shard owns no star (HATS has no empty
-        partitions: nothing is written).
+    Returns:
+        The file written, or None when the shard owns no star (nothing is written: HATS has
+        no empty partitions).
 
-    Raises
-    ------
-    ValueError
-        Missing columns, inconsistent lengths, duplicate ids, a star outside the pixel
-        (:func:`pixel_at_order`), reference rows of unknown stars or of the wrong shape.
+    Raises:
+        ValueError: missing columns, inconsistent lengths, duplicate ids, a star outside the pixel
+            (:func:`pixel_at_order`), reference rows of unknown stars or of the wrong shape.
     """
     _check_pixel(order, pixel)
-    filters = _normalise_filters(reference_filters)
+    filters = normalise_filters(reference_filters)
     if row_group_observations < 1:
         raise ValueError(f"row_group_observations must be >= 1, got {row_group_observations}")
+    where = f"partition {order}/{pixel}"
+    star_cols, obs_cols = _partition_columns(where, stars, observations)
+    if reference is not None and not filters:
+        raise ValueError(f"{where}: reference rows need reference_filters")
+    if len(star_cols["fgcm_id"]) == 0:
+        return None
+    rows = _PartitionRows.sorted(where, order, pixel, star_cols, obs_cols)
+    table = rows.table(order, pixel, reference, filters, metadata or {})
+    path = partition_path(catalog_dir, order, pixel)
+    _write_sorted_table(path, table, rows.n_obs, row_group_observations)
+    return PartitionFile(int(order), int(pixel), path, len(rows.ids), int(rows.n_obs.sum()))
+
+
+def _partition_columns(where: str, stars: dict[str, np.ndarray],
+                       observations: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                                     dict[str, np.ndarray]]:
+    """The star and observation columns a partition needs, checked: present, of one length
+    each, ``n_obs`` non-negative and summing to the observations."""
     missing = [c for c in _STAR_INPUT_COLUMNS if c not in stars]
     missing += [c for c in OBSERVATION_DTYPES if c not in observations]
     if missing:
-        raise ValueError(f"partition {order}/{pixel}: columns missing: {', '.join(missing)}")
-    fgcm_id = np.asarray(stars["fgcm_id"], dtype=np.int64)
-    n = len(fgcm_id)
+        raise ValueError(f"{where}: columns missing: {', '.join(missing)}")
+    n = len(np.asarray(stars["fgcm_id"], dtype=np.int64))
     star_cols = {c: np.asarray(stars[c]) for c in _STAR_INPUT_COLUMNS}
     bad = [c for c, v in star_cols.items() if v.shape != (n,)]
     obs_cols = {c: np.asarray(observations[c]).astype(dt, copy=False)
@@ -347,72 +356,100 @@ def write_partition(catalog_dir: str | os.PathLike[str], order: int, pixel: int,
     n_rows = len(obs_cols["source_id"])
     bad += [c for c, v in obs_cols.items() if v.shape != (n_rows,)]
     if bad:
-        raise ValueError(f"partition {order}/{pixel}: columns of inconsistent length: "
-                         f"{', '.join(bad)}")
+        raise ValueError(f"{where}: columns of inconsistent length: {', '.join(bad)}")
     n_obs = star_cols["n_obs"].astype(np.int64)
     if np.any(n_obs < 0) or int(n_obs.sum()) != n_rows:
-        raise ValueError(f"partition {order}/{pixel}: n_obs must be >= 0 and sum to the "
-                         f"{n_rows} observations (grouped by star), got sum {int(n_obs.sum())}")
-    if reference is not None and not filters:
-        raise ValueError(f"partition {order}/{pixel}: reference rows need reference_filters")
-    if n == 0:
-        return None
+        raise ValueError(f"{where}: n_obs must be >= 0 and sum to the {n_rows} observations "
+                         f"(grouped by star), got sum {int(n_obs.sum())}")
+    return star_cols, obs_cols
 
-    order_ids = np.argsort(fgcm_id, kind="stable")
-    sorted_ids = fgcm_id[order_ids]
-    dup = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
-    if dup.size:
-        raise ValueError(f"partition {order}/{pixel}: duplicate fgcm_id {dup[:5].tolist()}")
-    ra = star_cols["ra"].astype(np.float64)[order_ids]
-    dec = star_cols["dec"].astype(np.float64)[order_ids]
-    h29 = healpix29(ra, dec)
-    outside = (h29 >> np.int64(2 * (HEALPIX_ORDER - order))) != pixel
-    if np.any(outside):
-        raise ValueError(
-            f"partition {order}/{pixel}: {int(outside.sum())} stars lie outside the pixel "
-            f"(fgcm_id {sorted_ids[outside][:5].tolist()}); a shard publishes only the stars "
-            "whose pixel_at_order(ra, dec, order) is its own pixel")
-    if not np.all(np.diff(order_ids) > 0):  # not already sorted: regroup the observations
-        rows = _group_rows(n_obs, order_ids)
-        obs_cols = {c: v[rows] for c, v in obs_cols.items()}
-    counts = n_obs[order_ids]
 
-    arrays: list[pa.Array] = [
-        pa.array(h29, pa.int64()), pa.array(sorted_ids, pa.int64()),
-        pa.array(ra, pa.float64()), pa.array(dec, pa.float64()),
-        pa.array(counts.astype(np.int32), pa.int32()),
-        pa.array(star_cols["obj_flag"].astype(np.int32)[order_ids], pa.int32())]
-    if filters:
-        arrays += _reference_arrays(order, pixel, sorted_ids, reference, len(filters))
-    offsets = pa.array(np.concatenate(([0], np.cumsum(counts))).astype(np.int32), pa.int32())
-    arrays.append(pa.StructArray.from_arrays(
-        [pa.ListArray.from_arrays(offsets, pa.array(
-            obs_cols[name].astype(typ.to_pandas_dtype(), copy=False), type=typ))
-         for name, typ in OBSERVATION_FIELDS],
-        fields=list(_observation_type())))
-    schema = partition_schema(filters)
-    info = {"order": int(order), "pixel": int(pixel), "stars": n, "observations": n_rows,
-            "streamstars_version": __version__, **{str(k): str(v)
-                                                   for k, v in (metadata or {}).items()}}
-    meta = _schema_metadata(filters) | {PARTITION_META_KEY: json.dumps(
-        info, sort_keys=True).encode()}
-    table = pa.Table.from_arrays(arrays, schema=schema).replace_schema_metadata(meta)
+@dataclass(frozen=True)
+class _PartitionRows:
+    """The stars of a partition sorted by ``fgcm_id``, their observations regrouped to match."""
 
-    path = partition_path(catalog_dir, order, pixel)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_sorted_table(path, table, counts, row_group_observations)
-    return PartitionFile(int(order), int(pixel), path, n, n_rows)
+    ids: np.ndarray
+    ra: np.ndarray
+    dec: np.ndarray
+    healpix: np.ndarray
+    n_obs: np.ndarray
+    obj_flag: np.ndarray
+    observations: dict[str, np.ndarray]
+
+    @classmethod
+    def sorted(cls, where: str, order: int, pixel: int, star_cols: dict[str, np.ndarray],
+               obs_cols: dict[str, np.ndarray]) -> _PartitionRows:
+        """Sort the stars by id; refuse duplicate ids and stars outside the pixel."""
+        fgcm_id = np.asarray(star_cols["fgcm_id"], dtype=np.int64)
+        order_ids = np.argsort(fgcm_id, kind="stable")
+        sorted_ids = fgcm_id[order_ids]
+        dup = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
+        if dup.size:
+            raise ValueError(f"{where}: duplicate fgcm_id {dup[:5].tolist()}")
+        ra = star_cols["ra"].astype(np.float64)[order_ids]
+        dec = star_cols["dec"].astype(np.float64)[order_ids]
+        h29 = healpix29(ra, dec)
+        outside = (h29 >> np.int64(2 * (HEALPIX_ORDER - order))) != pixel
+        if np.any(outside):
+            raise ValueError(
+                f"{where}: {int(outside.sum())} stars lie outside the pixel "
+                f"(fgcm_id {sorted_ids[outside][:5].tolist()}); a shard publishes only the "
+                "stars whose pixel_at_order(ra, dec, order) is its own pixel")
+        n_obs = star_cols["n_obs"].astype(np.int64)
+        if not np.all(np.diff(order_ids) > 0):  # not already sorted: regroup the observations
+            rows = _group_rows(n_obs, order_ids)
+            obs_cols = {c: v[rows] for c, v in obs_cols.items()}
+        return cls(ids=sorted_ids, ra=ra, dec=dec, healpix=h29, n_obs=n_obs[order_ids],
+                   obj_flag=star_cols["obj_flag"].astype(np.int32)[order_ids],
+                   observations=obs_cols)
+
+    def table(self, order: int, pixel: int, reference: dict[str, np.ndarray] | None,
+              filters: tuple[str, ...], metadata: dict[str, str]) -> pa.Table:
+        """The partition table: the star columns, the reference columns when ``filters``, the
+        nested observations; its order, pixel, counts and ``metadata`` in the schema
+        metadata."""
+        arrays = self.star_arrays()
+        if filters:
+            arrays += _reference_arrays(order, pixel, self.ids, reference, len(filters))
+        arrays.append(self.observation_array())
+        info = {"order": int(order), "pixel": int(pixel), "stars": len(self.ids),
+                "observations": len(self.observations["source_id"]),
+                "streamstars_version": __version__,
+                **{str(k): str(v) for k, v in metadata.items()}}
+        meta = _schema_metadata(filters) | {PARTITION_META_KEY: json.dumps(
+            info, sort_keys=True).encode()}
+        table = pa.Table.from_arrays(arrays, schema=partition_schema(filters))
+        return table.replace_schema_metadata(meta)
+
+    def star_arrays(self) -> list[pa.Array]:
+        """The star columns of the partition schema, up to the reference columns."""
+        return [pa.array(self.healpix, pa.int64()), pa.array(self.ids, pa.int64()),
+                pa.array(self.ra, pa.float64()), pa.array(self.dec, pa.float64()),
+                pa.array(self.n_obs.astype(np.int32), pa.int32()),
+                pa.array(self.obj_flag, pa.int32())]
+
+    def observation_array(self) -> pa.StructArray:
+        """The nested ``observations`` column: a struct of lists, one list per star."""
+        offsets = pa.array(np.concatenate(([0], np.cumsum(self.n_obs))).astype(np.int32),
+                           pa.int32())
+        return pa.StructArray.from_arrays(
+            [pa.ListArray.from_arrays(offsets, pa.array(
+                self.observations[name].astype(typ.to_pandas_dtype(), copy=False), type=typ))
+             for name, typ in OBSERVATION_FIELDS],
+            fields=list(_observation_type()))
 
 
 def _write_sorted_table(path: Path, table: pa.Table, n_obs: np.ndarray,
                         row_group_observations: int) -> None:
-    """Write ``table`` (sorted by fgcm_id) with row groups of whole stars, fsynced."""
+    """Write ``table`` (sorted by fgcm_id) with row groups of whole stars, fsynced; the
+    directories are created as needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     sorting = pq.SortingColumn.from_ordering(table.schema, [("fgcm_id", "ascending")])
-    with pq.ParquetWriter(path, table.schema, compression=_PARQUET_COMPRESSION,
+    with pq.ParquetWriter(path, table.schema, compression=PARQUET_COMPRESSION,
                           sorting_columns=sorting, write_page_index=True) as writer:
-        for start, end in _row_group_bounds(n_obs, row_group_observations):
+        for start, end in row_group_bounds(n_obs, row_group_observations):
             writer.write_table(table.slice(start, end - start), row_group_size=end - start)
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def _reference_arrays(order: int, pixel: int, ids: np.ndarray,
@@ -455,10 +492,8 @@ def _reference_arrays(order: int, pixel: int, ids: np.ndarray,
 def read_partition_file(path: str | os.PathLike[str], *, reused: bool = False) -> PartitionFile:
     """The :class:`PartitionFile` of an existing partition (its footer only is read).
 
-    Raises
-    ------
-    ValueError
-        The file is not a streamstars partition (no ``streamstars_partition`` metadata).
+    Raises:
+        ValueError: the file is not a streamstars partition (no ``streamstars_partition`` metadata).
     """
     path = Path(path)
     md = pq.read_metadata(path)
@@ -474,10 +509,8 @@ def read_partition_file(path: str | os.PathLike[str], *, reused: bool = False) -
 def list_partitions(catalog_dir: str | os.PathLike[str]) -> list[PartitionFile]:
     """The partitions of an existing catalog, from its ``partition_info.csv``.
 
-    Raises
-    ------
-    FileNotFoundError
-        No ``partition_info.csv`` or a listed partition file is missing.
+    Raises:
+        FileNotFoundError: no ``partition_info.csv`` or a listed partition file is missing.
     """
     catalog_dir = Path(catalog_dir)
     lines = (catalog_dir / "partition_info.csv").read_text().split()
@@ -498,12 +531,9 @@ def reuse_partition(previous_catalog_dir: str | os.PathLike[str],
     The previous snapshot stays intact (the file is shared, never written again).  On a
     filesystem without hard links (or across devices) the file is copied instead.
 
-    Raises
-    ------
-    FileNotFoundError
-        The previous catalog has no such partition.
-    ValueError
-        The file there is not the partition ``(order, pixel)`` of a streamstars catalog.
+    Raises:
+        FileNotFoundError: the previous catalog has no such partition.
+        ValueError: the file there is not the partition ``(order, pixel)`` of a streamstars catalog.
     """
     src = partition_path(previous_catalog_dir, order, pixel)
     dst = partition_path(catalog_dir, order, pixel)
@@ -519,7 +549,7 @@ def reuse_partition(previous_catalog_dir: str | os.PathLike[str],
                              errno.EOPNOTSUPP):
             raise
         shutil.copyfile(src, dst)
-        _fsync_path(dst)
+        fsync_path(dst)
     return PartitionFile(part.order, part.pixel, dst, part.n_stars, part.n_observations,
                          reused=True)
 
@@ -560,7 +590,7 @@ def _write_properties(catalog_dir: Path, properties: dict[str, Any]) -> None:
     text = "#HATS catalog\n" + "".join(f"{k}={v}\n" for k, v in properties.items())
     for name in _PROPERTIES_FILES:
         (catalog_dir / name).write_text(text)
-        _fsync_path(catalog_dir / name)
+        fsync_path(catalog_dir / name)
 
 
 def finish_catalog(catalog_dir: str | os.PathLike[str], partitions: Sequence[PartitionFile],
@@ -569,35 +599,46 @@ def finish_catalog(catalog_dir: str | os.PathLike[str], partitions: Sequence[Par
                    catalog_name: str = CATALOG_DIR) -> CatalogSummary:
     """Write the catalog-level files once every partition is in place (written or reused).
 
-    ``hats.properties`` and ``properties`` (same content: ``obs_collection``,
-    ``dataproduct_type=object``, ``hats_nrows``, ``hats_col_ra``/``hats_col_dec``,
-    ``hats_col_healpix(_order)``, ``hats_npix_suffix``, ``hats_max_rows``, ``hats_order``,
-    ``moc_sky_fraction``, ``hats_builder``, ``hats_creation_date`` (from the provenance
-    ``created``), ``hats_estsize`` (KiB), ``hats_release_date``, ``hats_version``),
+    ``hats.properties`` and ``properties`` (same content, :func:`_properties`),
     ``partition_info.csv``, ``dataset/_common_metadata`` (the schema, FILTERNAMES and the
     provenance JSON under ``streamstars``) and ``dataset/_metadata`` (the schema and the
     row-group footers of every partition, paths relative to ``dataset/``).  Footers are read
     one file at a time.
 
-    Raises
-    ------
-    ValueError
-        Duplicate or overlapping partitions, a partition outside ``catalog_dir``, or one whose
-        schema is not the catalog's (e.g. a partition reused from a catalog with other
-        reference filters).
+    Raises:
+        ValueError: duplicate or overlapping partitions, a partition outside ``catalog_dir``,
+            or one whose schema is not the catalog's (e.g. a partition reused from a catalog
+            with other reference filters).
     """
     catalog_dir = Path(catalog_dir)
     dataset = catalog_dir / "dataset"
     dataset.mkdir(parents=True, exist_ok=True)
-    filters = _normalise_filters(reference_filters)
+    filters = normalise_filters(reference_filters)
     parts = _sorted_partitions(partitions)
+    n_total, max_rows, size = _write_dataset_metadata(dataset, parts, filters, metadata)
+    with open(catalog_dir / "partition_info.csv", "w") as handle:
+        handle.write("Norder,Npix\n")
+        handle.writelines(f"{p.order},{p.pixel}\n" for p in parts)
+    fsync_path(catalog_dir / "partition_info.csv")
+    size += sum((dataset / name).stat().st_size for name in ("_common_metadata", "_metadata"))
+    _write_properties(catalog_dir, _properties(catalog_name, parts, n_total, max_rows, size,
+                                               metadata or {}))
+    for directory in {p.path.parent for p in parts} | {p.path.parent.parent for p in parts} \
+            | {dataset, catalog_dir}:
+        fsync_path(directory, directory=True)
+    return CatalogSummary(catalog_dir, n_total, len(parts), max_rows)
+
+
+def _write_dataset_metadata(dataset: Path, parts: list[PartitionFile], filters: tuple[str, ...],
+                            metadata: dict[str, str] | None) -> tuple[int, int, int]:
+    """Write ``_common_metadata`` and ``_metadata``; return the number of rows, the largest
+    partition's and the partition files' bytes."""
     expected = partition_schema(filters)
     common_meta = _schema_metadata(filters)
     if metadata:
-        common_meta[_PARQUET_META_KEY] = _provenance_json(metadata).encode()
+        common_meta[PARQUET_META_KEY] = provenance_json(metadata).encode()
     pq.write_metadata(expected.with_metadata(common_meta), dataset / "_common_metadata")
     combined = pq.read_metadata(dataset / "_common_metadata")
-
     n_total, max_rows, size = 0, 0, 0
     for part in parts:
         relative = _relative_partition_path(part.order, part.pixel)
@@ -615,15 +656,18 @@ def finish_catalog(catalog_dir: str | os.PathLike[str], partitions: Sequence[Par
         max_rows = max(max_rows, md.num_rows)
         size += part.path.stat().st_size
     combined.write_metadata_file(str(dataset / "_metadata"))
-    _fsync_path(dataset / "_common_metadata")
-    _fsync_path(dataset / "_metadata")
+    fsync_path(dataset / "_common_metadata")
+    fsync_path(dataset / "_metadata")
+    return n_total, max_rows, size
 
-    with open(catalog_dir / "partition_info.csv", "w") as handle:
-        handle.write("Norder,Npix\n")
-        handle.writelines(f"{p.order},{p.pixel}\n" for p in parts)
-    _fsync_path(catalog_dir / "partition_info.csv")
 
-    size += sum((dataset / name).stat().st_size for name in ("_common_metadata", "_metadata"))
+def _properties(catalog_name: str, parts: list[PartitionFile], n_total: int, max_rows: int,
+                size: int, metadata: dict[str, str]) -> dict[str, Any]:
+    """The catalog properties: ``obs_collection``, ``dataproduct_type=object``,
+    ``hats_nrows``, ``hats_col_ra``/``hats_col_dec``, ``hats_col_healpix(_order)``,
+    ``hats_npix_suffix``, ``hats_max_rows``, ``hats_order``, ``moc_sky_fraction``,
+    ``hats_builder``, ``hats_creation_date`` (from the provenance ``created``),
+    ``hats_estsize`` (KiB), ``hats_release_date``, ``hats_version``."""
     properties: dict[str, Any] = {
         "obs_collection": catalog_name,
         "dataproduct_type": "object",
@@ -639,18 +683,13 @@ def finish_catalog(catalog_dir: str | os.PathLike[str], partitions: Sequence[Par
         properties["hats_order"] = max(p.order for p in parts)
         fraction = sum(4.0 ** -p.order for p in parts) / 12.0
         properties["moc_sky_fraction"] = f"{fraction:0.5f}"
-    properties |= {
+    return properties | {
         "hats_builder": f"streamstars v{__version__}",
-        "hats_creation_date": _creation_date(metadata or {}),
+        "hats_creation_date": _creation_date(metadata),
         "hats_estsize": size // 1024,
         "hats_release_date": _HATS_RELEASE_DATE,
         "hats_version": _HATS_VERSION,
     }
-    _write_properties(catalog_dir, properties)
-    for directory in {p.path.parent for p in parts} | {p.path.parent.parent for p in parts} \
-            | {dataset, catalog_dir}:
-        _fsync_path(directory, directory=True)
-    return CatalogSummary(catalog_dir, n_total, len(parts), max_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -667,11 +706,7 @@ def _catalog_table(catalog_dir: Path) -> pa.Table:
 
 
 def _ipc(array: pa.ChunkedArray) -> bytes:
-    table = pa.table({"c": array.combine_chunks()})
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue().to_pybytes())
+    return ipc_bytes(pa.table({"c": array.combine_chunks()}))
 
 
 def compare_catalogs(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str],
@@ -698,7 +733,7 @@ def compare_catalogs(a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str
     metas = []
     for d in (a, b):
         meta = dict(pq.read_schema(d / "dataset" / "_common_metadata").metadata or {})
-        prov = json.loads(meta.pop(_PARQUET_META_KEY, b"{}"))
+        prov = json.loads(meta.pop(PARQUET_META_KEY, b"{}"))
         metas.append((meta, {k: v for k, v in prov.items() if k not in ignore_metadata_keys}))
     if metas[0] != metas[1]:
         diffs.append(f"{name}/dataset/_common_metadata: metadata differs")

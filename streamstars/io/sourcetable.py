@@ -99,54 +99,62 @@ def required_columns(config: BuildStarsConfig) -> list[ColumnSpec]:
 
     Required columns make reading fail when absent; optional ones (``physical_filter``,
     ``band``, the PSF-candidate flag, ``detect_isPrimary``, the CD matrix) are read when present.
+    A column needed twice is required when either need is.
     """
-    sel = config.sourceSelector
     specs: dict[str, ColumnSpec] = {}
-
-    def add(name: str, kind: Kind, required: bool = True) -> None:
-        old = specs.get(name)
+    for spec in (*_measurement_columns(config), *_selector_columns(config),
+                 *_other_columns(config)):
+        old = specs.get(spec.name)
         if old is None:
-            specs[name] = ColumnSpec(name, kind, required)
-        elif required and not old.required:
-            specs[name] = ColumnSpec(name, old.kind, True)
-
-    for name in ("sourceId", "visit", "detector"):
-        add(name, "int")
-    for name in ("ra", "dec", "x", "y"):
-        add(name, "float")
-    for flux in (
-        config.instFluxField,
-        config.apertureInnerInstFluxField,
-        config.apertureOuterInstFluxField,
-    ):
-        add(flux, "float")
-        add(flux + "Err", "float")
-    if sel.doFlags:
-        for flag in sel.flags.bad:
-            add(flag, "bool")
-    if sel.doUnresolved:
-        add(sel.unresolved.name, "float")
-    if sel.doSignalToNoise:
-        add(sel.signalToNoise.fluxField, "float")
-        add(sel.signalToNoise.errField, "float")
-    if sel.doIsolated:
-        add(sel.isolated.parentName, "int")
-        add(sel.isolated.nChildName, "int")
-    if sel.doRequireFiniteRaDec:
-        add(sel.requireFiniteRaDec.raColName, "float")
-        add(sel.requireFiniteRaDec.decColName, "float")
-    if sel.doRequirePrimary:
-        add(sel.requirePrimary.primaryColName, "bool", required=False)
-    if config.doSubtractLocalBackground:
-        add(config.localBackgroundFluxField, "float")
-        add(local_background_flag_name(config), "bool")
-    add(config.psfCandidateName, "bool", required=False)
-    add("physical_filter", "str", required=False)
-    add("band", "str", required=False)
-    if config.doApplyWcsJacobian:
-        for name in CD_MATRIX_COLUMNS:
-            add(name, "float", required=False)
+            specs[spec.name] = spec
+        elif spec.required and not old.required:
+            specs[spec.name] = ColumnSpec(spec.name, old.kind, True)
     return list(specs.values())
+
+
+def _measurement_columns(config: BuildStarsConfig) -> list[ColumnSpec]:
+    """Identity, position and the three fluxes with their errors."""
+    specs = [ColumnSpec(name, "int", True) for name in ("sourceId", "visit", "detector")]
+    specs += [ColumnSpec(name, "float", True) for name in ("ra", "dec", "x", "y")]
+    for flux in (config.instFluxField, config.apertureInnerInstFluxField,
+                 config.apertureOuterInstFluxField):
+        specs += [ColumnSpec(flux, "float", True), ColumnSpec(flux + "Err", "float", True)]
+    return specs
+
+
+def _selector_columns(config: BuildStarsConfig) -> list[ColumnSpec]:
+    """The columns of the enabled cuts of the source selector."""
+    sel = config.sourceSelector
+    specs: list[ColumnSpec] = []
+    if sel.doFlags:
+        specs += [ColumnSpec(flag, "bool", True) for flag in sel.flags.bad]
+    if sel.doUnresolved:
+        specs.append(ColumnSpec(sel.unresolved.name, "float", True))
+    if sel.doSignalToNoise:
+        specs += [ColumnSpec(sel.signalToNoise.fluxField, "float", True),
+                  ColumnSpec(sel.signalToNoise.errField, "float", True)]
+    if sel.doIsolated:
+        specs += [ColumnSpec(sel.isolated.parentName, "int", True),
+                  ColumnSpec(sel.isolated.nChildName, "int", True)]
+    if sel.doRequireFiniteRaDec:
+        specs += [ColumnSpec(sel.requireFiniteRaDec.raColName, "float", True),
+                  ColumnSpec(sel.requireFiniteRaDec.decColName, "float", True)]
+    if sel.doRequirePrimary:
+        specs.append(ColumnSpec(sel.requirePrimary.primaryColName, "bool", False))
+    return specs
+
+
+def _other_columns(config: BuildStarsConfig) -> list[ColumnSpec]:
+    """Local background, PSF-candidate flag, filter and band, the CD matrix."""
+    specs: list[ColumnSpec] = []
+    if config.doSubtractLocalBackground:
+        specs += [ColumnSpec(config.localBackgroundFluxField, "float", True),
+                  ColumnSpec(local_background_flag_name(config), "bool", True)]
+    specs += [ColumnSpec(config.psfCandidateName, "bool", False),
+              ColumnSpec("physical_filter", "str", False), ColumnSpec("band", "str", False)]
+    if config.doApplyWcsJacobian:
+        specs += [ColumnSpec(name, "float", False) for name in CD_MATRIX_COLUMNS]
+    return specs
 
 
 def _swap_first(name: str) -> str:
@@ -271,46 +279,17 @@ def _read_one(
     visit: int | None,
     allow_empty: bool,
 ) -> pa.Table:
+    """One source table file as a canonical table (see the module docstring), checked."""
     spath = str(path)
     pf = _open(path, filesystem)
     try:
         schema = pf.schema_arrow
-        available = list(schema.names)
-        index_columns = _pandas_index_columns(schema)
         specs = required_columns(config)
-        mapping: dict[str, str] = {}
-        missing: list[ColumnSpec] = []
-        for spec in specs:
-            found = resolve_column(spec.name, available, index_columns)
-            if found is None:
-                if spec.required:
-                    missing.append(spec)
-            else:
-                mapping[spec.name] = found
-        # The CD matrix is all-or-nothing.
-        cd_found = [c for c in CD_MATRIX_COLUMNS if c in mapping]
-        if cd_found and len(cd_found) != len(CD_MATRIX_COLUMNS):
-            for c in cd_found:
-                del mapping[c]
+        mapping, missing = _column_mapping(specs, schema)
         file_visit = _visit_of(pf, mapping.get("visit"))
         where = _where(spath, visit if visit is not None else file_visit)
-        if missing:
-            parts = []
-            for spec in missing:
-                near = _near_matches(spec.name, available)
-                hint = f" (near matches: {', '.join(near)})" if near else " (no near match)"
-                parts.append(f"{spec.name!r}{hint}")
-            raise InputFileError(
-                f"{where}: required column(s) missing from source table: {'; '.join(parts)}"
-            )
         kinds = {spec.name: spec.kind for spec in specs}
-        for name, col in mapping.items():
-            typ = schema.field(col).type
-            if not _kind_ok(kinds[name], typ):
-                raise InvalidSourceTableError(
-                    f"{where}: column {col!r} (for {name!r}) has type {typ}, "
-                    f"expected {kinds[name]}"
-                )
+        _check_columns(where, schema, mapping, missing, kinds)
         file_columns = list(dict.fromkeys(mapping.values()))
         try:
             raw = pf.read(columns=file_columns, use_pandas_metadata=False)
@@ -320,19 +299,8 @@ def _read_one(
             ) from exc
     finally:
         pf.close()
-
-    arrays = []
-    for name, col in mapping.items():
-        arr = raw.column(col)
-        target = _TARGET[kinds[name]]
-        if arr.type != target:
-            try:
-                arr = arr.cast(target)
-            except (pa.ArrowException, ValueError) as exc:
-                raise InvalidSourceTableError(
-                    f"{where}: column {col!r} cannot be read as {target}: {exc}"
-                ) from exc
-        arrays.append(arr)
+    arrays = [_canonical_column(raw.column(col), _TARGET[kinds[name]], col, where)
+              for name, col in mapping.items()]
     meta = {
         COLUMN_MAP_KEY: json.dumps(mapping).encode(),
         SOURCE_FILES_KEY: json.dumps([spath]).encode(),
@@ -340,6 +308,71 @@ def _read_one(
     table = pa.Table.from_arrays(arrays, names=list(mapping)).replace_schema_metadata(meta)
     _check_content(table, [spath], visit, allow_empty)
     return table
+
+
+def _column_mapping(specs: list[ColumnSpec],
+                    schema: pa.Schema) -> tuple[dict[str, str], list[ColumnSpec]]:
+    """``{canonical: file column}`` of the columns found and the required ones missing.  The
+    CD matrix is all-or-nothing."""
+    available = list(schema.names)
+    index_columns = _pandas_index_columns(schema)
+    mapping: dict[str, str] = {}
+    missing: list[ColumnSpec] = []
+    for spec in specs:
+        found = resolve_column(spec.name, available, index_columns)
+        if found is None:
+            if spec.required:
+                missing.append(spec)
+        else:
+            mapping[spec.name] = found
+    cd_found = [c for c in CD_MATRIX_COLUMNS if c in mapping]
+    if cd_found and len(cd_found) != len(CD_MATRIX_COLUMNS):
+        for c in cd_found:
+            del mapping[c]
+    return mapping, missing
+
+
+def _check_columns(where: str, schema: pa.Schema, mapping: dict[str, str],
+                   missing: list[ColumnSpec], kinds: dict[str, Kind]) -> None:
+    """Refuse missing required columns (naming near matches) and columns of the wrong type.
+
+    Raises:
+        InputFileError: required columns are missing.
+        InvalidSourceTableError: a column has a type that cannot be read as its kind.
+    """
+    if missing:
+        parts = []
+        for spec in missing:
+            near = _near_matches(spec.name, list(schema.names))
+            hint = f" (near matches: {', '.join(near)})" if near else " (no near match)"
+            parts.append(f"{spec.name!r}{hint}")
+        raise InputFileError(
+            f"{where}: required column(s) missing from source table: {'; '.join(parts)}"
+        )
+    for name, col in mapping.items():
+        typ = schema.field(col).type
+        if not _kind_ok(kinds[name], typ):
+            raise InvalidSourceTableError(
+                f"{where}: column {col!r} (for {name!r}) has type {typ}, "
+                f"expected {kinds[name]}"
+            )
+
+
+def _canonical_column(array: pa.ChunkedArray, target: pa.DataType, col: str,
+                      where: str) -> pa.ChunkedArray:
+    """A file column cast to its canonical type.
+
+    Raises:
+        InvalidSourceTableError: the values cannot be cast.
+    """
+    if array.type == target:
+        return array
+    try:
+        return array.cast(target)
+    except (pa.ArrowException, ValueError) as exc:
+        raise InvalidSourceTableError(
+            f"{where}: column {col!r} cannot be read as {target}: {exc}"
+        ) from exc
 
 
 def _check_content(table: pa.Table, paths: Sequence[str], visit: int | None,
