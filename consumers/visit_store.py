@@ -21,7 +21,7 @@ from streamstars.ingest import (
     apply_prepared,
     retract_visit,
 )
-from streamstars.references import attach_references, open_reference_source
+from streamstars.references import ReferenceSource, attach_references, open_reference_source
 from streamstars.snapshot import SnapshotSummary, write_store_snapshot
 from streamstars.state.store import StarStore
 
@@ -37,6 +37,8 @@ class ConsumerStore:
     def __init__(self, options: RunOptions) -> None:
         self.opts = options
         self._store: StarStore | None = None
+        #: the checked reference catalog visits cache stars from (None: no catalog)
+        self._references: ReferenceSource | None = None
 
     @property
     def star_store(self) -> StarStore:
@@ -83,7 +85,7 @@ class ConsumerStore:
             if config else None
         store = StarStore.open(opts.state, config)
         try:
-            attach_references(store, source, butler=opts.butler)
+            self._references = attach_references(store, source, butler=opts.butler)
         except BaseException:
             store.close()
             raise
@@ -109,10 +111,8 @@ class ConsumerStore:
         events and retractions."""
         if event.butler_datasets is None or event.action == "retract":
             return False
-        store = self.star_store
-        with store.read() as txn:
-            record = store.visit_record(txn, event.visit)
-        return record is not None and record.get("dataset_ids") == event_dataset_ids(event)
+        record = self.star_store.visit_record(event.visit)
+        return record is not None and record.dataset_ids == event_dataset_ids(event)
 
     def record_offset(self, position: Position) -> None:
         """Record the offset after ``position`` alone (a message that changes nothing else)."""
@@ -123,7 +123,7 @@ class ConsumerStore:
         """Apply a prepared visit and the offset after ``position`` in one transaction
         (:func:`streamstars.ingest.apply_prepared`)."""
         return apply_prepared(self.star_store, prepared, replace=replace,
-                              kafka_offset=_kafka_offset(position))
+                              kafka_offset=_kafka_offset(position), references=self._references)
 
     def retract(self, visit: int, position: Position) -> ApplyResult:
         """Retract ``visit`` and record the offset after ``position`` in one transaction

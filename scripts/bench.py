@@ -218,7 +218,7 @@ def measure_refs(repo: Path, n_visits: int, state: Path) -> dict[str, float]:
     """Reference matching cost: per-visit cache refresh during a backfill, and a full refresh."""
     from streamstars.backfill import backfill
     from streamstars.config import BuildStarsConfig, RefcatLoadConfig
-    from streamstars.references import refresh_all
+    from streamstars.references import attach_references, refresh_all
     from streamstars.state.store import StarStore
 
     shutil.rmtree(state, ignore_errors=True)
@@ -226,12 +226,14 @@ def measure_refs(repo: Path, n_visits: int, state: Path) -> dict[str, float]:
         path=str(repo / "refcat"), filterMap=SIM_FILTER_MAP))
     per_visit: list[float] = []
     with StarStore.open(state, config) as store:
+        source = attach_references(store)
         report = backfill(repo, store, inventory=_inventory(repo, n_visits), progress=False,
-                          on_result=lambda r: per_visit.append(r.reference_seconds))
-        assert store.references is not None
-        store.references.refcat.clear_cache()
-        stars, cold = refresh_all(store)
-        _, warm = refresh_all(store)
+                          on_result=lambda r: per_visit.append(r.reference_seconds),
+                          references=source)
+        assert source is not None
+        source.refcat.clear_cache()
+        stars, cold = refresh_all(store, source)
+        _, warm = refresh_all(store, source)
     ordered = sorted(per_visit)
     return {"visits": report.applied, "first_visit_ms": 1e3 * per_visit[0],
             "median_visit_ms": 1e3 * ordered[len(ordered) // 2],

@@ -8,7 +8,7 @@ skipped without reading; one whose files changed is read and hashed: same conten
 different content -> a failure unless ``replace``.  A visit from a Butler repository
 (:mod:`streamstars.butler`) is skipped when the UUIDs of its datasets are those it was applied
 from.  A configured reference catalog is validated
-(:func:`streamstars.references.ensure_references`) before any visit is read.
+(:func:`streamstars.references.attach_references`) before any visit is read.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from streamstars.ingest import (
     prepare_visit,
 )
 from streamstars.io.discover import DiscoveredVisit, RepoInventory, discover_repo
-from streamstars.references import ensure_references
-from streamstars.state.store import StarStore
+from streamstars.references import CONFIGURED, ReferenceChoice, resolve_references
+from streamstars.state import StarStore
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +70,15 @@ class BackfillReport:
 
 
 def _unchanged(store: StarStore, visit: DiscoveredVisit) -> bool:
-    with store.read() as txn:
-        record = store.visit_record(txn, visit.visit)
+    record = store.visit_record(visit.visit)
     if record is None:
         return False
     if visit.dataset_ids:  # Butler datasets are immutable: same UUIDs, same content
-        return bool(record.get("dataset_ids") == sorted(visit.dataset_ids))
-    if "files" not in record:
+        return record.dataset_ids == sorted(visit.dataset_ids)
+    if record.files is None:
         return False
     try:
-        return bool(record["files"] == file_signature(visit.source_paths))
+        return bool(record.files == file_signature(visit.source_paths))
     except OSError:
         return False
 
@@ -101,9 +100,13 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
              prefetch: int = 2, progress: bool = True,
              inventory: RepoInventory | None = None,
              on_result: Callable[[ApplyResult], None] | None = None,
+             references: ReferenceChoice = CONFIGURED,
              prepare: PrepareVisit | None = None) -> BackfillReport:
     """Apply every visit found in ``repo`` to ``store``; never stops at a bad visit.
 
+    ``references``: the reference catalog visits cache stars from, as
+    :func:`streamstars.references.attach_references` returned it for ``store`` (default: the
+    store's configured catalog, opened and checked before any visit is read).
     ``inventory`` replaces the directory discovery of ``repo`` (a Butler repository's visits,
     :func:`streamstars.butler.discover.butler_inventory`) and ``prepare`` the reading of a
     visit (:func:`streamstars.butler.read.prepare_butler_visit` reads through dataset URIs).
@@ -117,7 +120,7 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
             aborted), the visits applied before it stay, the visits read ahead are dropped.
     """
     start = time.perf_counter()
-    ensure_references(store)
+    source = resolve_references(store, references)
     inventory = inventory or discover_repo(repo, reference_ccd=store.config.referenceCCD)
     report = BackfillReport(problems=list(inventory.problems))
     # visits named by a metadata table whose source tables are not (yet) in the repository;
@@ -133,7 +136,7 @@ def backfill(repo: str | Path, store: StarStore, *, replace: bool = False,
         for visit, future in _prefetched(pool, store, todo, prefetch, prepare or _prepare):
             try:
                 prepared = future.result()
-                result = apply_prepared(store, prepared, replace=replace)
+                result = apply_prepared(store, prepared, replace=replace, references=source)
             except KeyboardInterrupt:
                 pool.shutdown(wait=False, cancel_futures=True)  # do not read further visits
                 raise

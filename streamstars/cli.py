@@ -56,12 +56,12 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     # a bad reference catalog is refused before the store is even created (exit code 2)
     source = open_reference_source(config.fgcmLoadReferenceCatalog, args.butler)
     with StarStore.open(args.state, config) as store:
-        attach_references(store, source, butler=args.butler)
+        references = attach_references(store, source, butler=args.butler)
         report = backfill(args.butler or args.repo, store, replace=args.replace,
                           prefetch=args.prefetch, progress=not args.no_progress,
-                          inventory=inventory, prepare=prepare)
-        with store.read() as txn:
-            n_visits = sum(1 for _ in store.iter_visit_records(txn))
+                          inventory=inventory, prepare=prepare, references=references)
+        with store.read() as tx:
+            n_visits = tx.visits.count()
     for problem in report.problems:
         print(f"PROBLEM {problem}", file=sys.stderr)
     if report.without_sources:

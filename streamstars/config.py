@@ -239,7 +239,7 @@ class BuildStarsConfig:
 #: healpy's largest nside (2**29).
 HEALPIX_MAX_NSIDE = 1 << 29
 #: The store sorts observations by their pixel at ``storeNside * STORE_FINE_FACTOR``
-#: (streamstars.associate.FINE_FACTOR), which must stay a valid nside.
+#: (streamstars.state.schema.FINE_FACTOR), which must stay a valid nside.
 STORE_FINE_FACTOR = 64
 #: A store pixel must be at least this many times ``matchRadius +
 #: fgcmLoadReferenceCatalog.matchRadius`` wide: association and reference caching look at a

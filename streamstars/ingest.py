@@ -25,28 +25,27 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import lmdb
 import numpy as np
 
-from streamstars.associate import (
-    STORED_OBSERVATION_DTYPES,
-    BandUpdateStats,
-    add_observations,
-    rebuild_after_removal,
-    write_observations,
-)
+from streamstars.association import BandUpdateStats, add_observations, rebuild_after_removal
 from streamstars.bands import band_name_problem
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict
 from streamstars.config import BuildStarsConfig
 from streamstars.errors import InvalidMetadataError, InvalidSourceTableError, VisitConflictError
 from streamstars.io.sourcetable import read_source_tables
-from streamstars.references import ReferenceStats, cache_reference_pixels, ensure_references
+from streamstars.references import (
+    CONFIGURED,
+    ReferenceChoice,
+    ReferenceSource,
+    ReferenceStats,
+    cache_reference_pixels,
+    resolve_references,
+)
 from streamstars.select import DROP_REASONS, aperture_corrections, select_visit
-from streamstars.source_index import claim_source_ids, ensure_source_index, release_source_ids
-from streamstars.state.codec import decode_columns, encode_columns
-from streamstars.state.store import DB_OBSERVATIONS, StarStore, observation_key
+from streamstars.state import StarStore, Transaction, VisitRecord
+from streamstars.state.codec import encode_columns
 from streamstars.visit import VisitMetadata
 
 log = logging.getLogger(__name__)
@@ -265,39 +264,48 @@ def _report_dropped(visit: int, dropped: dict[str, int], n_selected: int) -> Non
 
 
 def apply_prepared(store: StarStore, prepared: PreparedVisit, *, replace: bool = False,
-                   kafka_offset: KafkaOffset | None = None) -> ApplyResult:
+                   kafka_offset: KafkaOffset | None = None,
+                   references: ReferenceChoice = CONFIGURED) -> ApplyResult:
     """Apply a prepared visit in one write transaction.
 
     Same content already applied -> "skipped" (the offset is still recorded).  Different
     content already applied -> :class:`VisitConflictError` unless ``replace``, which removes
-    the old observations first (status "replaced").
+    the old observations first (status "replaced").  ``references`` is the reference catalog
+    whose stars the visit caches: what :func:`streamstars.references.attach_references`
+    returned for ``store`` (``None``: no catalog); by default the store's configured catalog is
+    opened and checked now (callers applying many visits attach it once and pass it).
+
+    Raises:
+        VisitConflictError: other content already applied, without ``replace``.
+        SourceIdReuseError: the visit's sourceIds are stored for another visit.
+        StateError, RefcatError: the reference catalog cannot be used with this store.
+        DiskFullError: the store's disk is nearly full (nothing was written).
     """
     start = time.perf_counter()
-    ensure_references(store)  # validated once per open store, before the first visit
-    ensure_source_index(store)
+    source = resolve_references(store, references)
+    store.ensure_source_index()
 
-    def body(txn: lmdb.Transaction) -> ApplyResult:
-        record = store.visit_record(txn, prepared.visit)
+    def body(tx: Transaction) -> ApplyResult:
+        record = tx.visits.get(prepared.visit)
         status: Status = "applied"
         stats = None
         refs = ReferenceStats()
         if record is not None:
             if _same_content(record, prepared):
                 status = "skipped"
-                _follow_files(store, txn, record, prepared)
+                _follow_files(tx, record, prepared)
             elif not replace:
                 raise VisitConflictError(
                     f"visit {prepared.visit} was already applied with different content "
-                    f"(stored hash {record['content_hash'][:12]}, new {prepared.content_hash[:12]})"
+                    f"(stored hash {record.content_hash[:12]}, new {prepared.content_hash[:12]})"
                     "; re-run with --replace to replace its observations")
             else:
-                _remove_visit(store, txn, prepared.visit, record)
+                _remove_visit(tx, record)
                 status = "replaced"
         if status != "skipped":
-            stats, refs = _add_visit(store, txn, prepared, kafka_offset)
+            stats, refs = _add_visit(tx, prepared, kafka_offset, source)
         if kafka_offset is not None:
-            store.put_offset(txn, kafka_offset.topic, kafka_offset.partition,
-                             kafka_offset.next_offset)
+            tx.offsets.put(kafka_offset.topic, kafka_offset.partition, kafka_offset.next_offset)
         return ApplyResult(prepared.visit, status, prepared.n_sources,
                            len(prepared.observations["source_id"]), 0.0, stats,
                            refs.seconds, refs.pixels_filled, refs.stars_cached,
@@ -309,11 +317,13 @@ def apply_prepared(store: StarStore, prepared: PreparedVisit, *, replace: bool =
 
 
 def apply_visit(store: StarStore, visit_input: VisitInput, *, replace: bool = False,
-                kafka_offset: KafkaOffset | None = None) -> ApplyResult:
+                kafka_offset: KafkaOffset | None = None,
+                references: ReferenceChoice = CONFIGURED) -> ApplyResult:
     """Read, select and apply one visit (see :func:`prepare_visit`, :func:`apply_prepared`)."""
     start = time.perf_counter()
     prepared = prepare_visit(visit_input, store.config)
-    result = apply_prepared(store, prepared, replace=replace, kafka_offset=kafka_offset)
+    result = apply_prepared(store, prepared, replace=replace, kafka_offset=kafka_offset,
+                            references=references)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -322,19 +332,18 @@ def retract_visit(store: StarStore, visit: int, *,
                   kafka_offset: KafkaOffset | None = None) -> ApplyResult:
     """Remove a visit completely (observations, components it shaped, visit record)."""
     start = time.perf_counter()
-    ensure_source_index(store)
+    store.ensure_source_index()
 
-    def body(txn: lmdb.Transaction) -> ApplyResult:
-        record = store.visit_record(txn, visit)
+    def body(tx: Transaction) -> ApplyResult:
+        record = tx.visits.get(visit)
         status: Status = "absent"
         if record is not None:
-            _remove_visit(store, txn, visit, record)
+            _remove_visit(tx, record)
             status = "retracted"
         if kafka_offset is not None:
-            store.put_offset(txn, kafka_offset.topic, kafka_offset.partition,
-                             kafka_offset.next_offset)
-        n_selected = int(record["n_selected"]) if record else 0
-        n_sources = int(record["n_sources"]) if record else 0
+            tx.offsets.put(kafka_offset.topic, kafka_offset.partition, kafka_offset.next_offset)
+        n_selected = int(record.n_selected) if record else 0
+        n_sources = int(record.n_sources) if record else 0
         return ApplyResult(visit, status, n_sources, n_selected, 0.0)
 
     result = store.write(body)
@@ -342,90 +351,71 @@ def retract_visit(store: StarStore, visit: int, *,
     return result
 
 
-def _same_content(record: dict[str, Any], prepared: PreparedVisit) -> bool:
+def _same_content(record: VisitRecord, prepared: PreparedVisit) -> bool:
     """Whether a stored visit has the content of ``prepared`` (wherever its files were)."""
-    if record["content_hash"] == prepared.content_hash:
+    if record.content_hash == prepared.content_hash:
         return True
-    if record.get("content_hash_version") is not None:
+    if record.content_hash_version is not None:
         return False
     # a record of an older streamstars: its hash covered the metadata's path then; hashed
     # again the old way with that path, equal content gives the stored hash
-    source = str(record.get("metadata", {}).get("source", ""))
-    return bool(record["content_hash"] == legacy_content_hash(
+    source = str(record.metadata.get("source", ""))
+    return bool(record.content_hash == legacy_content_hash(
         prepared.observations, prepared.metadata, prepared.band, source))
 
 
-def _follow_files(store: StarStore, txn: lmdb.Transaction, record: dict[str, Any],
-                  prepared: PreparedVisit) -> None:
+def _follow_files(tx: Transaction, record: VisitRecord, prepared: PreparedVisit) -> None:
     """A visit skipped as unchanged: its record follows its inputs when they moved or were
     re-ingested (files, or Butler datasets with new UUIDs; so the next resume skips it without
     reading) and an older record gets the current content hash."""
-    moved = (record.get("files") != prepared.files
-             or record.get("source_paths") != prepared.source_paths
-             or record.get("metadata", {}).get("source") != prepared.metadata.source
-             or (bool(prepared.dataset_ids)
-                 and record.get("dataset_ids") != prepared.dataset_ids))
-    if not moved and record.get("content_hash_version") == CONTENT_HASH_VERSION:
+    moved = (record.files != prepared.files
+             or record.source_paths != prepared.source_paths
+             or record.metadata_source != prepared.metadata.source
+             or (bool(prepared.dataset_ids) and record.dataset_ids != prepared.dataset_ids))
+    if not moved and record.content_hash_version == CONTENT_HASH_VERSION:
         return
-    record = dict(record, files=prepared.files, source_paths=prepared.source_paths,
-                  content_hash=prepared.content_hash, content_hash_version=CONTENT_HASH_VERSION)
-    if prepared.dataset_ids:
-        record["dataset_ids"] = prepared.dataset_ids
-    record["metadata"] = dict(record["metadata"], source=prepared.metadata.source)
-    store.put_visit_record(txn, prepared.visit, record)
+    tx.visits.put(record.replace(
+        files=prepared.files, source_paths=prepared.source_paths,
+        content_hash=prepared.content_hash, content_hash_version=CONTENT_HASH_VERSION,
+        dataset_ids=prepared.dataset_ids or record.dataset_ids,
+        metadata=dict(record.metadata, source=prepared.metadata.source)))
 
 
-def _add_visit(store: StarStore, txn: lmdb.Transaction, prepared: PreparedVisit,
-               kafka_offset: KafkaOffset | None,
+def _add_visit(tx: Transaction, prepared: PreparedVisit, kafka_offset: KafkaOffset | None,
+               references: ReferenceSource | None,
                ) -> tuple[BandUpdateStats | None, ReferenceStats]:
     obs = prepared.observations
     # first: a visit reusing another visit's sourceIds fails here, before anything is written
-    claim_source_ids(store, txn, prepared.visit, obs["source_id"])
-    pixels = write_observations(store, txn, prepared.band, prepared.visit, obs)
-    record: dict[str, Any] = {
-        "visit": prepared.visit,
-        "band": prepared.band,
-        "metadata": prepared.metadata.to_dict(),
-        "content_hash": prepared.content_hash,
-        "content_hash_version": CONTENT_HASH_VERSION,
-        "dropped_rows": {k: int(prepared.dropped.get(k, 0)) for k in DROP_REASONS},
-        "pixels": pixels,
-        "n_sources": prepared.n_sources,
-        "n_selected": len(obs["source_id"]),
-        "delta_aper": prepared.delta_aper,
-        "delta_aper_detector": {str(k): v for k, v in sorted(
-            prepared.delta_aper_detector.items())},
-        "source_paths": prepared.source_paths,
-        "files": prepared.files,
-    }
-    if prepared.dataset_ids:
-        record["dataset_ids"] = prepared.dataset_ids
-    if kafka_offset is not None:
-        record["kafka"] = [kafka_offset.topic, kafka_offset.partition, kafka_offset.next_offset]
-    store.put_visit_record(txn, prepared.visit, record)
-    refs = cache_reference_pixels(store, txn, record["pixels"])
-    if prepared.band in store.config.primaryBands:
-        return add_observations(store, txn, prepared.band, obs), refs
+    tx.source_ids.claim(prepared.visit, obs["source_id"])
+    pixels = tx.observations.put_visit(prepared.band, prepared.visit, obs)
+    record = VisitRecord(
+        visit=prepared.visit,
+        band=prepared.band,
+        metadata=prepared.metadata.to_dict(),
+        content_hash=prepared.content_hash,
+        content_hash_version=CONTENT_HASH_VERSION,
+        dropped_rows={k: int(prepared.dropped.get(k, 0)) for k in DROP_REASONS},
+        pixels=pixels,
+        n_sources=prepared.n_sources,
+        n_selected=len(obs["source_id"]),
+        delta_aper=prepared.delta_aper,
+        delta_aper_detector={str(k): v for k, v in sorted(prepared.delta_aper_detector.items())},
+        source_paths=prepared.source_paths,
+        files=prepared.files,
+        dataset_ids=prepared.dataset_ids or None,
+        kafka=None if kafka_offset is None else [kafka_offset.topic, kafka_offset.partition,
+                                                 kafka_offset.next_offset],
+    )
+    tx.visits.put(record)
+    refs = cache_reference_pixels(tx, references, record.pixels)
+    if prepared.band in tx.config.primaryBands:
+        return add_observations(tx, prepared.band, obs), refs
     return None, refs
 
 
-def _remove_visit(store: StarStore, txn: lmdb.Transaction, visit: int,
-                  record: dict[str, Any]) -> None:
-    pixels = np.asarray(record["pixels"], dtype=np.int64)
-    release_source_ids(store, txn, visit, _stored_source_ids(store, txn, record))
-    rebuild_after_removal(store, txn, record["band"], pixels, visit)
-    store.delete_visit_record(txn, visit)
-
-
-def _stored_source_ids(store: StarStore, txn: lmdb.Transaction,
-                       record: dict[str, Any]) -> np.ndarray:
-    """The sourceIds of a stored visit, from its observation records."""
-    parts = []
-    handle = store.dbs[DB_OBSERVATIONS]
-    for pixel in record["pixels"]:
-        raw = txn.get(observation_key(record["band"], int(pixel), int(record["visit"])),
-                      db=handle)
-        if raw is not None:
-            parts.append(decode_columns(bytes(raw), STORED_OBSERVATION_DTYPES,
-                                        frozenset({"source_id"}))["source_id"])
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+def _remove_visit(tx: Transaction, record: VisitRecord) -> None:
+    tx.source_ids.release(record.visit, tx.observations.visit_source_ids(
+        record.band, record.pixels, record.visit))
+    rebuild_after_removal(tx, record.band, np.asarray(record.pixels, dtype=np.int64),
+                          record.visit)
+    tx.visits.delete(record.visit)

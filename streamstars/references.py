@@ -24,8 +24,9 @@ within ``matchRadius``.  streamstars splits this in two:
 
 ``refmatch`` records
 --------------------
-Key: the 8-byte big-endian pixel number (:func:`refs_key`).  Value: a columnar record
-(:func:`streamstars.state.codec.encode_columns`) with the schema :func:`record_schema`:
+Key: the 8-byte big-endian pixel number (:func:`streamstars.state.schema.refs_key`).  Value: a
+columnar record (:func:`streamstars.state.codec.encode_columns`) with the schema
+:func:`streamstars.state.schema.refcache_schema`:
 ``ref_id`` int64 (the refcat ``id``), ``ra``, ``dec`` float64 degrees (``coord_ra``/``coord_dec``
 converted, RA in [0, 360)), then one float32 column ``mag_<j>`` per filter and one float32
 column ``mag_err_<j>`` per filter, ``j`` indexing ``FILTERNAMES`` (the physical filters of
@@ -47,22 +48,21 @@ rebuilds the cache.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import os
-import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
-import lmdb
 import numpy as np
 from tqdm import tqdm
 
 from streamstars.columns import ColumnDict
-from streamstars.config import BuildStarsConfig, RefcatLoadConfig, config_from_json, to_dict
+from streamstars.config import BuildStarsConfig, RefcatLoadConfig, to_dict
 from streamstars.errors import RefcatError, StateError
 from streamstars.io.refcat import HtmRefcat
 from streamstars.refmatch import (
@@ -71,27 +71,21 @@ from streamstars.refmatch import (
     reference_magnitudes,
 )
 from streamstars.sky import pixels_of, unit_vectors, with_neighbours
-from streamstars.state.codec import decode_columns, encode_columns
-from streamstars.state.store import (
-    DB_META,
-    DB_REFMATCH,
-    META_CONFIG,
-    META_REFCAT,
-    StarStore,
-)
+from streamstars.state import StarStore, Transaction
+from streamstars.state.schema import refcache_schema
 
 __all__ = [
+    "CONFIGURED",
     "REFCACHE_FORMAT_VERSION",
+    "ReferenceChoice",
     "ReferenceSource",
     "ReferenceStats",
     "attach_references",
     "cache_reference_pixels",
-    "ensure_references",
     "open_reference_source",
     "read_cached_references",
-    "record_schema",
     "refresh_all",
-    "refs_key",
+    "resolve_references",
     "snapshot_references",
     "stored_refcat",
 ]
@@ -101,27 +95,7 @@ REFCACHE_FORMAT_VERSION = 1
 #: Pixels loaded from the refcat per batch in :func:`refresh_all` (nest order: compact regions).
 REFRESH_BATCH_PIXELS = 256
 
-_U64 = struct.Struct(">Q")
 _BASE_COLUMNS = ("id", "coord_ra", "coord_dec")
-
-
-def refs_key(pixel: int) -> bytes:
-    """Key of a pixel's record in ``refmatch``: the pixel as 8 big-endian bytes."""
-    return _U64.pack(int(pixel))
-
-
-def record_schema(n_filters: int) -> dict[str, np.dtype]:
-    """The fixed columnar schema of a ``refmatch`` record with ``n_filters`` filters."""
-    schema: dict[str, np.dtype] = {
-        "ref_id": np.dtype(np.int64),
-        "ra": np.dtype(np.float64),
-        "dec": np.dtype(np.float64),
-    }
-    for j in range(n_filters):
-        schema[f"mag_{j}"] = np.dtype(np.float32)
-    for j in range(n_filters):
-        schema[f"mag_err_{j}"] = np.dtype(np.float32)
-    return schema
 
 
 @dataclass
@@ -150,7 +124,7 @@ class ReferenceSource:
     @property
     def schema(self) -> dict[str, np.dtype]:
         """The ``refmatch`` record schema of this source."""
-        return record_schema(len(self.filters))
+        return refcache_schema(len(self.filters))
 
     def settings(self) -> dict[str, Any]:
         """The configuration that shapes the cached selection and magnitudes."""
@@ -178,7 +152,7 @@ class ReferenceSource:
     def load_pixels(self, pixels: np.ndarray, nside: int) -> tuple[ColumnDict, np.ndarray]:
         """Selected reference stars lying in the given nest pixels and the pixel of each.
 
-        Returns ``(columns, pixel)`` with columns of :func:`record_schema` (not yet sorted).
+        Returns ``(columns, pixel)`` with columns of :attr:`schema` (not yet sorted).
         """
         pixels = np.unique(np.asarray(pixels, dtype=np.int64))
         shards = self.refcat.shards_for_healpix(pixels, nside, margin_arcsec=1.0)
@@ -370,30 +344,41 @@ def _data_bytes(cards: dict[str, str]) -> int:
 # ---------------------------------------------------------------------------------------------
 # store wiring
 # ---------------------------------------------------------------------------------------------
-def stored_refcat(store: StarStore, txn: lmdb.Transaction | None = None) -> dict[str, Any] | None:
+class _Configured(enum.Enum):
+    CONFIGURED = "the store's configured reference catalog"
+
+
+#: ``references=CONFIGURED``: open the store's configured catalog and check it against the
+#: store (:func:`attach_references`) when called.
+CONFIGURED = _Configured.CONFIGURED
+
+#: What a caller applying visits names as their reference catalog: an attached source,
+#: ``None`` (no catalog) or :data:`CONFIGURED`.
+ReferenceChoice: TypeAlias = ReferenceSource | None | _Configured
+
+
+def stored_refcat(store: StarStore) -> dict[str, Any] | None:
     """The ``meta/refcat`` JSON of a store, or ``None``."""
-    if txn is None:
-        raw = store.get_meta(META_REFCAT)
-    else:
-        value = txn.get(META_REFCAT, db=store.dbs[DB_META])
-        raw = None if value is None else bytes(value)
-    return None if raw is None else dict(json.loads(raw))
+    with store.read() as tx:
+        return tx.meta.refcat()
 
 
-def _refresh_hint(store: StarStore) -> str:
-    return (f"run `streamstars refresh-refs --state {store.path} [--config FILE]` to rebuild "
-            "the reference-star cache with the configured catalog")
+def _refresh_hint(path: Path) -> str:
+    return (f"run `streamstars refresh-refs --state {path} [--config FILE]` to rebuild "
+            "the reference-star cache for the configured catalog")
 
 
 def attach_references(store: StarStore, source: ReferenceSource | None = None, *,
                       check: bool = True, butler: str | None = None) -> ReferenceSource | None:
-    """Open the store's configured catalog and put it on ``store.references``.
+    """The reference catalog visits applied to ``store`` cache stars from, checked.
 
     ``source`` may be an already validated :func:`open_reference_source` result for
-    ``store.config.fgcmLoadReferenceCatalog``; ``butler`` is the command's Butler repository
-    (for a catalog kept in a Butler).  With ``check`` (every caller but
-    ``refresh-refs``) the store's ``meta/refcat`` must agree with it; an empty store without
-    ``meta/refcat`` gets the configured one recorded.
+    ``store.config.fgcmLoadReferenceCatalog`` (``None``: it is opened now); ``butler`` is the
+    command's Butler repository (for a catalog kept in a Butler).  With ``check``
+    (every caller but ``refresh-refs``) the store's ``meta/refcat`` must agree with it; an
+    empty store without ``meta/refcat`` gets the configured one recorded.  Pass the result to
+    :func:`streamstars.ingest.apply_prepared` / :func:`streamstars.backfill.backfill` as
+    ``references``: the store itself holds no reference to it.
 
     Raises:
         RefcatError: the configured catalog cannot be used.
@@ -410,17 +395,18 @@ def attach_references(store: StarStore, source: ReferenceSource | None = None, *
                     f"{store.path} caches reference stars of {stored.get('dataset_name')!r} "
                     f"({stored.get('path')}) but the configuration has no "
                     "[fgcmLoadReferenceCatalog] path; use the same reference-catalog settings, or "
-                    + _refresh_hint(store) + " (with an empty path it drops the cache)")
+                    + _refresh_hint(store.path) + " (with an empty path it drops the cache)")
         elif stored is None:
-            with store.read() as txn:
-                has_visits = any(True for _ in store.iter_visit_records(txn))
+            with store.read() as tx:
+                has_visits = any(True for _ in tx.visits.items())
             if has_visits:
                 raise StateError(
                     f"{store.path} holds visits applied without a reference catalog, and the "
-                    f"configuration now names {source.refcat.path}; " + _refresh_hint(store))
+                    f"configuration now names {source.refcat.path}; "
+                    + _refresh_hint(store.path))
             if not store.readonly:
-                encoded = json.dumps(source.identity(), sort_keys=True).encode()
-                store.write(lambda txn: store.put_meta(txn, META_REFCAT, encoded))
+                identity = source.identity()
+                store.write(lambda tx: tx.meta.set_refcat(identity))
         else:
             identity = source.identity()
             if stored != identity:
@@ -430,72 +416,66 @@ def attach_references(store: StarStore, source: ReferenceSource | None = None, *
                                     f"{identity.get(k)!r}" for k in keys)
                 raise StateError(
                     f"{store.path} caches reference stars of another reference catalog or "
-                    f"with other settings ({details}); " + _refresh_hint(store))
-    store.references = source
-    store.references_attached = True
+                    f"with other settings ({details}); " + _refresh_hint(store.path))
     return source
 
 
-def ensure_references(store: StarStore) -> ReferenceSource | None:
-    """:func:`attach_references` once per open store (a no-op when already attached)."""
-    if getattr(store, "references_attached", False):
-        return store.references
-    return attach_references(store)
+def resolve_references(store: StarStore, references: ReferenceChoice) -> ReferenceSource | None:
+    """``references`` as given, or, for :data:`CONFIGURED`, :func:`attach_references` now."""
+    if isinstance(references, _Configured):
+        return attach_references(store)
+    return references
 
 
-def _write_pixels(store: StarStore, txn: lmdb.Transaction, source: ReferenceSource,
-                  pixels: np.ndarray) -> int:
+def _write_pixels(tx: Transaction, source: ReferenceSource, pixels: np.ndarray) -> int:
     """Load and write the records of ``pixels`` (sorted unique); returns stars written."""
-    nside = store.config.storeNside
-    data, pix = source.load_pixels(pixels, nside)
+    data, pix = source.load_pixels(pixels, tx.config.storeNside)
     order = np.lexsort((data["ref_id"], pix))
     pix = pix[order]
-    schema = source.schema
     # row range of each requested pixel (empty ranges -> empty records)
     lo = np.searchsorted(pix, pixels, side="left")
     hi = np.searchsorted(pix, pixels, side="right")
-    db = store.dbs[DB_REFMATCH]
     sorted_cols = {k: v[order] for k, v in data.items()}
+    n_filters = len(source.filters)
     for p, a, b in zip(pixels.tolist(), lo.tolist(), hi.tolist(), strict=True):
-        txn.put(refs_key(p), encode_columns({k: v[a:b] for k, v in sorted_cols.items()},
-                                            schema), db=db)
+        tx.refcache.put(p, {k: v[a:b] for k, v in sorted_cols.items()}, n_filters)
     return len(pix)
 
 
-def cache_reference_pixels(store: StarStore, txn: lmdb.Transaction,
+def cache_reference_pixels(tx: Transaction, source: ReferenceSource | None,
                            pixels: Iterable[int]) -> ReferenceStats:
     """Cache the reference stars of ``pixels`` and their neighbours not cached yet.
 
-    Runs inside the caller's write transaction (the visit's).  A no-op without a catalog.
+    Runs inside the caller's write transaction (the visit's).  A no-op without a catalog
+    (``source`` None) as long as the store caches none either.
 
     Raises:
-        StateError: the catalog could not be read mid-stream (the visit is not applied).
+        StateError: the store's cache was rebuilt for another catalog, or for one while this
+            process runs without (refresh-refs ran meanwhile), or the catalog could not be
+            read mid-stream (the visit is not applied).
     """
     start = time.perf_counter()
-    source: ReferenceSource | None = getattr(store, "references", None)
     stats = ReferenceStats()
     # another process (refresh-refs) may have rebuilt the cache since this one attached
-    raw = txn.get(META_REFCAT, db=store.dbs[DB_META])
+    stored = tx.meta.refcat()
     if source is None:
-        if raw is not None and getattr(store, "references_attached", False):
+        if stored is not None:
             raise StateError(
-                f"{store.path} now caches reference stars (refresh-refs ran while this process "
+                f"{tx.path} now caches reference stars (refresh-refs ran while this process "
                 "was running without a reference catalog); restart with the same "
                 "[fgcmLoadReferenceCatalog] settings")
         return stats
-    if raw is None or json.loads(bytes(raw)) != source.identity():
+    if stored is None or stored != source.identity():
         raise StateError(
-            f"the reference-star cache of {store.path} was rebuilt for another catalog or other "
+            f"the reference-star cache of {tx.path} was rebuilt for another catalog or other "
             "settings (refresh-refs) while this process was running; restart it with the "
             "configuration given to refresh-refs (nothing of the visit was stored)")
-    wanted = with_neighbours(np.fromiter(pixels, dtype=np.int64), store.config.storeNside)
-    db = store.dbs[DB_REFMATCH]
-    missing = np.array([p for p in wanted.tolist() if txn.get(refs_key(p), db=db) is None],
-                       dtype=np.int64)
+    wanted = with_neighbours(np.fromiter(pixels, dtype=np.int64), tx.config.storeNside)
+    missing = tx.refcache.missing(wanted.tolist())
     stats.pixels_checked = len(wanted)
     if len(missing):
         try:
-            stats.stars_cached = _write_pixels(store, txn, source, missing)
+            stats.stars_cached = _write_pixels(tx, source, missing)
         except RefcatError as exc:
             raise StateError(
                 f"reading the reference catalog {source.refcat.path} failed while applying a "
@@ -505,53 +485,48 @@ def cache_reference_pixels(store: StarStore, txn: lmdb.Transaction,
     return stats
 
 
-def _observed_pixels(store: StarStore, txn: lmdb.Transaction) -> np.ndarray:
-    pixels = [np.asarray(rec.get("pixels", []), dtype=np.int64)
-              for _, rec in store.iter_visit_records(txn)]
+def _observed_pixels(tx: Transaction) -> np.ndarray:
+    pixels = [np.asarray(rec.pixels, dtype=np.int64) for _, rec in tx.visits.items()]
     return np.unique(np.concatenate(pixels)) if pixels else np.zeros(0, dtype=np.int64)
 
 
-def refresh_all(store: StarStore, *, progress: bool = False,
+def refresh_all(store: StarStore, source: ReferenceChoice = CONFIGURED, *, progress: bool = False,
                 batch_pixels: int = REFRESH_BATCH_PIXELS) -> tuple[int, float]:
     """Drop and rebuild every ``refmatch`` record in ONE write transaction.
 
-    The catalog is ``store.references`` (attached with :func:`attach_references`, without the
-    check, when not yet attached).  Every pixel holding observations and its neighbours gets a
-    record; ``meta/refcat`` and the ``fgcmLoadReferenceCatalog`` table of the stored
-    configuration are updated to the configured catalog (both removed when it has no path,
-    which just drops the cache).
+    ``source`` is the catalog to cache (``None``: none, the cache is dropped; default: the
+    store's configured catalog, opened now without checking it against the store's cache —
+    this is how a cache is changed).  Every
+    pixel holding observations and its neighbours gets a record; ``meta/refcat`` and the
+    ``fgcmLoadReferenceCatalog`` table of the stored configuration are updated to the
+    configured catalog (both removed when it has no path, which just drops the cache).
 
     Returns:
         ``(reference stars cached, seconds)``.
     """
     start = time.perf_counter()
-    if not getattr(store, "references_attached", False):
-        attach_references(store, check=False)
-    source: ReferenceSource | None = store.references
+    catalog = attach_references(store, check=False) if isinstance(source, _Configured) \
+        else source
 
-    def body(txn: lmdb.Transaction) -> int:
-        txn.drop(store.dbs[DB_REFMATCH], delete=False)
-        meta_db = store.dbs[DB_META]
-        raw = txn.get(META_CONFIG, db=meta_db)
-        if raw is not None:
-            stored_cfg = config_from_json(bytes(raw).decode())
-            updated = dataclasses.replace(
-                stored_cfg, fgcmLoadReferenceCatalog=store.config.fgcmLoadReferenceCatalog)
-            # key order kept (filterMap order = FILTERNAMES), as StarStore writes it
-            store.put_meta(txn, META_CONFIG, json.dumps(to_dict(updated)).encode())
-        if source is None:
-            txn.delete(META_REFCAT, db=meta_db)
+    def body(tx: Transaction) -> int:
+        tx.refcache.clear()
+        stored_cfg = tx.meta.config()
+        if stored_cfg is not None:
+            tx.meta.set_config(dataclasses.replace(
+                stored_cfg, fgcmLoadReferenceCatalog=store.config.fgcmLoadReferenceCatalog))
+        if catalog is None:
+            tx.meta.set_refcat(None)
             return 0
-        pixels = with_neighbours(_observed_pixels(store, txn), store.config.storeNside)
+        pixels = with_neighbours(_observed_pixels(tx), store.config.storeNside)
         total = 0
         with tqdm(total=len(pixels), unit="pixel", desc="refresh-refs", dynamic_ncols=True,
                   disable=not progress) as bar:
             for lo in range(0, len(pixels), max(1, batch_pixels)):
                 chunk = pixels[lo:lo + batch_pixels]
-                total += _write_pixels(store, txn, source, chunk)
+                total += _write_pixels(tx, catalog, chunk)
                 bar.update(len(chunk))
                 bar.set_postfix(refs=f"{total:,}")
-        store.put_meta(txn, META_REFCAT, json.dumps(source.identity(), sort_keys=True).encode())
+        tx.meta.set_refcat(catalog.identity())
         return total
 
     n = store.write(body)
@@ -561,13 +536,10 @@ def refresh_all(store: StarStore, *, progress: bool = False,
 # ---------------------------------------------------------------------------------------------
 # snapshot
 # ---------------------------------------------------------------------------------------------
-def read_cached_references(store: StarStore, txn: lmdb.Transaction,
-                           n_filters: int) -> dict[str, np.ndarray]:
+def read_cached_references(tx: Transaction, n_filters: int) -> dict[str, np.ndarray]:
     """Every cached reference star: ``ref_id``, ``ra``, ``dec``, ``refMag``, ``refMagErr``."""
-    schema = record_schema(n_filters)
-    parts = [decode_columns(bytes(v), schema)
-             for _, v in txn.cursor(db=store.dbs[DB_REFMATCH])]
-    parts = [p for p in parts if len(p["ref_id"])]
+    schema = refcache_schema(n_filters)
+    parts = list(tx.refcache.records(n_filters))
 
     def cat(name: str) -> np.ndarray:
         if not parts:
@@ -586,11 +558,11 @@ def read_cached_references(store: StarStore, txn: lmdb.Transaction,
     }
 
 
-def snapshot_references(store: StarStore, txn: lmdb.Transaction, config: BuildStarsConfig,
-                        star_id: np.ndarray, star_ra: np.ndarray, star_dec: np.ndarray,
+def snapshot_references(tx: Transaction, config: BuildStarsConfig, star_id: np.ndarray,
+                        star_ra: np.ndarray, star_dec: np.ndarray,
                         ) -> tuple[dict[str, np.ndarray] | None, tuple[str, ...],
                                    dict[str, Any] | None]:
-    """The ``fgcmReferenceStars`` rows of the final stars, from the cache in ``txn``.
+    """The ``fgcmReferenceStars`` rows of the final stars, from the cache in ``tx``.
 
     Returns ``(reference, FILTERNAMES, meta/refcat)``; ``reference`` is ``None`` when the store
     caches no catalog or ``config`` has no ``fgcmLoadReferenceCatalog.path`` nor
@@ -600,7 +572,7 @@ def snapshot_references(store: StarStore, txn: lmdb.Transaction, config: BuildSt
     Raises:
         StateError: ``config``'s reference settings differ from those of the cache.
     """
-    stored = stored_refcat(store, txn)
+    stored = tx.meta.refcat()
     cfg = config.fgcmLoadReferenceCatalog
     if stored is None or not (cfg.path or cfg.collections):
         return None, (), stored
@@ -609,9 +581,9 @@ def snapshot_references(store: StarStore, txn: lmdb.Transaction, config: BuildSt
         raise StateError(
             f"the configuration's [fgcmLoadReferenceCatalog] settings differ from those the "
             f"store's reference-star cache was built with ({stored.get('filters')}, selector "
-            f"{stored.get('referenceSelector')}); " + _refresh_hint(store))
+            f"{stored.get('referenceSelector')}); " + _refresh_hint(tx.path))
     filters = tuple(str(f) for f in stored["filters"])
-    refs = read_cached_references(store, txn, len(filters))
+    refs = read_cached_references(tx, len(filters))
     ri, si = match_reference_to_stars(refs["ra"], refs["dec"], star_ra, star_dec, star_id,
                                       cfg.matchRadius, ref_ids=refs["ref_id"])
     order = np.argsort(np.asarray(star_id)[si], kind="stable")

@@ -28,11 +28,9 @@ def cmd_refresh_refs(args: argparse.Namespace) -> int:
         open_reference_source(config.fgcmLoadReferenceCatalog, args.butler)
     with StarStore.open(args.state, config) as store:
         source = attach_references(store, check=False, butler=args.butler)
-        n_refs, seconds = refresh_all(store, progress=not args.no_progress)
-        with store.read() as txn:
-            from streamstars.state.store import DB_REFMATCH
-
-            n_pixels = txn.stat(store.dbs[DB_REFMATCH])["entries"]
+        n_refs, seconds = refresh_all(store, source, progress=not args.no_progress)
+        with store.read() as tx:
+            n_pixels = tx.refcache.count()
     if source is None:
         print(f"refresh-refs: no reference catalog configured; reference cache dropped "
               f"({seconds:.2f} s)")

@@ -26,21 +26,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import healpy as hp
-import lmdb
 import numpy as np
 
 from streamstars import __version__
-from streamstars.associate import (
-    CANDIDATE_DTYPES,
-    COMPONENT_DTYPES,
-    POSITION_COLUMNS,
-    POSITION_DTYPES,
-    STORED_OBSERVATION_DTYPES,
-    centres_of,
-)
+from streamstars.association.fof import centres_of
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
 from streamstars.config import BuildStarsConfig, check_snapshot_config, to_dict
 from streamstars.errors import StateError
@@ -53,15 +44,8 @@ from streamstars.sky import (
     radec_from_vectors,
     vectors_from_fixed,
 )
-from streamstars.state.codec import decode_columns
-from streamstars.state.store import (
-    DB_CANDIDATES,
-    DB_COMPONENTS,
-    DB_OBSERVATIONS,
-    StarStore,
-    band_from_key,
-    band_key,
-)
+from streamstars.state import StarStore, Transaction, VisitRecord
+from streamstars.state.schema import POSITION_COLUMNS, POSITION_DTYPES
 from streamstars.visit import BAD_DETECTOR_VALUE
 
 _OUTPUT_COLUMNS = frozenset(OBSERVATION_DTYPES)
@@ -114,15 +98,6 @@ def seeded_hash(star_id: np.ndarray, seed: int, salt: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------
-def read_band_table(store: StarStore, txn: lmdb.Transaction, db: bytes, band: str,
-                    schema: dict[str, np.dtype]) -> ColumnDict:
-    """Every record of ``band`` in a (band, pixel)-keyed sub-database."""
-    parts = [decode_columns(v, schema)
-             for _, v in store.prefix_items(txn, db, band_key(band))]
-    return concat(parts, schema)
-
-
-
 @dataclass
 class ObservationPositions:
     """Pass 1 of a snapshot: every stored observation's identity and position, its band (as
@@ -134,55 +109,53 @@ class ObservationPositions:
     record_starts: np.ndarray  # int64, one per record in cursor order, plus the total
 
 
-def read_observation_positions(store: StarStore, txn: lmdb.Transaction) -> ObservationPositions:
-    """Pass 1: identity and position of every stored observation (``txn`` should be begun
+def read_observation_positions(tx: Transaction) -> ObservationPositions:
+    """Pass 1: identity and position of every stored observation (``tx`` should be begun
     with ``buffers=True``: only these columns' pages are read, nothing is copied twice)."""
     parts, codes, starts = [], [], [0]
     names: dict[str, int] = {}
-    for key, value in txn.cursor(db=store.dbs[DB_OBSERVATIONS]):
+    for record in tx.observations.scan():
         # pass 1 reads what the association reads of an observation: identity and position
-        part = decode_columns(value, STORED_OBSERVATION_DTYPES, POSITION_COLUMNS)
+        part = record.columns(POSITION_COLUMNS)
         # copy the four columns now: views would keep whole values alive (buffers=False)
         parts.append({k: np.array(c) for k, c in part.items()})
-        code = names.setdefault(band_from_key(bytes(key)), len(names))
+        code = names.setdefault(record.band, len(names))
         codes.append(np.full(len(part["source_id"]), code, dtype=np.uint8))
         starts.append(starts[-1] + len(part["source_id"]))
-        store.note_access()  # the map's size is checked every few records read
     if len(names) > 255:
-        raise StateError(f"store {store.path} holds more than 255 bands")
+        raise StateError(f"store {tx.path} holds more than 255 bands")
     return ObservationPositions(
         concat(parts, POSITION_DTYPES),
         np.concatenate(codes) if codes else np.zeros(0, dtype=np.uint8),
         list(names), np.asarray(starts, dtype=np.int64))
 
 
-def read_observation_rows(store: StarStore, txn: lmdb.Transaction,
-                          positions: ObservationPositions, rows: np.ndarray) -> ColumnDict:
+def read_observation_rows(tx: Transaction, positions: ObservationPositions,
+                          rows: np.ndarray) -> ColumnDict:
     """Pass 2: every column of the observations ``rows`` (indices of pass 1, in the order
-    given), read record by record in the same transaction and cursor order as pass 1."""
+    given), read record by record in the same transaction and scan order as pass 1."""
     out = {k: np.empty(len(rows), dtype=dt) for k, dt in OBSERVATION_DTYPES.items()}
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
     bounds = np.searchsorted(sorted_rows, positions.record_starts)
-    for i, (_, value) in enumerate(txn.cursor(db=store.dbs[DB_OBSERVATIONS])):
+    for i, record in enumerate(tx.observations.scan()):
         lo, hi = int(bounds[i]), int(bounds[i + 1])
         if hi > lo:
             local = sorted_rows[lo:hi] - positions.record_starts[i]
-            part = decode_columns(value, STORED_OBSERVATION_DTYPES, _OUTPUT_COLUMNS)
+            part = record.columns(_OUTPUT_COLUMNS)
             if len(part["source_id"]) != positions.record_starts[i + 1] - \
                     positions.record_starts[i]:
                 raise StateError("observations changed between the two snapshot passes")
             for name, column in part.items():
                 out[name][order[lo:hi]] = column[local]
-        store.note_access()  # the map's size is checked every few records read
     return out
 
 
-def band_candidates(store: StarStore, txn: lmdb.Transaction, band: str) -> ColumnDict:
+def band_candidates(tx: Transaction, band: str) -> ColumnDict:
     """Star candidates of one primary band: star_id and integer vector sums."""
-    comps = read_band_table(store, txn, DB_COMPONENTS, band, COMPONENT_DTYPES)
-    explicit = read_band_table(store, txn, DB_CANDIDATES, band, CANDIDATE_DTYPES)
-    implicit = comps["clique"] & (comps["count"] >= store.config.minPerBand)
+    comps = tx.components.read_band(band)
+    explicit = tx.candidates.read_band(band)
+    implicit = comps["clique"] & (comps["count"] >= tx.config.minPerBand)
     keys = ("star_id", "sx", "sy", "sz")
     from_cliques = {"star_id": comps["comp_id"][implicit], "sx": comps["sx"][implicit],
                     "sy": comps["sy"][implicit], "sz": comps["sz"][implicit]}
@@ -204,11 +177,35 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
     ``observations`` those are (grouped by star, in star order).
     """
     match = chord_from_arcsec(config.matchRadius)
-    isolation = chord_from_arcsec(config.isolationRadius)
+    star_id, star_v = merge_bands(candidates, config.primaryBands, match)
+    star_id, star_v = isolated(star_id, star_v, chord_from_arcsec(config.isolationRadius))
+    owner = memberships(star_v, observations, match)
+    star_id = published_ids(len(star_id), owner, observations["source_id"])
+    keep = star_id != _NO_ID  # a star needs members
+    keep &= has_required_bands(owner, band_code, band_names, len(star_id), config)
+    keep &= density_cut(star_id, star_v, keep, config)
+    survivors = np.flatnonzero(keep)
+    survivors = survivors[np.argsort(star_id[survivors], kind="stable")]
+    rows, n_obs = grouped_members(owner, survivors, len(star_id), observations)
+    final_id = star_id[survivors]
+    ra, dec = radec_from_vectors(star_v[survivors]) if len(survivors) else (
+        np.zeros(0), np.zeros(0))
+    return StarCatalog(final_id, ra, dec, n_obs, reserve_flags(final_id, config),
+                       take(observations, rows)), rows
 
+
+#: The published id of a star without members (removed).
+_NO_ID = np.iinfo(np.int64).max
+
+
+def merge_bands(candidates: dict[str, ColumnDict], primary_bands: tuple[str, ...],
+                match: float) -> tuple[np.ndarray, np.ndarray]:
+    """Step 2, cross-band merge: in ``primary_bands`` order, a later band's candidate within
+    ``match`` (chord) of an already accepted star is dropped.  Returns the accepted
+    candidates' ids and unit vectors."""
     ids: list[np.ndarray] = []
     vecs: list[np.ndarray] = []
-    for band in config.primaryBands:
+    for band in primary_bands:
         cand = candidates.get(band)
         if cand is None or len(cand["star_id"]) == 0:
             continue
@@ -223,51 +220,78 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
             ids.append(cand["star_id"])
         vecs.append(v)
     star_id = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    star_v = np.concatenate(vecs) if vecs else np.zeros((0, 3))
+    return star_id, (np.concatenate(vecs) if vecs else np.zeros((0, 3)))
 
-    if len(star_id) > 1:
-        close = kdtree(star_v).query_pairs(isolation, output_type="ndarray")
-        isolated = np.ones(len(star_id), dtype=bool)
-        isolated[close.ravel()] = False
-        star_id, star_v = star_id[isolated], star_v[isolated]
 
+def isolated(star_id: np.ndarray, star_v: np.ndarray,
+             isolation: float) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3: every star with another star within ``isolation`` (chord) is removed (both)."""
+    if len(star_id) <= 1:
+        return star_id, star_v
+    close = kdtree(star_v).query_pairs(isolation, output_type="ndarray")
+    keep = np.ones(len(star_id), dtype=bool)
+    keep[close.ravel()] = False
+    return star_id[keep], star_v[keep]
+
+
+def memberships(star_v: np.ndarray, observations: ColumnDict, match: float) -> np.ndarray:
+    """Step 4: the star each observation (any band) is within ``match`` of, or -1 (stars are
+    isolated, so there is at most one)."""
     obs_v = vectors_from_fixed(fixed_unit_vectors(observations["ra"], observations["dec"]))
-    if len(star_id) and len(obs_v):
-        dist, nearest = kdtree(star_v).query(obs_v, k=1, distance_upper_bound=match * 1.001)
-        member = dist <= match
-    else:
-        nearest = np.zeros(len(obs_v), dtype=np.int64)
-        member = np.zeros(len(obs_v), dtype=bool)
-    owner = np.where(member, nearest, -1)
+    if not (len(star_v) and len(obs_v)):
+        return np.full(len(obs_v), -1, dtype=np.int64)
+    dist, nearest = kdtree(star_v).query(obs_v, k=1, distance_upper_bound=match * 1.001)
+    return np.where(dist <= match, nearest, -1)
 
-    # the published id: the smallest sourceId among the star's members.  Unlike the seed of
-    # the winning candidate it survives a later primary band taking the star over.
-    big = np.iinfo(np.int64).max
-    published = np.full(len(star_id), big, dtype=np.int64)
-    np.minimum.at(published, owner[member], observations["source_id"][member])
-    star_id = published
 
-    keep = star_id != big  # a star needs members
+def published_ids(n_stars: int, owner: np.ndarray, source_id: np.ndarray) -> np.ndarray:
+    """The published id of each star: the smallest sourceId among its members
+    (:data:`_NO_ID` without members).  Unlike the seed of the winning candidate it survives a
+    later primary band taking the star over."""
+    member = owner >= 0
+    published = np.full(n_stars, _NO_ID, dtype=np.int64)
+    np.minimum.at(published, owner[member], source_id[member])
+    return published
+
+
+def has_required_bands(owner: np.ndarray, band_code: np.ndarray, band_names: list[str],
+                       n_stars: int, config: BuildStarsConfig) -> np.ndarray:
+    """Step 5: per star, >= ``minPerBand`` member observations in each required band."""
+    keep = np.ones(n_stars, dtype=bool)
+    member = owner >= 0
     for band in config.requiredBands:
         code = band_names.index(band) if band in band_names else -1
         in_band = member & (band_code == code)
-        keep &= np.bincount(owner[in_band], minlength=len(star_id)) >= config.minPerBand
+        keep &= np.bincount(owner[in_band], minlength=n_stars) >= config.minPerBand
+    return keep
 
-    if len(star_id):
-        pixel = hp.vec2pix(config.densityCutNside, star_v[:, 0], star_v[:, 1], star_v[:, 2],
-                           nest=True)
-        rank_key = seeded_hash(star_id, config.randomSeed, _DENSITY_SALT)
-        candidates_idx = np.flatnonzero(keep)
-        order = candidates_idx[np.lexsort((star_id[candidates_idx], rank_key[candidates_idx],
-                                           pixel[candidates_idx]))]
-        sorted_pixel = pixel[order]
-        starts = np.flatnonzero(np.r_[True, sorted_pixel[1:] != sorted_pixel[:-1]])
-        rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-        keep[order[rank >= config.densityCutMaxPerPixel]] = False
 
-    new_index = np.full(len(star_id), -1, dtype=np.int64)
-    survivors = np.flatnonzero(keep)
-    survivors = survivors[np.argsort(star_id[survivors], kind="stable")]
+def density_cut(star_id: np.ndarray, star_v: np.ndarray, keep: np.ndarray,
+                config: BuildStarsConfig) -> np.ndarray:
+    """Step 6: per star kept so far, whether it survives the density cut: in each
+    ``densityCutNside`` pixel at most ``densityCutMaxPerPixel`` stars, those with the
+    smallest seeded hash of their id."""
+    survive = np.ones(len(star_id), dtype=bool)
+    if not len(star_id):
+        return survive
+    pixel = hp.vec2pix(config.densityCutNside, star_v[:, 0], star_v[:, 1], star_v[:, 2],
+                       nest=True)
+    rank_key = seeded_hash(star_id, config.randomSeed, _DENSITY_SALT)
+    candidates_idx = np.flatnonzero(keep)
+    order = candidates_idx[np.lexsort((star_id[candidates_idx], rank_key[candidates_idx],
+                                       pixel[candidates_idx]))]
+    sorted_pixel = pixel[order]
+    starts = np.flatnonzero(np.r_[True, sorted_pixel[1:] != sorted_pixel[:-1]])
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    survive[order[rank >= config.densityCutMaxPerPixel]] = False
+    return survive
+
+
+def grouped_members(owner: np.ndarray, survivors: np.ndarray, n_stars: int,
+                    observations: ColumnDict) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of the surviving stars' members grouped by star (in ``survivors`` order),
+    each star's sorted by (visit, sourceId), and the number of members of each star."""
+    new_index = np.full(n_stars, -1, dtype=np.int64)
     new_index[survivors] = np.arange(len(survivors))
     obs_owner = np.full(len(owner), -1, dtype=np.int64)
     has_owner = owner >= 0  # no star at all: new_index is empty
@@ -275,47 +299,47 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
     rows = np.flatnonzero(obs_owner >= 0)
     rows = rows[np.lexsort((observations["source_id"][rows], observations["visit"][rows],
                             obs_owner[rows]))]
-    n_obs = np.bincount(obs_owner[rows], minlength=len(survivors)).astype(np.int32)
+    return rows, np.bincount(obs_owner[rows], minlength=len(survivors)).astype(np.int32)
 
-    final_id = star_id[survivors]
-    ra, dec = radec_from_vectors(star_v[survivors]) if len(survivors) else (
-        np.zeros(0), np.zeros(0))
-    reserve_draw = seeded_hash(final_id, config.randomSeed, _RESERVE_SALT)
+
+def reserve_flags(star_id: np.ndarray, config: BuildStarsConfig) -> np.ndarray:
+    """Step 7: ``obj_flag`` of each star, RESERVED for a seeded-hash fraction
+    ``reserveFraction`` of them."""
+    reserve_draw = seeded_hash(star_id, config.randomSeed, _RESERVE_SALT)
     threshold = np.uint64(int(config.reserveFraction * float(1 << 64)) & 0xFFFFFFFFFFFFFFFF)
-    obj_flag = np.where(reserve_draw < threshold, OBJ_FLAG_RESERVED, 0).astype(np.int32)
-    return StarCatalog(final_id, ra, dec, n_obs, obj_flag, take(observations, rows)), rows
+    return np.where(reserve_draw < threshold, OBJ_FLAG_RESERVED, 0).astype(np.int32)
 
 
-def visit_catalog(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def visit_catalog(records: list[VisitRecord]) -> dict[str, np.ndarray]:
     """fgcmVisitCatalog columns from the stored visit records (sorted by visit)."""
-    records = sorted(records, key=lambda r: r["visit"])
-    detectors = [int(d) for r in records for d in r["metadata"].get("detectors", [])]
-    detectors += [int(d) for r in records for d in r.get("delta_aper_detector", {})]
+    records = sorted(records, key=lambda r: r.visit)
+    detectors = [int(d) for r in records for d in r.metadata.get("detectors", [])]
+    detectors += [int(d) for r in records for d in r.delta_aper_detector or {}]
     n_ccd = max(detectors) + 1 if detectors else 1
     n = len(records)
 
     def meta(name: str) -> np.ndarray:
-        return np.array([np.nan if r["metadata"].get(name) is None else r["metadata"][name]
+        return np.array([np.nan if r.metadata.get(name) is None else r.metadata[name]
                          for r in records], dtype=np.float64)
 
     per_ccd_aper = np.full((n, n_ccd), BAD_DETECTOR_VALUE)
     per_ccd_fwhm = np.full((n, n_ccd), BAD_DETECTOR_VALUE)
     for i, r in enumerate(records):  # loop over visits, not sources
-        for det, value in r.get("delta_aper_detector", {}).items():
+        for det, value in (r.delta_aper_detector or {}).items():
             per_ccd_aper[i, int(det)] = value
-        dets = np.asarray(r["metadata"].get("detectors", []), dtype=np.int64)
-        fwhm = np.asarray(r["metadata"].get("psf_fwhm_detector", []), dtype=np.float64)
+        dets = np.asarray(r.metadata.get("detectors", []), dtype=np.int64)
+        fwhm = np.asarray(r.metadata.get("psf_fwhm_detector", []), dtype=np.float64)
         if len(dets):
             per_ccd_fwhm[i, dets] = fwhm
     return {
-        "visit": np.array([r["visit"] for r in records], dtype=np.int64),
-        "physicalFilter": np.array([r["metadata"]["physical_filter"] for r in records],
+        "visit": np.array([r.visit for r in records], dtype=np.int64),
+        "physicalFilter": np.array([r.metadata["physical_filter"] for r in records],
                                    dtype=str if n else "U1"),
         "telra": meta("telra"), "teldec": meta("teldec"), "telha": meta("telha"),
         "telrot": meta("telrot"), "mjd": meta("mjd"), "exptime": meta("exptime"),
         "pmb": meta("pmb"), "psfSigma": meta("psf_sigma"), "psfFwhm": meta("psf_fwhm"),
         "skyBackground": meta("sky_background"),
-        "deltaAper": np.array([r["delta_aper"] for r in records], dtype=np.float64),
+        "deltaAper": np.array([r.delta_aper for r in records], dtype=np.float64),
         "deltaAperDetector": per_ccd_aper,
         "psfFwhmDetector": per_ccd_fwhm,
         "scaling": np.ones((n, n_ccd)),
@@ -325,10 +349,10 @@ def visit_catalog(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     }
 
 
-def build_catalogs(store: StarStore, txn: lmdb.Transaction,
+def build_catalogs(store: StarStore, tx: Transaction,
                    config: BuildStarsConfig | None = None) -> tuple[SnapshotCatalogs,
                                                                     StarCatalog]:
-    """Everything a snapshot writes, from one read transaction.
+    """Everything a snapshot writes, from one read transaction ``tx`` of ``store``.
 
     ``config`` (default: the store's) may differ from the store's configuration in
     snapshot-time settings only (:data:`streamstars.config.SNAPSHOT_TIME_KEYS`).
@@ -340,31 +364,31 @@ def build_catalogs(store: StarStore, txn: lmdb.Transaction,
         config = store.config
     else:
         check_snapshot_config(store.config, config)
-    records = [rec for _, rec in store.iter_visit_records(txn)]
-    candidates = {band: band_candidates(store, txn, band) for band in config.primaryBands}
-    positions = read_observation_positions(store, txn)
+    records = tx.visits.records()
+    candidates = {band: band_candidates(tx, band) for band in config.primaryBands}
+    positions = read_observation_positions(tx)
     store.trim_map_if_large(force=True)  # pass 1 is done: its pages are not needed by the heap
     stars, rows = build_stars(candidates, positions.columns, positions.band_code,
                               positions.band_names, config)
     positions.columns = {}  # pass 2 reads every column of the member rows only
-    stars.observations = read_observation_rows(store, txn, positions, rows)
+    stars.observations = read_observation_rows(tx, positions, rows)
     obs_arr_index = np.concatenate([[0], np.cumsum(stars.n_obs)[:-1]]).astype(np.int64) \
         if len(stars.n_obs) else np.zeros(0, np.int64)
     offsets: dict[str, int] = {}
     for rec in records:
-        if "kafka" in rec:
-            topic, partition, next_offset = rec["kafka"]
+        if rec.kafka_position is not None:
+            topic, partition, next_offset = rec.kafka_position
             key = f"{topic}/{partition}"
-            offsets[key] = max(offsets.get(key, 0), int(next_offset))
+            offsets[key] = max(offsets.get(key, 0), next_offset)
     metadata = {
         "streamstars_version": __version__,
-        "visits": json.dumps([rec["visit"] for rec in records]),
+        "visits": json.dumps([rec.visit for rec in records]),
         "kafka_offsets": json.dumps(offsets, sort_keys=True),
         "config": json.dumps(to_dict(config), sort_keys=True),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     reference, reference_filters, refcat = snapshot_references(
-        store, txn, config, stars.star_id, stars.ra, stars.dec)
+        tx, config, stars.star_id, stars.ra, stars.dec)
     if reference is not None and refcat is not None:
         metadata["refcat"] = json.dumps(refcat, sort_keys=True)
     catalogs = SnapshotCatalogs(
@@ -386,8 +410,8 @@ def write_store_snapshot(store: StarStore, out_dir: str | Path,
                          config: BuildStarsConfig | None = None) -> SnapshotSummary:
     """Compute the catalogs from one read transaction and write them atomically to out_dir."""
     start = time.perf_counter()
-    with store.read(buffers=True) as txn:
-        catalogs, stars = build_catalogs(store, txn, config)
+    with store.read(buffers=True) as tx:
+        catalogs, stars = build_catalogs(store, tx, config)
     catalogs.metadata.update(extra_metadata or {})
     files = write_snapshot(Path(out_dir), catalogs, formats=formats)
     return SnapshotSummary(Path(out_dir), len(catalogs.visits["visit"]), len(stars.star_id),

@@ -7,18 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from streamstars.associate import COMPONENT_DTYPES
 from streamstars.select import DROP_REASONS
-from streamstars.state.codec import decode_columns
-from streamstars.state.store import (
-    DB_COMPONENTS,
-    DB_OBSERVATIONS,
-    FORMAT_VERSION,
-    META_CREATED,
-    META_REFCAT,
-    StarStore,
-    band_from_key,
-)
+from streamstars.state import StarStore
+from streamstars.state.schema import FORMAT_VERSION, META_CREATED, META_REFCAT
 
 
 def store_status(store: StarStore) -> dict[str, Any]:
@@ -29,30 +20,25 @@ def store_status(store: StarStore) -> dict[str, Any]:
     dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
     n_sources = n_selected = 0
     first = last = None
-    with store.read() as txn:
-        for visit, record in store.iter_visit_records(txn):
-            visits_per_band[record["band"]] += 1
-            n_sources += int(record["n_sources"])
-            n_selected += int(record["n_selected"])
-            dropped.update(record.get("dropped_rows", {}))
+    with store.read() as tx:
+        for visit, record in tx.visits.items():
+            visits_per_band[record.band] += 1
+            n_sources += int(record.n_sources)
+            n_selected += int(record.n_selected)
+            dropped.update(record.dropped)
             first = visit if first is None else first
             last = visit
-        observation_values = txn.stat(store.dbs[DB_OBSERVATIONS])["entries"]
+        observation_values = tx.observations.count()
         components: Counter[str] = Counter()
         candidates: Counter[str] = Counter()
-        for key, value in txn.cursor(db=store.dbs[DB_COMPONENTS]):
-            comps = decode_columns(value, COMPONENT_DTYPES)
-            band = band_from_key(key)
+        for band, comps in tx.components.items():
             components[band] += len(comps["comp_id"])
             candidates[band] += int(np.count_nonzero(
                 comps["clique"] & (comps["count"] >= config.minPerBand)))
         offsets = {f"{topic}/{partition}": offset
-                   for topic, partition, offset in store.iter_offsets(txn)}
-    info = store.env.info()
-    stat = store.env.stat()
-    used = (info["last_pgno"] + 1) * stat["psize"]
-    created = store.get_meta(META_CREATED)
-    refcat = store.get_meta(META_REFCAT)
+                   for topic, partition, offset in tx.offsets.items()}
+        created = tx.meta.get(META_CREATED)
+        refcat = tx.meta.get(META_REFCAT)
     return {
         "state": str(store.path),
         "format_version": FORMAT_VERSION,
@@ -70,6 +56,6 @@ def store_status(store: StarStore) -> dict[str, Any]:
         "primary_bands": list(config.primaryBands),
         "kafka_offsets": offsets,
         "refcat": refcat.decode() if refcat else None,
-        "map_size_bytes": info["map_size"],
-        "used_bytes": used,
+        "map_size_bytes": store.map_size_bytes(),
+        "used_bytes": store.used_bytes(),
     }

@@ -16,12 +16,11 @@ import pytest
 from batch_computation import batch_build
 from survey_helpers import PreparedSurvey, all_observations, assert_same_stars, ingest, members_of
 
-from streamstars.associate import COMPONENT_DTYPES, max_rmax
 from streamstars.columns import OBSERVATION_DTYPES
 from streamstars.config import BuildStarsConfig
 from streamstars.ingest import PreparedVisit, apply_prepared, retract_visit
-from streamstars.snapshot import StarCatalog, build_catalogs, read_band_table
-from streamstars.state.store import DB_COMPONENTS, StarStore
+from streamstars.snapshot import StarCatalog, build_catalogs
+from streamstars.state import StarStore
 from streamstars.visit import VisitMetadata
 
 CONFIG = BuildStarsConfig(primaryBands=("i", "r", "g", "z"), storeNside=1024)
@@ -120,8 +119,8 @@ def test_hostile_field_retract_and_reapply(tmp_path: Path) -> None:
         with store.read() as txn:
             _, stars = build_catalogs(store, txn)
             for band in CONFIG.primaryBands:  # the bound that decides which pixels are read
-                comps = read_band_table(store, txn, DB_COMPONENTS, band, COMPONENT_DTYPES)
-                assert comps["rmax"].max() <= max_rmax(store, txn, band)
+                comps = txn.components.read_band(band)
+                assert comps["rmax"].max() <= txn.components.max_rmax(band)
     expected = ingest(tmp_path / "direct", survey, [i for i in range(12) if i != 11])
     assert_same_stars(stars, expected)
 
@@ -135,6 +134,7 @@ def test_writer_cache_survives_aborts_and_other_writers(tmp_path: Path) -> None:
     import sys
 
     from streamstars.ingest import _add_visit
+    from streamstars.state import Transaction
 
     # sourceIds growing with the visit, as LSST's: a component keeps its id (and its member
     # list its key) when it takes observations of later visits
@@ -143,13 +143,13 @@ def test_writer_cache_survives_aborts_and_other_writers(tmp_path: Path) -> None:
         for visit in survey.visits[:11]:
             apply_prepared(store, visit)
 
-        def aborted(txn: object) -> None:
-            _add_visit(store, txn, survey.visits[11], None)  # type: ignore[arg-type]
+        def aborted(txn: Transaction) -> None:
+            _add_visit(txn, survey.visits[11], None, None)
             raise RuntimeError("abort after the association wrote member lists")
 
         with pytest.raises(RuntimeError, match="abort"):
             store.write(aborted)
-        assert store._cache  # member lists are cached
+        assert store.cache.keys()  # member lists are cached
         for visit in survey.visits[11:15]:  # visit 11 again, for real: same band as 16
             apply_prepared(store, visit)
         # another process applies visit 15 (band i): it appends to member lists this writer

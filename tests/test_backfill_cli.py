@@ -197,9 +197,9 @@ def test_config_show_and_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_map_grows_when_full(repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import streamstars.state.store as store_module
+    import streamstars.state.environment as environment
 
-    monkeypatch.setattr(store_module, "INITIAL_MAP_SIZE", 64 * 1024)
+    monkeypatch.setattr(environment, "INITIAL_MAP_SIZE", 64 * 1024)
     state = tmp_path / "state"
     assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 0
     with StarStore.open(state, readonly=True) as store:
@@ -271,13 +271,13 @@ def test_backup_is_a_consistent_compact_store_taken_while_a_writer_works(
     import subprocess
     import sys
 
-    from streamstars.state.store import DB_OBSERVATIONS
+    from streamstars.state import Transaction
 
     state, backup = tmp_path / "state", tmp_path / "backup"
     assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 0
     with StarStore.open(state) as store:
-        def body(txn: lmdb.Transaction) -> None:
-            txn.drop(store.dbs[DB_OBSERVATIONS], delete=False)  # not committed
+        def body(txn: Transaction) -> None:
+            txn.observations.clear()  # not committed
             done = subprocess.run(
                 [sys.executable, "-m", "streamstars.cli", "backup", str(backup),
                  "--state", str(state)], capture_output=True, text=True, timeout=120)

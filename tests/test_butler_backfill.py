@@ -169,11 +169,11 @@ def test_resume_skips_by_dataset_uuid_and_replace_swaps_a_reprocessed_visit(
     assert main(["backfill", *args]) == 0
     capsys.readouterr()
     inventory = butler_inventory(open_butler(written.repo), [written.collection])
-    with StarStore.open(state, readonly=True) as store, store.read() as txn:
+    with StarStore.open(state, readonly=True) as store:
         for visit, entry in inventory.visits.items():
-            record = store.visit_record(txn, visit)
+            record = store.visit_record(visit)
             assert record is not None
-            assert record["dataset_ids"] == sorted(str(r.id) for r in entry.source_refs)
+            assert record.dataset_ids == sorted(str(r.id) for r in entry.source_refs)
 
     # Unchanged UUIDs: skipped without reading -- a datastore file replaced by garbage under
     # the same UUID is not even opened.
@@ -317,10 +317,10 @@ def test_visit_without_visit_summary_fails_alone(survey: SimulatedSurvey, tmp_pa
         "to --collections)"]
     with StarStore.open(state, readonly=True) as store:
         assert sorted(store.applied_visits()) == [1176]
-        with store.read() as txn:
-            record = store.visit_record(txn, 1176)
-    assert record is not None and record["metadata"]["physical_filter"] == "HSC-Z"
-    assert len(record["dataset_ids"]) == 2  # the source table and the visitSummary
+        record = store.visit_record(1176)
+    assert record is not None and record.metadata["physical_filter"] == "HSC-Z"
+    assert record.dataset_ids is not None
+    assert len(record.dataset_ids) == 2  # the source table and the visitSummary
 
 
 def test_dataset_file_missing_from_the_datastore(survey: SimulatedSurvey, tmp_path: Path,

@@ -36,7 +36,7 @@ from streamstars.io.snapshot_files import compare_snapshots
 from streamstars.io.sourcetable import read_source_table
 from streamstars.select import cut_masks
 from streamstars.simulate import simulate_survey
-from streamstars.state.store import StarStore
+from streamstars.state import StarStore, Transaction
 
 N_VISITS = 8
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,8 +135,9 @@ def assert_same(a: Path, b: Path) -> None:
 
 
 def records(state: Path) -> dict[int, dict[str, Any]]:
+    """The visit records as stored (their JSON)."""
     with StarStore.open(state, readonly=True) as store, store.read() as txn:
-        return dict(store.iter_visit_records(txn))
+        return {visit: json.loads(record.to_json()) for visit, record in txn.visits.items()}
 
 
 def cli(*args: str, env: dict[str, str] | None = None, **kw: Any
@@ -206,12 +207,10 @@ def test_a_store_of_the_older_hash_accepts_the_moved_repository(
                                              store.config))  # type: ignore[arg-type]
                for v, d in inventory.visits.items()}
 
-        def make_legacy(txn: lmdb.Transaction) -> None:
-            for visit, record in list(store.iter_visit_records(txn)):
-                record["content_hash"] = old[visit]
-                record.pop("content_hash_version", None)
-                record.pop("dropped_rows", None)
-                store.put_visit_record(txn, visit, record)
+        def make_legacy(txn: Transaction) -> None:
+            for visit, record in list(txn.visits.items()):
+                txn.visits.put(record.replace(content_hash=old[visit],
+                                              content_hash_version=None, dropped_rows=None))
 
         store.write(make_legacy)
 
@@ -229,13 +228,12 @@ def test_a_store_of_the_older_hash_accepts_the_moved_repository(
     with StarStore.open(state) as store:
         visit = sorted(old)[3]
 
-        def make_one_legacy(txn: lmdb.Transaction) -> None:
-            record = store.visit_record(txn, visit)
+        def make_one_legacy(txn: Transaction) -> None:
+            record = txn.visits.get(visit)
             assert record is not None
-            record["content_hash"] = old[visit]
-            record.pop("content_hash_version")
-            record["files"] = []
-            store.put_visit_record(txn, visit, record)
+            assert record.content_hash_version is not None
+            txn.visits.put(record.replace(content_hash=old[visit], content_hash_version=None,
+                                          files=[]))
 
         store.write(make_one_legacy)
     path = source_file(moved, 3)

@@ -21,7 +21,6 @@ import lmdb
 import pytest
 
 import streamstars.io.snapshot_parquet as snapshot_parquet
-from streamstars.associate import FINE_FACTOR
 from streamstars.config import (
     ALLOWED,
     STORE_FINE_FACTOR,
@@ -41,7 +40,8 @@ from streamstars.io.snapshot_files import (
     read_snapshot,
     write_snapshot,
 )
-from streamstars.state.store import DB_META, META_CONFIG, StarStore
+from streamstars.state import StarStore
+from streamstars.state.schema import DB_META, FINE_FACTOR, META_CONFIG
 
 N_VISITS = 8
 

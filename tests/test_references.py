@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -39,7 +38,8 @@ from streamstars.refmatch import (
 from streamstars.simulate import simulate_survey
 from streamstars.sky import ARCSEC_RAD, pixels_of, unit_vectors
 from streamstars.snapshot import build_catalogs
-from streamstars.state.store import DB_REFMATCH, META_REFCAT, StarStore
+from streamstars.state import StarStore
+from streamstars.state.schema import META_REFCAT
 
 SIM_FILTERS = {"g_6": "g", "r_57": "r", "i_39": "i", "z_20": "z"}
 #: small pixels (3.4') so that many stars lie within 2" of a pixel border
@@ -90,8 +90,8 @@ def built(survey: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, o
         assert report.ok and report.applied == 12
         with store.read() as txn:
             catalogs, stars = build_catalogs(store, txn)
-            cached = read_cached_references(store, txn, len(SIM_FILTERS))
-            n_records = txn.stat(store.dbs[DB_REFMATCH])["entries"]
+            cached = read_cached_references(txn, len(SIM_FILTERS))
+            n_records = txn.refcache.count()
     return {"state": state, "config": config, "catalogs": catalogs, "stars": stars,
             "results": results, "cached": cached, "n_records": n_records}
 
@@ -436,7 +436,7 @@ def test_store_without_refcat_then_configured(survey: Path, tmp_path: Path,
     with StarStore.open(state, readonly=True) as store:
         assert store.get_meta(META_REFCAT) is None
         with store.read() as txn:
-            assert txn.stat(store.dbs[DB_REFMATCH])["entries"] == 0
+            assert txn.refcache.count() == 0
             catalogs, _ = build_catalogs(store, txn)
         assert catalogs.reference is None
 
@@ -620,13 +620,12 @@ def test_cache_rebuilt_by_another_process_stops_ingestion(survey: Path, tmp_path
     """A running writer notices that refresh-refs changed meta/refcat under it."""
     config = sim_config(survey / "refcat")
     with StarStore.open(tmp_path / "state", config) as store:
-        attach_references(store)
+        source = attach_references(store)
         meta = stored_refcat(store)
         assert meta is not None
         meta["settings_hash"] = "0" * 64  # what another process's refresh-refs would leave
-        store.write(lambda txn: store.put_meta(txn, META_REFCAT,
-                                               json.dumps(meta, sort_keys=True).encode()))
-        report = backfill(survey, store, progress=False)
+        store.write(lambda txn: txn.meta.set_refcat(meta))
+        report = backfill(survey, store, progress=False, references=source)
         assert report.applied == 0 and len(report.failed) == 12
         assert "refresh-refs" in report.failed[0].error
         assert store.applied_visits() == {}

@@ -35,7 +35,8 @@ from streamstars.report.skymaps import DEPTH_SNR, depth_magnitudes  # noqa: E402
 from streamstars.report.stats import group_median, robust_z  # noqa: E402
 from streamstars.report.trends import find_outliers  # noqa: E402
 from streamstars.simulate import simulate_survey  # noqa: E402
-from streamstars.state.store import DB_META, META_FORMAT_VERSION, StarStore  # noqa: E402
+from streamstars.state import StarStore  # noqa: E402
+from streamstars.state.schema import DB_META, META_FORMAT_VERSION  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")

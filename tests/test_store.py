@@ -8,7 +8,8 @@ import pytest
 
 from streamstars.config import BuildStarsConfig
 from streamstars.errors import StateError
-from streamstars.state.store import StarStore
+from streamstars.state import StarStore, Transaction
+from streamstars.state.schema import DB_MEMBERS, member_key
 from streamstars.status import store_status
 
 
@@ -55,36 +56,38 @@ def test_writer_cache_drops_least_recently_used_values_past_its_bound(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer's cache is heap memory: it never holds more than CACHE_MAX_BYTES, keeps
     the values used last, and still answers from LMDB for what it dropped."""
-    import streamstars.state.store as store_module
-    from streamstars.state.store import DB_MEMBERS
+    import streamstars.state.cache as cache_module
 
-    monkeypatch.setattr(store_module, "CACHE_MAX_BYTES", 3000)
-    values = {bytes([k]) * 8: bytes([k]) * 1000 for k in range(5)}
+    monkeypatch.setattr(cache_module, "CACHE_MAX_BYTES", 3000)
+    values = {k: bytes([k]) * 1000 for k in range(5)}  # member lists of components 0..4
     with StarStore.open(tmp_path / "s", BuildStarsConfig()) as store:
-        def put_all(txn: object) -> None:
-            for key, value in values.items():
-                store.cached_put(txn, DB_MEMBERS, key, value)  # type: ignore[arg-type]
+        def put_all(txn: Transaction) -> None:
+            for comp_id, value in values.items():
+                txn.members.put("g", comp_id, value)
 
         store.write(put_all)
-        keys = list(values)
-        assert store._cache_bytes <= 3000
-        assert [k for _, k in store._cache] == keys[2:]  # the last three written
-        marker = b"z" * 8  # a cached write: the transaction is surely recorded by LMDB
+        keys = [member_key("g", k) for k in values]
+        assert store.cache.nbytes <= 3000
+        assert [k for _, k in store.cache.keys()] == keys[2:]  # the last three written
+        marker = 99  # a cached write: the transaction is surely recorded by LMDB
 
-        def get(wanted: list[bytes]) -> list[bytes | None]:
-            def body(txn: object) -> list[bytes | None]:
-                found = [store.cached_get(txn, DB_MEMBERS, k) for k in wanted]  # type: ignore[arg-type]
-                store.cached_put(txn, DB_MEMBERS, marker, b"")  # type: ignore[arg-type]
+        def get(wanted: list[int]) -> list[bytes | None]:
+            def body(txn: Transaction) -> list[bytes | None]:
+                found = [txn.members.find("g", k) for k in wanted]
+                txn.members.put("g", marker, b"")
                 return found
             return store.write(body)
 
+        def cached() -> list[bytes]:
+            return [k for _, k in store.cache.keys() if k != member_key("g", marker)]
+
         # a hit makes a value the most recently used: keys[2] survives the two misses
-        assert get([keys[2], keys[0], keys[1]]) == [values[k] for k in (keys[2], keys[0], keys[1])]
-        assert [k for _, k in store._cache if k != marker] == [keys[2], keys[0], keys[1]]
-        assert store._cache_bytes == 3000
+        assert get([2, 0, 1]) == [values[k] for k in (2, 0, 1)]
+        assert cached() == [keys[2], keys[0], keys[1]]
+        assert store.cache.nbytes == 3000
         # dropped values still come from LMDB
-        assert get([keys[3]]) == [values[keys[3]]]
-        assert [k for _, k in store._cache if k != marker] == [keys[0], keys[1], keys[3]]
+        assert get([3]) == [values[3]]
+        assert cached() == [keys[0], keys[1], keys[3]]
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
@@ -96,21 +99,20 @@ def test_trimming_the_writable_map_inside_a_transaction_loses_nothing(
     import subprocess
     import sys
 
-    from streamstars.state.store import DB_MEMBERS
-
     monkeypatch.setenv("STREAMSTARS_MAP_RSS_MB", "0.001")
-    values = {i.to_bytes(8, "big"): bytes([i % 251]) * (3000 + i) for i in range(400)}
+    values = {i: bytes([i % 251]) * (3000 + i) for i in range(400)}
     with StarStore.open(tmp_path / "s", BuildStarsConfig()) as store:
         assert store.env.flags()["writemap"]
 
-        def body(txn: object) -> int:
-            for key, value in values.items():
-                store.cached_put(txn, DB_MEMBERS, key, value)  # type: ignore[arg-type]
+        def body(txn: Transaction) -> int:
+            for comp_id, value in values.items():
+                txn.members.put("g", comp_id, value)
             trims = store.map_trims
             assert store.trim_map_if_large()  # dirty pages of this transaction dropped
             assert store.map_trims > trims
-            for key, value in values.items():  # read back through the map
-                assert bytes(txn.get(key, db=store.dbs[DB_MEMBERS])) == value  # type: ignore[attr-defined]
+            for comp_id, value in values.items():  # read back through the map (not the cache)
+                raw = txn._txn.get(member_key("g", comp_id), db=store.dbs[DB_MEMBERS])
+                assert bytes(raw) == value
             return len(values)
 
         assert store.write(body) == len(values)
@@ -132,21 +134,18 @@ def test_writer_cache_is_not_fooled_by_a_transaction_lmdb_did_not_record(
     import subprocess
     import sys
 
-    from streamstars.state.store import DB_MEMBERS
-
-    key = b"k" * 8
     with StarStore.open(tmp_path / "s", BuildStarsConfig()) as store:
-        store.write(lambda txn: store.cached_put(txn, DB_MEMBERS, key, b"mine"))
-        empty_id = store.write(lambda txn: (store.cached_get(txn, DB_MEMBERS, key), txn.id())[1])
-        other = ("import sys; from streamstars.state.store import StarStore, DB_MEMBERS; "
+        store.write(lambda txn: txn.members.put("g", 7, b"mine"))
+        empty_id = store.write(lambda txn: (txn.members.find("g", 7), txn.id())[1])
+        other = ("import sys; from streamstars.state import StarStore; "
                  "s = StarStore.open(sys.argv[1]); "
-                 "print(s.write(lambda txn: (txn.put(b'k' * 8, b'theirs', db=s.dbs[DB_MEMBERS]), "
+                 "print(s.write(lambda txn: (txn.members.put('g', 7, b'theirs'), "
                  "txn.id())[1]))")
         done = subprocess.run([sys.executable, "-c", other, str(tmp_path / "s")],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert int(done.stdout) == empty_id  # the other process got the unrecorded id
-        assert store.write(lambda txn: store.cached_get(txn, DB_MEMBERS, key)) == b"theirs"
+        assert store.write(lambda txn: txn.members.find("g", 7)) == b"theirs"
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
@@ -178,3 +177,24 @@ def test_a_forced_trim_drops_the_map_under_its_budget(tmp_path: Path,
         assert not store.trim_map_if_large()  # far under the budget
         assert store.trim_map_if_large(force=True)
         assert store.map_trims == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_the_stores_of_one_process_may_share_one_map_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resident memory is the process's: stores opened with one trimmer (one per sky shard)
+    are trimmed together, and a closed store is no longer watched."""
+    from streamstars.state.environment import MapTrimmer
+
+    monkeypatch.setenv("STREAMSTARS_MAP_RSS_MB", "512")
+    trimmer = MapTrimmer()
+    with StarStore.open(tmp_path / "a", BuildStarsConfig(), trimmer=trimmer) as a, \
+            StarStore.open(tmp_path / "b", BuildStarsConfig(), trimmer=trimmer) as b:
+        assert a.trimmer is b.trimmer is trimmer
+        assert trimmer.trim_if_large(force=True)
+        assert trimmer.trims == 2  # the one mapping of each store's data.mdb
+        a.close()
+        assert trimmer.data_files == [tmp_path / "b" / "data.mdb"]
+        assert b.trim_map_if_large(force=True)
+        assert trimmer.trims == 3
+    assert trimmer.data_files == []

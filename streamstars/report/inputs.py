@@ -119,13 +119,13 @@ def read_store(state: str | Path, snapshot_out: Path | None = None) -> StoreFact
     """
     # imported here: the store needs the lmdb module, which reading a snapshot does not
     from streamstars.snapshot import write_store_snapshot
-    from streamstars.state.store import META_CREATED, StarStore
+    from streamstars.state import StarStore
+    from streamstars.state.schema import META_CREATED
 
     with StarStore.open(state, readonly=True) as store:
-        with store.read() as txn:
-            rows = [(visit, str(record["band"]), int(record["n_selected"]),
-                     int(record["n_sources"]))
-                    for visit, record in store.iter_visit_records(txn)]
+        with store.read() as tx:
+            rows = [(visit, record.band, record.n_selected, record.n_sources)
+                    for visit, record in tx.visits.items()]
         if not rows:
             raise ReportInputError(
                 f"the store {state} holds no visits: nothing to report on; apply visits with "
