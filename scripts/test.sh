@@ -9,7 +9,7 @@ VENV="${STREAMSTARS_VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e ".[test,report]"
-# the report's browser test drives Debian's chromium (tests/test_report.py, test_page_in_headless_chromium; skipped with a
+# the report's browser test drives Debian's chromium (tests/report/test_report.py, test_page_in_headless_chromium; skipped with a
 # message when it is absent): install it where apt can
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing Debian's chromium for the report's browser test" >&2

@@ -634,6 +634,7 @@ def _metric(text: str, name: str) -> float | None:
     return None
 
 
+@pytest.mark.kafka  # starts its own broker
 def test_consumer_events_with_other_paths_are_duplicates_and_dropped_rows_are_counted(
         pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A store backfilled from one copy of the repository, events naming the files of another

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from kafka_broker import FAST_CONSUMER_CONFIG, TansuBroker
 
 
+@pytest.mark.kafka  # starts its own broker
 def test_produce_consume_and_fast_group_join(tmp_path: Path) -> None:
     from confluent_kafka import Consumer, TopicPartition
 

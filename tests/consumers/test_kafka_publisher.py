@@ -6,12 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from kafka_broker import TansuBroker
 
 from streamstars.consumers.publisher import watch_repo
 from streamstars.events import parse_event
 
 
+@pytest.mark.kafka  # starts its own broker
 def test_watch_publishes_complete_visits_once(tmp_path: Path) -> None:
     from streamstars.simulate import simulate_survey
 

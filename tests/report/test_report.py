@@ -38,7 +38,7 @@ from streamstars.simulate import simulate_survey  # noqa: E402
 from streamstars.state import StarStore  # noqa: E402
 from streamstars.state.schema import DB_META, META_FORMAT_VERSION  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 #: Chromium as root in a container (the flags the issue asks for; the profile is added per run).
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
