@@ -35,7 +35,9 @@ from streamstars.association.fof import centres_of
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
 from streamstars.config import BuildStarsConfig, check_snapshot_config, to_dict
 from streamstars.errors import StateError
+from streamstars.io.hats import pixel_at_order
 from streamstars.io.snapshot_files import SnapshotCatalogs, write_snapshot
+from streamstars.margins import MarginViolation, margin_violations
 from streamstars.references import snapshot_references
 from streamstars.sky import (
     chord_from_arcsec,
@@ -349,6 +351,32 @@ def visit_catalog(records: list[VisitRecord]) -> dict[str, np.ndarray]:
     }
 
 
+@dataclass(frozen=True)
+class ShardOwnership:
+    """The stars a sky shard publishes: those whose position lies in its core pixel (the
+    partition rule of the HATS catalog, :func:`streamstars.io.hats.pixel_at_order`), and
+    the margin its observations were routed with (for the completeness check)."""
+
+    order: int
+    pixel: int
+    margin_arcsec: float
+
+    def owns(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+        """Per star [deg]: whether this shard publishes it."""
+        return pixel_at_order(ra, dec, self.order) == self.pixel
+
+
+@dataclass
+class DerivedCatalogs:
+    """What a snapshot derives from one read transaction: the catalogs to write, the stars
+    with their member observations, the visit records and, for a shard, the margin check."""
+
+    catalogs: SnapshotCatalogs
+    stars: StarCatalog
+    records: list[VisitRecord]
+    violations: list[MarginViolation]
+
+
 def build_catalogs(store: StarStore, tx: Transaction,
                    config: BuildStarsConfig | None = None) -> tuple[SnapshotCatalogs,
                                                                     StarCatalog]:
@@ -356,6 +384,23 @@ def build_catalogs(store: StarStore, tx: Transaction,
 
     ``config`` (default: the store's) may differ from the store's configuration in
     snapshot-time settings only (:data:`streamstars.config.SNAPSHOT_TIME_KEYS`).
+
+    Raises:
+        ConfigError: ``config`` differs from the store's in a setting that shapes stored data.
+    """
+    derived = derive_catalogs(store, tx, config)
+    return derived.catalogs, derived.stars
+
+
+def derive_catalogs(store: StarStore, tx: Transaction, config: BuildStarsConfig | None = None,
+                    shard: ShardOwnership | None = None) -> DerivedCatalogs:
+    """:func:`build_catalogs` of a whole store, or of the stars one sky shard owns.
+
+    With ``shard``, every step runs on everything the shard stores (core and margin), and only
+    the stars it owns are kept — with their observations and reference-star matches — so that
+    the shards of a survey publish each star once, as an unsharded store would; the margin
+    completeness check (:func:`streamstars.margins.margin_violations`) runs on the same
+    observations.
 
     Raises:
         ConfigError: ``config`` differs from the store's in a setting that shapes stored data.
@@ -370,38 +415,72 @@ def build_catalogs(store: StarStore, tx: Transaction,
     store.trim_map_if_large(force=True)  # pass 1 is done: its pages are not needed by the heap
     stars, rows = build_stars(candidates, positions.columns, positions.band_code,
                               positions.band_names, config)
+    violations: list[MarginViolation] = []
+    every_star = (stars.star_id, stars.ra, stars.dec)
+    if shard is not None:
+        violations = margin_violations(positions.columns, positions.band_code,
+                                       positions.band_names, shard.order, shard.pixel,
+                                       shard.margin_arcsec, config)
+        stars, rows = owned_stars(stars, rows, shard.owns(stars.ra, stars.dec))
     positions.columns = {}  # pass 2 reads every column of the member rows only
     stars.observations = read_observation_rows(tx, positions, rows)
-    obs_arr_index = np.concatenate([[0], np.cumsum(stars.n_obs)[:-1]]).astype(np.int64) \
-        if len(stars.n_obs) else np.zeros(0, np.int64)
+    metadata = _provenance(records, config)
+    # reference stars choose among every star the store knows (a shard's margin stars too),
+    # and the rows of the stars kept are published
+    reference, reference_filters, refcat = snapshot_references(tx, config, *every_star)
+    if reference is not None:
+        reference = take(reference, np.isin(reference["fgcm_id"], stars.star_id))
+        if refcat is not None:
+            metadata["refcat"] = json.dumps(refcat, sort_keys=True)
+    catalogs = SnapshotCatalogs(
+        visits=visit_catalog(records),
+        observations=stars.observations,
+        stars={"fgcm_id": stars.star_id, "ra": stars.ra, "dec": stars.dec,
+               "obs_arr_index": _obs_arr_index(stars.n_obs), "n_obs": stars.n_obs,
+               "obj_flag": stars.obj_flag},
+        reference=reference,
+        reference_filters=reference_filters,
+        metadata=metadata,
+    )
+    return DerivedCatalogs(catalogs, stars, records, violations)
+
+
+def owned_stars(stars: StarCatalog, rows: np.ndarray,
+                keep: np.ndarray) -> tuple[StarCatalog, np.ndarray]:
+    """The stars ``keep`` (bool per star) with their member rows (``rows`` are grouped by
+    star, ``stars.n_obs`` each)."""
+    member_of = np.repeat(np.arange(len(stars.star_id)), stars.n_obs)
+    kept_rows = keep[member_of]
+    return StarCatalog(stars.star_id[keep], stars.ra[keep], stars.dec[keep],
+                       stars.n_obs[keep], stars.obj_flag[keep],
+                       take(stars.observations, kept_rows)), rows[kept_rows]
+
+
+def _obs_arr_index(n_obs: np.ndarray) -> np.ndarray:
+    if not len(n_obs):
+        return np.zeros(0, np.int64)
+    return np.concatenate([[0], np.cumsum(n_obs)[:-1]]).astype(np.int64)
+
+
+def kafka_offsets(records: list[VisitRecord]) -> dict[str, int]:
+    """``topic/partition`` -> the highest next offset recorded with the visits."""
     offsets: dict[str, int] = {}
     for rec in records:
         if rec.kafka_position is not None:
             topic, partition, next_offset = rec.kafka_position
             key = f"{topic}/{partition}"
             offsets[key] = max(offsets.get(key, 0), next_offset)
-    metadata = {
+    return offsets
+
+
+def _provenance(records: list[VisitRecord], config: BuildStarsConfig) -> dict[str, str]:
+    return {
         "streamstars_version": __version__,
         "visits": json.dumps([rec.visit for rec in records]),
-        "kafka_offsets": json.dumps(offsets, sort_keys=True),
+        "kafka_offsets": json.dumps(kafka_offsets(records), sort_keys=True),
         "config": json.dumps(to_dict(config), sort_keys=True),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    reference, reference_filters, refcat = snapshot_references(
-        tx, config, stars.star_id, stars.ra, stars.dec)
-    if reference is not None and refcat is not None:
-        metadata["refcat"] = json.dumps(refcat, sort_keys=True)
-    catalogs = SnapshotCatalogs(
-        visits=visit_catalog(records),
-        observations=stars.observations,
-        stars={"fgcm_id": stars.star_id, "ra": stars.ra, "dec": stars.dec,
-               "obs_arr_index": obs_arr_index, "n_obs": stars.n_obs,
-               "obj_flag": stars.obj_flag},
-        reference=reference,
-        reference_filters=reference_filters,
-        metadata=metadata,
-    )
-    return catalogs, stars
 
 
 def write_store_snapshot(store: StarStore, out_dir: str | Path,

@@ -627,14 +627,16 @@ def finish_partitioned_snapshot(staging: SnapshotStaging, partitions: Sequence[P
                                 formats: Sequence[str] = ("fits", "parquet"),
                                 checksums: bool = True,
                                 memory_bytes: int = MERGE_MEMORY_BYTES,
-                                max_fan_in: int = MERGE_FAN_IN) -> list[Path]:
+                                max_fan_in: int = MERGE_FAN_IN,
+                                extra: dict[str, Any] | None = None) -> list[Path]:
     """Finish a snapshot whose partitions are in ``staging.path/fgcm_stars`` (written with
     :func:`~streamstars.io.hats.write_partition` or linked with
     :func:`~streamstars.io.hats.reuse_partition`): the catalog files
     (:func:`~streamstars.io.hats.finish_catalog`), the flat files streamed from the
     partitions (:func:`write_flat_files`) and ``SNAPSHOT.json`` (as
     :func:`~streamstars.io.snapshot_files.write_snapshot` writes it, plus
-    ``"partitions": {"written": W, "reused": R}`` counting the partition files).  The swap
+    ``"partitions": {"written": W, "reused": R}`` counting the partition files, and the
+    ``extra`` entries, e.g. the shards' generations).  The swap
     into place happens when the :func:`~streamstars.io.snapshot_directory.stage_snapshot` block
     ends.
 
@@ -654,7 +656,8 @@ def finish_partitioned_snapshot(staging: SnapshotStaging, partitions: Sequence[P
                             max_fan_in=max_fan_in)
     written = sum(1 for p in partitions if not p.reused)
     write_manifest(staging.path, rows, fmts, filters, meta, checksums=checksums,
-                    extra={"partitions": {"written": written,
+                    extra={**(extra or {}),
+                           "partitions": {"written": written,
                                           "reused": len(partitions) - written}})
     fsync_path(staging.path, directory=True)
     return ([staging.target / name for name in sorted(rows)]
