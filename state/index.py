@@ -75,7 +75,8 @@ class IndexRecord:
             retraction in progress): the visit is removed from those not in ``shards``.
         n_sources, n_selected: source-table rows read, observations selected (the visit's).
         dropped_rows: rows dropped for unusable coordinates, by reason.
-        files, source_paths, dataset_ids: where it was read from (for resuming).
+        files, source_paths, dataset_ids, metadata_source: where it was read from (for
+            resuming; a visit skipped as unchanged follows its moved files).
         kafka: [topic, partition, next offset] when it came from Kafka.
     """
 
@@ -91,6 +92,7 @@ class IndexRecord:
     files: list[list[Any]] | None = None
     source_paths: list[str] | None = None
     dataset_ids: list[str] | None = None
+    metadata_source: str | None = None
     kafka: list[Any] | None = None
 
     @classmethod
