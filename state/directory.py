@@ -37,7 +37,13 @@ import lmdb
 from streamstars.config import BuildStarsConfig, config_from_json
 from streamstars.errors import ConfigError, StateError
 from streamstars.staging import staged_directory
-from streamstars.state.environment import MapTrimmer, map_rss_budget, min_free_disk, open_env
+from streamstars.state.environment import (
+    MapTrimmer,
+    map_rss_budget,
+    min_free_disk,
+    open_env,
+    refuse_foreign,
+)
 from streamstars.state.index import (
     META_CONFIG,
     META_CREATED,
@@ -424,9 +430,9 @@ def _refuse_other_directory(path: Path) -> None:
                 f"{path} is a single streamstars store (format version {version}, one LMDB "
                 f"environment), not a state directory (no {MANIFEST_NAME}): give the state "
                 "directory, or rebuild with `streamstars backfill` into a new directory")
-        raise StateError(
-            f"{path} holds an LMDB environment that is not a streamstars state directory; "
-            "nothing was written to it: give an empty or new directory as --state")
+        refuse_foreign(path)  # another program's environment: says what it holds
+        raise StateError(f"{path} holds a streamstars store without a format version; give "
+                         "an empty or new directory as --state")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise StateError(f"{path} exists and is not a streamstars state directory (no "
                          f"{MANIFEST_NAME}); give an empty or new directory")

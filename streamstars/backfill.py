@@ -16,6 +16,7 @@ from.  A configured reference catalog is validated
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -60,6 +61,27 @@ class VisitFailure:
 
 
 @dataclass
+class TransferStats:
+    """A parallel backfill's work outside the transactions, summed over its worker processes
+    [s, bytes]: reading and selecting, routing, and sending each shard's rows to its owner
+    (pickled, through a multiprocessing queue)."""
+
+    parts: int = 0
+    bytes: int = 0
+    pickle_seconds: float = 0.0
+    unpickle_seconds: float = 0.0
+    route_seconds: float = 0.0
+    prepare_seconds: float = 0.0
+    apply_seconds: float = 0.0
+
+    def add(self, other: dict[str, float]) -> None:
+        """Add one worker's counts."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            setattr(self, f.name, value + type(value)(other.get(f.name, 0)))
+
+
+@dataclass
 class BackfillReport:
     """Summary of a backfill run."""
 
@@ -75,6 +97,8 @@ class BackfillReport:
     without_sources: list[int] = field(default_factory=list)
     #: rows dropped for unusable coordinates by the visits applied or replaced, by reason
     dropped: dict[str, int] = field(default_factory=dict)
+    #: a parallel backfill's costs outside the transactions (None with one process)
+    transfer: TransferStats | None = None
 
     @property
     def ok(self) -> bool:

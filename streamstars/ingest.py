@@ -73,8 +73,8 @@ log = logging.getLogger(__name__)
 BAD_COORDINATES_WARN_FRACTION = 0.01
 
 #: Version of the content hash (``content_hash_version`` of a visit record): 2 = without the
-#: metadata's ``source`` path.  Records without it were hashed with the path (see
-#: :func:`legacy_content_hash`).
+#: metadata's ``source`` path (version 1, with it, was written only into format-1 stores,
+#: which are refused).
 CONTENT_HASH_VERSION = 2
 
 Status = Literal["applied", "replaced", "skipped", "retracted", "absent"]
@@ -254,18 +254,6 @@ def content_hash(observations: ColumnDict, metadata: VisitMetadata, band: str) -
     return digest.hexdigest()
 
 
-def legacy_content_hash(observations: ColumnDict, metadata: VisitMetadata, band: str,
-                        source: str) -> str:
-    """The content hash of records written before ``content_hash_version`` 2: it also covered
-    the metadata's ``source`` path.  With the stored record's own ``source`` it tells whether a
-    visit read from elsewhere has the content stored then."""
-    digest = hashlib.sha256()
-    digest.update(encode_columns(observations, OBSERVATION_DTYPES))
-    digest.update(dataclasses.replace(metadata, source=source).to_json().encode())
-    digest.update(band.encode())
-    return digest.hexdigest()
-
-
 def check_metadata(metadata: VisitMetadata, band: str) -> None:
     """Refuse visit metadata that cannot make a usable fgcmVisitCatalog row.
 
@@ -397,14 +385,15 @@ def apply_prepared(target: Target, prepared: PreparedVisit, *, replace: bool = F
         return apply_routed(target, route_visit(prepared, target.shard_nside,
                                                 target.shard_margin),
                             replace=replace, kafka_offset=kafka_offset, references=references)
-    return _apply_to_store(target, prepared, replace=replace, kafka_offset=kafka_offset,
+    return apply_to_store(target, prepared, replace=replace, kafka_offset=kafka_offset,
                            references=references)
 
 
-def _apply_to_store(store: StarStore, prepared: PreparedVisit, *, replace: bool,
+def apply_to_store(store: StarStore, prepared: PreparedVisit, *, replace: bool,
                     kafka_offset: KafkaOffset | None,
                     references: ReferenceChoice) -> ApplyResult:
-    """Apply a prepared visit (or a shard's part of it) to one store in one transaction."""
+    """Apply a prepared visit (or a shard's part of it) to one store in one transaction
+    (:func:`apply_prepared`'s step for one store)."""
     start = time.perf_counter()
     source = resolve_references(store, references)
     store.ensure_source_index()
@@ -459,11 +448,12 @@ def retract_visit(target: Target, visit: int, *,
     (the index first marks it ``retracting``, and forgets it once every shard committed)."""
     if isinstance(target, StateDirectory):
         return _retract_from_state(target, visit, kafka_offset)
-    return _retract_from_store(target, visit, kafka_offset)
+    return retract_from_store(target, visit, kafka_offset)
 
 
-def _retract_from_store(store: StarStore, visit: int,
-                        kafka_offset: KafkaOffset | None) -> ApplyResult:
+def retract_from_store(store: StarStore, visit: int,
+                       kafka_offset: KafkaOffset | None) -> ApplyResult:
+    """Remove a visit from one store in one transaction (:func:`retract_visit`'s step)."""
     start = time.perf_counter()
     store.ensure_source_index()
 
@@ -485,31 +475,23 @@ def _retract_from_store(store: StarStore, visit: int,
 
 
 def _same_content(record: VisitRecord, prepared: PreparedVisit) -> bool:
-    """Whether a stored visit has the content of ``prepared`` (wherever its files were)."""
-    if record.content_hash == prepared.content_hash:
-        return True
-    if record.content_hash_version is not None:
-        return False
-    # a record of an older streamstars: its hash covered the metadata's path then; hashed
-    # again the old way with that path, equal content gives the stored hash
-    source = str(record.metadata.get("source", ""))
-    return bool(record.content_hash == legacy_content_hash(
-        prepared.observations, prepared.metadata, prepared.band, source))
+    """Whether a stored visit has the content of ``prepared`` (wherever its files were; the
+    hash of a shard's part is the whole visit's)."""
+    return record.content_hash == prepared.content_hash
 
 
 def _follow_files(tx: Transaction, record: VisitRecord, prepared: PreparedVisit) -> None:
     """A visit skipped as unchanged: its record follows its inputs when they moved or were
     re-ingested (files, or Butler datasets with new UUIDs; so the next resume skips it without
-    reading) and an older record gets the current content hash."""
+    reading)."""
     moved = (record.files != prepared.files
              or record.source_paths != prepared.source_paths
              or record.metadata_source != prepared.metadata.source
              or (bool(prepared.dataset_ids) and record.dataset_ids != prepared.dataset_ids))
-    if not moved and record.content_hash_version == CONTENT_HASH_VERSION:
+    if not moved:
         return
     tx.visits.put(record.replace(
         files=prepared.files, source_paths=prepared.source_paths,
-        content_hash=prepared.content_hash, content_hash_version=CONTENT_HASH_VERSION,
         dataset_ids=prepared.dataset_ids or record.dataset_ids,
         metadata=dict(record.metadata, source=prepared.metadata.source)))
 
@@ -640,7 +622,7 @@ def apply_routed(state: StateDirectory, routed: RoutedVisit, *, replace: bool = 
     if plan.status == "skipped":
         if plan.follow_files:
             for shard in plan.shards:
-                _apply_to_store(state.shard_for_write(shard), routed.part(shard),
+                apply_to_store(state.shard_for_write(shard), routed.part(shard),
                                 replace=False, kafka_offset=None, references=source)
         finish_visit(state, plan, kafka_offset)
     else:
@@ -652,10 +634,10 @@ def apply_routed(state: StateDirectory, routed: RoutedVisit, *, replace: bool = 
         begin_visit(state, plan)
         try:
             for store in gone.values():
-                _retract_from_store(store, prepared.visit, None)
+                retract_from_store(store, prepared.visit, None)
                 shard_committed()
             for shard, store in stores.items():
-                results.append(_apply_to_store(store, routed.part(shard),
+                results.append(apply_to_store(store, routed.part(shard),
                                                replace=plan.shard_replace,
                                                kafka_offset=kafka_offset, references=source))
                 shard_committed()
@@ -665,7 +647,7 @@ def apply_routed(state: StateDirectory, routed: RoutedVisit, *, replace: bool = 
         finish_visit(state, plan, kafka_offset)
     result = ApplyResult(prepared.visit, plan.status, prepared.n_sources,
                          len(prepared.observations["source_id"]), time.perf_counter() - start,
-                         _sum_stats([r.association for r in results]),
+                         merge_stats([r.association for r in results]),
                          sum(r.reference_seconds for r in results),
                          sum(r.reference_pixels for r in results),
                          sum(r.reference_stars for r in results),
@@ -699,7 +681,7 @@ def undo_visit(state: StateDirectory, visit: int, shards: Sequence[int]) -> None
     the index (the visit is absent, as after a refused single-store transaction)."""
     for shard in sorted(set(shards)):
         if state.has_shard(shard):
-            _retract_from_store(state.shard_for_write(shard), visit, None)
+            retract_from_store(state.shard_for_write(shard), visit, None)
     state.index.write(lambda tx: tx.delete(visit))
 
 
@@ -717,7 +699,7 @@ def _retract_from_state(state: StateDirectory, visit: int,
     stores = [state.shard_for_write(s) for s in shards if state.has_shard(s)]
     state.index.put(dataclasses.replace(record, status="retracting"))
     for store in stores:
-        _retract_from_store(store, visit, None)
+        retract_from_store(store, visit, None)
         shard_committed()
 
     def body(tx: Any) -> None:
@@ -730,7 +712,8 @@ def _retract_from_state(state: StateDirectory, visit: int,
                        time.perf_counter() - start)
 
 
-def _sum_stats(stats: Sequence[BandUpdateStats | None]) -> BandUpdateStats | None:
+def merge_stats(stats: Sequence[BandUpdateStats | None]) -> BandUpdateStats | None:
+    """The association counts of a visit's shards, summed (None when no shard has any)."""
     present = [s for s in stats if s is not None]
     if not present:
         return None

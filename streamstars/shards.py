@@ -179,7 +179,8 @@ def home_shard(telra_deg: float, teldec_deg: float, nside: int) -> int:
 def shard_owner(shards: np.ndarray | int, workers: int) -> np.ndarray:
     """The worker (0 .. ``workers`` - 1) owning each shard in a parallel backfill: a fixed
     mix of the pixel number (splitmix64), so neighbouring shards spread over the workers."""
-    z = np.asarray(shards, dtype=np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = np.atleast_1d(np.asarray(shards, dtype=np.int64)).astype(np.uint64) \
+        + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
