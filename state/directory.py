@@ -35,7 +35,7 @@ from typing import Any
 import lmdb
 
 from streamstars.config import BuildStarsConfig, config_from_json
-from streamstars.errors import ConfigError, StateError
+from streamstars.errors import ConfigError, ShardError, StateError
 from streamstars.staging import staged_directory
 from streamstars.state.environment import (
     MapTrimmer,
@@ -221,14 +221,14 @@ class StateDirectory:
         """Every shard the index knows to hold data has its store.
 
         Raises:
-            StateError: naming the missing shards (nothing was written).
+            ShardError: naming the missing shards (nothing was written).
         """
         with self.index.read() as tx:
             known = tx.registered_shards()
         missing = [p for p in known if not self.has_shard(p)]
         if missing:
             names = ", ".join(f"{self.shard_order}/{p}" for p in missing[:10])
-            raise StateError(
+            raise ShardError(
                 f"{len(missing)} shard(s) of {self.path} that hold data are missing: "
                 f"{names}{' ...' if len(missing) > 10 else ''} (no {SHARDS_DIR}/<order>/<pixel>"
                 "/data.mdb); nothing was written. Restore the state directory from a backup "
@@ -240,7 +240,7 @@ class StateDirectory:
         :meth:`close` (a store the caller closed is opened again).
 
         Raises:
-            StateError: the shard has no store, or it cannot be used (naming the shard).
+            ShardError: the shard has no store, or it cannot be used (naming the shard).
         """
         pixel = int(pixel)
         store = self._stores.get(pixel)
@@ -251,7 +251,7 @@ class StateDirectory:
             store.close()
             del self._stores[pixel]
         if not self.has_shard(pixel):
-            raise StateError(f"shard {self.shard_order}/{pixel} of {self.path} has no store "
+            raise ShardError(f"shard {self.shard_order}/{pixel} of {self.path} has no store "
                              f"({self.shard_path(pixel)}/data.mdb is missing)")
         return self._open_store(pixel, readonly=readonly, create=False)
 
@@ -259,7 +259,8 @@ class StateDirectory:
         """The writable store of a shard, created (staged) when it has none yet.
 
         Raises:
-            StateError: opened read-only, or the shard cannot be used (naming it).
+            StateError: opened read-only.
+            ShardError: the shard cannot be used (naming it).
         """
         if self.readonly:
             raise StateError(f"the state directory {self.path} was opened read-only")
@@ -285,10 +286,10 @@ class StateDirectory:
                                    readonly=readonly, trimmer=self.trimmer,
                                    shard=self.shard_identity(pixel), extra_meta=extra)
         except StateError as exc:
-            raise StateError(f"shard {self.shard_order}/{pixel} of {self.path} cannot be used: "
+            raise ShardError(f"shard {self.shard_order}/{pixel} of {self.path} cannot be used: "
                              f"{exc}") from exc
         except lmdb.Error as exc:
-            raise StateError(f"shard {self.shard_order}/{pixel} of {self.path} cannot be read "
+            raise ShardError(f"shard {self.shard_order}/{pixel} of {self.path} cannot be read "
                              f"({exc}): restore the state directory from a backup, or rebuild "
                              "it with `streamstars backfill` into a new directory") from exc
         self._stores[pixel] = store

@@ -31,6 +31,7 @@ from streamstars.errors import (
     ConfigError,
     DiskFullError,
     MissingMetadataError,
+    ShardError,
     StreamstarsError,
 )
 from streamstars.ingest import (
@@ -182,6 +183,8 @@ def backfill(repo: str | Path, store: Target, *, replace: bool = False,
             the one the store caches (before any visit is read).
         DiskFullError: the store's disk is nearly full (the visits applied so far stay; run
             again once space is freed).
+        ShardError: a shard of the state directory is missing or damaged (nothing of the
+            visit needing it was written).
         ConfigError: ``workers`` < 1, or > 1 with a single store.
         KeyboardInterrupt: Ctrl-C; the visit being applied is rolled back (its transaction is
             aborted; in a state directory the shards it reached keep it and the next run
@@ -226,8 +229,8 @@ def backfill(repo: str | Path, store: Target, *, replace: bool = False,
             except KeyboardInterrupt:
                 pool.shutdown(wait=False, cancel_futures=True)  # do not read further visits
                 raise
-            except DiskFullError:
-                raise  # every later visit would fail the same way; resumable once freed
+            except (DiskFullError, ShardError):
+                raise  # every later visit would fail the same way; resumable once fixed
             except StreamstarsError as exc:
                 report.failed.append(VisitFailure(visit.visit, str(exc)))
                 log.error("visit %d failed: %s", visit.visit, exc)

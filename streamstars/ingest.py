@@ -46,9 +46,12 @@ from streamstars.bands import band_name_problem
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, take
 from streamstars.config import BuildStarsConfig
 from streamstars.errors import (
+    DiskFullError,
     InvalidMetadataError,
     InvalidSourceTableError,
     PermanentInputError,
+    ShardError,
+    StateError,
     VisitConflictError,
 )
 from streamstars.io.sourcetable import read_source_tables
@@ -607,8 +610,9 @@ def apply_routed(state: StateDirectory, routed: RoutedVisit, *, replace: bool = 
                  references: ReferenceChoice = CONFIGURED) -> ApplyResult:
     """Apply a routed visit to a state directory: intent, one transaction per shard, done.
 
-    A shard refusing the visit (its sourceIds stored for another visit there) removes it
-    from every shard it reached and from the index, and the error is raised.
+    A shard refusing the visit (its sourceIds stored for another visit there, a reference
+    cache rebuilt meanwhile) removes it from every shard it reached and from the index, and
+    the error is raised; a full disk or a damaged shard leaves the intent for the next run.
 
     Raises:
         See :func:`apply_prepared`.
@@ -641,7 +645,9 @@ def apply_routed(state: StateDirectory, routed: RoutedVisit, *, replace: bool = 
                                                replace=plan.shard_replace,
                                                kafka_offset=kafka_offset, references=source))
                 shard_committed()
-        except PermanentInputError:
+        except (DiskFullError, ShardError):
+            raise  # nothing more can be written: the intent stays, the next run completes it
+        except (PermanentInputError, StateError):
             undo_visit(state, prepared.visit, [*plan.shards, *plan.retract_from])
             raise
         finish_visit(state, plan, kafka_offset)

@@ -51,6 +51,7 @@ from streamstars.config import config_from_json, to_dict
 from streamstars.errors import (
     DiskFullError,
     PermanentInputError,
+    ShardError,
     StateError,
     StreamstarsError,
     VisitConflictError,
@@ -202,7 +203,7 @@ class _Driver:
             flight.refused = msg[3]
             self.maybe_finish(flight)
         elif kind == "fatal":
-            error = DiskFullError if msg[1] == "disk" else StateError
+            error = {"disk": DiskFullError, "shard": ShardError}.get(msg[1], StateError)
             raise error(msg[2])
         elif kind == "crash":
             raise StateError(f"backfill worker {msg[1]} failed: {msg[2]}")
@@ -406,14 +407,14 @@ def _apply(state: StateDirectory, references: Any, key: tuple[int, int], replace
         result = apply_to_store(state.shard_for_write(shard), part, replace=replace,
                                  kafka_offset=None, references=references)
         shard_committed()
-    except PermanentInputError as exc:
-        results.put(("refused", visit, shard, str(exc)))
-        return
     except DiskFullError as exc:
         results.put(("fatal", "disk", str(exc)))
         return
-    except StateError as exc:
-        results.put(("fatal", "state", str(exc)))
+    except ShardError as exc:
+        results.put(("fatal", "shard", str(exc)))
+        return
+    except (PermanentInputError, StateError) as exc:  # the visit fails, as in one process
+        results.put(("refused", visit, shard, str(exc)))
         return
     stats.apply_seconds += time.perf_counter() - t1
     results.put(("done", visit, "apply", shard, {
@@ -432,6 +433,6 @@ def _retract(state: StateDirectory, visit: int, shard: int, results: Queue[Any])
         results.put(("fatal", "disk", str(exc)))
         return
     except StateError as exc:
-        results.put(("fatal", "state", str(exc)))
+        results.put(("fatal", "shard" if isinstance(exc, ShardError) else "state", str(exc)))
         return
     results.put(("done", visit, "retract", shard, {}))
