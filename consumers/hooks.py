@@ -20,7 +20,7 @@ from streamstars.errors import ConfigError
 from streamstars.events import VisitEvent
 
 if TYPE_CHECKING:
-    from streamstars.state.store import StarStore
+    from streamstars.state import StateDirectory
 
     from .kafka_client import Position
 
@@ -35,8 +35,8 @@ ENV_HOOKS = "STREAMSTARS_CONSUMER_HOOKS"
 class ConsumerHooks:
     """The steps a consumer reports; every method does nothing here (subclass to act)."""
 
-    def store_opened(self, store: StarStore) -> None:
-        """The LMDB store is open and checked; no event was consumed yet."""
+    def store_opened(self, store: StateDirectory) -> None:
+        """The state directory is open and checked; no event was consumed yet."""
 
     def event_parsed(self, event: VisitEvent) -> None:
         """A message's event was decoded; nothing is written for it yet."""

@@ -1,10 +1,13 @@
-"""The consumer's LMDB store: the one consumer part that uses :mod:`streamstars.state` and the
-store steps of :mod:`streamstars.ingest` and :mod:`streamstars.snapshot`.
+"""The consumer's state directory: the one consumer part that uses :mod:`streamstars.state` and
+the store steps of :mod:`streamstars.ingest` and the snapshot.
 
-Each visit is applied in ONE write transaction that also stores its partition's next offset,
-and a message that changes nothing else (a dead letter) records its offset alone, so the store
-always knows where each partition resumes (:meth:`ConsumerStore.stored_offsets`).  An event
-naming exactly the Butler datasets a visit was applied from is skipped without reading
+Each visit is applied to every sky shard it touches (one write transaction per shard,
+:func:`streamstars.ingest.apply_prepared`); its partition's next offset is recorded in the
+state's index in the same transaction that marks the visit applied, after every shard
+committed, and a message that changes nothing else (a dead letter) records its offset alone,
+so the index always knows where each partition resumes (:meth:`ConsumerStore.stored_offsets`)
+and a visit interrupted between two shards is delivered again and completed.  An event naming
+exactly the Butler datasets a visit was applied from is skipped without reading
 (:meth:`ConsumerStore.applied_from`).
 """
 
@@ -22,8 +25,10 @@ from streamstars.ingest import (
     retract_visit,
 )
 from streamstars.references import ReferenceSource, attach_references, open_reference_source
-from streamstars.snapshot import SnapshotSummary, write_store_snapshot
-from streamstars.state.store import StarStore
+from streamstars.snapshot import SnapshotSummary
+from streamstars.state import StateDirectory
+from streamstars.state.directory import MANIFEST_NAME
+from streamstars.union_snapshot import write_state_snapshot
 
 from .kafka_client import Position
 from .options import RunOptions
@@ -36,13 +41,13 @@ class ConsumerStore:
 
     def __init__(self, options: RunOptions) -> None:
         self.opts = options
-        self._store: StarStore | None = None
+        self._store: StateDirectory | None = None
         #: the checked reference catalog visits cache stars from (None: no catalog)
         self._references: ReferenceSource | None = None
 
     @property
-    def star_store(self) -> StarStore:
-        """The open :class:`~streamstars.state.store.StarStore`.
+    def star_store(self) -> StateDirectory:
+        """The open :class:`~streamstars.state.StateDirectory`.
 
         Raises:
             StateError: the store is not open.
@@ -74,7 +79,7 @@ class ConsumerStore:
         config: BuildStarsConfig | None
         if opts.config_path is not None:
             config = load_config(opts.config_path)
-        elif (opts.state / "data.mdb").exists():
+        elif (opts.state / MANIFEST_NAME).exists():
             config = None  # the configuration the store was built with
         else:
             config = BuildStarsConfig()
@@ -83,7 +88,7 @@ class ConsumerStore:
         # read from --butler unless the config names its repository)
         source = open_reference_source(config.fgcmLoadReferenceCatalog, opts.butler) \
             if config else None
-        store = StarStore.open(opts.state, config)
+        store = StateDirectory.open(opts.state, config)
         try:
             self._references = attach_references(store, source, butler=opts.butler)
         except BaseException:
@@ -92,13 +97,13 @@ class ConsumerStore:
         self._store = store
 
     def close(self) -> None:
-        """Close the LMDB environment (nothing when it is not open)."""
+        """Close the state directory (nothing when it is not open)."""
         if self._store is not None:
             self._store.close()
             self._store = None
 
     def visit_count(self) -> int:
-        """How many visits the store holds."""
+        """How many visits the state holds (completely applied)."""
         return len(self.star_store.applied_visits())
 
     def stored_offsets(self, topic: str) -> dict[int, int]:
@@ -120,21 +125,20 @@ class ConsumerStore:
 
     def apply(self, prepared: PreparedVisit, *, replace: bool,
               position: Position) -> ApplyResult:
-        """Apply a prepared visit and the offset after ``position`` in one transaction
-        (:func:`streamstars.ingest.apply_prepared`)."""
+        """Apply a prepared visit to its shards, then the offset after ``position`` with the
+        visit's completion in the index (:func:`streamstars.ingest.apply_prepared`)."""
         return apply_prepared(self.star_store, prepared, replace=replace,
                               kafka_offset=_kafka_offset(position), references=self._references)
 
     def retract(self, visit: int, position: Position) -> ApplyResult:
-        """Retract ``visit`` and record the offset after ``position`` in one transaction
-        (:func:`streamstars.ingest.retract_visit`)."""
+        """Retract ``visit`` from its shards and record the offset after ``position`` with
+        its removal from the index (:func:`streamstars.ingest.retract_visit`)."""
         return retract_visit(self.star_store, visit, kafka_offset=_kafka_offset(position))
 
     def write_snapshot(self) -> SnapshotSummary:
-        """Write a snapshot to ``--snapshot-dir`` from one read transaction (safe while
-        another thread applies visits)."""
+        """Write a snapshot to ``--snapshot-dir`` (safe while another thread applies visits)."""
         assert self.opts.snapshot_dir is not None
-        return write_store_snapshot(
+        return write_state_snapshot(
             self.star_store, self.opts.snapshot_dir, formats=self.opts.snapshot_formats,
             extra_metadata={"kafka_topic": self.opts.topic, "kafka_group": self.opts.group},
         )

@@ -18,7 +18,7 @@ from streamstars.errors import StateError
 _REQUIRED = ("visit", "band", "metadata", "content_hash", "pixels", "n_sources", "n_selected",
              "delta_aper")
 _OPTIONAL = ("content_hash_version", "dropped_rows", "delta_aper_detector", "source_paths",
-             "files", "dataset_ids", "kafka")
+             "files", "dataset_ids", "kafka", "shards", "core_selected")
 
 
 @dataclass
@@ -45,6 +45,11 @@ class VisitRecord:
         dataset_ids: UUIDs of the Butler datasets it was read from (sorted; None outside a
             Butler and in records of older versions), for resuming Butler backfills.
         kafka: [topic, partition, next offset] when the visit came from Kafka.
+        shards: in a sky shard, every shard the visit is recorded in (sorted nest pixels at
+            ``shardNside``; docs/state.md); ``pixels`` and ``n_selected`` are then this
+            shard's (core and margin rows), the other values the visit's.
+        core_selected: in a sky shard, how many of its rows lie in the shard's core (summed
+            over the shards: the visit's selected observations).
         extra: keys of the stored JSON this version does not know, kept as they are.
     """
 
@@ -63,6 +68,8 @@ class VisitRecord:
     files: list[list[Any]] | None = None
     dataset_ids: list[str] | None = None
     kafka: list[Any] | None = None
+    shards: list[int] | None = None
+    core_selected: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

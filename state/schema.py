@@ -43,7 +43,9 @@ from streamstars.bands import BAND_KEY_BYTES, band_name_problem
 from streamstars.columns import OBSERVATION_DTYPES
 
 #: Bumped whenever the on-disk layout changes; a store of another version is refused.
-FORMAT_VERSION = 1
+#: 2: stores are the sky shards of a state directory (:mod:`streamstars.state.directory`);
+#: meta ``shard`` and ``instance``; visit records with ``shards`` and ``core_selected``.
+FORMAT_VERSION = 2
 
 # ---------------------------------------------------------------------------------------------
 # sub-databases
@@ -73,6 +75,12 @@ META_REFCAT = b"refcat"
 #: present once ``source_ids`` indexes every stored observation (new stores have it at once;
 #: older ones get it built by the first writer)
 META_SOURCE_INDEX = b"source_index"
+#: JSON ``{"order", "pixel", "nside", "margin"}`` of the sky shard the store is (absent in a
+#: store made alone through the Python API)
+META_SHARD = b"shard"
+#: a UUID drawn when the environment is created: with LMDB's last transaction id it names a
+#: shard's *generation* (what an incremental snapshot compares)
+META_INSTANCE = b"instance"
 #: prefix of ``max_rmax:BAND``: float64 (little endian), an upper bound on ``rmax`` of every
 #: stored component of the band (:func:`max_rmax_key`)
 META_MAX_RMAX_PREFIX = b"max_rmax:"

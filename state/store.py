@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 import numpy as np
@@ -51,6 +52,8 @@ from streamstars.state.schema import (
     META_CREATED,
     META_FINGERPRINT,
     META_FORMAT_VERSION,
+    META_INSTANCE,
+    META_SHARD,
     META_SOURCE_INDEX,
     OPTIONAL_DBS,
 )
@@ -78,7 +81,8 @@ class StarStore:
     """
 
     def __init__(self, path: Path, env: lmdb.Environment, config: BuildStarsConfig,
-                 readonly: bool, trimmer: MapTrimmer | None = None) -> None:
+                 readonly: bool, trimmer: MapTrimmer | None = None,
+                 meta: dict[str, bytes] | None = None) -> None:
         self.path = path
         self.config = config
         self.readonly = readonly
@@ -90,11 +94,21 @@ class StarStore:
         self.trimmer = MapTrimmer() if trimmer is None else trimmer
         self.trimmer.watch(path / "data.mdb")
         self.cache = WriteCache()
+        meta = meta or {}
+        raw_shard = meta.get(META_SHARD.decode())
+        #: the sky shard this store is (``{"order", "pixel", "nside", "margin"}``), or None
+        self.shard: dict[str, Any] | None = None if raw_shard is None else json.loads(raw_shard)
+        raw_instance = meta.get(META_INSTANCE.decode())
+        #: the UUID drawn when the environment was created (None in older stores)
+        self.instance: str | None = None if raw_instance is None else raw_instance.decode()
+        self._closed = False
 
     # ------------------------------------------------------------------ opening / closing
     @classmethod
     def open(cls, path: str | Path, config: BuildStarsConfig | None = None, *,
-             readonly: bool = False, trimmer: MapTrimmer | None = None) -> StarStore:
+             readonly: bool = False, trimmer: MapTrimmer | None = None,
+             shard: dict[str, Any] | None = None,
+             extra_meta: dict[bytes, bytes] | None = None) -> StarStore:
         """Open (or create) the store in directory ``path``.
 
         ``config`` None means: use the configuration the store was built with.  A given config
@@ -108,9 +122,14 @@ class StarStore:
         ``trimmer``: share the map budget with other stores of this process (by default the
         store has its own, :class:`~streamstars.state.environment.MapTrimmer`).
 
+        ``shard``: the store is this sky shard (``{"order", "pixel", "nside", "margin"}``,
+        :mod:`streamstars.state.directory`): recorded in a new store (meta ``shard``), and an
+        existing store must have recorded the same.  ``extra_meta``: more meta values written
+        when the store is created (e.g. the state's reference-catalog identity).
+
         Raises:
             StateError: not a store (also another program's LMDB environment, which is never
-                written to), another format version, or an incompatible config.
+                written to), another format version, an incompatible config, or another shard.
         """
         path = Path(path)
         map_rss_budget()  # bad settings fail before anything is created
@@ -119,7 +138,7 @@ class StarStore:
             if readonly or config is None:
                 raise StateError(f"{path} is not a streamstars state directory (no data.mdb); "
                                  "create one with `streamstars backfill` or `streamstars run`")
-            _create(path, config)
+            _create(path, config, shard, extra_meta or {})
         elif not readonly:
             _refuse_foreign(path)  # before a writer's open could change anything there
         env = _open_env(path, readonly)
@@ -129,7 +148,8 @@ class StarStore:
                 raise StateError(f"{path} holds no streamstars metadata; it is not a "
                                  "streamstars state directory")
             effective = _check_meta(path, stored, config)
-            return cls(path, env, effective, readonly, trimmer)
+            _check_shard(path, stored, shard)
+            return cls(path, env, effective, readonly, trimmer, stored)
         except BaseException:
             env.close()
             raise
@@ -138,6 +158,18 @@ class StarStore:
         """Close the environment (idempotent)."""
         self.trimmer.unwatch(self.path / "data.mdb")
         self.env.close()
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def generation(self) -> tuple[str | None, int]:
+        """``(instance, LMDB's last transaction id)``: changes with every write transaction
+        that changed data (a store rebuilt in the same place gets a new instance); what an
+        incremental snapshot compares to tell an unchanged store."""
+        return self.instance, int(self.env.info()["last_txnid"])
 
     def __enter__(self) -> StarStore:
         return self
@@ -305,7 +337,8 @@ def _stored_ids(tx: Transaction) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield np.array(cols["source_id"]), np.array(cols["visit"])
 
 
-def _create(path: Path, config: BuildStarsConfig) -> None:
+def _create(path: Path, config: BuildStarsConfig, shard: dict[str, Any] | None,
+            extra_meta: dict[bytes, bytes]) -> None:
     """Create a new store atomically: built beside ``path`` with its metadata and every
     sub-database, then renamed into place, so a reader never sees a half-created store."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -317,7 +350,10 @@ def _create(path: Path, config: BuildStarsConfig) -> None:
             try:
                 for name in ALL_DBS:
                     env.open_db(name)
-                _write_meta(env, config)
+                extra = dict(extra_meta)
+                if shard is not None:
+                    extra[META_SHARD] = _shard_value(shard)
+                _write_meta(env, config, extra)
             finally:
                 env.close()
             building.replace_empty_target()
@@ -336,9 +372,31 @@ def _read_meta(env: lmdb.Environment) -> dict[str, bytes] | None:
     return values or None
 
 
-def _write_meta(env: lmdb.Environment, config: BuildStarsConfig) -> None:
+def _shard_value(shard: dict[str, Any]) -> bytes:
+    return json.dumps(shard, sort_keys=True).encode()
+
+
+def _check_shard(path: Path, stored: dict[str, bytes], shard: dict[str, Any] | None) -> None:
+    """An existing store opened as a shard must be that shard (a directory copied or moved
+    into another shard's place is refused)."""
+    if shard is None:
+        return
+    raw = stored.get(META_SHARD.decode())
+    if raw is None or json.loads(raw) != shard:
+        raise StateError(
+            f"{path} should hold the sky shard {json.dumps(shard, sort_keys=True)} but holds "
+            f"{raw.decode() if raw else 'no shard identity'}; a shard directory was moved or "
+            "copied: restore the state directory from a backup, or rebuild it with "
+            "`streamstars backfill` into a new directory")
+
+
+def _write_meta(env: lmdb.Environment, config: BuildStarsConfig,
+                extra: dict[bytes, bytes]) -> None:
     meta_db = env.open_db(DB_META)
     with env.begin(write=True) as txn:
+        txn.put(META_INSTANCE, str(uuid.uuid4()).encode(), db=meta_db)
+        for key, value in extra.items():
+            txn.put(key, value, db=meta_db)
         txn.put(META_FORMAT_VERSION, str(FORMAT_VERSION).encode(), db=meta_db)
         txn.put(META_CONFIG, config_value(config), db=meta_db)
         txn.put(META_FINGERPRINT,

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import lmdb
 import numpy as np
 
-from streamstars.columns import ColumnDict, concat, take
+from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
 from streamstars.config import BuildStarsConfig, config_from_json, to_dict
 from streamstars.errors import StateError
 from streamstars.sky import fixed_unit_vectors, pixels_in_discs, pixels_of, vectors_from_fixed
@@ -57,6 +57,7 @@ from streamstars.state.schema import (
 )
 
 _OBS_READER = ColumnReader(STORED_OBSERVATION_DTYPES)
+_OBSERVATION_COLUMNS = frozenset(OBSERVATION_DTYPES)
 
 
 class _Table:
@@ -255,6 +256,18 @@ class ObservationTable(_Table):
         for pixel in pixels:
             self._trimmer.note_access()
             self._txn.delete(observation_key(band, int(pixel), visit), db=self._db)
+
+    def visit_rows(self, band: str, pixels: Iterable[int], visit: int) -> ColumnDict:
+        """Every column (:data:`OBSERVATION_DTYPES`) of the observations one visit stores in
+        ``pixels``, copied."""
+        parts = []
+        for pixel in pixels:
+            self._trimmer.note_access()
+            raw = self._txn.get(observation_key(band, int(pixel), visit), db=self._db)
+            if raw is not None:
+                parts.append({k: np.array(v) for k, v in decode_columns(
+                    bytes(raw), STORED_OBSERVATION_DTYPES, _OBSERVATION_COLUMNS).items()})
+        return concat(parts, OBSERVATION_DTYPES)
 
     def visit_source_ids(self, band: str, pixels: Iterable[int], visit: int) -> np.ndarray:
         """The sourceIds one visit stores in ``pixels``."""
@@ -513,6 +526,13 @@ class ReferenceCacheTable(_Table):
         self._trimmer.note_access()
         self._txn.put(refs_key(pixel), encode_columns(columns, _refcache_schema(n_filters)),
                       db=self._db)
+
+    def items(self, n_filters: int) -> Iterator[tuple[int, ColumnDict]]:
+        """(pixel, stars) of every record (empty ones included), in pixel order."""
+        schema = _refcache_schema(n_filters)
+        for key, value in self._txn.cursor(db=self._db):
+            self._trimmer.note_access()
+            yield int.from_bytes(bytes(key), "big"), decode_columns(bytes(value), schema)
 
     def records(self, n_filters: int) -> Iterator[ColumnDict]:
         """The non-empty records, in pixel order."""

@@ -24,7 +24,7 @@ from streamstars.config import BuildStarsConfig, load_config, load_snapshot_conf
 from streamstars.errors import ConfigError, StreamstarsError
 
 if TYPE_CHECKING:
-    from streamstars.state.store import StarStore
+    from streamstars.state import StateDirectory
 
 
 def _config(args: argparse.Namespace) -> BuildStarsConfig | None:
@@ -35,9 +35,11 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     """Run ``backfill``: apply every visit of a repository; 1 when a visit failed."""
     from streamstars.backfill import backfill
     from streamstars.references import attach_references, open_reference_source
-    from streamstars.state.store import StarStore
+    from streamstars.state import StateDirectory
 
     config = _config(args) or BuildStarsConfig()
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     if args.butler:
         if args.repo:
             raise ConfigError("give either a repository directory or --butler REPO, not both")
@@ -55,13 +57,14 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         source_name = args.repo
     # a bad reference catalog is refused before the store is even created (exit code 2)
     source = open_reference_source(config.fgcmLoadReferenceCatalog, args.butler)
-    with StarStore.open(args.state, config) as store:
-        references = attach_references(store, source, butler=args.butler)
-        report = backfill(args.butler or args.repo, store, replace=args.replace,
+    with StateDirectory.open(args.state, config) as state:
+        references = attach_references(state, source, butler=args.butler)
+        report = backfill(args.butler or args.repo, state, replace=args.replace,
                           prefetch=args.prefetch, progress=not args.no_progress,
-                          inventory=inventory, prepare=prepare, references=references)
-        with store.read() as tx:
-            n_visits = tx.visits.count()
+                          inventory=inventory, prepare=prepare, references=references,
+                          workers=args.workers, butler=args.butler)
+        n_visits = len(state.applied_visits())
+        n_shards = len(state.shards())
     for problem in report.problems:
         print(f"PROBLEM {problem}", file=sys.stderr)
     if report.without_sources:
@@ -85,14 +88,14 @@ def cmd_backfill(args: argparse.Namespace) -> int:
           f"{len(report.problems)} unusable files; "
           f"{report.sources_read:,} sources read, {report.observations_selected:,} observations "
           f"selected in {report.seconds:.1f} s ({rate:,.0f} sources/s); {dropped_text}"
-          f"store holds {n_visits} visits")
+          f"store holds {n_visits} visits in {n_shards} shards")
     return 0 if report.ok else 1
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     """Run ``snapshot``: write the fgcm input catalogs of a store."""
-    from streamstars.snapshot import write_store_snapshot
-    from streamstars.state.store import StarStore
+    from streamstars.state import StateDirectory
+    from streamstars.union_snapshot import write_state_snapshot
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     bad = [f for f in formats if f not in ("fits", "parquet")]
@@ -104,11 +107,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
         # the repository, RUN and instrument are checked before anything is written
         target = snapshot_target(args, formats)
-    with StarStore.open(args.state, readonly=True) as store:
+    with StateDirectory.open(args.state, readonly=True) as state:
         # the file's keys are applied on top of the store's configuration; a key that shapes
         # the stored data must keep the store's value (ConfigError naming it otherwise)
-        config = load_snapshot_config(args.config, store.config) if args.config else None
-        summary = write_store_snapshot(store, args.out, formats=formats, config=config)
+        config = load_snapshot_config(args.config, state.config) if args.config else None
+        summary = write_state_snapshot(state, args.out, formats=formats, config=config)
     print(f"snapshot: {summary.n_visits} visits, {summary.n_stars:,} stars, "
           f"{summary.n_observations:,} observations -> {summary.out_dir} "
           f"({summary.seconds:.1f} s)")
@@ -121,11 +124,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Run ``status``: print what a store holds (``--json``: machine-readable)."""
-    from streamstars.status import store_status
+    """Run ``status``: print what a state directory holds (``--json``: machine-readable)."""
+    from streamstars.status import state_status
 
-    with _open_readonly(args.state) as store:
-        status = store_status(store)
+    with _open_readonly(args.state) as state:
+        status = state_status(state)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
@@ -134,29 +137,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_readonly(path: str) -> StarStore:
-    from streamstars.state.store import StarStore
+def _open_readonly(path: str) -> StateDirectory:
+    from streamstars.state import StateDirectory
 
-    return StarStore.open(path, readonly=True)
+    return StateDirectory.open(path, readonly=True)
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    """Run ``backup``: a consistent compact copy of a store."""
-    with _open_readonly(args.state) as store:
-        dest = store.backup(args.dest)
-    size = sum(f.stat().st_size for f in dest.iterdir())
+    """Run ``backup``: a compact copy of a state directory, each shard consistent."""
+    with _open_readonly(args.state) as state:
+        dest = state.backup(args.dest)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
     print(f"backup: {args.state} -> {dest} ({size / 1e6:,.1f} MB)")
     return 0
 
 
 def cmd_retract(args: argparse.Namespace) -> int:
-    """Run ``retract``: remove visits completely from a store."""
+    """Run ``retract``: remove visits completely from a state directory (every shard)."""
     from streamstars.ingest import retract_visit
-    from streamstars.state.store import StarStore
+    from streamstars.state import StateDirectory
 
-    with StarStore.open(args.state) as store:
+    with StateDirectory.open(args.state) as state:
         for visit in args.visits:
-            result = retract_visit(store, visit)
+            result = retract_visit(state, visit)
             print(f"visit {visit}: {result.status}")
     return 0
 
@@ -164,8 +167,8 @@ def cmd_retract(args: argparse.Namespace) -> int:
 def cmd_config_show(args: argparse.Namespace) -> int:
     """Run ``config show``: print the effective configuration as TOML."""
     if args.state:
-        with _open_readonly(args.state) as store:
-            print(store.config.to_toml())
+        with _open_readonly(args.state) as state:
+            print(state.config.to_toml())
     else:
         print((_config(args) or BuildStarsConfig()).to_toml())
     return 0
@@ -276,12 +279,16 @@ def _add_backfill(sub: Any) -> None:
     p.add_argument("repo", nargs="?",
                    help="directory tree with sourceTable_visit and metadata files")
     add_butler_input_options(p)
-    p.add_argument("--state", required=True, help="state directory (LMDB store)")
+    p.add_argument("--state", required=True,
+                   help="state directory (manifest, visit index, one LMDB store per sky shard)")
     p.add_argument("--config", help="TOML config with fgcmcal field names")
     p.add_argument("--replace", action="store_true",
                    help="replace visits whose content changed since they were applied")
     p.add_argument("--prefetch", type=int, default=2,
                    help="visits read and selected ahead in threads (default 2)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes reading the visits and writing the shards, each owning a "
+                   "share of the shards (default 1: this process, with --prefetch threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_backfill)
 
@@ -314,7 +321,8 @@ def _add_store_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("backup", help="consistent compact copy of a store, while it is written")
+    p = sub.add_parser("backup", help="compact copy of a state directory while it is written "
+                       "(each shard consistent)")
     p.add_argument("dest", help="new (or empty) directory for the copy")
     p.add_argument("--state", required=True, help="state directory to copy")
     p.set_defaults(func=cmd_backup)

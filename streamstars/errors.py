@@ -62,6 +62,12 @@ class StateError(StreamstarsError):
     """The state directory cannot be used (other format version, incompatible config)."""
 
 
+class ShardError(StateError):
+    """A sky shard of a state directory is missing or damaged (its directory, its LMDB
+    environment, or another shard's store in its place): named in the message; nothing was
+    written.  A backfill stops (like a full disk), the consumer exits."""
+
+
 class DiskFullError(StateError):
     """The store's file system is (nearly) full: nothing more can be written until space is
     freed; a backfill stops (it resumes where it stopped), the consumer exits."""

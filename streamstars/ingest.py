@@ -2,11 +2,22 @@
 
 :func:`prepare_visit` does the I/O-heavy part outside any transaction (read the source
 tables with column projection, select, compute photometry and the content hash);
-:func:`apply_prepared` then applies it in ONE LMDB write transaction holding the visit's
+:func:`apply_prepared` then applies it.  To one store (a :class:`StarStore`: a sky shard, or a
+store made alone through the Python API) it is ONE LMDB write transaction holding the visit's
 observations, the updated components of the pixels it touched, the visit record (metadata row,
 content hash), the reference stars of the touched pixels and their neighbours not cached yet
 (when a reference catalog is configured, :mod:`streamstars.references`) and, when it came from
 Kafka, the next offset of its partition.
+
+To a state directory (:class:`StateDirectory`, docs/state.md "Applying a visit across
+shards"): the selected observations are routed to the shards that store them
+(:func:`route_visit`: the core shard of each row and every shard within ``shardMargin``, plus
+the visit's home shard); then (1) the index records the intent (status ``applying``, the
+content hash and the shards), (2) each shard applies its rows in its own write transaction
+(the step above, per shard), (3) the index records the visit ``applied`` with the Kafka offset.
+A crash between two shards' commits leaves the intent: the next application of the same visit
+completes it, each shard skipping the visit when it already holds that content
+(:func:`plan_visit`).  :func:`retract_visit` removes a visit from every shard the index names.
 
 The content hash of a visit covers what it contributes (its selected observations, its
 metadata values and its band), never where its files live: the same visit read from a moved
@@ -21,19 +32,28 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 
 from streamstars.association import BandUpdateStats, add_observations, rebuild_after_removal
 from streamstars.bands import band_name_problem
-from streamstars.columns import OBSERVATION_DTYPES, ColumnDict
+from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, take
 from streamstars.config import BuildStarsConfig
-from streamstars.errors import InvalidMetadataError, InvalidSourceTableError, VisitConflictError
+from streamstars.errors import (
+    DiskFullError,
+    InvalidMetadataError,
+    InvalidSourceTableError,
+    PermanentInputError,
+    ShardError,
+    StateError,
+    VisitConflictError,
+)
 from streamstars.io.sourcetable import read_source_tables
 from streamstars.references import (
     CONFIGURED,
@@ -44,7 +64,8 @@ from streamstars.references import (
     resolve_references,
 )
 from streamstars.select import DROP_REASONS, aperture_corrections, select_visit
-from streamstars.state import StarStore, Transaction, VisitRecord
+from streamstars.shards import home_shard, observation_vectors, route
+from streamstars.state import IndexRecord, StarStore, StateDirectory, Transaction, VisitRecord
 from streamstars.state.codec import encode_columns
 from streamstars.visit import VisitMetadata
 
@@ -55,11 +76,18 @@ log = logging.getLogger(__name__)
 BAD_COORDINATES_WARN_FRACTION = 0.01
 
 #: Version of the content hash (``content_hash_version`` of a visit record): 2 = without the
-#: metadata's ``source`` path.  Records without it were hashed with the path (see
-#: :func:`legacy_content_hash`).
+#: metadata's ``source`` path (version 1, with it, was written only into format-1 stores,
+#: which are refused).
 CONTENT_HASH_VERSION = 2
 
 Status = Literal["applied", "replaced", "skipped", "retracted", "absent"]
+
+#: Where a visit is applied: one store, or a state directory of sky shards.
+Target: TypeAlias = StarStore | StateDirectory
+
+#: Test fault injection (docs/operations.md, "Testing locally"): the process SIGKILLs itself
+#: right after its N-th shard commit, between two shards' commits of a visit.
+ENV_KILL_AFTER_SHARD_COMMITS = "STREAMSTARS_TEST_KILL_AFTER_SHARD_COMMITS"
 
 
 @dataclass(frozen=True)
@@ -102,6 +130,91 @@ class PreparedVisit:
     dropped: dict[str, int] = field(default_factory=dict)
     #: UUIDs of the Butler datasets read, so a resumed Butler backfill can skip unchanged ones
     dataset_ids: list[str] = field(default_factory=list)
+    #: the part of a visit a sky shard stores: every shard of the visit and how many of its
+    #: rows lie in this shard's core (None: the whole visit, for one store)
+    shards: list[int] | None = None
+    core_selected: int | None = None
+
+
+@dataclass
+class RoutedVisit:
+    """A prepared visit and where its rows are stored (:func:`route_visit`).
+
+    Attributes:
+        prepared: the whole visit.
+        shards: every shard it is recorded in (sorted): those its rows are routed to, and
+            its home shard (:func:`streamstars.shards.home_shard`).
+        rows: shard -> indices of the observations it stores (core and margin), sorted.
+        core: shard -> how many of those lie in its core.
+    """
+
+    prepared: PreparedVisit
+    shards: list[int]
+    rows: dict[int, np.ndarray]
+    core: dict[int, int]
+
+    def part(self, shard: int) -> PreparedVisit:
+        """The visit restricted to the rows ``shard`` stores (none for a home shard without
+        rows: the visit is still recorded there)."""
+        rows = self.rows.get(shard, np.zeros(0, dtype=np.int64))
+        return dataclasses.replace(self.prepared,
+                                   observations=take(self.prepared.observations, rows),
+                                   shards=list(self.shards),
+                                   core_selected=int(self.core.get(shard, 0)))
+
+    def header(self) -> VisitHeader:
+        """What the index needs of the visit (no observations)."""
+        p = self.prepared
+        return VisitHeader(
+            visit=p.visit, band=p.band, content_hash=p.content_hash, shards=list(self.shards),
+            n_sources=p.n_sources, n_selected=len(p.observations["source_id"]),
+            dropped={k: int(p.dropped.get(k, 0)) for k in DROP_REASONS},
+            files=p.files, source_paths=p.source_paths, dataset_ids=p.dataset_ids,
+            metadata_source=p.metadata.source)
+
+
+@dataclass
+class VisitHeader:
+    """A routed visit as the index sees it (what a parallel backfill's reader sends to the
+    driver; the rows go to the shards' owners)."""
+
+    visit: int
+    band: str
+    content_hash: str
+    shards: list[int]
+    n_sources: int
+    n_selected: int
+    dropped: dict[str, int]
+    files: list[list[object]]
+    source_paths: list[str]
+    dataset_ids: list[str]
+    metadata_source: str | None
+
+
+@dataclass
+class VisitPlan:
+    """What applying a visit to a state directory does (:func:`plan_visit`).
+
+    Attributes:
+        status: the outcome once done ("applied", "replaced" or "skipped").
+        shards: the shards to apply the visit to (its routing; for "skipped" the shards that
+            hold it).
+        retract_from: shards that may hold an older version of it and are not in ``shards``.
+        shard_replace: a shard holding other content of the visit replaces it (the
+            replacement was asked for, or an interrupted application is being completed).
+        follow_files: "skipped" only: the shards' and the index's records follow the files,
+            which moved (the shards are written although their data do not change).
+        intent: the index record written before any shard commit (None for "skipped").
+        done: the index record written once every shard committed.
+    """
+
+    status: Status
+    shards: list[int]
+    retract_from: list[int]
+    shard_replace: bool
+    follow_files: bool
+    intent: IndexRecord | None
+    done: IndexRecord
 
 
 @dataclass
@@ -140,18 +253,6 @@ def content_hash(observations: ColumnDict, metadata: VisitMetadata, band: str) -
     digest = hashlib.sha256()
     digest.update(encode_columns(observations, OBSERVATION_DTYPES))
     digest.update(json.dumps(values, sort_keys=True).encode())
-    digest.update(band.encode())
-    return digest.hexdigest()
-
-
-def legacy_content_hash(observations: ColumnDict, metadata: VisitMetadata, band: str,
-                        source: str) -> str:
-    """The content hash of records written before ``content_hash_version`` 2: it also covered
-    the metadata's ``source`` path.  With the stored record's own ``source`` it tells whether a
-    visit read from elsewhere has the content stored then."""
-    digest = hashlib.sha256()
-    digest.update(encode_columns(observations, OBSERVATION_DTYPES))
-    digest.update(dataclasses.replace(metadata, source=source).to_json().encode())
     digest.update(band.encode())
     return digest.hexdigest()
 
@@ -263,24 +364,39 @@ def _report_dropped(visit: int, dropped: dict[str, int], n_selected: int) -> Non
             ", ".join(f"{k} {v}" for k, v in dropped.items() if v))
 
 
-def apply_prepared(store: StarStore, prepared: PreparedVisit, *, replace: bool = False,
+def apply_prepared(target: Target, prepared: PreparedVisit, *, replace: bool = False,
                    kafka_offset: KafkaOffset | None = None,
                    references: ReferenceChoice = CONFIGURED) -> ApplyResult:
-    """Apply a prepared visit in one write transaction.
+    """Apply a prepared visit: to one store in one write transaction, to a state directory
+    across its shards (module docstring; :func:`apply_routed`).
 
     Same content already applied -> "skipped" (the offset is still recorded).  Different
     content already applied -> :class:`VisitConflictError` unless ``replace``, which removes
     the old observations first (status "replaced").  ``references`` is the reference catalog
     whose stars the visit caches: what :func:`streamstars.references.attach_references`
-    returned for ``store`` (``None``: no catalog); by default the store's configured catalog is
+    returned for ``target`` (``None``: no catalog); by default the configured catalog is
     opened and checked now (callers applying many visits attach it once and pass it).
 
     Raises:
         VisitConflictError: other content already applied, without ``replace``.
-        SourceIdReuseError: the visit's sourceIds are stored for another visit.
+        SourceIdReuseError: the visit's sourceIds are stored for another visit (in a state
+            directory: in one of its shards; the visit is then removed from every shard).
         StateError, RefcatError: the reference catalog cannot be used with this store.
-        DiskFullError: the store's disk is nearly full (nothing was written).
+        DiskFullError: the store's disk is nearly full (nothing more was written).
     """
+    if isinstance(target, StateDirectory):
+        return apply_routed(target, route_visit(prepared, target.shard_nside,
+                                                target.shard_margin),
+                            replace=replace, kafka_offset=kafka_offset, references=references)
+    return apply_to_store(target, prepared, replace=replace, kafka_offset=kafka_offset,
+                           references=references)
+
+
+def apply_to_store(store: StarStore, prepared: PreparedVisit, *, replace: bool,
+                    kafka_offset: KafkaOffset | None,
+                    references: ReferenceChoice) -> ApplyResult:
+    """Apply a prepared visit (or a shard's part of it) to one store in one transaction
+    (:func:`apply_prepared`'s step for one store)."""
     start = time.perf_counter()
     source = resolve_references(store, references)
     store.ensure_source_index()
@@ -316,21 +432,31 @@ def apply_prepared(store: StarStore, prepared: PreparedVisit, *, replace: bool =
     return result
 
 
-def apply_visit(store: StarStore, visit_input: VisitInput, *, replace: bool = False,
+def apply_visit(target: Target, visit_input: VisitInput, *, replace: bool = False,
                 kafka_offset: KafkaOffset | None = None,
                 references: ReferenceChoice = CONFIGURED) -> ApplyResult:
     """Read, select and apply one visit (see :func:`prepare_visit`, :func:`apply_prepared`)."""
     start = time.perf_counter()
-    prepared = prepare_visit(visit_input, store.config)
-    result = apply_prepared(store, prepared, replace=replace, kafka_offset=kafka_offset,
+    prepared = prepare_visit(visit_input, target.config)
+    result = apply_prepared(target, prepared, replace=replace, kafka_offset=kafka_offset,
                             references=references)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def retract_visit(store: StarStore, visit: int, *,
+def retract_visit(target: Target, visit: int, *,
                   kafka_offset: KafkaOffset | None = None) -> ApplyResult:
-    """Remove a visit completely (observations, components it shaped, visit record)."""
+    """Remove a visit completely (observations, components it shaped, visit record): from
+    one store in one transaction, or from every shard of a state directory the index names
+    (the index first marks it ``retracting``, and forgets it once every shard committed)."""
+    if isinstance(target, StateDirectory):
+        return _retract_from_state(target, visit, kafka_offset)
+    return retract_from_store(target, visit, kafka_offset)
+
+
+def retract_from_store(store: StarStore, visit: int,
+                       kafka_offset: KafkaOffset | None) -> ApplyResult:
+    """Remove a visit from one store in one transaction (:func:`retract_visit`'s step)."""
     start = time.perf_counter()
     store.ensure_source_index()
 
@@ -352,31 +478,23 @@ def retract_visit(store: StarStore, visit: int, *,
 
 
 def _same_content(record: VisitRecord, prepared: PreparedVisit) -> bool:
-    """Whether a stored visit has the content of ``prepared`` (wherever its files were)."""
-    if record.content_hash == prepared.content_hash:
-        return True
-    if record.content_hash_version is not None:
-        return False
-    # a record of an older streamstars: its hash covered the metadata's path then; hashed
-    # again the old way with that path, equal content gives the stored hash
-    source = str(record.metadata.get("source", ""))
-    return bool(record.content_hash == legacy_content_hash(
-        prepared.observations, prepared.metadata, prepared.band, source))
+    """Whether a stored visit has the content of ``prepared`` (wherever its files were; the
+    hash of a shard's part is the whole visit's)."""
+    return record.content_hash == prepared.content_hash
 
 
 def _follow_files(tx: Transaction, record: VisitRecord, prepared: PreparedVisit) -> None:
     """A visit skipped as unchanged: its record follows its inputs when they moved or were
     re-ingested (files, or Butler datasets with new UUIDs; so the next resume skips it without
-    reading) and an older record gets the current content hash."""
+    reading)."""
     moved = (record.files != prepared.files
              or record.source_paths != prepared.source_paths
              or record.metadata_source != prepared.metadata.source
              or (bool(prepared.dataset_ids) and record.dataset_ids != prepared.dataset_ids))
-    if not moved and record.content_hash_version == CONTENT_HASH_VERSION:
+    if not moved:
         return
     tx.visits.put(record.replace(
         files=prepared.files, source_paths=prepared.source_paths,
-        content_hash=prepared.content_hash, content_hash_version=CONTENT_HASH_VERSION,
         dataset_ids=prepared.dataset_ids or record.dataset_ids,
         metadata=dict(record.metadata, source=prepared.metadata.source)))
 
@@ -405,6 +523,8 @@ def _add_visit(tx: Transaction, prepared: PreparedVisit, kafka_offset: KafkaOffs
         dataset_ids=prepared.dataset_ids or None,
         kafka=None if kafka_offset is None else [kafka_offset.topic, kafka_offset.partition,
                                                  kafka_offset.next_offset],
+        shards=prepared.shards,
+        core_selected=prepared.core_selected,
     )
     tx.visits.put(record)
     refs = cache_reference_pixels(tx, references, record.pixels)
@@ -419,3 +539,203 @@ def _remove_visit(tx: Transaction, record: VisitRecord) -> None:
     rebuild_after_removal(tx, record.band, np.asarray(record.pixels, dtype=np.int64),
                           record.visit)
     tx.visits.delete(record.visit)
+
+
+# ---------------------------------------------------------------------------------------------
+# a state directory: one visit across its sky shards
+# ---------------------------------------------------------------------------------------------
+def route_visit(prepared: PreparedVisit, shard_nside: int, shard_margin: float) -> RoutedVisit:
+    """Where the rows of ``prepared`` are stored (:func:`streamstars.shards.route`, from the
+    same fixed-point vectors the store keys them by), and the visit's home shard."""
+    obs = prepared.observations
+    routing = route(observation_vectors(obs["ra"], obs["dec"]), shard_nside, shard_margin)
+    rows = routing.shard_rows()
+    core_shards, core_counts = np.unique(routing.shards[routing.core], return_counts=True)
+    home = home_shard(prepared.metadata.telra, prepared.metadata.teldec, shard_nside)
+    return RoutedVisit(prepared, sorted({*rows, home}), rows,
+                       dict(zip(core_shards.tolist(), core_counts.tolist(), strict=True)))
+
+
+def plan_visit(record: IndexRecord | None, header: VisitHeader, *, replace: bool,
+               kafka_offset: KafkaOffset | None = None) -> VisitPlan:
+    """What applying a routed visit does, given its index record (module docstring).
+
+    No record: applied to its shards.  Applied with the same content: skipped (the records
+    follow moved files).  An interrupted application of the same content ("applying"):
+    completed — every shard that already holds it skips it, a replacement's old shards lose
+    it.  Other content: replaced with ``replace`` (also an interrupted one), else a conflict.
+    An interrupted retraction: the visit is applied again, replacing what is left of it.
+
+    Raises:
+        VisitConflictError: other content is (being) applied, without ``replace``; nothing
+            was written.
+    """
+    new = list(header.shards)
+    done = IndexRecord(
+        visit=header.visit, band=header.band, content_hash=header.content_hash,
+        status="applied", shards=new, n_sources=header.n_sources,
+        n_selected=header.n_selected, dropped_rows=dict(header.dropped),
+        files=[list(f) for f in header.files], source_paths=list(header.source_paths),
+        dataset_ids=list(header.dataset_ids) or None, metadata_source=header.metadata_source,
+        kafka=None if kafka_offset is None else [kafka_offset.topic, kafka_offset.partition,
+                                                 kafka_offset.next_offset])
+    if record is None:
+        return VisitPlan("applied", new, [], False, False,
+                         dataclasses.replace(done, status="applying"), done)
+    same = record.content_hash == header.content_hash
+    if record.status == "applied" and same:
+        moved = (record.files != done.files or record.source_paths != done.source_paths
+                 or record.metadata_source != done.metadata_source
+                 or (done.dataset_ids is not None and record.dataset_ids != done.dataset_ids))
+        kept = dataclasses.replace(
+            record, files=done.files, source_paths=done.source_paths,
+            metadata_source=done.metadata_source,
+            dataset_ids=done.dataset_ids or record.dataset_ids)
+        return VisitPlan("skipped", list(record.shards), [], False, moved, None, kept)
+    if not same and record.status != "retracting" and not replace:
+        what = "was already applied" if record.status == "applied" else \
+            "was being applied (interrupted)"
+        raise VisitConflictError(
+            f"visit {header.visit} {what} with different content (stored hash "
+            f"{record.content_hash[:12]}, new {header.content_hash[:12]}); re-run with "
+            "--replace to replace its observations")
+    old = sorted(({*record.shards, *record.old_shards}) - set(new))
+    status: Status = "replaced" if (not same and record.status == "applied") else "applied"
+    return VisitPlan(status, new, old, True, False,
+                     dataclasses.replace(done, status="applying", old_shards=old), done)
+
+
+def apply_routed(state: StateDirectory, routed: RoutedVisit, *, replace: bool = False,
+                 kafka_offset: KafkaOffset | None = None,
+                 references: ReferenceChoice = CONFIGURED) -> ApplyResult:
+    """Apply a routed visit to a state directory: intent, one transaction per shard, done.
+
+    A shard refusing the visit (its sourceIds stored for another visit there, a reference
+    cache rebuilt meanwhile) removes it from every shard it reached and from the index, and
+    the error is raised; a full disk or a damaged shard leaves the intent for the next run.
+
+    Raises:
+        See :func:`apply_prepared`.
+    """
+    start = time.perf_counter()
+    prepared = routed.prepared
+    source = resolve_references(state, references)
+    plan = plan_visit(state.index.get(prepared.visit), routed.header(), replace=replace,
+                      kafka_offset=kafka_offset)
+    results: list[ApplyResult] = []
+    if plan.status == "skipped":
+        if plan.follow_files:
+            for shard in plan.shards:
+                apply_to_store(state.shard_for_write(shard), routed.part(shard),
+                                replace=False, kafka_offset=None, references=source)
+        finish_visit(state, plan, kafka_offset)
+    else:
+        # every store is opened (created) before anything is written: a shard that cannot be
+        # used fails the visit here
+        state.keep_open([*plan.shards, *plan.retract_from])
+        stores = {s: state.shard_for_write(s) for s in plan.shards}
+        gone = {s: state.shard_for_write(s) for s in plan.retract_from if state.has_shard(s)}
+        begin_visit(state, plan)
+        try:
+            for store in gone.values():
+                retract_from_store(store, prepared.visit, None)
+                shard_committed()
+            for shard, store in stores.items():
+                results.append(apply_to_store(store, routed.part(shard),
+                                               replace=plan.shard_replace,
+                                               kafka_offset=kafka_offset, references=source))
+                shard_committed()
+        except (DiskFullError, ShardError):
+            raise  # nothing more can be written: the intent stays, the next run completes it
+        except (PermanentInputError, StateError):
+            undo_visit(state, prepared.visit, [*plan.shards, *plan.retract_from])
+            raise
+        finish_visit(state, plan, kafka_offset)
+    result = ApplyResult(prepared.visit, plan.status, prepared.n_sources,
+                         len(prepared.observations["source_id"]), time.perf_counter() - start,
+                         merge_stats([r.association for r in results]),
+                         sum(r.reference_seconds for r in results),
+                         sum(r.reference_pixels for r in results),
+                         sum(r.reference_stars for r in results),
+                         dict(prepared.dropped) if plan.status != "skipped" else {})
+    return result
+
+
+def begin_visit(state: StateDirectory, plan: VisitPlan) -> None:
+    """Step 1: record the intent in the index (before any shard commit)."""
+    intent = plan.intent
+    if intent is not None:
+        state.index.put(intent)
+
+
+def finish_visit(state: StateDirectory, plan: VisitPlan,
+                 kafka_offset: KafkaOffset | None) -> None:
+    """Step 3: every shard committed: the visit is ``applied``, its shards registered (a
+    registered shard whose directory goes missing is an error naming it) and the Kafka offset
+    recorded, in one index transaction."""
+    def body(tx: Any) -> None:
+        tx.put(plan.done)
+        tx.register_shards(plan.shards)
+        if kafka_offset is not None:
+            tx.put_offset(kafka_offset.topic, kafka_offset.partition, kafka_offset.next_offset)
+
+    state.index.write(body)
+
+
+def undo_visit(state: StateDirectory, visit: int, shards: Sequence[int]) -> None:
+    """A shard refused the visit: remove it from every shard it may have reached, then from
+    the index (the visit is absent, as after a refused single-store transaction)."""
+    for shard in sorted(set(shards)):
+        if state.has_shard(shard):
+            retract_from_store(state.shard_for_write(shard), visit, None)
+    state.index.write(lambda tx: tx.delete(visit))
+
+
+def _retract_from_state(state: StateDirectory, visit: int,
+                        kafka_offset: KafkaOffset | None) -> ApplyResult:
+    start = time.perf_counter()
+    record = state.index.get(visit)
+    if record is None:
+        if kafka_offset is not None:
+            state.record_offset(kafka_offset.topic, kafka_offset.partition,
+                                kafka_offset.next_offset)
+        return ApplyResult(visit, "absent", 0, 0, time.perf_counter() - start)
+    shards = sorted({*record.shards, *record.old_shards})
+    state.keep_open(shards)
+    stores = [state.shard_for_write(s) for s in shards if state.has_shard(s)]
+    state.index.put(dataclasses.replace(record, status="retracting"))
+    for store in stores:
+        retract_from_store(store, visit, None)
+        shard_committed()
+
+    def body(tx: Any) -> None:
+        tx.delete(visit)
+        if kafka_offset is not None:
+            tx.put_offset(kafka_offset.topic, kafka_offset.partition, kafka_offset.next_offset)
+
+    state.index.write(body)
+    return ApplyResult(visit, "retracted", int(record.n_sources), int(record.n_selected),
+                       time.perf_counter() - start)
+
+
+def merge_stats(stats: Sequence[BandUpdateStats | None]) -> BandUpdateStats | None:
+    """The association counts of a visit's shards, summed (None when no shard has any)."""
+    present = [s for s in stats if s is not None]
+    if not present:
+        return None
+    return BandUpdateStats(**{f.name: sum(getattr(s, f.name) for s in present)
+                              for f in dataclasses.fields(BandUpdateStats)})
+
+
+_SHARD_COMMITS = [0]
+
+
+def shard_committed() -> None:
+    """Count a shard commit of this process; with ``STREAMSTARS_TEST_KILL_AFTER_SHARD_COMMITS``
+    = N the process SIGKILLs itself right after its N-th (crash tests only)."""
+    kill_at = os.environ.get(ENV_KILL_AFTER_SHARD_COMMITS)
+    if not kill_at:
+        return
+    _SHARD_COMMITS[0] += 1
+    if _SHARD_COMMITS[0] == int(kill_at):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -71,7 +71,7 @@ from streamstars.refmatch import (
     reference_magnitudes,
 )
 from streamstars.sky import pixels_of, unit_vectors, with_neighbours
-from streamstars.state import StarStore, Transaction
+from streamstars.state import StarStore, StateDirectory, Transaction
 from streamstars.state.schema import refcache_schema
 
 __all__ = [
@@ -357,10 +357,36 @@ CONFIGURED = _Configured.CONFIGURED
 ReferenceChoice: TypeAlias = ReferenceSource | None | _Configured
 
 
-def stored_refcat(store: StarStore) -> dict[str, Any] | None:
-    """The ``meta/refcat`` JSON of a store, or ``None``."""
+#: What reference catalogs are attached to: one store, or a state directory (whose index
+#: records the catalog every shard caches).
+RefTarget: TypeAlias = StarStore | StateDirectory
+
+
+def stored_refcat(store: RefTarget) -> dict[str, Any] | None:
+    """The ``meta/refcat`` JSON of a store (of a state directory: its index's), or ``None``."""
+    if isinstance(store, StateDirectory):
+        return store.stored_refcat()
     with store.read() as tx:
         return tx.meta.refcat()
+
+
+def _has_visits(store: RefTarget) -> bool:
+    if isinstance(store, StateDirectory):
+        with store.index.read() as tx:
+            return tx.count() > 0
+    with store.read() as tx:
+        return any(True for _ in tx.visits.items())
+
+
+def _record_refcat(store: RefTarget, identity: dict[str, Any] | None) -> None:
+    """Record the cached catalog's identity: in a state directory in every shard, then in its
+    index (new shards copy it from there)."""
+    if isinstance(store, StateDirectory):
+        for _, pixel in store.shards():
+            store.shard_for_write(pixel).write(lambda tx: tx.meta.set_refcat(identity))
+        store.set_refcat(identity)
+        return
+    store.write(lambda tx: tx.meta.set_refcat(identity))
 
 
 def _refresh_hint(path: Path) -> str:
@@ -368,7 +394,7 @@ def _refresh_hint(path: Path) -> str:
             "the reference-star cache for the configured catalog")
 
 
-def attach_references(store: StarStore, source: ReferenceSource | None = None, *,
+def attach_references(store: RefTarget, source: ReferenceSource | None = None, *,
                       check: bool = True, butler: str | None = None) -> ReferenceSource | None:
     """The reference catalog visits applied to ``store`` cache stars from, checked.
 
@@ -397,16 +423,13 @@ def attach_references(store: StarStore, source: ReferenceSource | None = None, *
                     "[fgcmLoadReferenceCatalog] path; use the same reference-catalog settings, or "
                     + _refresh_hint(store.path) + " (with an empty path it drops the cache)")
         elif stored is None:
-            with store.read() as tx:
-                has_visits = any(True for _ in tx.visits.items())
-            if has_visits:
+            if _has_visits(store):
                 raise StateError(
                     f"{store.path} holds visits applied without a reference catalog, and the "
                     f"configuration now names {source.refcat.path}; "
                     + _refresh_hint(store.path))
             if not store.readonly:
-                identity = source.identity()
-                store.write(lambda tx: tx.meta.set_refcat(identity))
+                _record_refcat(store, source.identity())
         else:
             identity = source.identity()
             if stored != identity:
@@ -420,7 +443,7 @@ def attach_references(store: StarStore, source: ReferenceSource | None = None, *
     return source
 
 
-def resolve_references(store: StarStore, references: ReferenceChoice) -> ReferenceSource | None:
+def resolve_references(store: RefTarget, references: ReferenceChoice) -> ReferenceSource | None:
     """``references`` as given, or, for :data:`CONFIGURED`, :func:`attach_references` now."""
     if isinstance(references, _Configured):
         return attach_references(store)
@@ -490,9 +513,13 @@ def _observed_pixels(tx: Transaction) -> np.ndarray:
     return np.unique(np.concatenate(pixels)) if pixels else np.zeros(0, dtype=np.int64)
 
 
-def refresh_all(store: StarStore, source: ReferenceChoice = CONFIGURED, *, progress: bool = False,
+def refresh_all(store: RefTarget, source: ReferenceChoice = CONFIGURED, *,
+                progress: bool = False,
                 batch_pixels: int = REFRESH_BATCH_PIXELS) -> tuple[int, float]:
-    """Drop and rebuild every ``refmatch`` record in ONE write transaction.
+    """Drop and rebuild every ``refmatch`` record in ONE write transaction (of a state
+    directory: one per shard, then its index records the catalog; a crash in between leaves
+    the index naming the old catalog, so every writer refuses to start until refresh-refs is
+    run again).
 
     ``source`` is the catalog to cache (``None``: none, the cache is dropped; default: the
     store's configured catalog, opened now without checking it against the store's cache —
@@ -507,6 +534,19 @@ def refresh_all(store: StarStore, source: ReferenceChoice = CONFIGURED, *, progr
     start = time.perf_counter()
     catalog = attach_references(store, check=False) if isinstance(source, _Configured) \
         else source
+    if isinstance(store, StateDirectory):
+        shards = store.shards()
+        total = 0
+        with tqdm(total=len(shards), unit="shard", desc="refresh-refs", dynamic_ncols=True,
+                  disable=not progress) as bar:
+            for _, pixel in shards:
+                total += refresh_all(store.shard_for_write(pixel), catalog,
+                                     batch_pixels=batch_pixels)[0]
+                bar.update(1)
+                bar.set_postfix(refs=f"{total:,}")
+        store.set_config(store.config)  # its reference settings are those just cached
+        store.set_refcat(None if catalog is None else catalog.identity())
+        return total, time.perf_counter() - start
 
     def body(tx: Transaction) -> int:
         tx.refcache.clear()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import healpy as hp
 import numpy as np
 
-from streamstars.sky import ARCSEC_RAD, pixels_of
+from streamstars.sky import ARCSEC_RAD, fixed_unit_vectors, pixels_of, vectors_from_fixed
 
 #: Spacing of the samples along a rim [arcsec].
 RIM_SPACING_ARCSEC = 0.25
@@ -159,3 +159,29 @@ def route(v: np.ndarray, nside: int, margin_arcsec: float) -> Routing:
     is_core[:len(v)] = True
     order = np.lexsort((all_shards, all_rows))
     return Routing(all_rows[order], all_shards[order], is_core[order])
+
+
+def observation_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
+    """The float unit vectors every routing decision is made from: those of the fixed-point
+    vectors the store keys and associates observations by (so keys, geometry and shards
+    always agree)."""
+    return vectors_from_fixed(fixed_unit_vectors(np.asarray(ra_deg, dtype=np.float64),
+                                                 np.asarray(dec_deg, dtype=np.float64)))
+
+
+def home_shard(telra_deg: float, teldec_deg: float, nside: int) -> int:
+    """The shard of a visit's boresight: where a visit is recorded even when none of its
+    selected observations is stored (``shards(visit) = route(observations) | {home}``)."""
+    return int(pixels_of(observation_vectors(np.array([telra_deg]), np.array([teldec_deg])),
+                         nside)[0])
+
+
+def shard_owner(shards: np.ndarray | int, workers: int) -> np.ndarray:
+    """The worker (0 .. ``workers`` - 1) owning each shard in a parallel backfill: a fixed
+    mix of the pixel number (splitmix64), so neighbouring shards spread over the workers."""
+    z = np.atleast_1d(np.asarray(shards, dtype=np.int64)).astype(np.uint64) \
+        + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(workers)).astype(np.int64)

@@ -7,10 +7,12 @@ directory on ``PYTHONPATH``: :func:`hooks_env` sets both).
 ``before_apply``         an event was parsed, nothing written yet;
 ``during_apply:N:MS``    a timer fires MS milliseconds after the N-th apply started (read,
                          select, association or LMDB commit, wherever it is by then);
-``lmdb_commit``          a timer armed just before the LMDB commit of the visit's write
-                         transaction fires within 0.5 ms, i.e. during ``mdb_txn_commit`` (which
-                         fsyncs) or right after it, before anything else runs;
-``after_lmdb_commit``    the visit and its offset are committed in LMDB, Kafka not yet;
+``lmdb_commit``          a timer armed just before an LMDB commit (the index's intent, a shard's
+                         transaction, the index's completion with the offset) fires within
+                         0.5 ms, i.e. during ``mdb_txn_commit`` (which fsyncs) or right after
+                         it, before anything else runs;
+``after_lmdb_commit``    the visit is committed in every shard and its offset in the index,
+                         Kafka not yet;
 ``after_kafka_commit``   both committed;
 ``during_snapshot:N:MS`` MS milliseconds into the N-th periodic snapshot.
 
@@ -35,7 +37,7 @@ from typing import Any
 from streamstars.consumers.hooks import ENV_HOOKS, ConsumerHooks
 from streamstars.consumers.kafka_client import Position
 from streamstars.events import VisitEvent
-from streamstars.state.store import StarStore
+from streamstars.state import StarStore, StateDirectory
 
 ENV_KILL = "STREAMSTARS_TEST_KILL"
 ENV_APPLICATION_LOG = "STREAMSTARS_APPLICATION_LOG"
@@ -83,10 +85,15 @@ class CrashHooks(ConsumerHooks):
         return bool(self.plan)
 
     # ------------------------------------------------------------------ the consumer's steps
-    def store_opened(self, store: StarStore) -> None:
-        """Arm the ``lmdb_commit`` point on the store's write transactions (when planned)."""
+    def store_opened(self, store: StateDirectory) -> None:
+        """Arm the ``lmdb_commit`` point on the write transactions of the state's index and of
+        every shard store it opens (when planned)."""
         if "lmdb_commit" in self.plan:
-            store.env = _EnvProxy(store.env, self)  # type: ignore[assignment]
+            store.index.env = _EnvProxy(store.index.env, self)  # type: ignore[assignment]
+            store.shard_opened = self.shard_opened
+
+    def shard_opened(self, store: StarStore) -> None:
+        store.env = _EnvProxy(store.env, self)  # type: ignore[assignment]
 
     def event_parsed(self, event: VisitEvent) -> None:
         self.visit = event.visit

@@ -7,7 +7,6 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +15,7 @@ import pytest
 from streamstars.cli import main
 from streamstars.io.snapshot_files import compare_snapshots, read_snapshot
 from streamstars.simulate import simulate_survey
-from streamstars.state.store import StarStore
+from streamstars.state import StateDirectory
 
 N_VISITS = 6
 
@@ -84,7 +83,7 @@ def test_retract_command_removes_the_visit(repo: Path, tmp_path: Path) -> None:
     assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 0
     gone = visit_of(source_files(repo)[0])
     assert main(["retract", str(gone), "--state", str(state)]) == 0
-    with StarStore.open(state, readonly=True) as store:
+    with StateDirectory.open(state, readonly=True) as store:
         assert gone not in store.applied_visits()
         assert len(store.applied_visits()) == N_VISITS - 1
 
@@ -136,7 +135,7 @@ def test_bad_visit_fails_alone_and_clearly(case: str, repo: Path, tmp_path: Path
     # the message names the file or the visit
     assert any(name in captured.err for name in (bad.name, str(bad_visit), "999999999"))
     assert f"{N_VISITS - 1} applied" in captured.out
-    with StarStore.open(state, readonly=True) as store:
+    with StateDirectory.open(state, readonly=True) as store:
         assert len(store.applied_visits()) == N_VISITS - 1
 
 
@@ -150,7 +149,7 @@ def test_mixed_visits_in_one_file_fail_those_visits(repo: Path, tmp_path: Path,
     assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "mixed visits" in err
-    with StarStore.open(state, readonly=True) as store:
+    with StateDirectory.open(state, readonly=True) as store:
         assert len(store.applied_visits()) == N_VISITS - 2
 
 
@@ -158,11 +157,9 @@ def test_state_of_another_format_version_is_refused(repo: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     state = tmp_path / "state"
     assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 0
-    env = lmdb.open(str(state), max_dbs=10)
-    meta = env.open_db(b"meta")
-    with env.begin(write=True) as txn:
-        txn.put(b"format_version", b"999", db=meta)
-    env.close()
+    manifest = json.loads((state / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (state / "manifest.json").write_text(json.dumps(manifest))
     assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 2
     assert "format version 999" in capsys.readouterr().err
 
@@ -202,8 +199,9 @@ def test_map_grows_when_full(repo: Path, tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(environment, "INITIAL_MAP_SIZE", 64 * 1024)
     state = tmp_path / "state"
     assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 0
-    with StarStore.open(state, readonly=True) as store:
-        assert store.env.info()["map_size"] > 64 * 1024
+    with StateDirectory.open(state, readonly=True) as store:
+        for _, pixel in store.shards():
+            assert store.open_shard(pixel).env.info()["map_size"] > 64 * 1024
         assert len(store.applied_visits()) == N_VISITS
 
 
@@ -240,12 +238,12 @@ def test_a_full_disk_stops_the_backfill_clearly_and_it_resumes(
 
     state = tmp_path / "state"
 
-    with StarStore.open(state, BuildStarsConfig()) as store:
+    with StateDirectory.open(state, BuildStarsConfig()) as store:
         def fill_disk_after_two(result: object) -> None:
             if result.visit == sorted(map(visit_of, source_files(repo)))[1]:  # type: ignore[attr-defined]
-                store.min_free_disk = 1 << 62
+                store.index.min_free_disk = 1 << 62
 
-        assert store.env.flags()["writemap"]
+        assert store.index.env.flags()["writemap"]
         with pytest.raises(DiskFullError, match=r"nearly full .*\(nothing was written\)"):
             backfill(repo, store, progress=False, on_result=fill_disk_after_two)
         assert len(store.applied_visits()) == 2
@@ -258,16 +256,17 @@ def test_a_full_disk_stops_the_backfill_clearly_and_it_resumes(
     monkeypatch.undo()  # space freed
     assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 0
     assert "2 skipped" in capsys.readouterr().out
-    with StarStore.open(state, readonly=True) as store:
-        assert not store.env.flags()["writemap"]  # readers map the file read-only
+    with StateDirectory.open(state, readonly=True) as store:
+        assert not store.index.env.flags()["writemap"]  # readers map the file read-only
+        assert not store.open_shard(store.shards()[0][1]).env.flags()["writemap"]
         assert len(store.applied_visits()) == N_VISITS
 
 
 def test_backup_is_a_consistent_compact_store_taken_while_a_writer_works(
         repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``streamstars backup`` (another process) copies the last committed state while this
-    process holds a write transaction that has emptied the observations; the copy is a
-    complete store (same snapshot), compact, and refuses to overwrite anything."""
+    process holds a write transaction that has emptied the observations of a shard; the copy
+    is a complete state (same snapshot), compact, and refuses to overwrite anything."""
     import subprocess
     import sys
 
@@ -275,7 +274,10 @@ def test_backup_is_a_consistent_compact_store_taken_while_a_writer_works(
 
     state, backup = tmp_path / "state", tmp_path / "backup"
     assert main(["backfill", str(repo), "--state", str(state), "--no-progress"]) == 0
-    with StarStore.open(state) as store:
+    with StateDirectory.open(state) as directory:
+        pixel = directory.shards()[0][1]
+        store = directory.shard_for_write(pixel)
+
         def body(txn: Transaction) -> None:
             txn.observations.clear()  # not committed
             done = subprocess.run(
@@ -291,8 +293,9 @@ def test_backup_is_a_consistent_compact_store_taken_while_a_writer_works(
     assert main(["snapshot", str(tmp_path / "snap-backup"), "--state", str(backup)]) == 0
     assert compare_snapshots(tmp_path / "snap-state", tmp_path / "snap-backup") == []
     # the writer's data.mdb is sparse and as large as the map; the copy holds the data only
-    assert (backup / "data.mdb").stat().st_size < (state / "data.mdb").stat().st_size
-    with StarStore.open(backup, readonly=True) as copy:
+    shard = Path("shards") / str(directory.shard_order) / str(pixel) / "data.mdb"
+    assert (backup / shard).stat().st_size < (state / shard).stat().st_size
+    with StateDirectory.open(backup, readonly=True) as copy:
         assert len(copy.applied_visits()) == N_VISITS
     capsys.readouterr()
     assert main(["backup", str(backup), "--state", str(state)]) == 2

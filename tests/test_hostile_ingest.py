@@ -9,7 +9,6 @@ processes where signals, tracebacks, other users or mounts are involved.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from streamstars.io.snapshot_files import compare_snapshots
 from streamstars.io.sourcetable import read_source_table
 from streamstars.select import cut_masks
 from streamstars.simulate import simulate_survey
-from streamstars.state import StarStore, Transaction
+from streamstars.state import StateDirectory, Transaction
 
 N_VISITS = 8
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,9 +134,17 @@ def assert_same(a: Path, b: Path) -> None:
 
 
 def records(state: Path) -> dict[int, dict[str, Any]]:
-    """The visit records as stored (their JSON)."""
-    with StarStore.open(state, readonly=True) as store, store.read() as txn:
-        return {visit: json.loads(record.to_json()) for visit, record in txn.visits.items()}
+    """The visit records as the shards store them (their JSON; one per visit, see
+    ``StateDirectory.visit_records``)."""
+    with StateDirectory.open(state, readonly=True) as directory:
+        return {r.visit: json.loads(r.to_json()) for r in directory.visit_records()}
+
+
+def write_shard_records(state: Path, change: Callable[[Transaction], None]) -> None:
+    """Run ``change`` in a write transaction of every shard of the state directory."""
+    with StateDirectory.open(state) as directory:
+        for _, pixel in directory.shards():
+            directory.shard_for_write(pixel).write(change)
 
 
 def cli(*args: str, env: dict[str, str] | None = None, **kw: Any
@@ -175,71 +182,6 @@ def test_resume_after_moving_or_re_addressing_the_repository(
         assert all(p.startswith(str(tmp_path / "moved")) for p in record["source_paths"])
         assert record["metadata"]["source"].startswith(str(tmp_path / "moved"))
     assert_same(first, snapshot(state, tmp_path / "snap2", capsys))
-
-
-def _legacy_hash(prepared: Any) -> str:
-    """The content hash streamstars wrote before this fix (it covered the metadata path)."""
-    from streamstars.columns import OBSERVATION_DTYPES
-    from streamstars.state.codec import encode_columns
-
-    digest = hashlib.sha256()
-    digest.update(encode_columns(prepared.observations, OBSERVATION_DTYPES))
-    digest.update(prepared.metadata.to_json().encode())
-    digest.update(prepared.band.encode())
-    return digest.hexdigest()
-
-
-def test_a_store_of_the_older_hash_accepts_the_moved_repository(
-        pristine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Records hashed the old way (with the metadata's path) are checked again the old way
-    with their stored path: equal content is skipped and the record upgraded; changed content
-    is still a conflict."""
-    from streamstars.ingest import VisitInput, prepare_visit
-    from streamstars.io.discover import discover_repo
-
-    repo = copy_repo(pristine, tmp_path / "R")
-    state = tmp_path / "S"
-    assert backfill(repo, state, capsys)[0] == 0
-    first = snapshot(state, tmp_path / "snap1", capsys)
-    inventory = discover_repo(repo)
-    with StarStore.open(state) as store:
-        old = {v: _legacy_hash(prepare_visit(VisitInput(v, d.source_paths, d.metadata),
-                                             store.config))  # type: ignore[arg-type]
-               for v, d in inventory.visits.items()}
-
-        def make_legacy(txn: Transaction) -> None:
-            for visit, record in list(txn.visits.items()):
-                txn.visits.put(record.replace(content_hash=old[visit],
-                                              content_hash_version=None, dropped_rows=None))
-
-        store.write(make_legacy)
-
-    moved = tmp_path / "moved"
-    repo.rename(moved)
-    code, out, err = backfill(moved, state, capsys)
-    assert code == 0, err
-    assert f"{N_VISITS} skipped" in out
-    upgraded = records(state)
-    assert all(r["content_hash"] != old[v] and r["content_hash_version"] == 2
-               for v, r in upgraded.items())
-    assert_same(first, snapshot(state, tmp_path / "snap2", capsys))
-
-    # a legacy record whose content really changed is still refused without --replace
-    with StarStore.open(state) as store:
-        visit = sorted(old)[3]
-
-        def make_one_legacy(txn: Transaction) -> None:
-            record = txn.visits.get(visit)
-            assert record is not None
-            assert record.content_hash_version is not None
-            txn.visits.put(record.replace(content_hash=old[visit], content_hash_version=None,
-                                          files=[]))
-
-        store.write(make_one_legacy)
-    path = source_file(moved, 3)
-    pq.write_table(pq.read_table(path).slice(0, 1000), path)
-    code, out, err = backfill(moved, state, capsys)
-    assert code == 1 and f"visit {visit} was already applied with different content" in err
 
 
 # ------------------------------------------------------------- 2: band names the store cannot key
@@ -318,18 +260,20 @@ def test_source_ids_reused_by_a_later_visit_fail_that_visit(
 def test_a_store_without_the_source_id_index_gets_it_and_refuses_reuse(
         pristine: Path, repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         caplog: pytest.LogCaptureFixture) -> None:
-    """A store written before the index existed has it built by the first writer."""
+    """A store written before the index existed has it built by the first writer (here every
+    shard of a state directory loses its index)."""
     later = visit_of(source_file(repo, 5))
     held = tmp_path / "held.parquet"
     shutil.move(source_file(repo, 5), held)
     state = tmp_path / "S"
     assert backfill(repo, state, capsys)[0] == 0
-    env = lmdb.open(str(state), max_dbs=16)
-    with env.begin(write=True) as txn:
-        if txn.get(b"source_ids") is not None:
-            txn.drop(env.open_db(b"source_ids", txn=txn), delete=True)
-        txn.delete(b"source_index", db=env.open_db(b"meta", txn=txn))
-    env.close()
+    for shard in sorted((state / "shards").glob("*/*")):
+        env = lmdb.open(str(shard), max_dbs=16)
+        with env.begin(write=True) as txn:
+            if txn.get(b"source_ids") is not None:
+                txn.drop(env.open_db(b"source_ids", txn=txn), delete=True)
+            txn.delete(b"source_index", db=env.open_db(b"meta", txn=txn))
+        env.close()
     shutil.move(held, repo / held.name.replace("held", f"sourceTable_visit_{later}"))
     assert _reuse_ids(repo, 1, 5) > 0
     code, out, err = backfill(repo, state, capsys)
@@ -523,8 +467,8 @@ def test_ctrl_c_during_a_backfill_prints_one_line_and_it_resumes(
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            if (state / "data.mdb").exists():
-                with StarStore.open(state, readonly=True) as store:
+            if (state / "manifest.json").exists():
+                with StateDirectory.open(state, readonly=True) as store:
                     if len(store.applied_visits()) >= 3:
                         break
             time.sleep(0.02)
@@ -540,7 +484,8 @@ def test_ctrl_c_during_a_backfill_prints_one_line_and_it_resumes(
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("streamstars: interrupted"), err
     assert "run the same command again to resume" in lines[0]
-    applied = len(records(state))
+    with StateDirectory.open(state, readonly=True) as store:
+        applied = len(store.applied_visits())  # a visit in flight is completed on resume
     assert 3 <= applied < 40
     code, out, err = backfill(long_survey, state, capsys)
     assert code == 0, err
@@ -584,14 +529,14 @@ def test_status_and_snapshot_read_a_store_they_cannot_write(
     expected = snapshot(state, base / "expected", capsys)
     assert main(["backup", str(backup), "--state", str(state)]) == 0  # data.mdb only
     capsys.readouterr()
-    assert not (backup / "lock.mdb").exists() and (state / "lock.mdb").exists()
+    assert not list(backup.rglob("lock.mdb")) and (state / "index" / "lock.mdb").exists()
     home, outputs = base / "home", base / "outputs"
     for d in (home, outputs):
         d.mkdir()
         d.chmod(0o777)
     for store_dir in (state, backup):
-        for f in store_dir.iterdir():
-            f.chmod(0o644)
+        for f in store_dir.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         store_dir.chmod(0o755)
     nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
     env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home),
@@ -608,7 +553,7 @@ def test_status_and_snapshot_read_a_store_they_cannot_write(
                               text=True, env=env, timeout=120, cwd=home)
         assert snap.returncode == 0, snap.stderr
         assert_same(expected, out)
-    assert not (backup / "lock.mdb").exists()
+    assert not list(backup.rglob("lock.mdb"))
 
     unshare = _require("unshare")
     script = (f"mount --bind {backup} {backup} && mount -o remount,bind,ro {backup} && "

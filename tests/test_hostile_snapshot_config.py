@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lmdb
 import pytest
 
 import streamstars.io.snapshot_parquet as snapshot_parquet
@@ -40,8 +39,8 @@ from streamstars.io.snapshot_files import (
     read_snapshot,
     write_snapshot,
 )
-from streamstars.state import StarStore
-from streamstars.state.schema import DB_META, FINE_FACTOR, META_CONFIG
+from streamstars.state import StateDirectory
+from streamstars.state.schema import FINE_FACTOR
 
 N_VISITS = 8
 
@@ -115,7 +114,7 @@ def test_snapshot_refuses_an_out_holding_foreign_entries_and_touches_nothing(
     assert tree_digest(out) == before  # every byte of OUT as it was
     assert sorted(os.listdir(tmp_path)) == ["OUT"]  # no temporary directory left
     for store_dir in (out / "bk", out / "state"):
-        with StarStore.open(store_dir, readonly=True) as store:
+        with StateDirectory.open(store_dir, readonly=True) as store:
             assert len(store.applied_visits()) == N_VISITS
     assert len(read_snapshot(out).visits["visit"]) == N_VISITS
 
@@ -146,12 +145,8 @@ def test_an_entry_put_into_out_while_the_snapshot_is_written_is_not_deleted(
     """OUT is checked again right before the swap: a file that appeared while the new files
     were being written is not deleted with the old snapshot."""
     out = tmp_path / "OUT"
-    with StarStore.open(state, readonly=True) as store:
-        from streamstars.snapshot import build_catalogs
-
-        with store.read() as txn:
-            catalogs, _ = build_catalogs(store, txn)
-    write_snapshot(out, catalogs, grace_seconds=0)
+    assert streamstars("snapshot", out, "--state", state).returncode == 0
+    catalogs = read_snapshot(out)
     real_writer = snapshot_parquet.write_parquet_files
 
     def writer_meanwhile(tmp: Path, cat: SnapshotCatalogs) -> dict[str, int]:
@@ -209,7 +204,7 @@ def test_snapshot_config_applies_snapshot_time_settings_on_the_stores_configurat
     done = streamstars("snapshot", tmp_path / "OUT", "--state", state, "--config", config)
     assert done.returncode == 0, done.stderr
     used = json.loads(read_snapshot(tmp_path / "OUT").metadata["config"])
-    with StarStore.open(state, readonly=True) as store:
+    with StateDirectory.open(state, readonly=True) as store:
         expected = to_dict(dataclasses.replace(
             store.config, isolationRadius=3.0, randomSeed=7,
             fgcmLoadReferenceCatalog=RefcatLoadConfig(matchRadius=0.5)))
@@ -224,10 +219,13 @@ def test_snapshot_config_applies_snapshot_time_settings_on_the_stores_configurat
 def test_build_catalogs_refuses_a_config_that_differs_in_stored_data(state: Path) -> None:
     from streamstars.snapshot import build_catalogs
 
-    with StarStore.open(state, readonly=True) as store, store.read() as txn:
-        other = dataclasses.replace(store.config, primaryBands=("r", "i"))
-        with pytest.raises(ConfigError, match=r"primaryBands \(store: \['i', 'r', 'g', 'z'\]"):
-            build_catalogs(store, txn, other)
+    with StateDirectory.open(state, readonly=True) as directory:
+        store = directory.open_shard(directory.shards()[0][1])
+        with store.read() as txn:
+            other = dataclasses.replace(store.config, primaryBands=("r", "i"))
+            with pytest.raises(ConfigError,
+                               match=r"primaryBands \(store: \['i', 'r', 'g', 'z'\]"):
+                build_catalogs(store, txn, other)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,13 +312,9 @@ def test_a_store_recorded_with_an_invalid_configuration_is_refused_clearly(
         state: Path, tmp_path: Path) -> None:
     copy = tmp_path / "S"
     assert streamstars("backup", copy, "--state", state).returncode == 0
-    env = lmdb.open(str(copy), max_dbs=16)
-    with env.begin(write=True) as txn:
-        meta = env.open_db(DB_META, txn=txn)
-        recorded = json.loads(bytes(txn.get(META_CONFIG, db=meta)))
-        recorded["storeNside"] = 1 << 20
-        txn.put(META_CONFIG, json.dumps(recorded).encode(), db=meta)
-    env.close()
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["config"]["storeNside"] = 1 << 20
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     error = one_clear_error(streamstars("status", "--state", copy))
     assert "was built with a configuration this streamstars refuses" in error
     assert "storeNside = 1048576" in error
@@ -333,14 +327,14 @@ def start_backup_and_catch_it_copying(dest: Path, state: Path,
                                       action: signal.Signals) -> tuple[subprocess.Popen[bytes],
                                                                        Path] | None:
     """Start ``streamstars backup DEST`` and send it ``action`` as soon as its hidden
-    directory holds the copy's ``data.mdb`` (the copy has begun); None if it finished first."""
+    directory holds the copy of the index (the copy has begun); None if it finished first."""
     proc = subprocess.Popen([sys.executable, "-m", "streamstars.cli", "backup", str(dest),
                              "--state", str(state)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     prefix = f".{dest.name}.backup-{proc.pid}"
     while proc.poll() is None:
         for name in os.listdir(dest.parent):
-            if name.startswith(prefix) and (dest.parent / name / "data.mdb").exists():
+            if name.startswith(prefix) and (dest.parent / name / "index" / "data.mdb").exists():
                 os.kill(proc.pid, action)
                 return proc, dest.parent / name
     return None
@@ -371,7 +365,7 @@ def test_a_killed_backup_is_cleaned_by_the_next_one_and_a_running_one_is_left_al
         assert done.returncode == 0, done.stderr
         assert not killed_dir.exists()  # the killed backup's directory is gone
         assert paused_dir.is_dir()  # the running backup's is untouched
-        with StarStore.open(dest, readonly=True) as store:
+        with StateDirectory.open(dest, readonly=True) as store:
             assert len(store.applied_visits()) == N_VISITS
     finally:
         os.kill(paused.pid, signal.SIGCONT)

@@ -23,6 +23,7 @@ from streamstars.config import (
 from streamstars.errors import RefcatError, StateError
 from streamstars.ingest import ApplyResult
 from streamstars.io.refcat import parse_refcat_config
+from streamstars.io.snapshot_files import SnapshotCatalogs, read_snapshot
 from streamstars.references import (
     attach_references,
     open_reference_source,
@@ -37,9 +38,9 @@ from streamstars.refmatch import (
 )
 from streamstars.simulate import simulate_survey
 from streamstars.sky import ARCSEC_RAD, pixels_of, unit_vectors
-from streamstars.snapshot import build_catalogs
-from streamstars.state import StarStore
-from streamstars.state.schema import META_REFCAT
+from streamstars.snapshot import build_catalogs, write_store_snapshot
+from streamstars.state import StarStore, StateDirectory
+from streamstars.union_snapshot import write_state_snapshot
 
 SIM_FILTERS = {"g_6": "g", "r_57": "r", "i_39": "i", "z_20": "z"}
 #: small pixels (3.4') so that many stars lie within 2" of a pixel border
@@ -63,6 +64,32 @@ def sim_config(refcat: Path | str, selector: ReferenceSelectorConfig | None = No
                            referenceSelector=selector or sn_selector())
     return BuildStarsConfig(storeNside=STORE_NSIDE, fgcmLoadReferenceCatalog=ref,
                             **kwargs)  # type: ignore[arg-type]
+
+
+def state_catalogs(state: Path, out: Path) -> SnapshotCatalogs:
+    """The catalogs of a state directory, as its snapshot writes them."""
+    with StateDirectory.open(state, readonly=True) as directory:
+        write_state_snapshot(directory, out)
+    return read_snapshot(out)
+
+
+def star_columns(catalogs: SnapshotCatalogs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fgcm_id, ra, dec) of a snapshot's stars."""
+    stars = catalogs.stars
+    return stars["fgcm_id"], stars["ra"], stars["dec"]
+
+
+def assert_matches_expected(reference: dict[str, np.ndarray] | None,
+                            expected: dict[int, tuple[int, np.ndarray, np.ndarray, float, float]]
+                            ) -> None:
+    """A snapshot's reference stars (files hold no ``ref_id``) are the brute-force matches:
+    the same stars, each with its matched reference star's magnitudes and errors."""
+    assert reference is not None
+    assert reference["fgcm_id"].tolist() == sorted(expected)
+    np.testing.assert_array_equal(reference["refMag"],
+                                  [expected[int(f)][1] for f in reference["fgcm_id"]])
+    np.testing.assert_array_equal(reference["refMagErr"],
+                                  [expected[int(f)][2] for f in reference["fgcm_id"]])
 
 
 def write_toml(path: Path, config: BuildStarsConfig) -> Path:
@@ -302,7 +329,8 @@ def test_two_refs_on_one_star_nearest_wins(built: dict[str, object], survey: Pat
 def test_snapshot_files(built: dict[str, object], tmp_path: Path,
                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "snap"
-    assert main(["snapshot", str(out), "--state", str(built["state"])]) == 0
+    with StarStore.open(built["state"], readonly=True) as store:  # type: ignore[arg-type]
+        write_store_snapshot(store, out)
     ref = built["catalogs"].reference  # type: ignore[attr-defined]
     with fits.open(out / "fgcmReferenceStars.fits") as hdul:
         header = hdul[1].header
@@ -349,7 +377,6 @@ def test_refresh_refs_after_config_change(survey: Path, built: dict[str, object]
                                           tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     state = tmp_path / "state"
-    shutil.copytree(built["state"], state)  # type: ignore[arg-type]
     old = built["catalogs"].reference  # type: ignore[attr-defined]
     config = built["config"]
     strict = dataclasses.replace(
@@ -358,14 +385,17 @@ def test_refresh_refs_after_config_change(survey: Path, built: dict[str, object]
             referenceSelector=sn_selector("r", 100.0)))
     strict_toml = write_toml(tmp_path / "strict.toml", strict)
     base_toml = write_toml(tmp_path / "base.toml", config)  # type: ignore[arg-type]
+    assert main(["backfill", str(survey), "--state", str(state), "--config", str(base_toml),
+                 "--no-progress"]) == 0
 
     # the changed selector is refused until refresh-refs: backfill exits 2 before any visit
     assert main(["backfill", str(survey), "--state", str(state), "--config", str(strict_toml),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "refresh-refs" in err and "referenceSelector" in err
-    with pytest.raises(StateError, match="refresh-refs"), StarStore.open(state, strict) as store:
-        attach_references(store)
+    with pytest.raises(StateError, match="refresh-refs"), \
+            StateDirectory.open(state, strict) as directory:
+        attach_references(directory)
     # a snapshot asking for other reference settings is refused too
     assert main(["snapshot", str(tmp_path / "s0"), "--state", str(state), "--config",
                  str(strict_toml)]) == 2
@@ -377,20 +407,18 @@ def test_refresh_refs_after_config_change(survey: Path, built: dict[str, object]
     assert "reference stars cached" in printed
     # the stored config now carries the new reference settings: snapshot needs no --config
     assert main(["snapshot", str(tmp_path / "s1"), "--state", str(state)]) == 0
-    with StarStore.open(state, readonly=True) as store, store.read() as txn:
-        catalogs, stars = build_catalogs(store, txn)
+    catalogs = read_snapshot(tmp_path / "s1")
     new = catalogs.reference
     assert new is not None
-    expected = brute_force(survey / "refcat", strict, stars.star_id, stars.ra, stars.dec)
-    assert dict(zip(new["fgcm_id"].tolist(), new["ref_id"].tolist(), strict=True)) == \
-        {f: e[0] for f, e in expected.items()}
+    expected = brute_force(survey / "refcat", strict, *star_columns(catalogs))
+    assert_matches_expected(new, expected)
     # a stricter S/N cut: fewer matches, all bright; every old match whose reference star
     # passes the new cut is kept (fewer competitors), some stars get another reference star
     assert 0 < len(new["fgcm_id"]) < len(old["fgcm_id"])
     sn_limit = 2.5 / np.log(10) / 100.0
     assert np.all(new["refMagErr"][:, 1] < sn_limit * 1.0001)
     old_pairs = set(zip(old["fgcm_id"].tolist(), old["ref_id"].tolist(), strict=True))
-    new_pairs = set(zip(new["fgcm_id"].tolist(), new["ref_id"].tolist(), strict=True))
+    new_pairs = {(f, e[0]) for f, e in expected.items()}  # what the snapshot matched
     bright = old["refMagErr"][:, 1] < sn_limit * 0.999
     assert {p for p, b in zip(sorted(old_pairs), bright[np.argsort(old["fgcm_id"])],
                               strict=True) if b} <= new_pairs
@@ -408,37 +436,33 @@ def test_store_without_refcat_then_configured(survey: Path, tmp_path: Path,
     state = tmp_path / "state"
     config = sim_config(survey / "refcat")
     plain = dataclasses.replace(config, fgcmLoadReferenceCatalog=RefcatLoadConfig())
-    with StarStore.open(state, plain) as store:
-        backfill(survey, store, progress=False)
-        with store.read() as txn:
-            catalogs, _ = build_catalogs(store, txn)
-        assert catalogs.reference is None
+    with StateDirectory.open(state, plain) as directory:
+        backfill(survey, directory, progress=False)
+    assert state_catalogs(state, tmp_path / "s0").reference is None
     toml = write_toml(tmp_path / "refs.toml", config)
     assert main(["backfill", str(survey), "--state", str(state), "--config", str(toml),
                  "--no-progress"]) == 2
     assert "refresh-refs" in capsys.readouterr().err
-    with StarStore.open(state, config) as store:
-        n, seconds = refresh_all(store)
+    with StateDirectory.open(state, config) as directory:
+        n, seconds = refresh_all(directory)
         assert n > 0 and seconds > 0
-        with store.read() as txn:
-            catalogs, stars = build_catalogs(store, txn)
-    expected = brute_force(survey / "refcat", config, stars.star_id, stars.ra, stars.dec)
-    ref = catalogs.reference
-    assert ref is not None
-    assert dict(zip(ref["fgcm_id"].tolist(), ref["ref_id"].tolist(), strict=True)) == \
-        {f: e[0] for f, e in expected.items()}
+    catalogs = state_catalogs(state, tmp_path / "s1")
+    expected = brute_force(survey / "refcat", config, *star_columns(catalogs))
+    assert_matches_expected(catalogs.reference, expected)
     assert main(["backfill", str(survey), "--state", str(state), "--config", str(toml),
                  "--no-progress"]) == 0
     # dropping the catalog again: refresh-refs with an empty path clears the cache
     assert main(["refresh-refs", "--state", str(state), "--config",
                  str(write_toml(tmp_path / "plain.toml", plain)), "--no-progress"]) == 0
     assert "dropped" in capsys.readouterr().out
-    with StarStore.open(state, readonly=True) as store:
-        assert store.get_meta(META_REFCAT) is None
-        with store.read() as txn:
-            assert txn.refcache.count() == 0
-            catalogs, _ = build_catalogs(store, txn)
-        assert catalogs.reference is None
+    with StateDirectory.open(state, readonly=True) as directory:
+        assert directory.stored_refcat() is None
+        for _, pixel in directory.shards():
+            shard = directory.open_shard(pixel)
+            assert stored_refcat(shard) is None
+            with shard.read() as txn:
+                assert txn.refcache.count() == 0
+    assert state_catalogs(state, tmp_path / "s2").reference is None
 
 
 def test_colour_terms(survey: Path, tmp_path: Path) -> None:
@@ -493,8 +517,8 @@ def test_cfht_known_match(shared_data: Path, tmp_path: Path,
     assert 0.03 < sep[0] < 0.11
     assert ref_mag == pytest.approx(-2.5 * np.log10(sdss["r_flux"][row]) + 31.4, abs=1e-5)
     assert 14.0 < ref_mag < 23.0 and 0 < ref_err < 0.2
-    with StarStore.open(state, readonly=True) as store:
-        meta = stored_refcat(store)
+    with StateDirectory.open(state, readonly=True) as directory:
+        meta = stored_refcat(directory)
     assert meta is not None
     assert meta["dataset_name"] == "sdss" and meta["format_version"] == 2
     assert meta["depth"] == 7 and meta["filters"] == ["r.MP9601"]
@@ -580,7 +604,7 @@ def test_selector_missing_column(survey: Path, tmp_path: Path,
 def test_refresh_refs_validates(survey: Path, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     config = sim_config(survey / "refcat")
-    with StarStore.open(tmp_path / "state", config):
+    with StateDirectory.open(tmp_path / "state", config):
         pass
     bad = write_toml(tmp_path / "bad.toml", sim_config(tmp_path / "nowhere"))
     assert main(["refresh-refs", "--state", str(tmp_path / "state"), "--config", str(bad),
@@ -608,8 +632,8 @@ def test_consumer_refuses_bad_refcat_before_consuming(survey: Path, tmp_path: Pa
     assert not (tmp_path / "state").exists()
     # a store caching another selection is refused (exit 3) until refresh-refs
     config = sim_config(survey / "refcat")
-    with StarStore.open(tmp_path / "state", config) as store:
-        attach_references(store)
+    with StateDirectory.open(tmp_path / "state", config) as directory:
+        attach_references(directory)
     other = write_toml(tmp_path / "other.toml",
                        sim_config(survey / "refcat", selector=sn_selector("g", 30.0)))
     options = dataclasses.replace(options, config_path=other)

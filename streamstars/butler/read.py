@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from lsst.resources import ResourcePath
 
     from streamstars.io.discover import DiscoveredVisit
-    from streamstars.state.store import StarStore
 
 __all__ = ["EventResolver", "event_dataset_ids", "local_file", "prepare_butler_visit",
            "prepare_datasets"]
@@ -111,11 +110,12 @@ def prepare_datasets(visit: ButlerVisit, config: BuildStarsConfig) -> PreparedVi
     return prepared
 
 
-def prepare_butler_visit(store: StarStore, visit: DiscoveredVisit) -> PreparedVisit:
-    """The backfill's ``prepare`` step for a visit of a Butler inventory."""
+def prepare_butler_visit(config: BuildStarsConfig, visit: DiscoveredVisit) -> PreparedVisit:
+    """The backfill's ``prepare`` step for a visit of a Butler inventory (module-level: the
+    parallel backfill's worker processes call it)."""
     if not isinstance(visit, ButlerVisit):
         raise TypeError(f"visit {visit.visit} does not come from a Butler inventory")
-    return prepare_datasets(visit, store.config)
+    return prepare_datasets(visit, config)
 
 
 def event_dataset_ids(event: VisitEvent) -> list[str]:

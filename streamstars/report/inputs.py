@@ -118,24 +118,23 @@ def read_store(state: str | Path, snapshot_out: Path | None = None) -> StoreFact
         ReportInputError: the store holds no visits.
     """
     # imported here: the store needs the lmdb module, which reading a snapshot does not
-    from streamstars.snapshot import write_store_snapshot
-    from streamstars.state import StarStore
-    from streamstars.state.schema import META_CREATED
+    from streamstars.state import StateDirectory
+    from streamstars.union_snapshot import write_state_snapshot
 
-    with StarStore.open(state, readonly=True) as store:
-        with store.read() as tx:
-            rows = [(visit, record.band, record.n_selected, record.n_sources)
-                    for visit, record in tx.visits.items()]
+    with StateDirectory.open(state, readonly=True) as directory:
+        # the union of the shards' visit records, one per visit (n_selected: the visit's)
+        rows = [(record.visit, record.band, record.n_selected, record.n_sources)
+                for record in directory.visit_records()]
         if not rows:
             raise ReportInputError(
                 f"the store {state} holds no visits: nothing to report on; apply visits with "
                 "`streamstars backfill` or `streamstars run` first")
         if snapshot_out is not None:
-            write_store_snapshot(store, snapshot_out, formats=("parquet",))
-        created = store.get_meta(META_CREATED)
-        config = store.config
+            write_state_snapshot(directory, snapshot_out, formats=("parquet",))
+        created = directory.manifest.get("created")
+        config = directory.config
     visit, band, n_selected, n_sources = zip(*rows, strict=True)
-    return StoreFacts(path=Path(state), created=created.decode() if created else None,
+    return StoreFacts(path=Path(state), created=str(created) if created else None,
                       visit=np.asarray(visit, dtype=np.int64), band=np.asarray(band, dtype=str),
                       n_selected=np.asarray(n_selected, dtype=np.int64),
                       n_sources=np.asarray(n_sources, dtype=np.int64), config=config)

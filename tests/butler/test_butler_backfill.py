@@ -36,7 +36,7 @@ from streamstars.butler.simulate import (  # noqa: E402
 from streamstars.cli import main  # noqa: E402
 from streamstars.io.snapshot_files import compare_snapshots, read_snapshot  # noqa: E402
 from streamstars.simulate import SimulatedSurvey, simulate_survey  # noqa: E402
-from streamstars.state.store import StarStore  # noqa: E402
+from streamstars.state import StateDirectory  # noqa: E402
 
 N_VISITS = 8
 SOURCES = 1500
@@ -169,7 +169,7 @@ def test_resume_skips_by_dataset_uuid_and_replace_swaps_a_reprocessed_visit(
     assert main(["backfill", *args]) == 0
     capsys.readouterr()
     inventory = butler_inventory(open_butler(written.repo), [written.collection])
-    with StarStore.open(state, readonly=True) as store:
+    with StateDirectory.open(state, readonly=True) as store:
         for visit, entry in inventory.visits.items():
             record = store.visit_record(visit)
             assert record is not None
@@ -214,7 +214,7 @@ def test_where_and_instrument_select_visits(survey: SimulatedSurvey, tmp_path: P
                  f"instrument = '{INSTRUMENT}' AND visit >= {cut}", "--state", str(state),
                  "--no-progress"]) == 0
     assert f"{N_VISITS - 4} applied" in capsys.readouterr().out
-    with StarStore.open(state, readonly=True) as store:
+    with StateDirectory.open(state, readonly=True) as store:
         assert sorted(store.applied_visits()) == survey.visits[4:]
 
 
@@ -315,9 +315,9 @@ def test_visit_without_visit_summary_fails_alone(survey: SimulatedSurvey, tmp_pa
         "FAILED visit 17900: visit 17900: no visitSummary dataset for instrument 'HSC' in "
         "collections ['HSC/runs/test']; run the step that writes it (or add its collection "
         "to --collections)"]
-    with StarStore.open(state, readonly=True) as store:
+    with StateDirectory.open(state, readonly=True) as store:
         assert sorted(store.applied_visits()) == [1176]
-        record = store.visit_record(1176)
+        record = next(r for r in store.visit_records() if r.visit == 1176)
     assert record is not None and record.metadata["physical_filter"] == "HSC-Z"
     assert record.dataset_ids is not None
     assert len(record.dataset_ids) == 2  # the source table and the visitSummary
@@ -340,7 +340,7 @@ def test_dataset_file_missing_from_the_datastore(survey: SimulatedSurvey, tmp_pa
                    "run 'SimCam/sim/run'", "collections ['SimCam/sim']",
                    "missing from the datastore", str(lost.source_paths[0])):
         assert needle in message, needle
-    with StarStore.open(state, readonly=True) as store:
+    with StateDirectory.open(state, readonly=True) as store:
         assert sorted(store.applied_visits()) == sorted(set(survey.visits) - {lost.visit})
 
 
@@ -389,7 +389,7 @@ def test_reference_catalog_from_the_butler(tmp_path: Path) -> None:
     assert diffs == []
     reference = read_snapshot(b).reference
     assert reference is not None and len(reference["fgcm_id"]) > 20
-    with StarStore.open(tmp_path / "butler-state", readonly=True) as store:
+    with StateDirectory.open(tmp_path / "butler-state", readonly=True) as store:
         from streamstars.references import stored_refcat
 
         identity = stored_refcat(store)

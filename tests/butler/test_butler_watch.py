@@ -32,7 +32,7 @@ from streamstars.cli import main  # noqa: E402
 from streamstars.events import parse_event  # noqa: E402
 from streamstars.io.snapshot_files import compare_snapshots  # noqa: E402
 from streamstars.simulate import SimulatedSurvey, simulate_survey  # noqa: E402
-from streamstars.state.store import StarStore  # noqa: E402
+from streamstars.state import StateDirectory  # noqa: E402
 
 CHAIN = "SimCam/nightly"
 IGNORE = ("created", "kafka_offsets", "kafka_topic", "kafka_group")
@@ -173,9 +173,9 @@ def test_watch_publishes_new_and_rechained_datasets_once(broker: TansuBroker,
                     str(snap), "--snapshot-on-exit")
 
     def all_applied() -> bool:
-        if not (state / "data.mdb").exists():
+        if not (state / "manifest.json").exists():
             return False
-        with StarStore.open(state, readonly=True) as store:
+        with StateDirectory.open(state, readonly=True) as store:
             return store.stored_offsets(topic).get(0) == 9
 
     try:
@@ -241,7 +241,7 @@ def test_consumer_skips_visits_already_applied_from_the_same_datasets(
                     str(write_kafka_config(tmp_path / "kafka.properties")))
 
     def consumed() -> bool:
-        with StarStore.open(state, readonly=True) as store:
+        with StateDirectory.open(state, readonly=True) as store:
             return store.stored_offsets(topic).get(0) == 4
 
     try:

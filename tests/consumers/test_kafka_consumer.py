@@ -85,11 +85,11 @@ def _same(a: Path, b: Path) -> None:
 
 
 def _applied(state: Path) -> dict[int, str]:
-    from streamstars.state.store import StarStore
+    from streamstars.state import StateDirectory
 
-    if not (state / "data.mdb").exists():
+    if not (state / "manifest.json").exists():
         return {}
-    with StarStore.open(state, readonly=True) as store:
+    with StateDirectory.open(state, readonly=True) as store:
         return store.applied_visits()
 
 

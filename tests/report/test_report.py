@@ -35,7 +35,7 @@ from streamstars.report.skymaps import DEPTH_SNR, depth_magnitudes  # noqa: E402
 from streamstars.report.stats import group_median, robust_z  # noqa: E402
 from streamstars.report.trends import find_outliers  # noqa: E402
 from streamstars.simulate import simulate_survey  # noqa: E402
-from streamstars.state import StarStore  # noqa: E402
+from streamstars.state import StarStore, StateDirectory  # noqa: E402
 from streamstars.state.schema import DB_META, META_FORMAT_VERSION  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -259,7 +259,7 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 
 
 def test_empty_store_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    StarStore.open(tmp_path / "state", BuildStarsConfig()).close()
+    StateDirectory.open(tmp_path / "state", BuildStarsConfig()).close()
     err = _error(capsys, ["report", str(tmp_path / "out"), "--state", str(tmp_path / "state")])
     assert "holds no visits" in err and "backfill" in err
     assert not (tmp_path / "out").exists()
