@@ -25,10 +25,9 @@ from streamstars.ingest import (
     retract_visit,
 )
 from streamstars.references import ReferenceSource, attach_references, open_reference_source
-from streamstars.snapshot import SnapshotSummary
+from streamstars.sharded_snapshot import ShardedSnapshotSummary, write_state_snapshot
 from streamstars.state import StateDirectory
 from streamstars.state.directory import MANIFEST_NAME
-from streamstars.union_snapshot import write_state_snapshot
 
 from .kafka_client import Position
 from .options import RunOptions
@@ -135,7 +134,7 @@ class ConsumerStore:
         its removal from the index (:func:`streamstars.ingest.retract_visit`)."""
         return retract_visit(self.star_store, visit, kafka_offset=_kafka_offset(position))
 
-    def write_snapshot(self) -> SnapshotSummary:
+    def write_snapshot(self) -> ShardedSnapshotSummary:
         """Write a snapshot to ``--snapshot-dir`` (safe while another thread applies visits)."""
         assert self.opts.snapshot_dir is not None
         return write_state_snapshot(

@@ -94,8 +94,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     """Run ``snapshot``: write the fgcm input catalogs of a store."""
+    from streamstars.sharded_snapshot import write_state_snapshot
     from streamstars.state import StateDirectory
-    from streamstars.union_snapshot import write_state_snapshot
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     bad = [f for f in formats if f not in ("fits", "parquet")]

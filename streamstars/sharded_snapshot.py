@@ -26,7 +26,7 @@ import json
 import logging
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +43,11 @@ from streamstars.io.hats import (
 from streamstars.io.snapshot_files import MANIFEST_NAME, stage_snapshot
 from streamstars.margins import MarginViolation
 from streamstars.snapshot import ShardOwnership, derive_catalogs, kafka_offsets, visit_catalog
-from streamstars.state import StarStore, Transaction, VisitRecord
+from streamstars.state import StarStore, StateDirectory, Transaction, VisitRecord
+from streamstars.state.schema import META_INSTANCE
 
 log = logging.getLogger(__name__)
 
-#: The meta key of a store's instance id (a UUID drawn when its environment is created).
-META_INSTANCE = b"instance"
 
 
 @dataclass(frozen=True)
@@ -126,12 +125,18 @@ def _reference_filters(tx: Transaction, config: BuildStarsConfig
     return tuple(str(f) for f in stored["filters"]), json.dumps(stored, sort_keys=True)
 
 
-def _snapshot_shard(job: _ShardJob) -> _ShardOutcome:
+def _snapshot_shard(job: _ShardJob, store: StarStore | None = None) -> _ShardOutcome:
     """One shard: reuse its previous partition when nothing changed, else derive and write it
-    (runs in a worker process: opens the shard's store itself)."""
+    (in a worker process, ``store`` is None: the shard's store is opened here)."""
+    if store is None:
+        with StarStore.open(job.shard.path, readonly=True) as own:
+            return _snapshot_open_shard(job, own)
+    return _snapshot_open_shard(job, store)
+
+
+def _snapshot_open_shard(job: _ShardJob, store: StarStore) -> _ShardOutcome:
     shard = job.shard
-    with StarStore.open(shard.path, readonly=True) as store, \
-            store.read(buffers=True) as tx:
+    with store.read(buffers=True) as tx:
         generation = _generation(tx)
         reused = _reused(job, tx, generation)
         if reused is not None:
@@ -189,9 +194,11 @@ def _previous_shards(out_dir: Path) -> dict[str, dict[str, Any]]:
             for name, entry in shards.items() if isinstance(entry, dict)}
 
 
-def _run(jobs: list[_ShardJob], workers: int) -> list[_ShardOutcome]:
+def _run(jobs: list[_ShardJob], workers: int,
+         open_store: Callable[[ShardRef], StarStore] | None) -> list[_ShardOutcome]:
     if workers <= 1 or len(jobs) <= 1:
-        return [_snapshot_shard(job) for job in jobs]
+        return [_snapshot_shard(job, open_store(job.shard) if open_store else None)
+                for job in jobs]
     # spawn: a worker must not inherit this process's LMDB environments or pyarrow threads
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
@@ -220,7 +227,9 @@ def write_sharded_snapshot(shards: Sequence[ShardRef], out_dir: str | Path, *,
                            config: BuildStarsConfig, margin_arcsec: float,
                            store_config: BuildStarsConfig | None = None,
                            formats: Sequence[str] = ("fits", "parquet"), workers: int = 1,
-                           extra_metadata: dict[str, str] | None = None
+                           extra_metadata: dict[str, str] | None = None,
+                           records: list[VisitRecord] | None = None,
+                           open_store: Callable[[ShardRef], StarStore] | None = None
                            ) -> ShardedSnapshotSummary:
     """Write the snapshot of the shards' stores to ``out_dir`` (see the module docstring).
 
@@ -235,6 +244,12 @@ def write_sharded_snapshot(shards: Sequence[ShardRef], out_dir: str | Path, *,
         formats: ``fits`` and/or ``parquet`` flat files.
         workers: processes deriving shards in parallel.
         extra_metadata: provenance entries added to every file.
+        records: the visit records of the whole state (one per visit), when the caller has
+            them (a state directory merges its shards' records); else the union of the
+            shards' own records.
+        open_store: how this process opens a shard's store (a state directory's own open
+            stores: LMDB allows one environment per path and process); else
+            ``StarStore.open(shard.path, readonly=True)``.  Worker processes open their own.
 
     Returns:
         The summary, with every margin violation (each also logged as a warning).
@@ -253,8 +268,9 @@ def write_sharded_snapshot(shards: Sequence[ShardRef], out_dir: str | Path, *,
         jobs = [_ShardJob(s, config, margin_arcsec, staging.path / CATALOG_DIR, reuse_key,
                           previous.get(s.name), previous_catalog)
                 for s in sorted(shards, key=lambda s: (s.order, s.pixel))]
-        outcomes = _run(jobs, workers)
-        records = _union_of_visits(outcomes)
+        outcomes = _run(jobs, workers, open_store)
+        if records is None:
+            records = _union_of_visits(outcomes)
         filters = tuple(_one_value(outcomes, "reference filters",
                                    [list(o.reference_filters) for o in outcomes]) or ())
         refcat = _one_value(outcomes, "reference catalogs", [o.refcat for o in outcomes])
@@ -284,4 +300,34 @@ def write_sharded_snapshot(shards: Sequence[ShardRef], out_dir: str | Path, *,
         written, len(partitions) - written, violations)
 
 
-__all__ = ["ShardRef", "ShardedSnapshotSummary", "write_sharded_snapshot"]
+def write_state_snapshot(state: StateDirectory, out_dir: str | Path, *,
+                         formats: Sequence[str] = ("fits", "parquet"),
+                         config: BuildStarsConfig | None = None, workers: int = 1,
+                         extra_metadata: dict[str, str] | None = None
+                         ) -> ShardedSnapshotSummary:
+    """Write the snapshot of a state directory (every shard with data) to ``out_dir``.
+
+    Args:
+        state: the state directory (read-only is enough).
+        out_dir: as for :func:`write_sharded_snapshot`.
+        formats: ``fits`` and/or ``parquet``.
+        config: snapshot-time settings to use instead of the state's (``snapshot --config``).
+        workers: processes deriving shards in parallel.
+        extra_metadata: provenance entries added to every file.
+
+    Raises:
+        ShardError: a shard the index knows to hold data is missing.
+        ConfigError, SnapshotDirectoryError, SnapshotWriteError: see
+            :func:`write_sharded_snapshot`.
+    """
+    state.check_shards_present()
+    shards = [ShardRef(order, pixel, state.shard_path(pixel)) for order, pixel in state.shards()]
+    return write_sharded_snapshot(
+        shards, out_dir, config=config or state.config, margin_arcsec=state.shard_margin,
+        store_config=state.config, formats=formats, workers=workers,
+        extra_metadata=extra_metadata, records=state.visit_records(),
+        open_store=lambda shard: state.open_shard(shard.pixel))
+
+
+__all__ = ["ShardRef", "ShardedSnapshotSummary", "write_sharded_snapshot",
+           "write_state_snapshot"]

@@ -36,11 +36,11 @@ from streamstars.refmatch import (
     match_reference_to_stars,
     reference_magnitudes,
 )
+from streamstars.sharded_snapshot import write_state_snapshot
 from streamstars.simulate import simulate_survey
 from streamstars.sky import ARCSEC_RAD, pixels_of, unit_vectors
 from streamstars.snapshot import build_catalogs, write_store_snapshot
 from streamstars.state import StarStore, StateDirectory
-from streamstars.union_snapshot import write_state_snapshot
 
 SIM_FILTERS = {"g_6": "g", "r_57": "r", "i_39": "i", "z_20": "z"}
 #: small pixels (3.4') so that many stars lie within 2" of a pixel border

@@ -18,12 +18,10 @@ from streamstars.columns import take
 from streamstars.config import BuildStarsConfig, RefcatLoadConfig
 from streamstars.ingest import PreparedVisit, apply_prepared, retract_visit
 from streamstars.io.snapshot_files import compare_snapshots, read_snapshot
-from streamstars.references import attach_references, open_reference_source
-from streamstars.sharded_snapshot import ShardRef, write_sharded_snapshot
-from streamstars.shards import route
-from streamstars.sky import fixed_unit_vectors, vectors_from_fixed
+from streamstars.references import attach_references
+from streamstars.sharded_snapshot import write_state_snapshot
 from streamstars.snapshot import write_store_snapshot
-from streamstars.state import StarStore
+from streamstars.state import StarStore, StateDirectory
 
 SIM_FILTERS = {"g_6": "g", "r_57": "r", "i_39": "i", "z_20": "z"}
 MARGIN = 10.0  # arcsec
@@ -40,48 +38,41 @@ def _config(survey: Path | None = None, **changes: object) -> BuildStarsConfig:
 
 
 class ShardedStores:
-    """Shard stores built by routing each visit's observations (core + margin) to its shards,
-    each applied in the shard's own transaction."""
+    """A state directory of shards of ``nside`` (margin ``margin``): each visit routed to its
+    shards (core + margin) and applied in each shard's own transaction by the ingest."""
 
     def __init__(self, root: Path, config: BuildStarsConfig, nside: int,
                  margin: float = MARGIN) -> None:
-        self.root, self.config, self.nside, self.margin = root, config, nside, margin
-        self.order = nside.bit_length() - 1
-        self.references = open_reference_source(config.fgcmLoadReferenceCatalog)
+        self.root = root
+        self.config = dataclasses.replace(config, shardNside=nside, shardMargin=margin)
+        with StateDirectory.open(root, self.config) as state:
+            self.references = attach_references(state)
 
-    def path(self, pixel: int) -> Path:
-        return self.root / "shards" / str(self.order) / str(pixel)
-
-    def refs(self) -> list[ShardRef]:
-        base = self.root / "shards" / str(self.order)
-        return [ShardRef(self.order, int(p.name), p) for p in sorted(base.iterdir())] \
-            if base.is_dir() else []
+    def refs(self) -> list[tuple[int, int]]:
+        with StateDirectory.open(self.root, readonly=True) as state:
+            return state.shards()
 
     def apply(self, prepared: PreparedVisit) -> None:
-        obs = prepared.observations
-        v = vectors_from_fixed(fixed_unit_vectors(obs["ra"], obs["dec"]))
-        for pixel, rows in route(v, self.nside, self.margin).shard_rows().items():
-            part = dataclasses.replace(prepared, observations=take(obs, rows))
-            with StarStore.open(self.path(pixel), self.config) as store:
-                references = attach_references(store, self.references)
-                apply_prepared(store, part, references=references)
+        with StateDirectory.open(self.root, self.config) as state:
+            apply_prepared(state, prepared, references=self.references)
 
     def retract(self, visit: int) -> None:
-        for ref in self.refs():
-            with StarStore.open(ref.path) as store:
-                retract_visit(store, visit)
+        with StateDirectory.open(self.root, self.config) as state:
+            retract_visit(state, visit)
 
     def snapshot(self, out: Path, workers: int = 1) -> dict[str, object]:
-        summary = write_sharded_snapshot(self.refs(), out, config=self.config,
-                                         margin_arcsec=self.margin, workers=workers)
+        with StateDirectory.open(self.root, readonly=True) as state:
+            summary = write_state_snapshot(state, out, workers=workers)
         manifest = json.loads((out / "SNAPSHOT.json").read_text())
         assert manifest["partitions"] == {"written": summary.written, "reused": summary.reused}
         return manifest
 
 
-def _single(root: Path, survey: PreparedSurvey, visits: list[int]) -> Path:
-    """The snapshot of one unsharded store holding ``visits`` (indices)."""
-    with StarStore.open(root / "single", survey.config) as store:
+def _single(root: Path, survey: PreparedSurvey, visits: list[int],
+            shards: ShardedStores) -> Path:
+    """The snapshot of one unsharded store holding ``visits`` (indices), with the state's
+    configuration (the shard keys are part of the published ``config`` provenance)."""
+    with StarStore.open(root / "single", shards.config) as store:
         references = attach_references(store)
         for i in visits:
             apply_prepared(store, survey.visits[i], references=references)
@@ -112,7 +103,7 @@ def test_any_shard_size_publishes_the_unsharded_catalogs(crowded: PreparedSurvey
     assert manifest["margin_violations"] == 0
     n_shards = len(shards.refs())
     assert {4: n_shards == 1, 64: 2 <= n_shards <= 12, 512: n_shards >= 60}[nside], n_shards
-    single = _single(tmp_path, crowded, list(range(len(crowded.visits))))
+    single = _single(tmp_path, crowded, list(range(len(crowded.visits))), shards)
     _same_data(single, tmp_path / "snap")
     stars = read_snapshot(tmp_path / "snap").stars["fgcm_id"]
     assert len(stars) > 300 and len(np.unique(stars)) == len(stars)
@@ -128,7 +119,7 @@ def test_ra_0_and_a_pole(ra: float, dec: float, tmp_path: Path) -> None:
         shards.apply(prepared)
     assert len(shards.refs()) >= 4
     assert shards.snapshot(tmp_path / "snap")["margin_violations"] == 0
-    _same_data(_single(tmp_path, survey, list(range(6))), tmp_path / "snap")
+    _same_data(_single(tmp_path, survey, list(range(6)), shards), tmp_path / "snap")
 
 
 def test_workers_and_visit_order_do_not_change_the_catalogs(crowded: PreparedSurvey,
@@ -164,11 +155,11 @@ def test_incremental_snapshots_equal_fresh_ones(crowded: PreparedSurvey, tmp_pat
     shards.snapshot(tmp_path / "fresh")
     assert compare_snapshots(out, tmp_path / "fresh",
                              ignore_manifest_keys=("partitions",)) == []
-    _same_data(_single(tmp_path / "s7", crowded, list(range(7))), out)
+    _same_data(_single(tmp_path / "s7", crowded, list(range(7)), shards), out)
     # replaced and retracted visits: recomputed where they were
     shards.retract(visits[2].visit)
     shards.snapshot(out)
-    _same_data(_single(tmp_path / "s6", crowded, [0, 1, 3, 4, 5, 6]), out)
+    _same_data(_single(tmp_path / "s6", crowded, [0, 1, 3, 4, 5, 6], shards), out)
 
 
 def test_a_star_crossing_a_border_is_published_once_by_its_new_owner(tmp_path: Path) -> None:
@@ -184,7 +175,7 @@ def test_a_star_crossing_a_border_is_published_once_by_its_new_owner(tmp_path: P
         shards.apply(prepared)
         out = tmp_path / "snap"
         shards.snapshot(out)
-        _same_data(_single(tmp_path / f"s{k}", survey, list(range(k + 1))), out)
+        _same_data(_single(tmp_path / f"s{k}", survey, list(range(k + 1)), shards), out)
         stars = read_snapshot(out).stars
         pixels = hp.ang2pix(nside, stars["ra"], stars["dec"], lonlat=True, nest=True)
         for star, pixel in zip(stars["fgcm_id"].tolist(), pixels.tolist(), strict=True):
@@ -196,7 +187,7 @@ def test_a_chain_longer_than_the_margin_is_reported(crowded: PreparedSurvey, tmp
                                                     caplog: pytest.LogCaptureFixture) -> None:
     """A friends-of-friends chain crossing a shard border and reaching past the margin is a
     violation: counted in SNAPSHOT.json and logged with the shard and position."""
-    nside, margin = 64, 6.0
+    nside, margin = 64, MARGIN
     base = crowded.visits[0]
     pixel = int(hp.vec2pix(nside, *hp.ang2vec(base.observations["ra"][0],
                                               base.observations["dec"][0], lonlat=True),

@@ -35,11 +35,11 @@ from streamstars.ingest import (
 )
 from streamstars.io.discover import discover_repo
 from streamstars.io.snapshot_files import compare_snapshots
+from streamstars.sharded_snapshot import write_state_snapshot
 from streamstars.shards import home_shard, observation_vectors, touches
 from streamstars.simulate import simulate_survey
 from streamstars.sky import pixels_of
 from streamstars.state import StateDirectory
-from streamstars.union_snapshot import write_state_snapshot
 
 N_VISITS = 8
 #: shards of 0.92 deg: the simulated 1-degree field spreads over several of them
@@ -411,9 +411,9 @@ def test_random_visit_orders_give_the_same_shards_and_catalogs(
         assert_same_catalogs(expected_snap, snapshot(state, tmp_path / f"snap{k}"))
 
 
-def test_the_union_snapshot_equals_one_store(prepared: list[PreparedVisit],
+def test_the_sharded_snapshot_equals_one_store(prepared: list[PreparedVisit],
                                              tmp_path: Path) -> None:
-    """The interim snapshot of several shards equals the snapshot of one store holding every
+    """The per-shard snapshot of several shards equals the snapshot of one store holding every
     visit (the single-store computation the shards must agree with)."""
     from streamstars.snapshot import write_store_snapshot
     from streamstars.state import StarStore

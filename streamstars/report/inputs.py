@@ -118,8 +118,8 @@ def read_store(state: str | Path, snapshot_out: Path | None = None) -> StoreFact
         ReportInputError: the store holds no visits.
     """
     # imported here: the store needs the lmdb module, which reading a snapshot does not
+    from streamstars.sharded_snapshot import write_state_snapshot
     from streamstars.state import StateDirectory
-    from streamstars.union_snapshot import write_state_snapshot
 
     with StateDirectory.open(state, readonly=True) as directory:
         # the union of the shards' visit records, one per visit (n_selected: the visit's)
