@@ -28,7 +28,8 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,30 @@ class StateDirectory:
             index.close()
             _unlock(lock_fd)
             raise
+
+    @contextmanager
+    def visit_boundary(self, *, exclusive: bool) -> Iterator[None]:
+        """Hold the state's *visit boundary* (``flock`` on ``STATE/visits.lock``).
+
+        A writer holds it exclusively while a visit goes from its intent to its last shard
+        commit (a parallel backfill: for its whole run); a snapshot holds it shared while it
+        opens its read transactions of every shard, so that it sees each visit in all of its
+        shards or in none.  Each call opens its own descriptor: two threads of one process
+        exclude each other like two processes.  A read-only directory without the file (no
+        writer ever opened it) needs no boundary.
+        """
+        lock_path = self.path / BOUNDARY_NAME
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT if not self.readonly else os.O_RDONLY,
+                         0o644)
+        except FileNotFoundError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     def close(self) -> None:
         """Close every shard store, the index and the writer lock (idempotent)."""
@@ -331,22 +356,12 @@ class StateDirectory:
             return {v: r.content_hash for v, r in tx.items() if r.status == "applied"}
 
     def visit_records(self) -> list[VisitRecord]:
-        """The visit records of every shard, one per visit (visit order): a visit's record in
-        its lowest shard, with ``pixels`` the union of its shards' and ``n_selected`` the sum
-        of their ``core_selected`` (each selected row lies in exactly one core)."""
-        merged: dict[int, VisitRecord] = {}
-        pixels: dict[int, set[int]] = {}
+        """The visit records of every shard, one per visit (:func:`merge_visit_records`)."""
+        per_shard = []
         for _, pixel in self.shards():
-            store = self.open_shard(pixel)
-            with store.read() as tx:
-                for visit, record in tx.visits.items():
-                    pixels.setdefault(visit, set()).update(record.pixels)
-                    core = int(record.core_selected or 0)
-                    if visit in merged:
-                        merged[visit].n_selected += core
-                    else:
-                        merged[visit] = record.replace(n_selected=core)
-        return [merged[v].replace(pixels=sorted(pixels[v])) for v in sorted(merged)]
+            with self.open_shard(pixel).read() as tx:
+                per_shard.append(tx.visits.records())
+        return merge_visit_records(per_shard)
 
     def stored_offsets(self, topic: str) -> dict[int, int]:
         """partition -> next offset to consume of ``topic`` (the single consumer's)."""
@@ -528,6 +543,27 @@ def _check_config(path: Path, manifest: dict[str, Any],
             f"{path} was built with an incompatible configuration ({details}). "
             "Use the original configuration, or rebuild into a new state directory.")
     return config
+
+
+def merge_visit_records(per_shard: Collection[list[VisitRecord]]) -> list[VisitRecord]:
+    """One record per visit (visit order) from the records of its shards: a visit's record in
+    its first shard, with ``pixels`` the union of its shards' and ``n_selected`` the sum of
+    their ``core_selected`` (each selected row lies in exactly one core)."""
+    merged: dict[int, VisitRecord] = {}
+    pixels: dict[int, set[int]] = {}
+    for records in per_shard:
+        for record in records:
+            pixels.setdefault(record.visit, set()).update(record.pixels)
+            core = int(record.core_selected or 0)
+            if record.visit in merged:
+                merged[record.visit].n_selected += core
+            else:
+                merged[record.visit] = record.replace(n_selected=core)
+    return [merged[v].replace(pixels=sorted(pixels[v])) for v in sorted(merged)]
+
+
+#: the file whose flock is the visit boundary (:meth:`StateDirectory.visit_boundary`)
+BOUNDARY_NAME = "visits.lock"
 
 
 def _lock_writer(path: Path) -> int:

@@ -101,6 +101,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     bad = [f for f in formats if f not in ("fits", "parquet")]
     if bad or not formats:
         raise SystemExit(f"--format takes fits and/or parquet, got {args.format!r}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     target = None
     if args.butler:
         from streamstars.butler.cli import snapshot_target
@@ -111,10 +113,17 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         # the file's keys are applied on top of the store's configuration; a key that shapes
         # the stored data must keep the store's value (ConfigError naming it otherwise)
         config = load_snapshot_config(args.config, state.config) if args.config else None
-        summary = write_state_snapshot(state, args.out, formats=formats, config=config)
+        summary = write_state_snapshot(state, args.out, formats=formats, config=config,
+                                       workers=args.workers)
     print(f"snapshot: {summary.n_visits} visits, {summary.n_stars:,} stars, "
           f"{summary.n_observations:,} observations -> {summary.out_dir} "
-          f"({summary.seconds:.1f} s)")
+          f"({summary.seconds:.1f} s; shard partitions: {summary.written} written, "
+          f"{summary.reused} reused)")
+    if summary.violations:
+        print(f"WARNING: {len(summary.violations)} margin violation(s): a friends-of-friends "
+              "chain reaches past shardMargin, so stars near a shard border may differ from an "
+              "unsharded store; listed in SNAPSHOT.json \"shards\"; rebuild the state with a "
+              "larger shardMargin (docs/state.md)", file=sys.stderr)
     if target is not None:
         ingested = target.ingest(summary.out_dir)
         print(f"snapshot: {len(ingested.refs)} datasets ingested into RUN {ingested.run} of "
@@ -128,7 +137,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from streamstars.status import state_status
 
     with _open_readonly(args.state) as state:
-        status = state_status(state)
+        status = state_status(state, margins=args.margins)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
     else:
@@ -298,6 +307,8 @@ def _add_snapshot(sub: Any) -> None:
     p.add_argument("out", help="output directory (replaced atomically)")
     p.add_argument("--state", required=True, help="state directory")
     p.add_argument("--format", default="fits,parquet", help="fits,parquet (default both)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes deriving the shards' stars in parallel (default 1)")
     p.add_argument("--config", help="TOML whose keys are applied on top of the store's "
                    "configuration; only snapshot-time settings (requiredBands, isolationRadius, "
                    "density cut, randomSeed, reserveFraction, fgcmLoadReferenceCatalog."
@@ -319,6 +330,8 @@ def _add_store_commands(sub: Any) -> None:
     p = sub.add_parser("status", help="what a store holds")
     p.add_argument("--state", required=True)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--margins", action="store_true", help="also run every shard's margin "
+                   "completeness check (what a snapshot reports; reads every stored position)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("backup", help="compact copy of a state directory while it is written "

@@ -632,25 +632,30 @@ def apply_routed(state: StateDirectory, routed: RoutedVisit, *, replace: bool = 
     else:
         # every store is opened (created) before anything is written: a shard that cannot be
         # used fails the visit here
-        state.keep_open([*plan.shards, *plan.retract_from])
-        stores = {s: state.shard_for_write(s) for s in plan.shards}
-        gone = {s: state.shard_for_write(s) for s in plan.retract_from if state.has_shard(s)}
-        begin_visit(state, plan)
-        try:
-            for store in gone.values():
-                retract_from_store(store, prepared.visit, None)
-                shard_committed()
-            for shard, store in stores.items():
-                results.append(apply_to_store(store, routed.part(shard),
-                                               replace=plan.shard_replace,
-                                               kafka_offset=kafka_offset, references=source))
-                shard_committed()
-        except (DiskFullError, ShardError):
-            raise  # nothing more can be written: the intent stays, the next run completes it
-        except (PermanentInputError, StateError):
-            undo_visit(state, prepared.visit, [*plan.shards, *plan.retract_from])
-            raise
-        finish_visit(state, plan, kafka_offset)
+        # a snapshot sees the visit in all of its shards or in none (and another thread's
+        # snapshot does not open or close shard stores meanwhile)
+        with state.visit_boundary(exclusive=True):
+            state.keep_open([*plan.shards, *plan.retract_from])
+            stores = {s: state.shard_for_write(s) for s in plan.shards}
+            gone = {s: state.shard_for_write(s) for s in plan.retract_from
+                    if state.has_shard(s)}
+            begin_visit(state, plan)
+            try:
+                for store in gone.values():
+                    retract_from_store(store, prepared.visit, None)
+                    shard_committed()
+                for shard, store in stores.items():
+                    results.append(apply_to_store(store, routed.part(shard),
+                                                   replace=plan.shard_replace,
+                                                   kafka_offset=kafka_offset,
+                                                   references=source))
+                    shard_committed()
+            except (DiskFullError, ShardError):
+                raise  # nothing more can be written: the intent stays, the next run does it
+            except (PermanentInputError, StateError):
+                undo_visit(state, prepared.visit, [*plan.shards, *plan.retract_from])
+                raise
+            finish_visit(state, plan, kafka_offset)
     result = ApplyResult(prepared.visit, plan.status, prepared.n_sources,
                          len(prepared.observations["source_id"]), time.perf_counter() - start,
                          merge_stats([r.association for r in results]),
@@ -701,19 +706,20 @@ def _retract_from_state(state: StateDirectory, visit: int,
                                 kafka_offset.next_offset)
         return ApplyResult(visit, "absent", 0, 0, time.perf_counter() - start)
     shards = sorted({*record.shards, *record.old_shards})
-    state.keep_open(shards)
-    stores = [state.shard_for_write(s) for s in shards if state.has_shard(s)]
-    state.index.put(dataclasses.replace(record, status="retracting"))
-    for store in stores:
-        retract_from_store(store, visit, None)
-        shard_committed()
 
     def body(tx: Any) -> None:
         tx.delete(visit)
         if kafka_offset is not None:
             tx.put_offset(kafka_offset.topic, kafka_offset.partition, kafka_offset.next_offset)
 
-    state.index.write(body)
+    with state.visit_boundary(exclusive=True):  # a snapshot sees it in all shards or none
+        state.keep_open(shards)
+        stores = [state.shard_for_write(s) for s in shards if state.has_shard(s)]
+        state.index.put(dataclasses.replace(record, status="retracting"))
+        for store in stores:
+            retract_from_store(store, visit, None)
+            shard_committed()
+        state.index.write(body)
     return ApplyResult(visit, "retracted", int(record.n_sources), int(record.n_selected),
                        time.perf_counter() - start)
 

@@ -127,7 +127,10 @@ def backfill_parallel(state: StateDirectory, todo: list[DiscoveredVisit],
                          spec=WorkerSpec(str(state.path), json.dumps(to_dict(state.config)),
                                          workers, butler, prepare),
                          bar=bar, start=start, on_result=on_result)
-        driver.run()
+        # the workers commit a visit's shards at different moments: a snapshot waits for
+        # the end of a parallel backfill (docs/operations.md)
+        with state.visit_boundary(exclusive=True):
+            driver.run()
 
 
 class _Driver:

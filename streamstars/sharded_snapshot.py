@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from streamstars.io.snapshot_files import MANIFEST_NAME, stage_snapshot
 from streamstars.margins import MarginViolation
 from streamstars.snapshot import ShardOwnership, derive_catalogs, kafka_offsets, visit_catalog
 from streamstars.state import StarStore, StateDirectory, Transaction, VisitRecord
+from streamstars.state.directory import merge_visit_records
 from streamstars.state.schema import META_INSTANCE
 
 log = logging.getLogger(__name__)
@@ -127,22 +129,23 @@ def _reference_filters(tx: Transaction, config: BuildStarsConfig
 
 def _snapshot_shard(job: _ShardJob, store: StarStore | None = None) -> _ShardOutcome:
     """One shard: reuse its previous partition when nothing changed, else derive and write it
-    (in a worker process, ``store`` is None: the shard's store is opened here)."""
+    (``store``: the shard's open store; None in a worker process: it is opened here)."""
     if store is None:
-        with StarStore.open(job.shard.path, readonly=True) as own:
-            return _snapshot_open_shard(job, own)
-    return _snapshot_open_shard(job, store)
-
-
-def _snapshot_open_shard(job: _ShardJob, store: StarStore) -> _ShardOutcome:
-    shard = job.shard
+        with StarStore.open(job.shard.path, readonly=True) as own, \
+                own.read(buffers=True) as tx:
+            return _snapshot_read_shard(job, own, tx)
     with store.read(buffers=True) as tx:
-        generation = _generation(tx)
-        reused = _reused(job, tx, generation)
-        if reused is not None:
-            return reused
-        derived = derive_catalogs(store, tx, job.config,
-                                  ShardOwnership(shard.order, shard.pixel, job.margin_arcsec))
+        return _snapshot_read_shard(job, store, tx)
+
+
+def _snapshot_read_shard(job: _ShardJob, store: StarStore, tx: Transaction) -> _ShardOutcome:
+    shard = job.shard
+    generation = _generation(tx)
+    reused = _reused(job, tx, generation)
+    if reused is not None:
+        return reused
+    derived = derive_catalogs(store, tx, job.config,
+                              ShardOwnership(shard.order, shard.pixel, job.margin_arcsec))
     catalogs = derived.catalogs
     part = write_partition(job.catalog_dir, shard.order, shard.pixel, catalogs.stars,
                            catalogs.observations, catalogs.reference,
@@ -206,15 +209,6 @@ def _run(jobs: list[_ShardJob], workers: int,
         return list(pool.map(_snapshot_shard, jobs))
 
 
-def _union_of_visits(outcomes: list[_ShardOutcome]) -> list[VisitRecord]:
-    """Every visit once (each shard holding a visit has the same visit-level record fields)."""
-    seen: dict[int, VisitRecord] = {}
-    for outcome in outcomes:
-        for record in outcome.records:
-            seen.setdefault(record.visit, record)
-    return [seen[v] for v in sorted(seen)]
-
-
 def _one_value(outcomes: list[_ShardOutcome], what: str, values: list[Any]) -> Any:
     distinct = {json.dumps(v, sort_keys=True) for v in values if v}
     if len(distinct) > 1:
@@ -223,18 +217,19 @@ def _one_value(outcomes: list[_ShardOutcome], what: str, values: list[Any]) -> A
     return next((v for v in values if v), values[0] if values else None)
 
 
-def write_sharded_snapshot(shards: Sequence[ShardRef], out_dir: str | Path, *,
+def write_sharded_snapshot(shards: Sequence[ShardRef] | Callable[[], Sequence[ShardRef]],
+                           out_dir: str | Path, *,
                            config: BuildStarsConfig, margin_arcsec: float,
                            store_config: BuildStarsConfig | None = None,
                            formats: Sequence[str] = ("fits", "parquet"), workers: int = 1,
                            extra_metadata: dict[str, str] | None = None,
-                           records: list[VisitRecord] | None = None,
-                           open_store: Callable[[ShardRef], StarStore] | None = None
+                           open_store: Callable[[ShardRef], StarStore] | None = None,
+                           boundary: AbstractContextManager[Any] | None = None
                            ) -> ShardedSnapshotSummary:
     """Write the snapshot of the shards' stores to ``out_dir`` (see the module docstring).
 
     Args:
-        shards: the shards with data.
+        shards: the shards with data (or what lists them, called under ``boundary``).
         out_dir: the snapshot directory (replaced atomically; a previous snapshot of the same
             shards in it is reused where nothing changed).
         config: the settings to snapshot with (the state's, or one that differs from
@@ -244,12 +239,12 @@ def write_sharded_snapshot(shards: Sequence[ShardRef], out_dir: str | Path, *,
         formats: ``fits`` and/or ``parquet`` flat files.
         workers: processes deriving shards in parallel.
         extra_metadata: provenance entries added to every file.
-        records: the visit records of the whole state (one per visit), when the caller has
-            them (a state directory merges its shards' records); else the union of the
-            shards' own records.
-        open_store: how this process opens a shard's store (a state directory's own open
-            stores: LMDB allows one environment per path and process); else
+        open_store: how this process opens a shard's store (a state directory's own stores:
+            LMDB allows one environment per path and process); else
             ``StarStore.open(shard.path, readonly=True)``.  Worker processes open their own.
+        boundary: held while the shards are read (a state directory's visit boundary: no
+            visit is applied meanwhile, so each visit is seen in all of its shards or in
+            none); released before the flat files are streamed.
 
     Returns:
         The summary, with every margin violation (each also logged as a warning).
@@ -265,12 +260,13 @@ def write_sharded_snapshot(shards: Sequence[ShardRef], out_dir: str | Path, *,
     with stage_snapshot(out_dir) as staging:
         previous = _previous_shards(staging.target) if staging.target_existed else {}
         previous_catalog = staging.target / CATALOG_DIR if previous else None
-        jobs = [_ShardJob(s, config, margin_arcsec, staging.path / CATALOG_DIR, reuse_key,
-                          previous.get(s.name), previous_catalog)
-                for s in sorted(shards, key=lambda s: (s.order, s.pixel))]
-        outcomes = _run(jobs, workers, open_store)
-        if records is None:
-            records = _union_of_visits(outcomes)
+        with boundary or nullcontext():
+            listed = shards() if callable(shards) else shards
+            jobs = [_ShardJob(s, config, margin_arcsec, staging.path / CATALOG_DIR, reuse_key,
+                              previous.get(s.name), previous_catalog)
+                    for s in sorted(listed, key=lambda s: (s.order, s.pixel))]
+            outcomes = _run(jobs, workers, open_store)
+        records = merge_visit_records([o.records for o in outcomes])
         filters = tuple(_one_value(outcomes, "reference filters",
                                    [list(o.reference_filters) for o in outcomes]) or ())
         refcat = _one_value(outcomes, "reference catalogs", [o.refcat for o in outcomes])
@@ -307,6 +303,11 @@ def write_state_snapshot(state: StateDirectory, out_dir: str | Path, *,
                          ) -> ShardedSnapshotSummary:
     """Write the snapshot of a state directory (every shard with data) to ``out_dir``.
 
+    The shards are read under the state's visit boundary
+    (:meth:`~streamstars.state.StateDirectory.visit_boundary`): a writer (another process, or
+    the consumer's other thread) waits while the shards are derived, so each visit is
+    published in all of its shards or in none; it goes on while the flat files are streamed.
+
     Args:
         state: the state directory (read-only is enough).
         out_dir: as for :func:`write_sharded_snapshot`.
@@ -320,13 +321,20 @@ def write_state_snapshot(state: StateDirectory, out_dir: str | Path, *,
         ConfigError, SnapshotDirectoryError, SnapshotWriteError: see
             :func:`write_sharded_snapshot`.
     """
-    state.check_shards_present()
-    shards = [ShardRef(order, pixel, state.shard_path(pixel)) for order, pixel in state.shards()]
+    def open_store(ref: ShardRef) -> StarStore:
+        state.keep_open([ref.pixel])  # stores of shards already derived may be closed
+        return state.open_shard(ref.pixel)
+
+    def listed() -> list[ShardRef]:  # under the boundary: no visit is being applied
+        state.check_shards_present()
+        return [ShardRef(order, pixel, state.shard_path(pixel))
+                for order, pixel in state.shards()]
+
     return write_sharded_snapshot(
-        shards, out_dir, config=config or state.config, margin_arcsec=state.shard_margin,
+        listed, out_dir, config=config or state.config, margin_arcsec=state.shard_margin,
         store_config=state.config, formats=formats, workers=workers,
-        extra_metadata=extra_metadata, records=state.visit_records(),
-        open_store=lambda shard: state.open_shard(shard.pixel))
+        extra_metadata=extra_metadata, open_store=open_store,
+        boundary=state.visit_boundary(exclusive=False))
 
 
 __all__ = ["ShardRef", "ShardedSnapshotSummary", "write_sharded_snapshot",

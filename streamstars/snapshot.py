@@ -392,6 +392,15 @@ def build_catalogs(store: StarStore, tx: Transaction,
     return derived.catalogs, derived.stars
 
 
+def check_shard_margin(tx: Transaction, config: BuildStarsConfig,
+                       shard: ShardOwnership) -> list[MarginViolation]:
+    """The margin completeness check of one shard alone (what its snapshot would report),
+    from the positions of every observation it stores (one pass over them, no star built)."""
+    positions = read_observation_positions(tx)
+    return margin_violations(positions.columns, positions.band_code, positions.band_names,
+                             shard.order, shard.pixel, shard.margin_arcsec, config)
+
+
 def derive_catalogs(store: StarStore, tx: Transaction, config: BuildStarsConfig | None = None,
                     shard: ShardOwnership | None = None) -> DerivedCatalogs:
     """:func:`build_catalogs` of a whole store, or of the stars one sky shard owns.

@@ -9,7 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from streamstars.margins import MarginViolation
 from streamstars.select import DROP_REASONS
+from streamstars.snapshot import ShardOwnership, check_shard_margin
 from streamstars.state import StarStore, StateDirectory
 from streamstars.state.index import META_CREATED as INDEX_META_CREATED
 from streamstars.state.schema import FORMAT_VERSION, META_CREATED, META_REFCAT
@@ -64,7 +66,7 @@ def store_status(store: StarStore) -> dict[str, Any]:
     }
 
 
-def state_status(state: StateDirectory) -> dict[str, Any]:
+def state_status(state: StateDirectory, *, margins: bool = False) -> dict[str, Any]:
     """Counts and settings of a state directory: the totals over its visits (from the index),
     its shards, and per shard what it stores (``shard_counts``, keyed ``order/pixel``).
 
@@ -73,6 +75,10 @@ def state_status(state: StateDirectory) -> dict[str, Any]:
     shard it is near), ``margin_fraction`` the share of stored rows that are margin copies.
     ``components_per_band`` and ``clique_candidates_per_band`` are summed over the shards (a
     component near a border is counted in each shard holding it).
+
+    With ``margins``, every shard's margin completeness check runs (what a snapshot reports;
+    it reads the positions of every stored observation): ``margin_violations`` is their
+    number and ``margin_violation_examples`` the first ten, described.
     """
     config = state.config
     visits_per_band: Counter[str] = Counter()
@@ -97,6 +103,7 @@ def state_status(state: StateDirectory) -> dict[str, Any]:
     candidates: Counter[str] = Counter()
     per_shard: dict[str, dict[str, Any]] = {}
     stored = records = map_size = 0
+    violations: list[MarginViolation] = []
     used = int((state.index.env.info()["last_pgno"] + 1) * state.index.env.stat()["psize"])
     for order, pixel in state.shards():
         store = state.open_shard(pixel)
@@ -106,6 +113,13 @@ def state_status(state: StateDirectory) -> dict[str, Any]:
         records += counts["observation_records"]
         map_size += store.map_size_bytes()
         used += counts["used_bytes"]
+        if margins:
+            with store.read(buffers=True) as tx:
+                violations.extend(check_shard_margin(
+                    tx, config, ShardOwnership(order, pixel, state.shard_margin)))
+    checked = {"margin_violations": len(violations),
+               "margin_violation_examples": [v.describe() for v in violations[:10]]} \
+        if margins else {}
     return {
         "state": str(state.path),
         "format_version": state.manifest["format_version"],
@@ -133,6 +147,7 @@ def state_status(state: StateDirectory) -> dict[str, Any]:
         "map_size_bytes": map_size,
         "used_bytes": used,
         "shard_counts": per_shard,
+        **checked,
     }
 
 
