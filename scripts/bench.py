@@ -6,6 +6,8 @@ Usage:
                             [--workdir bench-work] [--json results.json]
                             [--kafka | --kafka-only] [--kafka-visits N] [--kafka-paced-visits M]
                             [--butler | --butler-only] [--butler-pairs 2] [--watch-datasets N]
+                            [--workers | --workers-only] [--workers-nside 64]
+                            [--workers-visits N] [--wide-radius DEG] [--wide-nside 32]
 
 It simulates a survey once (reused when ``--workdir`` already holds one with the same
 parameters), then runs each measurement in its own subprocess so peak RSS is per measurement:
@@ -49,6 +51,18 @@ cross-check.  The consumer's peak RSS comes from ``wait4`` on the consumer proce
 consumer log and the broker log are kept in the workdir (``kafka-consumer.log``,
 ``kafka-broker.log``).
 
+Sharded backfill (``--workers``; ``--workers-only`` skips everything else): ``backfill
+--workers 1``, ``--workers 2`` and ``--workers 1`` again (the faster of the two one-process runs
+counts: the machine's speed drifts) of the first ``--workers-visits`` visits into fresh state
+directories of ``shardNside`` ``--workers-nside`` (default 64: the 1-degree field over ~10
+shards), each in its own subprocess: wall time, CPU time of the driver and of the worker
+processes (summed and the busiest), the workers' time per step (read + select, route, pickle,
+unpickle, apply) and the bytes sent, the fraction of observations the margins store twice,
+and the speed-up (target >= 1.6x); under the target, the bound the measured CPU cost allows
+on the machine's cores and the serial fraction.  ``--wide-radius DEG`` also measures a wide
+survey (``streamstars simulate --survey-radius DEG``, ``--visits`` visits, in
+``repo-wide``) at ``--wide-nside``.
+
 Butler mode (``--butler``; ``--butler-only`` skips everything else; needs
 ``streamstars[butler]``) writes the simulated survey as a Butler repository (``butler-repo``
 in the workdir, files hard-linked into the datastore) and measures, in back-to-back pairs
@@ -65,6 +79,7 @@ finds nothing, and one that finds 10 new datasets.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -207,6 +222,52 @@ def measure_backfill(repo: Path, n_visits: int, state: Path) -> dict[str, object
         "rss_at_end_mb": _rss_split_mb(),
         # heap only: peak RSS also counts the LMDB file pages mapped while reading
         "peak_anon_rss_mb": peak_anon[0],
+    }
+
+
+def measure_workers(repo: Path, n_visits: int, state: Path, nside: int,
+                    workers: int) -> dict[str, object]:
+    """Backfill the first ``n_visits`` visits into a fresh state directory of ``shardNside``
+    ``nside`` with ``workers`` processes: wall time, CPU time of this process (the driver) and
+    of the worker processes (summed, and the busiest), the routing/transfer costs, and how
+    many observations the margins store twice."""
+    from streamstars.backfill import backfill
+    from streamstars.config import BuildStarsConfig
+    from streamstars.state import StateDirectory
+    from streamstars.status import state_status
+
+    shutil.rmtree(state, ignore_errors=True)
+    inventory = _inventory(repo, n_visits)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    children_start = children.ru_utime + children.ru_stime
+    cpu_start = _cpu_seconds()
+    with StateDirectory.open(state, BuildStarsConfig(shardNside=nside)) as directory:
+        report = backfill(repo, directory, inventory=inventory, progress=False,
+                          workers=workers)
+    driver_cpu = _cpu_seconds() - cpu_start
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    workers_cpu = children.ru_utime + children.ru_stime - children_start
+    with StateDirectory.open(state, readonly=True) as directory:
+        status = state_status(directory)
+    transfer = report.transfer
+    return {
+        "workers": workers,
+        "nside": nside,
+        "seconds": report.seconds,
+        "visits": report.applied,
+        "failed": len(report.failed),
+        "sources": report.sources_read,
+        "observations": report.observations_selected,
+        "driver_cpu_seconds": driver_cpu,
+        "workers_cpu_seconds": workers_cpu,
+        "max_worker_cpu_seconds": 0.0 if transfer is None else transfer.max_worker_cpu_seconds,
+        "transfer": None if transfer is None else dataclasses.asdict(transfer),
+        "shards": status["shards"],
+        "observations_stored": status["observations_stored"],
+        "margin_fraction": status["margin_fraction"],
+        "cores": len(os.sched_getaffinity(0)),
+        "load_average": os.getloadavg()[0],
+        "peak_rss_mb": _peak_rss_mb(),
     }
 
 
@@ -697,19 +758,27 @@ def _run(kind: str, *args: str, show_stderr: bool = False) -> dict[str, object]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def ensure_survey(workdir: Path, visits: int, sources: int, seed: int) -> Path:
-    """Simulate the survey unless the same one is already there."""
+def ensure_survey(workdir: Path, visits: int, sources: int, seed: int,
+                  survey_radius: float | None = None) -> Path:
+    """Simulate the survey unless the same one is already there (``survey_radius``: the wide
+    survey of ``streamstars simulate --survey-radius``, in ``repo-wide``)."""
     from streamstars.simulate import simulate_survey
 
-    repo = workdir / "repo"
-    stamp = workdir / "survey.json"
-    wanted = {"visits": visits, "sources_per_visit": sources, "seed": seed}
+    name = "repo" if survey_radius is None else "repo-wide"
+    repo = workdir / name
+    stamp = workdir / f"{'survey' if survey_radius is None else 'survey-wide'}.json"
+    wanted: dict[str, object] = {"visits": visits, "sources_per_visit": sources, "seed": seed}
+    if survey_radius is not None:
+        wanted["survey_radius"] = survey_radius
     if stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return repo
     shutil.rmtree(repo, ignore_errors=True)
     start = time.perf_counter()
-    simulate_survey(repo, n_visits=visits, seed=seed, sources_per_visit=sources)
-    print(f"simulated {visits} visits x {sources} sources in {time.perf_counter() - start:.1f} s")
+    simulate_survey(repo, n_visits=visits, seed=seed, sources_per_visit=sources,
+                    survey_radius_deg=survey_radius)
+    print(f"simulated {visits} visits x {sources} sources"
+          f"{'' if survey_radius is None else f' over {survey_radius} deg'} in "
+          f"{time.perf_counter() - start:.1f} s")
     stamp.write_text(json.dumps(wanted))
     return repo
 
@@ -729,7 +798,9 @@ def main() -> int:
                                                 int(rest[3]), int(rest[4]), int(rest[5])),
                  "backfill_from": lambda: measure_backfill_from(rest[0], Path(rest[1]),
                                                                 Path(rest[2])),
-                 "watch": lambda: measure_watch(Path(rest[0]), int(rest[1]))}
+                 "watch": lambda: measure_watch(Path(rest[0]), int(rest[1])),
+                 "workers": lambda: measure_workers(Path(rest[0]), int(rest[1]), Path(rest[2]),
+                                                    int(rest[3]), int(rest[4]))}
         print(json.dumps(funcs[kind]()))
         return 0
 
@@ -767,12 +838,30 @@ def main() -> int:
                         "%(default)s)")
     butler.add_argument("--watch-datasets", type=int, default=10_000,
                         help="datasets in the watched collection (default %(default)s)")
+    shards = parser.add_argument_group("sharded backfill: --workers 1 vs 2")
+    shards.add_argument("--workers", action="store_true",
+                        help="also measure backfill --workers 1 vs 2 into a state directory of "
+                        "several shards")
+    shards.add_argument("--workers-only", action="store_true",
+                        help="measure only that (implies --workers)")
+    shards.add_argument("--workers-nside", type=int, default=64,
+                        help="shardNside of those state directories (default %(default)s: the "
+                        "1-degree field over ~10 shards)")
+    shards.add_argument("--workers-visits", type=int,
+                        help="visits backfilled (default: --visits)")
+    shards.add_argument("--wide-radius", type=float, metavar="DEG",
+                        help="also on a wide survey of --visits visits spread over this radius "
+                        "(streamstars simulate --survey-radius), in repo-wide")
+    shards.add_argument("--wide-nside", type=int, default=32,
+                        help="shardNside for the wide survey (default %(default)s)")
     args = parser.parse_args()
+    if args.workers_only:
+        args.workers = True
     if args.kafka_only:
         args.kafka = True
     if args.butler_only:
         args.butler = True
-    default_part = not (args.kafka_only or args.butler_only)
+    default_part = not (args.kafka_only or args.butler_only or args.workers_only)
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -819,8 +908,25 @@ def main() -> int:
         results["kafka"] = _run("kafka", str(repo), str(workdir), str(workdir / args.kafka_state),
                                 str(burst), str(paced), str(args.kafka_partitions),
                                 show_stderr=True)
+    if args.workers:
+        n_workers = str(min(args.workers_visits or args.visits, args.visits))
+        surveys = [("survey", repo, args.workers_nside)]
+        if args.wide_radius is not None:
+            surveys.append(("wide", ensure_survey(workdir, args.visits, args.sources_per_visit,
+                                                  args.seed, args.wide_radius),
+                            args.wide_nside))
+        for label, source, nside in surveys:
+            # one process first, then two, then one again: the machine's speed drifts
+            w_runs = [_run("workers", str(source), n_workers, str(workdir / f"state-w{w}"),
+                           str(nside), str(w)) for w in (1, 2, 1)]
+            best = min(w_runs[0], w_runs[2], key=lambda r: float(r["seconds"]))  # type: ignore[arg-type]
+            results[f"workers_{label}"] = {"w1": best, "w2": w_runs[1],
+                                           "w1_readings_s": [w_runs[0]["seconds"],
+                                                             w_runs[2]["seconds"]]}
     if default_part:
         report(results, args)
+    if args.workers:
+        report_workers(results)
     if args.kafka:
         report_kafka(results, args)
     if args.butler:
@@ -916,6 +1022,57 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
     if "batch" in results:
         ratio = f("backfill", "seconds") / f("batch", "seconds")
         print(f"backfill / batch computation: {ratio:6.2f}  (target <= 1)")
+
+
+def report_workers(results: dict[str, dict[str, object]]) -> None:
+    """Print backfill --workers 1 vs 2, and when the ratio is under the 1.6x target the bound
+    the CPU cost allows on this machine's cores."""
+    for key, part in results.items():
+        if not key.startswith("workers_"):
+            continue
+        one: dict[str, Any] = part["w1"]  # type: ignore[assignment]
+        two: dict[str, Any] = part["w2"]  # type: ignore[assignment]
+        readings = ", ".join(f"{x:.1f}" for x in part["w1_readings_s"])  # type: ignore[attr-defined]
+        print(f"\n== backfill --workers 1 vs 2 ({key[len('workers_'):]}: {one['visits']} visits, "
+              f"shardNside {one['nside']}, {one['shards']} shards) ==")
+        cpu1 = one["driver_cpu_seconds"] + one["workers_cpu_seconds"]
+        cpu2 = two["driver_cpu_seconds"] + two["workers_cpu_seconds"]
+        print(f"--workers 1 : {one['seconds']:8.1f} s  (best of {readings} s), CPU {cpu1:.1f} s "
+              f"= {cpu1 / one['seconds']:.2f} cores busy (the read-ahead threads)")
+        print(f"--workers 2 : {two['seconds']:8.1f} s  CPU {cpu2:.1f} s = "
+              f"{cpu2 / two['seconds']:.2f} cores busy: driver {two['driver_cpu_seconds']:.1f} s, "
+              f"workers {two['workers_cpu_seconds']:.1f} s (busiest "
+              f"{two['max_worker_cpu_seconds']:.1f} s); load average {two['load_average']:.1f} "
+              f"on {two['cores']} cores")
+        t = two["transfer"] or {}
+        if t:
+            # wall time of each step, summed over the workers' threads (the reader thread and
+            # the owner loop of a worker overlap, so these add up to more than its CPU time)
+            print(f"  in the workers (wall time of each step, threads overlapping): read+select "
+                  f"{t['prepare_seconds']:.1f} s, route {t['route_seconds']:.1f} s, pickle "
+                  f"{t['pickle_seconds']:.1f} s + unpickle {t['unpickle_seconds']:.1f} s of "
+                  f"{t['bytes'] / 1e6:,.0f} MB in {t['parts']:,} parts, apply "
+                  f"{t['apply_seconds']:.1f} s")
+        ratio = one["seconds"] / two["seconds"]
+        copies = one["observations_stored"] - one["observations"]
+        print(f"margins     : {one['observations_stored']:,} rows stored for "
+              f"{one['observations']:,} selected observations: {copies:,} margin copies = "
+              f"{copies / max(one['observations'], 1):.1%} of the observations stored twice "
+              f"({one['margin_fraction']:.1%} of the stored rows)")
+        print(f"speed-up    : {ratio:6.2f}x  (target >= 1.6x with 2 workers)")
+        if ratio < 1.6:
+            cores = int(two["cores"])
+            # the wall time of the 2-worker run cannot be below its CPU time spread over the
+            # cores, nor below the busiest process's CPU time
+            floor = max(cpu2 / cores, two["max_worker_cpu_seconds"], two["driver_cpu_seconds"])
+            serial = two["driver_cpu_seconds"] / cpu2 if cpu2 else 0.0
+            implied = min(max(2.0 / ratio - 1.0, 0.0), 1.0)
+            print(f"  bound     : {one['seconds'] / floor:6.2f}x on {cores} idle cores at this CPU "
+                  f"cost (wall >= {floor:.1f} s); the 2-worker run costs {cpu2 / cpu1:.2f}x the "
+                  f"CPU of one process, which already keeps {cpu1 / one['seconds']:.2f} cores "
+                  "busy")
+            print(f"  serial    : the driver's share of the CPU {serial:.1%}; the serial fraction "
+                  f"Amdahl's law gives for {ratio:.2f}x on 2 cores: {implied:.1%}")
 
 
 def report_kafka(results: dict[str, dict[str, object]], args: argparse.Namespace) -> None:

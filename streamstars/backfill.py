@@ -65,7 +65,8 @@ class VisitFailure:
 class TransferStats:
     """A parallel backfill's work outside the transactions, summed over its worker processes
     [s, bytes]: reading and selecting, routing, and sending each shard's rows to its owner
-    (pickled, through a multiprocessing queue)."""
+    (pickled, through a multiprocessing queue); and the CPU time of the worker processes
+    (all their threads), summed and of the busiest one (``max_`` fields take the maximum)."""
 
     parts: int = 0
     bytes: int = 0
@@ -74,12 +75,16 @@ class TransferStats:
     route_seconds: float = 0.0
     prepare_seconds: float = 0.0
     apply_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    max_worker_cpu_seconds: float = 0.0
 
     def add(self, other: dict[str, float]) -> None:
         """Add one worker's counts."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            setattr(self, f.name, value + type(value)(other.get(f.name, 0)))
+            given = type(value)(other.get(f.name, 0))
+            setattr(self, f.name, max(value, given) if f.name.startswith("max_")
+                    else value + given)
 
 
 @dataclass

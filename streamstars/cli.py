@@ -459,8 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streamstars: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = ("; the visits applied so far are kept (the one in progress was rolled back): "
-                "run the same command again to resume") if args.command == "backfill" else ""
+        hint = ("; the visits applied so far are kept (one in progress is completed by the "
+                "next run): run the same command again to resume") \
+            if args.command == "backfill" else ""
         print(f"streamstars: interrupted{hint}", file=sys.stderr)
         return 130
 

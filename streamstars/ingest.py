@@ -630,12 +630,16 @@ def apply_routed(state: StateDirectory, routed: RoutedVisit, *, replace: bool = 
                                 replace=False, kafka_offset=None, references=source)
         finish_visit(state, plan, kafka_offset)
     else:
-        # every store is opened (created) before anything is written: a shard that cannot be
-        # used fails the visit here
-        # a snapshot sees the visit in all of its shards or in none (and another thread's
-        # snapshot does not open or close shard stores meanwhile)
+        # every store is opened (the existing ones first, then the new ones are created)
+        # before anything is written: a shard that cannot be used fails the visit here,
+        # with every other shard untouched.  Under the visit boundary, a snapshot sees the
+        # visit in all of its shards or in none (and another thread's snapshot does not open
+        # or close shard stores meanwhile).
         with state.visit_boundary(exclusive=True):
             state.keep_open([*plan.shards, *plan.retract_from])
+            for shard in [*plan.shards, *plan.retract_from]:
+                if state.has_shard(shard):
+                    state.shard_for_write(shard)
             stores = {s: state.shard_for_write(s) for s in plan.shards}
             gone = {s: state.shard_for_write(s) for s in plan.retract_from
                     if state.has_shard(s)}

@@ -343,6 +343,7 @@ def worker_main(spec: WorkerSpec, w: int, tasks: Queue[Any], inboxes: list[Queue
     except BaseException:  # noqa: BLE001 - reported to the driver, which stops
         results.put(("crash", w, traceback.format_exc(limit=8)))
         return
+    stats.cpu_seconds = stats.max_worker_cpu_seconds = time.process_time()
     results.put(("stats", w, dataclasses.asdict(stats)))
 
 

@@ -52,7 +52,9 @@ class Routing:
     core: np.ndarray  # bool
 
     def shard_rows(self) -> dict[int, np.ndarray]:
-        """shard -> sorted rows it stores (core and margin)."""
+        """shard -> sorted rows it stores (core and margin); empty for no observation."""
+        if len(self.rows) == 0:
+            return {}
         order = np.lexsort((self.rows, self.shards))
         shards, rows = self.shards[order], self.rows[order]
         bounds = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1], True])

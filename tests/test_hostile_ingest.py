@@ -463,7 +463,10 @@ def test_ctrl_c_during_a_backfill_prints_one_line_and_it_resumes(
     state = tmp_path / "S"
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamstars.cli", "backfill", str(long_survey), "--state",
-         str(state), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         str(state), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a test run started in the background by a shell inherits SIGINT ignored, and so
+        # would the backfill (Python keeps an ignored SIGINT ignored): give it the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:

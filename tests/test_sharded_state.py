@@ -77,17 +77,19 @@ def cli(*args: object, env: dict[str, str] | None = None) -> subprocess.Complete
 
 
 def shard_contents(state: Path) -> dict[int, dict[str, object]]:
-    """What each shard stores: its (visit, sourceId) pairs and its visit records."""
+    """What each shard stores: its (visit, sourceId) pairs (sorted, with repetitions: a row
+    stored twice shows) and its visit records."""
     out: dict[int, dict[str, object]] = {}
     with StateDirectory.open(state, readonly=True) as directory:
         for _, pixel in directory.shards():
             store = directory.open_shard(pixel)
-            pairs: set[tuple[int, int]] = set()
+            found: list[tuple[int, int]] = []
             with store.read() as txn:
                 for record in txn.observations.scan():
                     cols = record.columns(frozenset({"visit", "source_id"}))
-                    pairs.update(zip(cols["visit"].tolist(), cols["source_id"].tolist(),
+                    found.extend(zip(cols["visit"].tolist(), cols["source_id"].tolist(),
                                      strict=True))
+                pairs = sorted(found)
                 visits = {v: (r.n_selected, r.core_selected, tuple(r.shards or ()),
                               r.content_hash) for v, r in txn.visits.items()}
             out[pixel] = {"observations": pairs, "visits": visits}
@@ -229,11 +231,11 @@ def test_a_format_1_store_is_refused_with_the_rebuild_advice(
     """Today's single LMDB directory (format version 1), as an earlier streamstars left it."""
     state = tmp_path / "old"
     env = lmdb.open(str(state), max_dbs=16)
-    meta = env.open_db(b"meta")
+    meta, visits = env.open_db(b"meta"), env.open_db(b"visits")
     with env.begin(write=True) as txn:
         txn.put(b"format_version", b"1", db=meta)
         txn.put(b"config", json.dumps({}).encode(), db=meta)
-        txn.put(b"k", b"v", db=env.open_db(b"visits"))
+        txn.put(b"k", b"v", db=visits)
     env.close()
     before = tree_digest(state)
     for command in (["backfill", str(survey), "--state", str(state), "--no-progress"],
@@ -247,19 +249,23 @@ def test_a_format_1_store_is_refused_with_the_rebuild_advice(
     assert not (tmp_path / "snap").exists()
 
 
-def test_a_second_writer_is_refused(tmp_path: Path) -> None:
+def test_a_second_writer_is_refused_and_readers_are_not(tmp_path: Path) -> None:
     with StateDirectory.open(tmp_path / "S", CONFIG):
         with pytest.raises(StateError, match="another streamstars process is writing"):
             StateDirectory.open(tmp_path / "S", CONFIG)
-        with StateDirectory.open(tmp_path / "S", readonly=True) as reader:
-            assert reader.shards() == []
+        # a reader in another process (LMDB allows one environment handle per process)
+        done = cli("status", "--state", tmp_path / "S", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["shards"] == 0
+        done = cli("retract", "1", "--state", tmp_path / "S")
+        assert done.returncode == 2 and "another streamstars process is writing" in done.stderr
 
 
 # ---------------------------------------------------------------------------------------------
 # missing and damaged shards
 # ---------------------------------------------------------------------------------------------
 def test_a_missing_shard_directory_is_named_and_nothing_is_written(
-        prepared: list[PreparedVisit], survey: Path, tmp_path: Path,
+        prepared: list[PreparedVisit], survey: Path, config_file: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     state = tmp_path / "S"
     apply_all(state, prepared)
@@ -268,11 +274,12 @@ def test_a_missing_shard_directory_is_named_and_nothing_is_written(
     shutil.rmtree(state / "shards" / str(order) / str(pixel))
     before = tree_digest(state)
     for command in (["status", "--state", str(state)],
-                    ["backfill", str(survey), "--state", str(state), "--no-progress"],
+                    ["backfill", str(survey), "--state", str(state), "--config",
+                     str(config_file), "--no-progress"],
                     ["retract", str(prepared[0].visit), "--state", str(state)]):
         assert main(command) == 2
         err = capsys.readouterr().err
-        assert f"shards of {state} that hold data are missing: {order}/{pixel}" in err, err
+        assert f"1 shard(s) of {state} that hold data are missing: {order}/{pixel}" in err, err
     assert tree_digest(state) == before
     with pytest.raises(ShardError, match=f"{order}/{pixel}"):
         StateDirectory.open(state, readonly=True)
@@ -288,6 +295,9 @@ def test_a_corrupt_shard_is_named_and_the_other_shards_are_untouched(
     with StateDirectory.open(state, readonly=True) as directory:
         path = directory.shard_path(broken)
         assert directory.has_shard(broken)
+        # a visit stored in the broken shard (and in others)
+        holder = next(r.visit for r in directory.index_records()
+                      if broken in r.shards and len(r.shards) >= 2)
     data = path / "data.mdb"
     data.write_bytes(b"\0garbage" * 1000)
     before = tree_digest(state)
@@ -295,8 +305,7 @@ def test_a_corrupt_shard_is_named_and_the_other_shards_are_untouched(
         with pytest.raises(ShardError, match=f"shard 6/{broken} of .* cannot be"):
             apply_prepared(directory, prepared[-1], references=None)
         with pytest.raises(ShardError, match=f"shard 6/{broken}"):
-            retract_visit(directory, prepared[0].visit if broken in route_visit(
-                prepared[0], NSIDE, CONFIG.shardMargin).shards else prepared[-2].visit)
+            retract_visit(directory, holder)
     assert tree_digest(state) == before  # no other shard and not the index was written
 
 
@@ -491,3 +500,33 @@ def test_sigkill_between_two_shard_commits_then_resume_loses_and_doubles_nothing
     assert _incomplete(state) == []
     assert shard_contents(state) == shard_contents(clean)
     assert_same_catalogs(snapshot(clean, tmp_path / "a"), snapshot(state, tmp_path / "b"))
+
+
+# ---------------------------------------------------------------------------------------------
+# parallel backfill
+# ---------------------------------------------------------------------------------------------
+def test_workers_1_and_2_give_the_same_shards_and_catalogs(survey: Path, config_file: Path,
+                                                           tmp_path: Path) -> None:
+    """Two worker processes (each owning some shards, reading half the visits) leave every
+    shard holding exactly what one process leaves, and the same catalogs; a second run over
+    the same repository skips everything."""
+    states = {}
+    for workers in (1, 2):
+        state = tmp_path / f"w{workers}"
+        done = cli("backfill", survey, "--state", state, "--config", config_file,
+                   "--no-progress", "--workers", workers)
+        assert done.returncode == 0, done.stderr
+        assert f"backfill: {N_VISITS} applied, 0 replaced, 0 skipped" in done.stdout, done.stdout
+        states[workers] = state
+    one, two = shard_contents(states[1]), shard_contents(states[2])
+    assert len(one) >= 3
+    assert one == two
+    with StateDirectory.open(states[1], readonly=True) as a, \
+            StateDirectory.open(states[2], readonly=True) as b:
+        assert a.index_records() == b.index_records()
+    assert_same_catalogs(snapshot(states[1], tmp_path / "a"), snapshot(states[2], tmp_path / "b"))
+    again = cli("backfill", survey, "--state", states[2], "--config", config_file,
+                "--no-progress", "--workers", 2)
+    assert again.returncode == 0, again.stderr
+    assert "backfill: 0 applied" in again.stdout, again.stdout
+    assert shard_contents(states[2]) == two
