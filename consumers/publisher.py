@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -39,6 +38,7 @@ from streamstars.events import (
 )
 from streamstars.ingest import file_signature
 from streamstars.io.discover import DiscoveredVisit, RepoInventory, discover_repo
+from streamstars.staging import write_json_atomic
 
 __all__ = [
     "PublishSummary",
@@ -222,20 +222,9 @@ class WatchState:
             self.published = {int(k): str(v) for k, v in data.get("published", {}).items()}
 
     def save(self) -> None:
-        """Write atomically (temporary file, fsync, rename)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        payload = {"format": 1, "published": {str(k): v for k, v in sorted(self.published.items())}}
-        with open(tmp, "w") as fh:
-            json.dump(payload, fh, indent=0, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        """Write atomically (:func:`~streamstars.staging.write_json_atomic`)."""
+        write_json_atomic(self.path, {
+            "format": 1, "published": {str(k): v for k, v in sorted(self.published.items())}})
 
 
 def watch_repo(

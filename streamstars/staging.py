@@ -20,6 +20,9 @@ Putting the directory in place is the writer's: :meth:`StagedDirectory.replace_e
 (a rename onto a new or empty target, as store creation and backup do), or a directory
 exchange (the snapshot's ``renameat2(RENAME_EXCHANGE)``, which swaps it with the previous
 snapshot).
+
+A single small file is put in place the same way by :func:`write_json_atomic` (the watch state
+files of ``streamstars publish --watch``, with or without ``--butler``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import json
 import logging
 import os
 import secrets
@@ -34,8 +38,9 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["StagedDirectory", "remove_dead_staging", "staged_directory"]
+__all__ = ["StagedDirectory", "remove_dead_staging", "staged_directory", "write_json_atomic"]
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +168,27 @@ def staged_directory(target: str | os.PathLike[str], kind: str, *,
         raise
     finally:
         os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write ``payload`` as JSON (sorted keys) to ``path`` so that a crash leaves either the old
+    file or the new one: written to ``<name>.tmp`` beside it, fsynced, renamed into place, and
+    the directory fsynced so that the rename itself is durable.  The parent is created when
+    missing.
+
+    Raises:
+        OSError: the file could not be written, synced or renamed.
+        TypeError: ``payload`` is not JSON-serialisable.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=0, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

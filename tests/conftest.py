@@ -1,10 +1,12 @@
-"""Shared fixtures: where the real data fixtures live, small helpers."""
+"""Shared fixtures: where the real data fixtures live, a Kafka-protocol broker, small helpers."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kafka_broker import TansuBroker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -16,6 +18,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data fixtures not found at {SHARED_DATA} (../shared/data is absent)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
+    """One tansu broker for the test module (skips when tansu is absent); each test uses its
+    own topics and group.  A test that takes it is marked ``kafka`` (and ``slow``)."""
+    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    with TansuBroker.start(log_path=log) as b:
+        yield b
 
 
 # ------------------------------------------------------------------------------ markers

@@ -25,7 +25,6 @@ one stays readable in its own RUN.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from streamstars.errors import ButlerError
+from streamstars.io.snapshot_directory import file_sha256
 from streamstars.io.snapshot_files import FITS_FILES, MANIFEST_NAME, PARQUET_FILES
 
 from .ingest import FileToIngest, ingest_files
@@ -132,14 +132,6 @@ def _dataset_types(repo: ButlerRepo, names: list[str]) -> dict[str, Any]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _freeze(snapshot_dir: Path, names: list[str], staging: Path) -> dict[str, Path]:
     """Hard links (or copies) of the snapshot's files, checked against its manifest: a
     snapshot written again into the same directory meanwhile cannot mix into the ingest."""
@@ -153,7 +145,7 @@ def _freeze(snapshot_dir: Path, names: list[str], staging: Path) -> dict[str, Pa
         except OSError:
             shutil.copyfile(snapshot_dir / fname, target)
         expected = manifest["files"][fname].get("sha256")
-        if expected is not None and _sha256(target) != expected:
+        if expected is not None and file_sha256(target) != expected:
             raise ButlerError(f"{snapshot_dir} was replaced by another snapshot while being "
                               "ingested; run the command again")
         frozen[name] = target

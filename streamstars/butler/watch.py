@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +41,7 @@ from typing import Any
 from streamstars import __version__
 from streamstars.errors import ButlerError
 from streamstars.events import Action, VisitEvent, now_iso
+from streamstars.staging import write_json_atomic
 
 from .discover import (
     CCD_VISIT_TABLE,
@@ -108,23 +108,13 @@ class WatchState:
             self.watermark = data.get("watermark")
 
     def save(self, context: Mapping[str, Any]) -> None:
-        """Write atomically (temporary file, fsync, rename); no-op without a path."""
+        """Write atomically (:func:`~streamstars.staging.write_json_atomic`); no-op without a
+        path."""
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        payload = {"format": STATE_FORMAT, "watermark": self.watermark, **context,
-                   "published": {str(k): v for k, v in sorted(self.published.items())}}
-        with open(tmp, "w") as fh:
-            json.dump(payload, fh, indent=0, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_json_atomic(self.path, {
+            "format": STATE_FORMAT, "watermark": self.watermark, **context,
+            "published": {str(k): v for k, v in sorted(self.published.items())}})
 
 
 class ButlerWatcher:

@@ -60,6 +60,7 @@ __all__ = [
     "SnapshotStaging",
     "SnapshotWriteError",
     "compare_manifests",
+    "file_sha256",
     "fsync_path",
     "stage_snapshot",
     "write_manifest",
@@ -89,12 +90,14 @@ def fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), as the manifest records it.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 _AT_FDCWD = -100
@@ -198,7 +201,7 @@ def write_manifest(tmp: Path, rows: dict[str, int], fmts: Sequence[str],
         fsync_path(path)
         entry: dict[str, Any] = {"rows": rows[fname], "bytes": path.stat().st_size}
         if checksums:
-            entry["sha256"] = _sha256(path)
+            entry["sha256"] = file_sha256(path)
         files[fname] = entry
     manifest = {
         "format": MANIFEST_FORMAT,

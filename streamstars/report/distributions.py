@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from streamstars.report.catalog import ReportCatalog
 from streamstars.report.plotting import Plot, band_colour, new_figure, no_data
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["distribution_plots", "member_offsets_arcsec"]
 
@@ -22,27 +27,40 @@ def member_offsets_arcsec(catalog: ReportCatalog) -> tuple[np.ndarray, np.ndarra
             (catalog.obs_dec - star_dec) * 3600.0)
 
 
-def _nobs_plot(catalog: ReportCatalog) -> Plot:
+def _band_histograms(catalog: ReportCatalog, per_band: list[np.ndarray], bins: list[float],
+                     counted: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
+    """A figure with one axes: a step histogram of ``per_band[i]``, the values of the
+    catalog's ``i``-th band, for every band that has any (labelled ``"<band> (<count><counted>)"``,
+    e.g. ``counted=" stars"``), the axes labelled and gridded.
+
+    Returns:
+        The figure and its axes (the caller adds the legend, or marks an empty plot).
+    """
     figure = new_figure(7.5, 4.2, left=0.11, right=0.97, bottom=0.13, top=0.96)
     ax = figure.subplots()
-    top = int(catalog.counts.max()) if catalog.counts.size else 0
-    medians = []
     for band_index, band in enumerate(catalog.bands):  # loop over bands
-        counts = catalog.counts[:, band_index]
-        counts = counts[counts > 0]
-        if len(counts) == 0:
-            continue
-        ax.hist(counts, bins=np.arange(0.5, top + 1.5).tolist(), histtype="step", linewidth=1.5,
-                color=band_colour(band, band_index), label=f"{band} ({len(counts):,} stars)")
-        medians.append(f"{band} {np.median(counts):.0f}")
+        values = per_band[band_index]
+        if len(values):
+            ax.hist(values, bins=bins, histtype="step", linewidth=1.5,
+                    color=band_colour(band, band_index), label=f"{band} ({len(values):,}{counted})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return figure, ax
+
+
+def _nobs_plot(catalog: ReportCatalog) -> Plot:
+    top = int(catalog.counts.max()) if catalog.counts.size else 0
+    per_band = [counts[counts > 0] for counts in catalog.counts.T]  # (n_bands, n_stars)
+    figure, ax = _band_histograms(catalog, per_band, np.arange(0.5, top + 1.5).tolist(),
+                                  " stars", "observations of the star in the band", "stars")
+    medians = [f"{band} {np.median(counts):.0f}"
+               for band, counts in zip(catalog.bands, per_band, strict=True) if len(counts)]
     if not medians:
         no_data(ax, "no stars")
     else:
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    ax.set_xlabel("observations of the star in the band")
-    ax.set_ylabel("stars")
-    ax.grid(alpha=0.3)
     return Plot(
         "dist_nobs", "Observations per star per band",
         "How many observations each star has in each band (stars without any in a band are "
@@ -54,23 +72,19 @@ def _nobs_plot(catalog: ReportCatalog) -> Plot:
 
 
 def _magnitude_plot(catalog: ReportCatalog) -> Plot:
-    figure = new_figure(7.5, 4.2, left=0.11, right=0.97, bottom=0.13, top=0.96)
-    ax = figure.subplots()
     finite = np.isfinite(catalog.obs_mag)
+    bins: list[float] = []
     if finite.any():
         low, high = np.percentile(catalog.obs_mag[finite], [0.1, 99.9])
         bins = np.linspace(low, high, 61).tolist()
-        for band_index, band in enumerate(catalog.bands):  # loop over bands
-            mags = catalog.obs_mag[finite & (catalog.obs_band == band_index)]
-            if len(mags):
-                ax.hist(mags, bins=bins, histtype="step", linewidth=1.5,
-                        color=band_colour(band, band_index), label=f"{band} ({len(mags):,})")
+    per_band = [catalog.obs_mag[finite & (catalog.obs_band == band_index)]
+                for band_index in range(len(catalog.bands))]
+    figure, ax = _band_histograms(catalog, per_band, bins, "",
+                                  "instrumental magnitude [-2.5 log10(counts/s)]", "observations")
+    if finite.any():
         ax.legend(fontsize=8)
     else:
         no_data(ax, "no observations")
-    ax.set_xlabel("instrumental magnitude [-2.5 log10(counts/s)]")
-    ax.set_ylabel("observations")
-    ax.grid(alpha=0.3)
     return Plot(
         "dist_mag", "Magnitude histograms",
         "Instrumental magnitudes (per second of exposure) of the observations of the stars, "

@@ -19,46 +19,37 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from consumer_helpers import (
+    applied_visits,
+    assert_same_catalogs,
+    http_get,
+    run_cli,
+    snapshot_state,
+    wait_until,
+)
 from crash_hooks import hooks_env
 from kafka_broker import TansuBroker, free_port, write_kafka_config
 
 from streamstars.events import VisitEvent
 
 N_VISITS = 8
-IGNORE = ("created", "kafka_offsets", "kafka_topic", "kafka_group")
 #: librdkafka's default message.max.bytes less the consumer's 1 KiB of framing headroom
 DEFAULT_DEAD_LETTER_LIMIT = 1_000_000 - 1024
 
 
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
-    """One tansu broker for the module; each test uses its own topics and group."""
-    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    with TansuBroker.start(log_path=log) as b:
-        yield b
-
-
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streamstars.cli", *args], capture_output=True,
-                          text=True, env=env)
-
-
-@pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The issue's survey: ``streamstars simulate R --visits 8 --seed 1
     --sources-per-visit 2000`` (``R``'s parent is the consumers' data root)."""
     out = tmp_path_factory.mktemp("data") / "R"
-    done = _cli("simulate", str(out), "--visits", str(N_VISITS), "--seed", "1",
-                "--sources-per-visit", "2000")
+    done = run_cli("simulate", str(out), "--visits", str(N_VISITS), "--seed", "1",
+                   "--sources-per-visit", "2000")
     assert done.returncode == 0, done.stderr
     return out
 
@@ -78,51 +69,12 @@ def events(repo: Path) -> dict[int, VisitEvent]:
 def backfill_snapshot(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Snapshot of ``backfill`` over the survey: the catalogs of the good visits."""
     tmp = tmp_path_factory.mktemp("backfill")
-    done = _cli("backfill", str(repo), "--state", str(tmp / "state"), "--no-progress")
+    done = run_cli("backfill", str(repo), "--state", str(tmp / "state"), "--no-progress")
     assert done.returncode == 0, done.stderr
-    return _snapshot(tmp / "state", tmp / "snap")
+    return snapshot_state(tmp / "state", tmp / "snap")
 
 
 # ------------------------------------------------------------------------------ helpers
-def _snapshot(state: Path, out: Path) -> Path:
-    done = _cli("snapshot", str(out), "--state", str(state))
-    assert done.returncode == 0, done.stderr
-    return out
-
-
-def _same(a: Path, b: Path) -> None:
-    from streamstars.io.snapshot_files import compare_snapshots
-
-    diffs = compare_snapshots(a, b, ignore_metadata_keys=IGNORE)
-    assert not diffs, f"{len(diffs)} difference(s), first: {diffs[0][:2000]}"
-
-
-def _applied(state: Path) -> dict[int, str]:
-    from streamstars.state import StateDirectory
-
-    if not (state / "manifest.json").exists():
-        return {}
-    with StateDirectory.open(state, readonly=True) as store:
-        return store.applied_visits()
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 class Consumer:
     """A ``streamstars run`` subprocess logging its applications to ``app_log``."""
 
@@ -179,12 +131,12 @@ def _dead_letters(broker: TansuBroker, topic: str, expected: int) -> list[Any]:
 def _check_exactly_once(state: Path, app_log: Path, events: dict[int, VisitEvent],
                         backfill_snapshot: Path, tmp: Path) -> None:
     """Every good visit applied once, and the catalogs are backfill's."""
-    assert sorted(_applied(state)) == sorted(events)
+    assert sorted(applied_visits(state)) == sorted(events)
     lines = [json.loads(line) for line in app_log.read_text().splitlines()]
     applications = Counter(r["visit"] for r in lines)
     assert applications == Counter({v: 1 for v in events}), applications
     assert all(r["status"] == "applied" for r in lines), lines
-    _same(_snapshot(state, tmp / "snap"), backfill_snapshot)
+    assert_same_catalogs(snapshot_state(state, tmp / "snap"), backfill_snapshot)
 
 
 def _sha256(data: bytes) -> str:
@@ -297,19 +249,19 @@ def test_healthz_fails_while_a_dead_letter_cannot_be_delivered(
     try:
         # the missing file is retried for 7.5 s (attempts at 0, 0.5, 1.5, 3.5, 7.5 s): freeze
         # the broker meanwhile, so that its dead letter cannot be delivered
-        _wait(lambda: "transient error" in consumer.text(), 60, "the transient retries")
-        assert _get(port, "/healthz")[0] == 200
+        wait_until(lambda: "transient error" in consumer.text(), 60, "the transient retries")
+        assert http_get(port, "/healthz")[0] == 200
         broker.process.send_signal(signal.SIGSTOP)
         frozen = True
-        _wait(lambda: _get(port, "/healthz")[0] == 503, 30, "/healthz to fail")
-        status, body = _get(port, "/healthz")
+        wait_until(lambda: http_get(port, "/healthz")[0] == 503, 30, "/healthz to fail")
+        status, body = http_get(port, "/healthz")
         assert status == 503 and "no progress" in body and f"{topic}[0]@4" in body, body
         assert "dead letter" in body, body
-        assert "streamstars_progress_stalled 1.0" in _get(port, "/metrics")[1]
+        assert "streamstars_progress_stalled 1.0" in http_get(port, "/metrics")[1]
     finally:
         if frozen:
             broker.process.send_signal(signal.SIGCONT)
-    _wait(lambda: _get(port, "/healthz")[0] == 200, 60, "/healthz to recover")
+    wait_until(lambda: http_get(port, "/healthz")[0] == 200, 60, "/healthz to recover")
     assert consumer.wait(120) == 0, consumer.text()
 
     letter = json.loads(_dead_letters(broker, topic, 1)[0].value())

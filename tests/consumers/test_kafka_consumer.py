@@ -15,13 +15,19 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from consumer_helpers import (
+    applied_visits,
+    assert_same_catalogs,
+    http_get,
+    run_cli,
+    snapshot_state,
+    wait_until,
+)
 from crash_hooks import hooks_env
 from kafka_broker import TansuBroker, free_port, write_kafka_config
 
@@ -29,18 +35,9 @@ from streamstars.events import VisitEvent, path_to_uri
 
 N_VISITS = 8
 SOURCES_PER_VISIT = 2000
-IGNORE = ("created", "kafka_offsets", "kafka_topic", "kafka_group")
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
-    """One tansu broker for the module; each test uses its own topics and group."""
-    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    with TansuBroker.start(log_path=log) as b:
-        yield b
-
-
 @pytest.fixture(scope="module")
 def survey(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A small simulated survey under ``<data>/repo`` (``<data>`` is the data root)."""
@@ -51,55 +48,17 @@ def survey(tmp_path_factory: pytest.TempPathFactory) -> Any:
                            sources_per_visit=SOURCES_PER_VISIT, write_refcat=False)
 
 
-def _cli(*args: str, env: dict[str, str] | None = None, **kw: Any) -> Any:
-    return subprocess.run([sys.executable, "-m", "streamstars.cli", *args], capture_output=True,
-                          text=True, env=env, **kw)
-
-
 def _backfill_snapshot(repo: Path, tmp: Path, name: str) -> Path:
     state, out = tmp / f"{name}-state", tmp / f"{name}-snap"
-    done = _cli("backfill", str(repo), "--state", str(state), "--no-progress")
+    done = run_cli("backfill", str(repo), "--state", str(state), "--no-progress")
     assert done.returncode in (0, 1), done.stderr
-    snap = _cli("snapshot", str(out), "--state", str(state))
-    assert snap.returncode == 0, snap.stderr
-    return out
+    return snapshot_state(state, out)
 
 
 @pytest.fixture(scope="module")
 def backfill_snapshot(survey: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Snapshot of ``backfill`` over the survey repository: the expected catalogs."""
     return _backfill_snapshot(survey.out_dir, tmp_path_factory.mktemp("backfill"), "ref")
-
-
-def _snapshot(state: Path, out: Path) -> Path:
-    snap = _cli("snapshot", str(out), "--state", str(state))
-    assert snap.returncode == 0, snap.stderr
-    return out
-
-
-def _same(a: Path, b: Path) -> None:
-    from streamstars.io.snapshot_files import compare_snapshots
-
-    diffs = compare_snapshots(a, b, ignore_metadata_keys=IGNORE)
-    assert not diffs, f"{len(diffs)} difference(s), first: {diffs[0][:2000]}"
-
-
-def _applied(state: Path) -> dict[int, str]:
-    from streamstars.state import StateDirectory
-
-    if not (state / "manifest.json").exists():
-        return {}
-    with StateDirectory.open(state, readonly=True) as store:
-        return store.applied_visits()
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Consumer:
@@ -137,7 +96,7 @@ class Consumer:
 
 
 def _publish_cli(broker: TansuBroker, repo: Path, topic: str) -> None:
-    done = _cli("publish", str(repo), "--bootstrap-servers", broker.bootstrap, "--topic", topic)
+    done = run_cli("publish", str(repo), "--bootstrap-servers", broker.bootstrap, "--topic", topic)
     assert done.returncode == 0, done.stderr
     assert f"published {N_VISITS} visit event(s)" in done.stdout
 
@@ -171,20 +130,12 @@ def test_publish_consume_equals_backfill_metrics_and_sigterm(
                         "--metrics-port", str(port), "--snapshot-dir", str(snap),
                         "--snapshot-every-visits", "100", "--snapshot-on-exit")
     try:
-        _wait(lambda: len(_applied(state)) == N_VISITS, 60, "all visits applied")
-
-        def get(path: str) -> tuple[int, str]:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-                    return r.status, r.read().decode()
-            except urllib.error.HTTPError as exc:
-                return exc.code, exc.read().decode()
-
-        assert get("/healthz")[0] == 200
-        _wait(lambda: get("/readyz")[0] == 200, 10, "readyz")
-        _wait(lambda: f'streamstars_visits_applied_total{{action="apply"}} {N_VISITS}.0'
-              in get("/metrics")[1], 10, "applied metric")
-        metrics = get("/metrics")[1]
+        wait_until(lambda: len(applied_visits(state)) == N_VISITS, 60, "all visits applied")
+        assert http_get(port, "/healthz")[0] == 200
+        wait_until(lambda: http_get(port, "/readyz")[0] == 200, 10, "readyz")
+        wait_until(lambda: f'streamstars_visits_applied_total{{action="apply"}} {N_VISITS}.0'
+                   in http_get(port, "/metrics")[1], 10, "applied metric")
+        metrics = http_get(port, "/metrics")[1]
         for name in ("streamstars_sources_read_total", "streamstars_observations_selected_total",
                      "streamstars_visit_apply_seconds_bucket", "streamstars_consumer_lag",
                      "streamstars_snapshot_age_seconds", "streamstars_stars",
@@ -202,8 +153,8 @@ def test_publish_consume_equals_backfill_metrics_and_sigterm(
     assert consumer.wait(60) == 0, consumer.text()
     log = consumer.text()
     assert "SIGTERM received" in log and "stopped after" in log
-    _same(snap, backfill_snapshot)
-    _same(_snapshot(state, tmp_path / "snap2"), backfill_snapshot)
+    assert_same_catalogs(snap, backfill_snapshot)
+    assert_same_catalogs(snapshot_state(state, tmp_path / "snap2"), backfill_snapshot)
 
 
 KILL_PLAN: list[str] = [
@@ -266,8 +217,8 @@ def test_sigkill_crash_loop_exactly_once(
                      env=hooks_env(app_log))
     assert final.wait(90) == 0, final.text()
 
-    assert sorted(_applied(state)) == sorted(events)
-    _same(_snapshot(state, tmp_path / "snap"), backfill_snapshot)
+    assert sorted(applied_visits(state)) == sorted(events)
+    assert_same_catalogs(snapshot_state(state, tmp_path / "snap"), backfill_snapshot)
 
     lines = [json.loads(line) for line in app_log.read_text().splitlines()]
     applications = Counter(r["visit"] for r in lines if r.get("status") == "applied")
@@ -347,7 +298,7 @@ def test_bad_events_dead_letters_and_event_semantics(
     log = consumer.text()
     assert "transient error" in log  # the missing file was retried before dead-lettering
 
-    applied = _applied(state)
+    applied = applied_visits(state)
     assert sorted(applied) == sorted(v for v in visits if v != v_retract)
 
     letters = [json.loads(m.value()) for m in broker.consume_all(dlq, 5, timeout=20)]
@@ -367,7 +318,7 @@ def test_bad_events_dead_letters_and_event_semantics(
     retracted = Path(local[v_retract].source_uris[0][len("file://"):]).name
     (expected_repo / retracted).unlink()
     expected = _backfill_snapshot(expected_repo, tmp_path, "expected")
-    _same(_snapshot(state, tmp_path / "snap"), expected)
+    assert_same_catalogs(snapshot_state(state, tmp_path / "snap"), expected)
 
 
 def test_broker_restart_consumer_reconnects(
@@ -381,15 +332,16 @@ def test_broker_restart_consumer_reconnects(
     state = tmp_path / "state"
     consumer = Consumer(broker, topic, state, survey.out_dir.parent, tmp_path)
     try:
-        _wait(lambda: len(_applied(state)) == 4, 60, "first half applied")
+        wait_until(lambda: len(applied_visits(state)) == 4, 60, "first half applied")
         broker.restart(down_seconds=1.0)
         broker.create_topic(topic, partitions=1)
         broker.produce(topic, [(e.key, e.to_json()) for e in events])
-        _wait(lambda: len(_applied(state)) == N_VISITS, 90, "second half applied after restart")
+        wait_until(lambda: len(applied_visits(state)) == N_VISITS, 90,
+                   "second half applied after restart")
     finally:
         consumer.proc.send_signal(signal.SIGTERM)
     assert consumer.wait(60) == 0, consumer.text()
-    _same(_snapshot(state, tmp_path / "snap"), backfill_snapshot)
+    assert_same_catalogs(snapshot_state(state, tmp_path / "snap"), backfill_snapshot)
 
 
 def test_replay_from_offset_skips_duplicates(
@@ -402,7 +354,7 @@ def test_replay_from_offset_skips_duplicates(
     first = Consumer(broker, topic, state, survey.out_dir.parent, tmp_path,
                      "--exit-when-idle", "1.5")
     assert first.wait(60) == 0, first.text()
-    assert len(_applied(state)) == N_VISITS
+    assert len(applied_visits(state)) == N_VISITS
     replay = Consumer(broker, topic, state, survey.out_dir.parent, tmp_path,
                       "--exit-when-idle", "1.5", "--seek-offset", "0:2")
     assert replay.wait(60) == 0, replay.text()
@@ -424,9 +376,9 @@ def test_full_disk_stops_the_consumer_without_committing(
                     "--exit-when-idle", "1.5", env={"STREAMSTARS_MIN_FREE_DISK_MB": str(1 << 40)})
     assert full.wait(60) == 3, full.text()
     assert "nearly full" in full.text()
-    assert _applied(state) == {}
+    assert applied_visits(state) == {}
     freed = Consumer(broker, topic, state, survey.out_dir.parent, tmp_path,
                      "--exit-when-idle", "1.5")
     assert freed.wait(90) == 0, freed.text()
-    assert len(_applied(state)) == N_VISITS
-    _same(_snapshot(state, tmp_path / "snap"), backfill_snapshot)
+    assert len(applied_visits(state)) == N_VISITS
+    assert_same_catalogs(snapshot_state(state, tmp_path / "snap"), backfill_snapshot)

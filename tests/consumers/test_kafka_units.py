@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from consumer_helpers import http_get
 from crash_hooks import CrashHooks, hooks_env
 
 from streamstars.consumers.dead_letters import (
@@ -182,32 +183,25 @@ def test_healthz_fails_when_a_message_is_stuck() -> None:
     server = HealthServer(metrics, health, "127.0.0.1", 0)
     server.start()
 
-    def get(path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
     try:
         health.begin("visits[0]@4")
-        assert get("/healthz")[0] == 200
+        assert http_get(server.port, "/healthz")[0] == 200
         health.waiting_for("dead-letter delivery to visits.dead-letters failing for 3 s: x")
         time.sleep(0.4)
-        status, body = get("/healthz")
+        status, body = http_get(server.port, "/healthz")
         assert status == 503
         assert body.startswith("no progress: visits[0]@4 in flight for 0 s (threshold 0.3 s)")
         assert "dead-letter delivery" in body
-        scrape = get("/metrics")[1]
+        scrape = http_get(server.port, "/metrics")[1]
         assert "streamstars_progress_stalled 1.0" in scrape
         in_flight = [line for line in scrape.splitlines()
                      if line.startswith("streamstars_message_in_flight_seconds ")]
         assert float(in_flight[0].split()[1]) >= 0.4
         health.end()
-        assert get("/healthz") == (200, "ok\n")
-        assert "streamstars_progress_stalled 0.0" in get("/metrics")[1]
+        assert http_get(server.port, "/healthz") == (200, "ok\n")
+        assert "streamstars_progress_stalled 0.0" in http_get(server.port, "/metrics")[1]
         time.sleep(0.4)  # nothing in flight and the main loop not turning: stalled too
-        assert get("/healthz")[1].startswith("main loop stalled")
+        assert http_get(server.port, "/healthz")[1].startswith("main loop stalled")
     finally:
         server.stop()
 
