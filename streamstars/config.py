@@ -174,7 +174,12 @@ class BuildStarsConfig:
     """Everything streamstars needs, with fgcmcal's ``FgcmBuildStarsTableConfig`` defaults.
 
     Radii are in arcseconds.  ``storeNside`` (streamstars' own) is the HEALPix nest resolution
-    keying the observation and component records in the LMDB store.
+    keying the observation and component records in the LMDB store.  ``shardNside`` and
+    ``shardMargin`` (streamstars' own) cut the state into sky shards: HEALPix nest pixels at
+    ``shardNside``, each storing the observations inside it and within ``shardMargin`` arcsec
+    outside it (docs/state.md).  ``shardMargin`` left out is derived from the radii when the
+    configuration is built (:func:`derived_shard_margin`), so the built object (and
+    ``config show``, and the state's record of it) always holds the number.
     """
 
     primaryBands: tuple[str, ...] = ("i", "r", "g", "z")
@@ -197,6 +202,10 @@ class BuildStarsConfig:
     referenceCCD: int = 40
     psfCandidateName: str = "calib_psf_candidate"
     storeNside: int = 256
+    shardNside: int = 32
+    #: [arcsec]; NaN (the default, or absent from a file) means derived from the association
+    #: radii when the configuration is built (:func:`derived_shard_margin`)
+    shardMargin: float = math.nan
     sourceSelector: SourceSelectorConfig = field(default_factory=SourceSelectorConfig)
     fgcmLoadReferenceCatalog: RefcatLoadConfig = field(default_factory=RefcatLoadConfig)
 
@@ -204,6 +213,9 @@ class BuildStarsConfig:
         _check_band_names(self)
         if not self.primaryBands:
             raise ConfigError("primaryBands must name at least one band")
+        if isinstance(self.shardMargin, float) and math.isnan(self.shardMargin):
+            # frozen: the derived default is resolved once, here
+            object.__setattr__(self, "shardMargin", derived_shard_margin(self))
         validate(self)
 
     # --- derived values -------------------------------------------------------------------
@@ -215,6 +227,8 @@ class BuildStarsConfig:
         """The settings that shape what is *stored*; a store refuses to reopen if they differ.
 
         Snapshot-time settings (isolation, requiredBands, density cut, seeds) may change freely.
+        ``referenceCCD`` shapes the stored jacobian and visit metadata; ``shardNside`` and
+        ``shardMargin`` decide which shard stores which observation.
         """
         data = to_dict(self)
         for key in (
@@ -225,7 +239,6 @@ class BuildStarsConfig:
             "randomSeed",
             "reserveFraction",
             "fgcmLoadReferenceCatalog",
-            "referenceCCD",
         ):
             data.pop(key)
         return data
@@ -330,6 +343,9 @@ ALLOWED: dict[str, Allowed] = {
     "reserveFraction": Allowed(float, 0.0, 1.0, high_open=True),
     "referenceCCD": Allowed(int, 0, _INT32_MAX),
     "storeNside": Allowed(int, 1, HEALPIX_MAX_NSIDE // STORE_FINE_FACTOR, power_of_two=True),
+    # the upper bounds are cross-key rules (validate): <= densityCutNside, < a quarter shard
+    "shardNside": Allowed(int, 1, HEALPIX_MAX_NSIDE, power_of_two=True),
+    "shardMargin": Allowed(float, 0.0, low_open=True, unit="arcsec"),
     "sourceSelector.unresolved.maximum": _FINITE,
     "sourceSelector.signalToNoise.minimum": _NON_NEGATIVE,
     "sourceSelector.signalToNoise.maximum": Allowed(float, 0.0, low_open=True),
@@ -363,6 +379,21 @@ def numeric_fields(obj: Any, prefix: str = "") -> Iterator[tuple[str, str, Any]]
 def store_pixel_arcsec(nside: int) -> float:
     """The HEALPix pixel size (square root of its area, arcsec) at ``nside``."""
     return math.sqrt(math.pi / 3.0) / nside * _ARCSEC_PER_RADIAN
+
+
+def decision_reach(config: BuildStarsConfig) -> float:
+    """How far [arcsec] the decision about a star reaches (docs/state.md, "Shards"):
+    ``D = isolationRadius + (len(primaryBands) + 1) x matchRadius`` -- the isolation radius,
+    the cross-band merge chain of up to one ``matchRadius`` per primary band, and membership."""
+    return config.isolationRadius + (len(config.primaryBands) + 1) * config.matchRadius
+
+
+def derived_shard_margin(config: BuildStarsConfig) -> float:
+    """The default ``shardMargin`` [arcsec]: :func:`decision_reach` plus one ``matchRadius``
+    for the completeness test and one for the extent of the components there
+    (``isolationRadius + (len(primaryBands) + 3) x matchRadius``, 9 with fgcmcal's
+    defaults)."""
+    return decision_reach(config) + 2 * config.matchRadius
 
 
 def validate(config: BuildStarsConfig) -> None:
@@ -401,6 +432,32 @@ def validate(config: BuildStarsConfig) -> None:
             f"{STORE_PIXEL_REACH_FACTOR:g} x (matchRadius + "
             f"fgcmLoadReferenceCatalog.matchRadius) = {reach:g} arcsec wide: use storeNside "
             f"<= {largest} (or smaller radii)")
+    _validate_shards(config)
+
+
+def _validate_shards(config: BuildStarsConfig) -> None:
+    """The rules between ``shardNside``, ``shardMargin`` and the other keys.
+
+    Raises:
+        ConfigError: naming the key, the value and the bound.
+    """
+    if config.shardNside > config.densityCutNside:
+        raise ConfigError(
+            f"shardNside ({config.shardNside}) must be at most densityCutNside "
+            f"({config.densityCutNside}): the density cut's pixels must nest inside shards")
+    needed = decision_reach(config) + config.matchRadius
+    if config.shardMargin < needed:
+        raise ConfigError(
+            f"shardMargin ({config.shardMargin:g} arcsec) must be at least isolationRadius + "
+            f"(len(primaryBands) + 2) x matchRadius = {needed:g} arcsec: a shard must hold "
+            "everything that decides the stars of its core (leave shardMargin out to derive "
+            "it)")
+    quarter = store_pixel_arcsec(config.shardNside) / 4.0
+    if config.shardMargin >= quarter:
+        raise ConfigError(
+            f"shardMargin ({config.shardMargin:g} arcsec) must be smaller than a quarter of a "
+            f"shard at shardNside = {config.shardNside} ({quarter:.4g} arcsec): use a smaller "
+            "shardNside or a smaller margin")
 
 
 def _check_band_names(config: BuildStarsConfig) -> None:
