@@ -321,6 +321,37 @@ class FootprintFinder:
             self._ccd_tables[str(path)] = cached
         return cached[1]
 
+    def from_corners(self, visit: int, corners: DetectorCorners | None,
+                     boresight: tuple[float, float] | None
+                     ) -> tuple[VisitFootprint | None, str]:
+        """The footprint from ``corners`` (plus the home shard of ``boresight``, RA and Dec
+        [deg]) when they bound every detector; else None and why not."""
+        if corners is None:
+            return None, "no detector corners in the visit's metadata files"
+        if not corners.complete:
+            return None, (f"detector corners in {corners.source} incomplete (NaN: a detector "
+                          "without a WCS)")
+        shards = corner_footprint(corners.ra, corners.dec, self.spec.nside,
+                                  self.spec.margin_arcsec, self.slack_arcsec)
+        if shards is None:
+            return None, (f"detector corners in {corners.source} are not a detector's "
+                          f"(farther than {MAX_DETECTOR_RADIUS_DEG:g} deg from their centre)")
+        return VisitFootprint(visit, _sorted(shards, self._home(boresight)), "corners",
+                              corners.source), ""
+
+    def from_sources(self, visit: int, source_paths: Sequence[str | Path],
+                     boresight: tuple[float, float] | None, note: str = "") -> VisitFootprint:
+        """The footprint from the rows of ``source_paths`` (plus the home shard of
+        ``boresight``); ``note``: why the corners were not used.
+
+        Raises:
+            InputFileError: the source tables cannot be read.
+        """
+        ra, dec = read_source_positions(source_paths)
+        shards = source_footprint(ra, dec, self.spec.nside, self.spec.margin_arcsec)
+        return VisitFootprint(visit, _sorted(shards, self._home(boresight)), "sources",
+                              ", ".join(str(p) for p in source_paths), note)
+
     def footprint(self, visit: int, corners: DetectorCorners | None,
                   source_paths: Sequence[str | Path],
                   boresight: tuple[float, float] | None) -> VisitFootprint:
@@ -330,24 +361,14 @@ class FootprintFinder:
         Raises:
             InputFileError: the source tables are needed and cannot be read.
         """
-        spec = self.spec
-        home = [] if boresight is None else [boresight_shard(*boresight, spec.nside)]
-        if corners is None:
-            note = "no detector corners in the visit's metadata files"
-        elif not corners.complete:
-            note = (f"detector corners in {corners.source} incomplete (NaN: a detector "
-                    "without a WCS)")
-        else:
-            shards = corner_footprint(corners.ra, corners.dec, spec.nside, spec.margin_arcsec,
-                                      self.slack_arcsec)
-            if shards is not None:
-                return VisitFootprint(visit, _sorted(shards, home), "corners", corners.source)
-            note = (f"detector corners in {corners.source} are not a detector's (farther "
-                    f"than {MAX_DETECTOR_RADIUS_DEG:g} deg from their centre)")
-        ra, dec = read_source_positions(source_paths)
-        shards = source_footprint(ra, dec, spec.nside, spec.margin_arcsec)
-        return VisitFootprint(visit, _sorted(shards, home), "sources",
-                              ", ".join(str(p) for p in source_paths), note)
+        found, note = self.from_corners(visit, corners, boresight)
+        return found if found is not None else \
+            self.from_sources(visit, source_paths, boresight, note)
+
+    def _home(self, boresight: tuple[float, float] | None) -> list[int]:
+        if boresight is None or not all(map(math.isfinite, boresight)):
+            return []
+        return [boresight_shard(*boresight, self.spec.nside)]
 
     def of_entry(self, entry: DiscoveredVisit) -> VisitFootprint:
         """The footprint of a discovered visit (with metadata and source tables).
@@ -357,8 +378,6 @@ class FootprintFinder:
         """
         meta = entry.metadata
         boresight = None if meta is None else (meta.telra, meta.teldec)
-        if boresight is not None and not all(map(math.isfinite, boresight)):
-            boresight = None
         return self.footprint(entry.visit, self.corners_of(entry), entry.source_paths,
                               boresight)
 
