@@ -70,6 +70,7 @@ __all__ = [
     "EventError",
     "ForbiddenPathError",
     "MalformedEventError",
+    "ShardEventError",
     "VisitEvent",
     "event_key",
     "json_depth",
@@ -133,6 +134,11 @@ class EventError(PermanentInputError):
 
 class MalformedEventError(EventError):
     """The event is not valid JSON, or does not follow the visit-event schema."""
+
+
+class ShardEventError(EventError):
+    """A schema-version-3 event (one sky shard of a visit) reached a consumer that applies
+    whole visits: it needs a consumer keeping sharded state."""
 
 
 class ForbiddenPathError(EventError):

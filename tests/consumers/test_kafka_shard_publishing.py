@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from kafka_broker import TansuBroker
+from kafka_broker import TansuBroker, write_kafka_config
 
 from streamstars.cli import main
 from streamstars.config import BuildStarsConfig
@@ -268,3 +270,38 @@ def test_watch_publishes_each_new_visit_once_by_shard(broker: TansuBroker,
     assert set(new.footprints[visit].shards) < set(shards_of[visit])
     assert all(e.shards == tuple(shards_of[visit]) for _, e in replaced)
 
+
+def test_a_whole_visit_consumer_dead_letters_shard_events(
+        broker: TansuBroker, survey: SimulatedSurvey, tmp_path: Path) -> None:
+    """``streamstars run`` (one store, whole visits) refuses every version-3 event with a dead
+    letter saying a sharded consumer is needed -- nothing applied, nothing dropped silently --
+    and goes on applying the version-1 events behind them."""
+    topic, dlq = "sharded-to-old", "sharded-to-old.dead-letters"
+    broker.create_topic(dlq, partitions=1)
+    summary = publish_repo(survey.out_dir, broker.bootstrap, topic,
+                           routing=ShardRouting(ShardSpec(NSIDE, MARGIN), partitions=3))
+    assert summary.events > len(survey.visits)
+    # then the same visits as version-1 events, keyed by visit, on the same topic
+    assert len(publish_repo(survey.out_dir, broker.bootstrap, topic).published) == 5
+    state = tmp_path / "state"
+    done = subprocess.run(
+        [sys.executable, "-m", "streamstars.cli", "run", "--bootstrap-servers",
+         broker.bootstrap, "--topic", topic, "--state", str(state), "--group", "g-old",
+         "--data-root", str(survey.out_dir), "--kafka-config",
+         str(write_kafka_config(tmp_path / "kafka.properties")), "--dead-letter-topic", dlq,
+         "--exit-when-idle", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    letters = [json.loads(m.value()) for m in
+               broker.consume_all(dlq, summary.events + 1, timeout=20)]
+    assert len(letters) == summary.events
+    assert {r["error"]["reason"] for r in letters} == {"needs_sharded_consumer"}
+    assert all("needs a sharded consumer" in r["error"]["message"] and
+               f"shard {NSIDE}/{r['event']['shard']['pixel']}" in r["error"]["message"] and
+               r["source"]["key"] == f"{NSIDE}/{r['event']['shard']['pixel']}"
+               for r in letters)
+    assert sorted({(r["visit"], r["event"]["shard"]["pixel"]) for r in letters}) == \
+        sorted((v, s) for v, f in summary.footprints.items() for s in f.shards)
+    from streamstars.state.store import StarStore
+
+    with StarStore.open(state, readonly=True) as store:
+        assert sorted(store.applied_visits()) == survey.visits  # from the version-1 events
