@@ -9,7 +9,10 @@ import sys
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .publisher import ShardRouting
 
 __all__ = ["add_commands", "cmd_publish", "cmd_run"]
 
@@ -116,28 +119,79 @@ def cmd_run(args: argparse.Namespace) -> int:
     return Runner(options, hooks).run()
 
 
+def shard_routing(args: argparse.Namespace) -> ShardRouting | None:
+    """The routing of ``publish``'s options: None (version-1/2 events keyed by visit, as
+    before) unless ``--partitions``, ``--shard-nside`` or ``--shard-margin`` is given; the
+    shard settings from ``--shard-nside`` / ``--shard-margin`` (the others from the defaults),
+    or from ``--config FILE``'s ``shardNside`` / ``shardMargin``.
+
+    Raises:
+        ConfigError: both ``--shard-*`` and ``--config``, or settings a configuration refuses.
+    """
+    import dataclasses
+
+    from streamstars.config import BuildStarsConfig, load_config
+    from streamstars.errors import ConfigError
+    from streamstars.footprint import ShardSpec
+
+    from .publisher import ShardRouting
+
+    explicit = {name: value for name, value in (("shardNside", args.shard_nside),
+                                                ("shardMargin", args.shard_margin))
+                if value is not None}
+    if not explicit and args.partitions is None:
+        return None
+    if explicit and args.config:
+        raise ConfigError("give the shard settings either with --shard-nside/--shard-margin "
+                          "or as shardNside/shardMargin in --config FILE, not both (the "
+                          "consumers must use the same)")
+    config = load_config(args.config) if args.config else BuildStarsConfig()
+    if explicit:
+        # rebuilt from its fields so that validation (and the derived margin) apply again
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        if "shardMargin" not in explicit:
+            fields["shardMargin"] = float("nan")
+        config = BuildStarsConfig(**{**fields, **explicit})
+    return ShardRouting(ShardSpec.of_config(config), args.partitions)
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     """``streamstars publish``: events for a repository's visits (once, or watching)."""
     from streamstars.config import load_config
 
     from .kafka_config import load_kafka_properties
-    from .publisher import publish_repo, watch_repo
 
     _verbose_logging()
     settings = load_kafka_properties(args.kafka_config)
+    routing = shard_routing(args)  # ConfigError: exit 2 (streamstars.cli.main)
+    if routing is not None:
+        logging.getLogger("streamstars.publish").info(
+            "routing events by shard (schema version 3): shardNside %d, shardMargin %g "
+            "arcsec", routing.spec.nside, routing.spec.margin_arcsec)
     if args.butler:
         from streamstars.butler.cli import publish_from_butler
 
-        return publish_from_butler(args, settings)
+        return publish_from_butler(args, settings, routing)
     if not args.repo:
         print("streamstars publish: error: give the repository directory (or --butler REPO)",
               file=sys.stderr)
         return 2
     reference_ccd = load_config(args.config).referenceCCD if args.config else 40
+    return _publish_directory(args, settings, routing, reference_ccd)  # TopicError: exit 2
+
+
+def _publish_directory(args: argparse.Namespace, settings: dict[str, str],
+                       routing: ShardRouting | None, reference_ccd: int) -> int:
+    """``publish REPO`` once, or ``--watch``."""
+    from .publisher import publish_repo, watch_repo
+
     if not args.watch:
         summary = publish_repo(args.repo, args.bootstrap_servers, args.topic, settings,
-                               reference_ccd=reference_ccd, instrument=args.instrument)
-        print(f"published {len(summary.published)} visit event(s) to {args.topic}; "
+                               reference_ccd=reference_ccd, instrument=args.instrument,
+                               routing=routing)
+        shards = "" if routing is None else \
+            f" as {summary.events} shard event(s) on {summary.partitions} partition(s)"
+        print(f"published {len(summary.published)} visit event(s) to {args.topic}{shards}; "
               f"{len(summary.skipped)} visit(s) not publishable, "
               f"{len(summary.problems)} discovery problem(s)")
         return 0
@@ -152,7 +206,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, handler)
     watch_repo(args.repo, args.bootstrap_servers, args.topic, state_file, settings,
                poll_seconds=args.poll_seconds, reference_ccd=reference_ccd,
-               instrument=args.instrument, stop=stop, max_polls=args.max_polls)
+               instrument=args.instrument, stop=stop, max_polls=args.max_polls,
+               routing=routing)
     return 0
 
 
@@ -215,7 +270,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--bootstrap-servers", required=True, metavar="HOST:PORT")
     p.add_argument("--topic", required=True)
     p.add_argument("--kafka-config", metavar="FILE", help="librdkafka properties file")
-    p.add_argument("--config", metavar="FILE", help="TOML configuration (for referenceCCD)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML configuration (referenceCCD; with shard routing also shardNside "
+                   "and shardMargin)")
     p.add_argument("--instrument", help="instrument name when the metadata has none")
     p.add_argument("--watch", action="store_true",
                    help="keep watching and publish each visit once its files are complete")
@@ -224,6 +281,19 @@ def add_commands(subparsers: Any) -> None:
                    help="what was published (default REPO/.streamstars-published.json; "
                    "required with --butler --watch)")
     p.add_argument("--max-polls", type=_positive_int, help=argparse.SUPPRESS)
+    g = p.add_argument_group(
+        "routing by sky shard (event schema version 3; docs/events.md, docs/operations.md)",
+        "Given any of these, every visit is published as one event per shard of its "
+        "footprint, keyed by the shard, on the partition murmur2(key) % P; without them, one "
+        "version-1/2 event per visit keyed by visit, as before.")
+    g.add_argument("--partitions", type=_positive_int, metavar="P",
+                   help="create the topic with P partitions when it does not exist (an "
+                   "existing topic keeps its own)")
+    g.add_argument("--shard-nside", type=_positive_int, metavar="N",
+                   help="the consumers' shardNside (default 32; or shardNside in --config)")
+    g.add_argument("--shard-margin", type=_positive_float, metavar="ARCSEC",
+                   help="the consumers' shardMargin (default: derived from the radii; or "
+                   "shardMargin in --config)")
     g = p.add_argument_group("Butler repository (needs streamstars[butler]; docs/butler.md)")
     g.add_argument("--butler", metavar="REPO",
                    help="publish the visits of this Butler repository's collections")

@@ -27,7 +27,13 @@ from streamstars.errors import (
     TransientInputError,
     VisitConflictError,
 )
-from streamstars.events import ForbiddenPathError, MalformedEventError, VisitEvent, now_iso
+from streamstars.events import (
+    ForbiddenPathError,
+    MalformedEventError,
+    ShardEventError,
+    VisitEvent,
+    now_iso,
+)
 
 from .context import RunContext
 from .dead_letters import (
@@ -61,6 +67,8 @@ def reason_of(exc: BaseException) -> str:
     record's ``error.reason``, docs/events.md)."""
     if isinstance(exc, ForbiddenPathError):
         return "forbidden_path"
+    if isinstance(exc, ShardEventError):
+        return "needs_sharded_consumer"
     if isinstance(exc, MalformedEventError):
         return "malformed_event"
     if isinstance(exc, TransientInputError | OSError):

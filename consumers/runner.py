@@ -43,6 +43,10 @@ becomes unreadable mid-stream is one).  A configured reference catalog is valida
 the first event: a :class:`~streamstars.errors.RefcatError` exits with code 2, a store caching
 another catalog with code 3 (run ``streamstars refresh-refs``).
 
+An event routed to one sky shard (schema version 3, ``publish --partitions``) is
+dead-lettered as ``needs_sharded_consumer`` (:func:`refuse_shard_event`): this consumer
+applies whole visits.
+
 Hostile events
 --------------
 Events are decoded with a bounded parser (size and nesting depth,
@@ -67,7 +71,7 @@ from streamstars.errors import (
     StateError,
     StreamstarsError,
 )
-from streamstars.events import VisitEvent, parse_message
+from streamstars.events import ShardEventError, VisitEvent, parse_message
 from streamstars.ingest import PreparedVisit
 
 from .context import RunContext
@@ -85,12 +89,33 @@ from .signals import StopSignals
 from .snapshots import SnapshotScheduler
 from .visit_store import ConsumerStore
 
-__all__ = ["Runner"]
+__all__ = ["Runner", "refuse_shard_event"]
 
 log = logging.getLogger("streamstars.run")
 
 #: At most this many already-fetched messages are taken at once (see :mod:`.read_ahead`).
 _BATCH = 16
+
+
+def refuse_shard_event(event: VisitEvent) -> None:
+    """Refuse an event routed to one sky shard (schema version 3): this consumer applies whole
+    visits to one store, and the publisher sends one such event per shard of the visit's
+    footprint, spread over partitions, so that applying them here would depend on which of
+    them arrives first.  Dead-lettered (``needs_sharded_consumer``), never applied nor
+    dropped silently.
+
+    Raises:
+        ShardEventError: ``event`` names a shard.
+    """
+    if event.shard is None:
+        return
+    raise ShardEventError(
+        f"{event.describe()}: a schema_version 3 event (routed to shard "
+        f"{event.shard_nside}/{event.shard}, one of the {len(event.shards)} shard(s) of the "
+        "visit's footprint) needs a sharded consumer (one that keeps a state per shard, "
+        "docs/events.md \"Schema version 3\"); this consumer applies whole visits from "
+        "schema_version 1 and 2 events: publish for it without --partitions / --shard-nside / "
+        "--shard-margin")
 
 
 class Runner:
@@ -293,6 +318,7 @@ class Runner:
         """Prepare (or take from the read-ahead) and apply the event's visit, or retract it,
         in one LMDB transaction with the offset after ``position``."""
         start = time.perf_counter()
+        refuse_shard_event(event)
         if self.store.applied_from(event):
             # the visit holds exactly these Butler datasets (immutable): nothing to read
             self.store.record_offset(position)
@@ -311,7 +337,8 @@ class Runner:
     def _needs_reading(self, event: VisitEvent) -> bool:
         """Whether applying ``event`` reads files (what the read-ahead prepares): not for a
         retraction, nor for datasets the visit was already applied from."""
-        return event.action != "retract" and not self.store.applied_from(event)
+        return event.action != "retract" and event.shard is None and \
+            not self.store.applied_from(event)
 
     def _prepare(self, event: VisitEvent) -> PreparedVisit:
         """Read and select the event's visit (no store writes: safe in the read-ahead)."""

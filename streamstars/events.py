@@ -30,6 +30,14 @@ dataset type and UUID, instead of ``source_uris`` and ``metadata`` (the consumer
 Events without ``butler`` are still written as version 1, so consumers that read only
 version 1 keep reading every directory event.
 
+Schema version 3 is a version-1 or version-2 event routed to one sky shard (the scale-out on
+Kafka: one event per (visit, shard of the visit's footprint), :mod:`streamstars.footprint`)::
+
+      "shard": {"nside": 32, "pixel": 1234},     # the shard this event is for
+      "shards": [1233, 1234, 1236]                # every shard of the visit's footprint, sorted
+
+and its message key is the shard, ``b"32/1234"`` (:func:`shard_key`), not the visit id.
+
 Security: :func:`resolve_uri` admits only local paths and ``file://`` URIs that resolve (after
 following symlinks) inside one of the configured data roots; anything else raises
 :class:`ForbiddenPathError` before any file is opened.
@@ -62,9 +70,11 @@ __all__ = [
     "EventError",
     "ForbiddenPathError",
     "MalformedEventError",
+    "ShardEventError",
     "VisitEvent",
     "event_key",
     "json_depth",
+    "shard_key",
     "loads_bounded",
     "parse_event",
     "parse_message",
@@ -73,12 +83,17 @@ __all__ = [
     "schema_path",
 ]
 
-#: The highest schema version this streamstars reads (and writes, for Butler events).
-SCHEMA_VERSION = 2
+#: The highest schema version this streamstars reads (and writes, for events routed to a
+#: shard).
+SCHEMA_VERSION = 3
 #: The version of events naming files (``source_uris`` + ``metadata``): still 1.
 FILE_EVENT_VERSION = 1
 #: The first version with the ``butler`` field.
 BUTLER_EVENT_VERSION = 2
+#: The first version with the ``shard`` and ``shards`` fields (one event per visit and shard).
+SHARD_EVENT_VERSION = 3
+#: The largest HEALPix nside a ``shard`` may name (HEALPix's own limit).
+MAX_SHARD_NSIDE = 1 << 29
 #: Dataset types a ``butler.datasets`` object may name: the source table (required) and the
 #: visit's metadata (``visitSummary``, or ``visitTable`` with an optional ``ccdVisitTable``).
 BUTLER_DATASET_TYPES: tuple[str, ...] = ("sourceTable_visit", "visitSummary", "visitTable",
@@ -108,6 +123,8 @@ _TOP_KEYS = {
     "published_at",
     "producer",
     "butler",
+    "shard",
+    "shards",
 }
 
 
@@ -117,6 +134,11 @@ class EventError(PermanentInputError):
 
 class MalformedEventError(EventError):
     """The event is not valid JSON, or does not follow the visit-event schema."""
+
+
+class ShardEventError(EventError):
+    """A schema-version-3 event (one sky shard of a visit) reached a consumer that applies
+    whole visits: it needs a consumer keeping sharded state."""
 
 
 class ForbiddenPathError(EventError):
@@ -129,13 +151,22 @@ def schema_path() -> Path:
 
 
 def event_key(visit: int) -> bytes:
-    """The Kafka message key of a visit's events: the visit id in decimal ASCII."""
+    """The Kafka message key of a visit's events of schema versions 1 and 2: the visit id in
+    decimal ASCII."""
     return str(int(visit)).encode("ascii")
+
+
+def shard_key(nside: int, pixel: int) -> bytes:
+    """The Kafka message key of the events of one shard (schema version 3): ``nside/pixel`` in
+    decimal ASCII, e.g. ``b"32/1234"``.  Every event of a shard has this key, so every event
+    of a shard lands in one partition, in order."""
+    return f"{int(nside)}/{int(pixel)}".encode("ascii")
 
 
 @dataclass(frozen=True)
 class VisitEvent:
-    """One visit event (schema version 1, or 2 when it names Butler datasets).
+    """One visit event (schema version 1, 2 when it names Butler datasets, 3 when it is
+    routed to one shard).
 
     Attributes:
         action: ``apply`` (add a new visit; a duplicate with the same content is a no-op),
@@ -151,8 +182,11 @@ class VisitEvent:
         butler_datasets: dataset type -> UUIDs of the visit's Butler datasets (instead of
             ``source_uris`` and ``metadata``; schema version 2), or None.
         butler_collections: the collections the publisher found them in (provenance).
+        shard_nside, shard: the shard (HEALPix nest pixel at ``shard_nside``) this event is
+            for (schema version 3), or None.
+        shards: every shard of the visit's footprint, sorted (schema version 3).
         schema_version: the version the event was written with (version 2 is written
-            whenever ``butler_datasets`` is set).
+            whenever ``butler_datasets`` is set, version 3 whenever ``shard`` is).
     """
 
     action: Action
@@ -168,18 +202,38 @@ class VisitEvent:
     producer: str | None = None
     butler_datasets: Mapping[str, tuple[str, ...]] | None = None
     butler_collections: tuple[str, ...] = ()
+    shard_nside: int | None = None
+    shard: int | None = None
+    shards: tuple[int, ...] = ()
     schema_version: int = FILE_EVENT_VERSION
 
     @property
     def key(self) -> bytes:
-        """The Kafka message key (visit id)."""
+        """The Kafka message key: the shard (:func:`shard_key`) of a version-3 event, else the
+        visit id (:func:`event_key`)."""
+        if self.shard is not None and self.shard_nside is not None:
+            return shard_key(self.shard_nside, self.shard)
         return event_key(self.visit)
+
+    def for_shard(self, nside: int, shard: int, shards: Sequence[int]) -> VisitEvent:
+        """This event routed to ``shard`` of the footprint ``shards`` (schema version 3).
+
+        Raises:
+            ValueError: ``shard`` is not one of ``shards``.
+        """
+        footprint = tuple(sorted({int(s) for s in shards}))
+        if int(shard) not in footprint:
+            raise ValueError(f"visit {self.visit}: shard {shard} is not in its footprint")
+        return dataclasses.replace(self, shard_nside=int(nside), shard=int(shard),
+                                   shards=footprint, schema_version=SHARD_EVENT_VERSION)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of this event (only the fields that are set)."""
         version = self.schema_version
         if self.butler_datasets is not None:
             version = max(version, BUTLER_EVENT_VERSION)
+        if self.shard is not None:
+            version = max(version, SHARD_EVENT_VERSION)
         out: dict[str, Any] = {
             "schema_version": version,
             "action": self.action,
@@ -201,6 +255,9 @@ class VisitEvent:
             if self.butler_collections:
                 butler["collections"] = list(self.butler_collections)
             out["butler"] = butler
+        if self.shard is not None:
+            out["shard"] = {"nside": self.shard_nside, "pixel": self.shard}
+            out["shards"] = list(self.shards)
         for name in ("finished_at", "published_at", "producer"):
             value = getattr(self, name)
             if value is not None:
@@ -212,7 +269,9 @@ class VisitEvent:
         return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False).encode("utf-8")
 
     def describe(self) -> str:
-        """Short human description for logs: ``apply visit 123``."""
+        """Short human description for logs: ``apply visit 123`` (``... shard 32/1234``)."""
+        if self.shard is not None:
+            return f"{self.action} visit {self.visit} shard {self.shard_nside}/{self.shard}"
         return f"{self.action} visit {self.visit}"
 
 
@@ -316,14 +375,19 @@ def loads_bounded(value: bytes, *, max_bytes: int = MAX_EVENT_BYTES,
 
 def parse_message(value: bytes | str | None, key: bytes | None) -> VisitEvent:
     """Decode and validate one Kafka message of the visits topic: the event contract requires
-    the key to be the event's visit id (:func:`event_key`), so a message without a key is
-    refused like one with another key.
+    the key to be the event's visit id (:func:`event_key`; its shard, :func:`shard_key`, for
+    schema version 3), so a message without a key is refused like one with another key.
 
     Raises:
         MalformedEventError: everything :func:`parse_event` refuses, and a missing key.
     """
     event = parse_event(value, key)
     if key is None:
+        if event.shard is not None:
+            raise MalformedEventError(
+                f"visit {event.visit}: message has no key; schema_version 3 events must be "
+                f"keyed by their shard ({event.key!r}) so that every event of a shard stays in "
+                "one partition, in order")
         raise MalformedEventError(
             f"visit {event.visit}: message has no key; events must be keyed by their visit id "
             f"({event.key!r}) so that every event of a visit stays in one partition, in order"
@@ -338,16 +402,18 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
     :func:`parse_message`, which requires it.  The value is decoded with
     :func:`loads_bounded` (at most :data:`MAX_EVENT_BYTES` bytes and :data:`MAX_EVENT_DEPTH`
     levels of nesting), then validated by the shipped JSON Schema (:func:`schema_path`:
-    versions 1 and 2, ``butler`` only in version 2 and instead of ``source_uris`` +
-    ``metadata``) and the two rules a schema cannot state: the key and
-    ``metadata.values.visit`` are the event's visit.
+    versions 1 to 3, ``butler`` only from version 2 and instead of ``source_uris`` +
+    ``metadata``, ``shard`` and ``shards`` in version 3 only) and the rules a schema cannot
+    state: the key is the event's visit id (its shard in version 3), ``metadata.values.visit``
+    is the event's visit, and the shards are pixels at the shard's nside, sorted, holding the
+    event's shard.
 
     Raises:
         MalformedEventError: too large or too deeply nested, not UTF-8 JSON, not an object,
             unknown or missing fields, wrong types, a schema version this streamstars cannot
-            read, or a key that is not the event's visit id.  The message names the field (the
-            first one in :data:`_REPORT_ORDER` when several are wrong) and the visit when it
-            can, and shows offending values shortened.
+            read, or a key that is not the event's visit id (shard).  The message names the
+            field (the first one in :data:`_REPORT_ORDER` when several are wrong) and the visit
+            when it can, and shows offending values shortened.
     """
     if value is None:
         raise MalformedEventError("event has no value (tombstone or empty message)")
@@ -361,6 +427,7 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
         raise MalformedEventError(min(problems)[2])
     meta = data.get("metadata") or {}
     butler = data.get("butler")
+    shard = data.get("shard")
     return VisitEvent(
         action=cast(Action, data["action"]),
         visit=data["visit"],
@@ -376,6 +443,9 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
         butler_datasets=None if butler is None else
         {name: tuple(ids) for name, ids in butler["datasets"].items()},
         butler_collections=() if butler is None else tuple(butler.get("collections", ())),
+        shard_nside=None if shard is None else shard["nside"],
+        shard=None if shard is None else shard["pixel"],
+        shards=tuple(data.get("shards", ())),
         schema_version=data["schema_version"],
     )
 
@@ -384,10 +454,12 @@ def parse_event(value: bytes | str | None, key: bytes | None = None) -> VisitEve
 #: When an event breaks several rules, the first of these fields is named: what identifies
 #: the event first (version, known fields, visit, action, key), then the fields in the order
 #: an event lists them.  ``<unknown>`` stands for fields the schema does not know, ``<key>``
-#: for the message key; ``<butler rule>`` for the rule tying ``butler`` to schema version 2
-#: and to apply/replace, ``<butler and files>`` for ``butler`` given with ``source_uris`` or
+#: for the message key; ``<shard rule>`` for the rule tying ``shard`` and ``shards`` to schema
+#: version 3; ``<butler rule>`` for the rule tying ``butler`` to schema versions 2 and 3 and
+#: to apply/replace, ``<butler and files>`` for ``butler`` given with ``source_uris`` or
 #: ``metadata``; fields not listed come last.
-_REPORT_ORDER = ("schema_version", "<unknown>", "visit", "action", "<key>", "instrument",
+_REPORT_ORDER = ("schema_version", "<unknown>", "visit", "action", "<shard rule>", "shard",
+                 "shards", "<key>", "instrument",
                  "band", "physical_filter", "<butler rule>", "butler", "<butler and files>",
                  "butler.datasets", "butler.collections", "source_uris", "metadata",
                  "finished_at", "published_at", "producer")
@@ -437,6 +509,14 @@ def _butler_rule() -> int:
     return next(i for i, rule in enumerate(rules) if rule["if"] == {"$ref": "#/$defs/has_butler"})
 
 
+@functools.cache
+def _shard_rule() -> int:
+    """The index in the schema's ``allOf`` of the rule tying ``shard`` and ``shards`` to
+    schema version 3."""
+    rules = _schema()["allOf"]
+    return next(i for i, rule in enumerate(rules) if rule["if"] == {"$ref": "#/$defs/version_3"})
+
+
 def _problems(data: _Data, key: bytes | None) -> list[tuple[int, int, str]]:
     """Every rule ``data`` breaks, as ``(rank, sequence, message)``."""
     where = _where(data.get("visit"))
@@ -457,6 +537,8 @@ def _describe(error: Any, data: _Data, where: str) -> list[tuple[str, str]]:
     rule = list(error.schema_path)[:2]
     if rule == ["allOf", _butler_rule()]:
         return [_butler_rule_message(error, data, where)]
+    if rule == ["allOf", _shard_rule()]:
+        return [_shard_rule_message(error, data, where)]
     if path:
         describe = _FIELD_MESSAGES.get(path[0])
         # ranked by the field, or by the nested field when the report order names it
@@ -518,14 +600,45 @@ def _schema_version_message(data: _Data, where: str, path: list[str], error: Any
 
 
 def _butler_rule_message(error: Any, data: _Data, where: str) -> tuple[str, str]:
-    """The rule of a ``butler`` field: schema version 2, apply or replace, no files."""
-    if error.validator == "const":  # schema_version (one this streamstars reads)
+    """The rule of a ``butler`` field: schema version 2 or 3, apply or replace, no files."""
+    if error.validator == "enum" and list(error.absolute_path) == ["schema_version"]:
         return ("<butler rule>", f"{where}: 'butler' needs schema_version "
-                                 f"{BUTLER_EVENT_VERSION}, got {_shown(data['schema_version'])}")
+                                 f"{BUTLER_EVENT_VERSION} or later, got "
+                                 f"{_shown(data['schema_version'])}")
     if error.validator == "enum":  # action (retract)
         return ("<butler rule>", f"{where}: a retract event names no datasets ('butler')")
     return ("<butler and files>",
             f"{where}: give either 'butler' or 'source_uris' + 'metadata', not both")
+
+
+def _shard_rule_message(error: Any, data: _Data, where: str) -> tuple[str, str]:
+    """The rule of ``shard`` and ``shards``: both in schema version 3, neither before."""
+    if error.validator == "required":
+        missing = " and ".join(repr(n) for n in ("shard", "shards") if n not in data)
+        return ("<shard rule>", f"{where}: a schema_version {SHARD_EVENT_VERSION} event needs "
+                                f"{missing} (the shard it is for and the visit's footprint)")
+    given = [repr(n) for n in ("shard", "shards") if n in data]
+    verb = "needs" if len(given) == 1 else "need"
+    return ("<shard rule>", f"{where}: {' and '.join(given)} {verb} schema_version "
+                            f"{SHARD_EVENT_VERSION}, got {_shown(data.get('schema_version'))}")
+
+
+def _shard_message(data: _Data, where: str, path: list[str], error: Any) -> str:
+    if len(path) > 1 and path[1] == "nside":
+        return (f"{where}: 'shard.nside' must be a power of two from 1 to 2^29, got "
+                f"{_shown(error.instance)}")
+    if len(path) > 1 and path[1] == "pixel":
+        return f"{where}: 'shard.pixel' must be a non-negative integer, got " \
+               f"{_shown(error.instance)}"
+    return (f"{where}: 'shard' must be {{\"nside\": N, \"pixel\": P}}, got "
+            f"{_shown(data['shard'])}")
+
+
+def _shards_message(data: _Data, where: str, path: list[str], error: Any) -> str:
+    if error.validator == "uniqueItems":
+        return f"{where}: 'shards' lists a shard twice"
+    return (f"{where}: 'shards' must be a non-empty list of non-negative integers, got "
+            f"{_shown(data['shards'])}")
 
 
 def _butler_message(data: _Data, where: str, path: list[str], error: Any) -> str:
@@ -622,18 +735,28 @@ _FIELD_MESSAGES: dict[str, Callable[[_Data, str, list[str], Any], str]] = {
     "published_at": _time_message,
     "producer": _producer_message,
     "butler": _butler_message,
+    "shard": _shard_message,
+    "shards": _shards_message,
 }
 
 
 def _cross_field_problems(data: _Data, key: bytes | None,
                           where: str) -> list[tuple[str, str]]:
-    """The rules a JSON Schema cannot state: the message key and the inline metadata's
-    ``visit`` are the event's visit."""
+    """The rules a JSON Schema cannot state: the message key is the event's visit id (its
+    shard in version 3), the inline metadata's ``visit`` is the event's visit, the shards are
+    pixels at the shard's nside, sorted, holding the event's shard."""
     visit = data.get("visit")
     if not _is_int(visit) or visit < 0:
         return []  # the schema's error names the visit
     found = []
-    if key is not None and key != event_key(visit):
+    shard = _valid_shard(data.get("shard"))
+    if shard is not None:
+        found.extend(_footprint_problems(shard, data.get("shards"), where))
+        expected = shard_key(*shard)
+        if key is not None and key != expected:
+            found.append(("<key>", f"{where}: message key {_shown(key)} is not the shard key "
+                                   f"{expected!r} of a schema_version 3 event"))
+    elif key is not None and "shard" not in data and key != event_key(visit):
         found.append(("<key>", f"{where}: message key {_shown(key)} is not the visit id "
                                f"{event_key(visit)!r}"))
     meta = data.get("metadata")
@@ -642,6 +765,41 @@ def _cross_field_problems(data: _Data, key: bytes | None,
     if _is_int(inner) and inner != visit:
         found.append(("metadata", f"{where}: 'metadata.values.visit' is {_shown(inner)}, not "
                                   "the event's visit"))
+    return found
+
+
+def _valid_shard(shard: Any) -> tuple[int, int] | None:
+    """``(nside, pixel)`` of a ``shard`` field the schema accepts, else None (the schema's
+    error names it)."""
+    if not isinstance(shard, dict) or set(shard) != {"nside", "pixel"}:
+        return None
+    nside, pixel = shard["nside"], shard["pixel"]
+    if not (_is_int(nside) and _is_int(pixel)) or pixel < 0:
+        return None
+    if not 1 <= nside <= MAX_SHARD_NSIDE or nside & (nside - 1):
+        return None
+    return nside, pixel
+
+
+def _footprint_problems(shard: tuple[int, int], shards: Any,
+                        where: str) -> list[tuple[str, str]]:
+    """The pixel and the footprint of a valid ``shard``: pixels below ``12 nside^2``, the
+    footprint sorted and holding the shard."""
+    nside, pixel = shard
+    n_pixels = 12 * nside * nside
+    found = []
+    if pixel >= n_pixels:
+        found.append(("shard", f"{where}: 'shard.pixel' {pixel} is not a pixel at nside "
+                               f"{nside} (0 .. {n_pixels - 1})"))
+    if not isinstance(shards, list) or not all(_is_int(s) and s >= 0 for s in shards):
+        return found  # the schema's error names 'shards'
+    if shards and max(shards) >= n_pixels:
+        found.append(("shards", f"{where}: 'shards' holds {max(shards)}, not a pixel at nside "
+                                f"{nside} (0 .. {n_pixels - 1})"))
+    elif shards != sorted(shards):
+        found.append(("shards", f"{where}: 'shards' must be sorted"))
+    elif pixel not in shards:
+        found.append(("shards", f"{where}: 'shards' does not hold the event's shard {pixel}"))
     return found
 
 

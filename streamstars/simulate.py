@@ -4,7 +4,9 @@
 
 * one ``sourceTable_visit_<visit>.parquet`` per visit with the modern LSST column names
   (the columns fgcmcal reads) plus ``localWcs_CDMatrix_*`` and a few other real columns;
-* ``visitTable.parquet`` and ``ccdVisitTable.parquet`` (DPDD ``Visit`` / ``CcdVisit``);
+* ``visitTable.parquet`` and ``ccdVisitTable.parquet`` (DPDD ``Visit`` / ``CcdVisit``; the
+  latter with each detector's sky corners ``llcra`` ... ``lrcdec`` as Rubin's
+  ``makeCcdVisitTable`` writes them, the edges of the corner pixels through the distortion);
 * an LSST HTM-indexed reference catalog in ``refcat/`` (depth 7, format_version 1, nJy);
 * ``truth.parquet``: every true object (id, position, magnitudes, star/galaxy, blend group).
 
@@ -1323,16 +1325,8 @@ def ccd_visit_table(plan: VisitPlan, camera: Camera, cond: DetectorConditions) -
     vi = np.repeat(np.arange(n_v), n_d)
     det = np.tile(np.arange(n_d, dtype=np.int64), n_v)
     centers = camera.detector_centers()[det]
-    p, q = camera.distort(centers[:, 0], centers[:, 1])
-    c = np.cos(np.radians(plan.rotation[vi]))
-    s = np.sin(np.radians(plan.rotation[vi]))
-    xi, eta = -c * p - s * q, -s * p + c * q
-    ra = np.empty(len(vi))
-    dec = np.empty(len(vi))
-    for v in range(n_v):  # one tangent plane per visit
-        sel = slice(v * n_d, (v + 1) * n_d)
-        ra[sel], dec[sel] = inverse_gnomonic(xi[sel], eta[sel], float(plan.ra[v]),
-                                             float(plan.dec[v]))
+    ra, dec = _detector_sky(plan, camera, centers[:, 0], centers[:, 1])
+    corners = _detector_corners(plan, camera)
     exptime = plan.exptime[vi]
     zp_exposure = cond.zp_per_second.ravel() + 2.5 * np.log10(exptime)
     seeing = cond.seeing.ravel()
@@ -1363,7 +1357,48 @@ def ccd_visit_table(plan: VisitPlan, camera: Camera, cond: DetectorConditions) -
         "xSize": pa.array(np.full(len(vi), camera.n_pixels), type=pa.int64()),
         "ySize": pa.array(np.full(len(vi), camera.n_pixels), type=pa.int64()),
         "pixelScale": pa.array(np.full(len(vi), PIXEL_SCALE_ARCSEC), type=pa.float64()),
+        **{name: pa.array(values, type=pa.float64()) for name, values in corners.items()},
     })
+
+
+def _detector_sky(plan: VisitPlan, camera: Camera, pl: np.ndarray,
+                  ql: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RA/Dec [deg] of detector-linear points given per (visit, detector) row of the
+    ccdVisitTable (``len(plan.visit) * camera.n_detectors`` points, visit-major)."""
+    n_d = camera.n_detectors
+    vi = np.repeat(np.arange(len(plan.visit)), n_d)
+    p, q = camera.distort(pl, ql)
+    c = np.cos(np.radians(plan.rotation[vi]))
+    s = np.sin(np.radians(plan.rotation[vi]))
+    xi, eta = -c * p - s * q, -s * p + c * q
+    ra = np.empty(len(vi))
+    dec = np.empty(len(vi))
+    for v in range(len(plan.visit)):  # one tangent plane per visit
+        sel = slice(v * n_d, (v + 1) * n_d)
+        ra[sel], dec[sel] = inverse_gnomonic(xi[sel], eta[sel], float(plan.ra[v]),
+                                             float(plan.dec[v]))
+    return ra, dec
+
+
+#: The DPDD ``CcdVisit`` corner columns, in the order of afw's ``Box2D.getCorners()`` (as
+#: ``makeCcdVisitTable`` fills them from the visitSummary's ``raCorners``/``decCorners``), with
+#: the pixel position of each corner on a detector of ``n`` pixels: the outer edges of the
+#: corner pixels (``-0.5`` and ``n - 0.5``).
+CORNER_COLUMNS: tuple[tuple[str, str, int, int], ...] = (
+    ("llcra", "llcdec", 0, 0), ("ulcra", "ulcdec", 1, 0),
+    ("urcra", "urcdec", 1, 1), ("lrcra", "lrcdec", 0, 1))
+
+
+def _detector_corners(plan: VisitPlan, camera: Camera) -> dict[str, np.ndarray]:
+    """The sky corners of every (visit, detector) row of the ccdVisitTable, by column."""
+    n_rows = len(plan.visit) * camera.n_detectors
+    det = np.tile(np.arange(camera.n_detectors, dtype=np.int64), len(plan.visit))
+    edge = np.array([-0.5, camera.n_pixels - 0.5])
+    out: dict[str, np.ndarray] = {}
+    for ra_name, dec_name, ix, iy in CORNER_COLUMNS:
+        pl, ql = camera.from_pixels(det, np.full(n_rows, edge[ix]), np.full(n_rows, edge[iy]))
+        out[ra_name], out[dec_name] = _detector_sky(plan, camera, pl, ql)
+    return out
 
 
 def truth_table(sky: Sky, bands: Sequence[str]) -> pa.Table:

@@ -24,6 +24,7 @@ from streamstars.events import (
     path_to_uri,
     resolve_uri,
     schema_path,
+    shard_key,
 )
 from streamstars.visit import VisitMetadata
 
@@ -76,7 +77,9 @@ def test_retract_needs_only_visit() -> None:
         (b"{not json", "not UTF-8 JSON"),
         (b"[1, 2]", "JSON object"),
         (b'{"visit": NaN}', "not UTF-8 JSON"),
-        (json.dumps(_event(schema_version=3)).encode(), "schema_version 3 is not supported"),
+        (json.dumps(_event(schema_version=4)).encode(),
+         "visit 7: schema_version 4 is not supported (this streamstars reads 1..3); upgrade "
+         "the consumers before the producers"),
         (json.dumps(_event(action="delete")).encode(), "'action' must be one of"),
         (json.dumps(_event(visit="7")).encode(), "non-negative integer"),
         (json.dumps(_event(source_uris=None)).encode(), "'source_uris'"),
@@ -314,7 +317,7 @@ def test_file_events_are_still_written_as_version_1() -> None:
 @pytest.mark.parametrize(
     ("changes", "needle"),
     [
-        ({"schema_version": 1}, "needs schema_version 2"),
+        ({"schema_version": 1}, "needs schema_version 2 or later"),
         ({"source_uris": ["/d/s.parquet"]}, "not both"),
         ({"butler": {"datasets": {"visitSummary": [_SUM]}}}, "lacks 'sourceTable_visit'"),
         ({"butler": {"datasets": {"sourceTable_visit": [_SRC]}}}, "exactly one of"),
@@ -333,7 +336,8 @@ def test_file_events_are_still_written_as_version_1() -> None:
         ({"butler": {"datasets": {"sourceTable_visit": [_SRC], "visitSummary": [_SUM]},
                      "collections": "c"}}, "'butler.collections' must be a list of strings"),
         ({"action": "retract"}, "a retract event names no datasets"),
-        ({"schema_version": 1, "source_uris": ["/d/s.parquet"]}, "needs schema_version 2"),
+        ({"schema_version": 1, "source_uris": ["/d/s.parquet"]},
+         "needs schema_version 2 or later"),
         ({"source_uris": ["/d/s.parquet"], "butler": {"datasets": {}}}, "not both"),
     ],
 )
@@ -359,3 +363,110 @@ def test_null_butler_is_absent() -> None:
     assert event.butler_datasets is None and event.source_uris
     with pytest.raises(MalformedEventError, match="missing required field 'source_uris'"):
         parse_event(json.dumps(_butler_event(butler=None)))
+
+
+# ------------------------------------------------------------ shard events (version 3)
+def _shard_event(**changes: object) -> dict[str, object]:
+    base = _event(schema_version=3, shard={"nside": 32, "pixel": 1234},
+                  shards=[1233, 1234, 1236])
+    base.update(changes)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def test_shard_event_round_trip_and_key() -> None:
+    """A version-1 (or version-2) event routed to one shard: version 3, keyed by the shard."""
+    event = parse_message(json.dumps(_shard_event()).encode(), b"32/1234")
+    assert (event.shard_nside, event.shard, event.shards) == (32, 1234, (1233, 1234, 1236))
+    assert event.key == shard_key(32, 1234) == b"32/1234"
+    assert event.describe() == "apply visit 7 shard 32/1234"
+    assert json.loads(event.to_json()) == _shard_event()
+    butler = {k: v for k, v in _butler_event(schema_version=3).items()}
+    butler.update(shard={"nside": 1, "pixel": 0}, shards=[0, 3])
+    assert parse_message(json.dumps(butler).encode(), b"1/0").butler_datasets is not None
+    # routing a file event to a shard of its footprint
+    plain = VisitEvent(action="apply", visit=7, instrument="LSSTCam", band="r",
+                       physical_filter="r_57", source_uris=("/d/s.parquet",),
+                       metadata_uri="/d/v.fits", finished_at="2024-12-02T03:14:15Z")
+    routed = plain.for_shard(32, 1234, [1236, 1234, 1233])
+    assert routed.key == b"32/1234" and json.loads(routed.to_json())["schema_version"] == 3
+    assert parse_message(routed.to_json(), routed.key) == routed
+    assert plain.key == b"7" and json.loads(plain.to_json())["schema_version"] == 1
+    with pytest.raises(ValueError, match="shard 5 is not in its footprint"):
+        plain.for_shard(32, 5, [1234])
+    retract = VisitEvent(action="retract", visit=9).for_shard(32, 5, [5])
+    assert parse_message(retract.to_json(), b"32/5") == retract
+
+
+def test_shard_event_key_is_the_shard() -> None:
+    value = json.dumps(_shard_event()).encode()
+    for key in (b"7", b"32/1233", b"32/01234", b"5/1234", b"32/1234 ", b""):
+        with pytest.raises(MalformedEventError, match="is not the shard key b'32/1234'"):
+            parse_message(value, key)
+    with pytest.raises(MalformedEventError, match="keyed by their shard"):
+        parse_message(value, None)
+    # versions 1 and 2 keep the visit id as their key
+    with pytest.raises(MalformedEventError, match="is not the visit id"):
+        parse_message(json.dumps(_event()).encode(), b"32/1234")
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"shards": None}, "visit 7: a schema_version 3 event needs 'shards'"),
+        ({"shard": None, "shards": None},
+         "visit 7: a schema_version 3 event needs 'shard' and 'shards'"),
+        ({"schema_version": 1}, "visit 7: 'shard' and 'shards' need schema_version 3, got 1"),
+        ({"schema_version": 2, "shards": None}, "'shard' needs schema_version 3, got 2"),
+        ({"shard": {"nside": 33, "pixel": 5}},
+         "'shard.nside' must be a power of two from 1 to 2^29, got 33"),
+        ({"shard": {"nside": 1 << 30, "pixel": 5}}, "'shard.nside' must be a power of two"),
+        ({"shard": {"nside": 32, "pixel": -1}},
+         "'shard.pixel' must be a non-negative integer, got -1"),
+        ({"shard": {"nside": 32, "pixel": 12288}, "shards": [12288]},
+         "'shard.pixel' 12288 is not a pixel at nside 32 (0 .. 12287)"),
+        ({"shard": {"nside": 32}}, "'shard' must be {\"nside\": N, \"pixel\": P}"),
+        ({"shard": {"nside": 32, "pixel": 1234, "order": 5}}, "'shard' must be {"),
+        ({"shard": "32/1234"}, "'shard' must be {"),
+        ({"shards": []}, "'shards' must be a non-empty list of non-negative integers"),
+        ({"shards": [1234, "1235"]}, "'shards' must be a non-empty list"),
+        ({"shards": [1234, 1234]}, "visit 7: 'shards' lists a shard twice"),
+        ({"shards": [1236, 1234]}, "visit 7: 'shards' must be sorted"),
+        ({"shards": [1233, 1236]}, "visit 7: 'shards' does not hold the event's shard 1234"),
+        ({"shards": [1234, 99999]}, "'shards' holds 99999, not a pixel at nside 32"),
+    ],
+)
+def test_malformed_shard_events(changes: dict[str, object], needle: str) -> None:
+    data = _shard_event()
+    for name, value in changes.items():
+        if value is None:
+            data.pop(name, None)
+        else:
+            data[name] = value
+    with pytest.raises(MalformedEventError) as info:
+        parse_event(json.dumps(data))
+    assert needle in str(info.value)
+
+
+def test_schema_validates_shard_events() -> None:
+    import jsonschema
+
+    schema = json.loads(schema_path().read_text())
+    jsonschema.validate(_shard_event(), schema)
+    butler = _butler_event(schema_version=3, shard={"nside": 1, "pixel": 0}, shards=[0])
+    jsonschema.validate(butler, schema)
+    for bad in (_shard_event(shards=None), _shard_event(schema_version=2),
+                _event(shard={"nside": 32, "pixel": 1}),
+                _shard_event(shard={"nside": 3, "pixel": 1}), _shard_event(shards=[1, 1])):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+def test_version_3_says_what_consumers_of_versions_1_and_2_said() -> None:
+    """Consumers built before version 3 refuse it with the message of any unknown version
+    (checked with the parser of those consumers: "visit 7: schema_version 3 is not supported
+    (this streamstars reads 1..2); upgrade the consumers before the producers", a
+    malformed_event dead letter); this parser says the same of version 4, by the same code."""
+    with pytest.raises(MalformedEventError) as info:
+        parse_message(json.dumps(_shard_event(schema_version=4)).encode(), b"32/1234")
+    assert str(info.value) == ("visit 7: schema_version 4 is not supported (this streamstars "
+                               "reads 1..3); upgrade the consumers before the producers")

@@ -68,7 +68,8 @@ VISIT_COLUMNS = ("visit", "physical_filter", "band", "ra", "dec", "skyRotation",
 CCD_VISIT_COLUMNS = ("ccdVisitId", "visitId", "detector", "physical_filter", "band", "ra", "dec",
                      "zenithDistance", "zeroPoint", "psfSigma", "seeing", "skyBg", "skyNoise",
                      "skyRotation", "expMidpt", "expMidptMJD", "expTime", "obsStart",
-                     "obsStartMJD", "darkTime", "xSize", "ySize", "pixelScale")
+                     "obsStartMJD", "darkTime", "xSize", "ySize", "pixelScale", "llcra", "llcdec",
+                     "ulcra", "ulcdec", "urcra", "urcdec", "lrcra", "lrcdec")
 N_SMALL_VISITS = 6
 
 

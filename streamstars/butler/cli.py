@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from streamstars.errors import ButlerError
 
@@ -92,8 +92,11 @@ def snapshot_target(args: argparse.Namespace, formats: tuple[str, ...]) -> Snaps
     return SnapshotTarget(repo, args.output_run, args.output_chain, instrument)
 
 
-def publish_from_butler(args: argparse.Namespace, kafka_settings: dict[str, str]) -> int:
+def publish_from_butler(args: argparse.Namespace, kafka_settings: dict[str, str],
+                        routing: Any = None) -> int:
     """``streamstars publish --butler REPO --collections C [--watch]``; returns the exit code.
+    ``routing``: a :class:`~streamstars.consumers.publisher.ShardRouting` (one event per
+    (visit, shard)), or None.
 
     Raises:
         ButlerError: the extra is missing, the repository, a collection or a dataset type
@@ -116,9 +119,10 @@ def publish_from_butler(args: argparse.Namespace, kafka_settings: dict[str, str]
                             overlap_seconds=args.overlap_seconds, full_every=args.full_every)
     if not args.watch:
         result = publish_butler(watcher, args.bootstrap_servers, args.topic, kafka_settings,
-                                args.watch_state)
-        print(f"published {len(result.published)} visit event(s) to {args.topic}; "
-              f"{len(result.waiting)} visit(s) without metadata yet")
+                                args.watch_state, routing)
+        shards = "" if routing is None else " routed by shard"
+        print(f"published {len(result.published)} visit event(s){shards} to {args.topic}; "
+              f"{len(result.waiting)} visit(s) without metadata (or footprint) yet")
         return 0
     stop = threading.Event()
 
@@ -129,5 +133,5 @@ def publish_from_butler(args: argparse.Namespace, kafka_settings: dict[str, str]
     signal.signal(signal.SIGINT, handler)
     watch_butler(watcher, args.bootstrap_servers, args.topic, args.watch_state,
                  kafka_settings, poll_seconds=args.poll_seconds, stop=stop,
-                 max_polls=args.max_polls)
+                 max_polls=args.max_polls, routing=routing)
     return 0

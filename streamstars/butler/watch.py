@@ -25,6 +25,13 @@ What was published (visit -> UUIDs) and the watermark are kept in a JSON state f
 atomically after the broker acknowledged the events, so a restarted watcher publishes nothing
 twice.  Visits that disappear from the collections are logged, not retracted (retracting is
 an operator's decision: ``streamstars retract``).
+
+With shard routing (``publish --butler ... --partitions P`` or ``--shard-nside``), each visit
+is published as one schema-version-3 event per shard of its footprint
+(:mod:`streamstars.consumers.publisher`): the footprint comes from the detector corners of
+the visit's visitSummary (or of the ccdVisitTable published with its visitTable), found
+through the Butler, else from its source table's coordinates; the state file then also
+remembers the shards of every visit, so that a ``replace`` reaches the shards it left.
 """
 
 from __future__ import annotations
@@ -34,13 +41,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from streamstars import __version__
-from streamstars.errors import ButlerError
+from streamstars.errors import ButlerError, DatasetFileMissingError, StreamstarsError
 from streamstars.events import Action, VisitEvent, now_iso
+from streamstars.footprint import FootprintFinder, VisitFootprint
+from streamstars.io.corners import DetectorCorners
 from streamstars.staging import write_json_atomic
 
 from .discover import (
@@ -93,12 +103,16 @@ class PollResult:
 
 
 class WatchState:
-    """The watcher's memory (JSON): visit -> published UUIDs, and the ingest_date watermark."""
+    """The watcher's memory (JSON): visit -> published UUIDs, and the ingest_date watermark;
+    with shard routing also visit -> shards published to (``shards``) and the routing
+    (``routing``), keys that readers of the older file ignore."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.published: dict[int, list[str]] = {}
         self.watermark: str | None = None  # ISO TAI
+        self.shards: dict[int, list[int]] = {}
+        self.routing: dict[str, Any] | None = None
         if path is not None and path.exists():
             data = json.loads(path.read_text())
             if data.get("format") != STATE_FORMAT:
@@ -106,15 +120,21 @@ class WatchState:
                                   "give another --watch-state")
             self.published = {int(k): list(v) for k, v in data.get("published", {}).items()}
             self.watermark = data.get("watermark")
+            self.shards = {int(k): [int(s) for s in v]
+                           for k, v in data.get("shards", {}).items()}
+            self.routing = data.get("routing")
 
     def save(self, context: Mapping[str, Any]) -> None:
         """Write atomically (:func:`~streamstars.staging.write_json_atomic`); no-op without a
         path."""
         if self.path is None:
             return
-        write_json_atomic(self.path, {
-            "format": STATE_FORMAT, "watermark": self.watermark, **context,
-            "published": {str(k): v for k, v in sorted(self.published.items())}})
+        payload = {"format": STATE_FORMAT, "watermark": self.watermark, **context,
+                   "published": {str(k): v for k, v in sorted(self.published.items())}}
+        if self.shards or self.routing is not None:
+            payload["shards"] = {str(k): v for k, v in sorted(self.shards.items())}
+            payload["routing"] = self.routing
+        write_json_atomic(self.path, payload)
 
 
 class ButlerWatcher:
@@ -157,6 +177,12 @@ class ButlerWatcher:
         self._instrument: str | None = instrument
         self._table_visits: dict[str, set[int]] = {}
         self._waiting: set[int] = set()
+        self._table_corners: dict[str, dict[int, DetectorCorners]] = {}
+        self._table_boresights: dict[str, dict[int, tuple[float, float]]] = {}
+
+    def retry(self, visit: int) -> None:
+        """Look at ``visit`` again at the next poll (its event could not be made now)."""
+        self._waiting.add(visit)
 
     @property
     def waiting(self) -> list[int]:
@@ -362,6 +388,72 @@ class ButlerWatcher:
                 ready.append(entry)
         return ready, waiting
 
+    # ------------------------------------------------------------------ footprints
+    def _dataset_file(self, visit: int, dataset_id: str) -> Any:
+        """A context manager giving a local path of the file of a dataset (by UUID).
+
+        Raises:
+            DatasetFileMissingError: the registry or the datastore lacks it.
+        """
+        import uuid
+
+        from .read import local_file
+
+        ref = self.repo.butler.get_dataset(uuid.UUID(dataset_id))
+        uri = uris_of(self.repo, [ref])[ref.id] if ref is not None else None
+        if uri is None or not uri.exists():
+            raise DatasetFileMissingError(f"visit {visit}: dataset {dataset_id} has no file "
+                                          "in the datastore (yet)")
+        return local_file(uri)
+
+    def _table_values(self, visit: int, datasets: Mapping[str, tuple[str, ...]]
+                      ) -> tuple[DetectorCorners | None, tuple[float, float] | None]:
+        """The visit's detector corners (ccdVisitTable) and boresight (visitTable), each
+        table read once."""
+        from streamstars.io.corners import read_ccd_visit_corners
+        from streamstars.io.visitmeta import read_visit_tables
+
+        corners = None
+        if CCD_VISIT_TABLE in datasets:
+            ccd = datasets[CCD_VISIT_TABLE][0]
+            if ccd not in self._table_corners:
+                with self._dataset_file(visit, ccd) as path:
+                    self._table_corners[ccd] = read_ccd_visit_corners(path)
+            corners = self._table_corners[ccd].get(visit)
+        table = datasets[VISIT_TABLE][0]
+        if table not in self._table_boresights:
+            with self._dataset_file(visit, table) as path:
+                self._table_boresights[table] = {
+                    v: (m.telra, m.teldec) for v, m in read_visit_tables(path, None).items()}
+        return corners, self._table_boresights[table].get(visit)
+
+    def footprint(self, entry: VisitDatasets, finder: FootprintFinder) -> VisitFootprint:
+        """The visit's footprint: from the detector corners of its visitSummary (or of the
+        ccdVisitTable published with its visitTable), else from its source table(s).
+
+        Raises:
+            StreamstarsError: a file cannot be found or read.
+        """
+        from streamstars.io.corners import read_visit_summary_corners
+        from streamstars.io.visitmeta import read_visit_summary
+
+        datasets = entry.datasets
+        corners: DetectorCorners | None
+        if VISIT_SUMMARY in datasets:
+            with self._dataset_file(entry.visit, datasets[VISIT_SUMMARY][0]) as path:
+                corners = read_visit_summary_corners(path)
+                meta = read_visit_summary(path)
+                boresight: tuple[float, float] | None = (meta.telra, meta.teldec)
+        else:
+            corners, boresight = self._table_values(entry.visit, datasets)
+        found, note = finder.from_corners(entry.visit, corners, boresight)
+        if found is not None:
+            return found
+        with ExitStack() as stack:
+            paths = [stack.enter_context(self._dataset_file(entry.visit, i))
+                     for i in datasets[SOURCE_TABLE]]
+            return finder.from_sources(entry.visit, paths, boresight, note)
+
     def event(self, entry: VisitDatasets, action: Action) -> VisitEvent:
         """The visit event naming ``entry``'s datasets (schema version 2)."""
         finished = entry.ingest_date
@@ -378,13 +470,74 @@ def _context(watcher: ButlerWatcher) -> dict[str, Any]:
             "instrument": watcher.instrument, "where": watcher.where}
 
 
+@dataclass
+class _Routing:
+    """A watcher's shard routing: the settings, the footprints, the topic's partitions."""
+
+    routing: Any  # streamstars.consumers.publisher.ShardRouting
+    finder: FootprintFinder
+    partitions: int | None
+    warned: dict[int, str] = field(default_factory=dict)
+
+
+def _routing(routing: Any, bootstrap: str, topic: str, kafka_config: Mapping[str, str] | None,
+             state: WatchState) -> _Routing | None:
+    """The routing of a publication (None without one): the topic made sure of, the state's
+    earlier routing compared."""
+    if routing is None:
+        return None
+    from streamstars.consumers.publisher import ensure_topic
+
+    partitions = ensure_topic(bootstrap, topic, routing.partitions, kafka_config)
+    if state.routing not in (None, routing.describe()):
+        log.warning("%s was written by a watcher routing with %s; now %s: visits published "
+                    "before are not published again", state.path, state.routing,
+                    routing.describe())
+        state.shards = {}
+    state.routing = routing.describe()
+    return _Routing(routing, FootprintFinder(routing.spec, routing.slack_arcsec), partitions)
+
+
+def _shard_events(watcher: ButlerWatcher, state: WatchState, route: _Routing,
+                  ready: list[VisitDatasets], events: list[VisitEvent]
+                  ) -> tuple[list[VisitDatasets], list[VisitEvent]]:
+    """The visits whose footprint is known, and their events routed to its shards (a
+    ``replace`` also to the shards published before); the others wait for the next poll."""
+    from streamstars.consumers.publisher import shard_events
+
+    kept: list[VisitDatasets] = []
+    out: list[VisitEvent] = []
+    for entry, event in zip(ready, events, strict=True):
+        try:
+            footprint = watcher.footprint(entry, route.finder)
+        except (StreamstarsError, OSError) as exc:
+            if route.warned.get(entry.visit) != str(exc):
+                log.warning("visit %d not published yet: footprint not computed: %s",
+                            entry.visit, exc)
+                route.warned[entry.visit] = str(exc)
+            watcher.retry(entry.visit)
+            continue
+        also = state.shards.get(entry.visit, ()) if event.action == "replace" else ()
+        routed = shard_events(event, footprint, route.finder.spec.nside, also)
+        kept.append(entry)
+        out.extend(routed)
+        state.shards[entry.visit] = [e.shard for e in routed if e.shard is not None]
+    return kept, out
+
+
 def _publish_ready(watcher: ButlerWatcher, state: WatchState, producer: Any, topic: str,
-                   ready: list[VisitDatasets], watermark: Any) -> list[int]:
-    from streamstars.consumers.publisher import publish_events
+                   ready: list[VisitDatasets], watermark: Any,
+                   route: _Routing | None = None) -> list[int]:
+    from streamstars.consumers.publisher import current_partitions, publish_events
 
     events = [watcher.event(e, "replace" if e.visit in state.published else "apply")
               for e in ready]
-    sent = publish_events(producer, topic, events) if events else []
+    partitions = None
+    if route is not None and events:
+        ready, events = _shard_events(watcher, state, route, ready, events)
+        route.partitions = partitions = current_partitions(producer, topic, route.partitions)
+    sent = list(dict.fromkeys(publish_events(producer, topic, events, partitions=partitions)
+                              if events else []))
     for entry in ready:
         state.published[entry.visit] = entry.ids
     if watermark is not None:
@@ -396,16 +549,18 @@ def _publish_ready(watcher: ButlerWatcher, state: WatchState, producer: Any, top
 
 def publish_butler(watcher: ButlerWatcher, bootstrap: str, topic: str,
                    kafka_config: Mapping[str, str] | None = None,
-                   state_file: str | Path | None = None) -> PollResult:
+                   state_file: str | Path | None = None, routing: Any = None) -> PollResult:
     """Publish one event per visit of the collections that is not yet published (all of
-    them without ``state_file``), once."""
+    them without ``state_file``), once; with ``routing``
+    (:class:`~streamstars.consumers.publisher.ShardRouting`) one per (visit, shard)."""
     from streamstars.consumers.publisher import make_producer
 
     start = time.monotonic()
     state = WatchState(Path(state_file) if state_file else None)
+    route = _routing(routing, bootstrap, topic, kafka_config, state)
     ready, _, watermark = watcher.full_diff(state)
     sent = _publish_ready(watcher, state, make_producer(bootstrap, kafka_config), topic, ready,
-                          watermark)
+                          watermark, route)
     return PollResult(True, len(ready), sent, watcher.waiting,
                       time.monotonic() - start)
 
@@ -413,11 +568,14 @@ def publish_butler(watcher: ButlerWatcher, bootstrap: str, topic: str,
 def watch_butler(watcher: ButlerWatcher, bootstrap: str, topic: str, state_file: str | Path,
                  kafka_config: Mapping[str, str] | None = None, *, poll_seconds: float = 30.0,
                  stop: threading.Event | None = None, max_polls: int | None = None,
-                 on_poll: Callable[[PollResult], None] | None = None) -> WatchState:
-    """Poll and publish until ``stop`` is set (or after ``max_polls`` polls)."""
+                 on_poll: Callable[[PollResult], None] | None = None,
+                 routing: Any = None) -> WatchState:
+    """Poll and publish until ``stop`` is set (or after ``max_polls`` polls); with
+    ``routing`` one event per (visit, shard)."""
     from streamstars.consumers.publisher import make_producer
 
     state = WatchState(Path(state_file))
+    route = _routing(routing, bootstrap, topic, kafka_config, state)
     producer = make_producer(bootstrap, kafka_config)
     stop = stop or threading.Event()
     log.info("watching %s in %s every %.1f s (state %s, %d visit(s) already published)",
@@ -429,7 +587,7 @@ def watch_butler(watcher: ButlerWatcher, bootstrap: str, topic: str, state_file:
         start = time.monotonic()
         try:
             ready, full, watermark = watcher.poll(state)
-            sent = _publish_ready(watcher, state, producer, topic, ready, watermark)
+            sent = _publish_ready(watcher, state, producer, topic, ready, watermark, route)
         except ButlerError:
             raise  # a configuration problem: polling again cannot help
         except Exception as exc:  # noqa: BLE001 - a busy registry, a broker away: next poll

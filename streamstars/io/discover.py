@@ -63,6 +63,9 @@ class DiscoveredVisit:
         metadata_path: the file the metadata came from (or failed to come from).
         dataset_ids: UUIDs of the Butler datasets the visit comes from (source tables and
             visitSummary, sorted; :mod:`streamstars.butler.discover`); empty for a directory.
+        ccd_visit_table_path: the ccdVisitTable paired with the visitTable the metadata came
+            from (None for a visitSummary or a visitTable alone): where the detectors' sky
+            corners are (:mod:`streamstars.footprint`).
     """
 
     visit: int
@@ -71,6 +74,7 @@ class DiscoveredVisit:
     metadata_error: str | None = None
     metadata_path: Path | None = None
     dataset_ids: list[str] = field(default_factory=list)
+    ccd_visit_table_path: Path | None = None
 
 
 @dataclass
@@ -346,3 +350,4 @@ def _add_visit_tables(inv: RepoInventory, vt: Path, ccd: Path | None,
             entry.metadata_error = None
         entry.metadata = meta
         entry.metadata_path = vt
+        entry.ccd_visit_table_path = ccd

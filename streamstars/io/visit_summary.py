@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +30,7 @@ from streamstars.observatory import (
 )
 from streamstars.visit import VisitMetadata, detector_medians, text_value
 
-__all__ = ["read_visit_summary"]
+__all__ = ["detector_table", "read_detector_table", "read_visit_summary"]
 
 #: MJD of 1970-01-01 (the epoch of afw's ``tai`` nanosecond counter).
 _MJD_UNIX_EPOCH = 40587.0
@@ -51,6 +52,7 @@ _SUMMARY_REQUIRED = (
     "bbox_max_y",
     "visitInfo",
 )
+_T = TypeVar("_T")
 _VISITINFO_REQUIRED = ("exposuretime", "tai", "boresightradec_ra", "boresightradec_dec")
 
 
@@ -77,6 +79,19 @@ def read_visit_summary(path: str | Path, reference_ccd: int = 40) -> VisitMetada
         InputFileError: the file is missing, not FITS, truncated, or lacks a required HDU or
             column.
     """
+    return read_detector_table(
+        path, lambda hdul, where: _read_visit_summary(hdul, where, reference_ccd))
+
+
+def read_detector_table(path: str | Path, reader: Callable[[fits.HDUList, Path], _T]) -> _T:
+    """``reader(hdul, path)`` of the open visitSummary FITS file ``path``, with the file's
+    problems turned into :class:`InputFileError` naming it (missing, not FITS, truncated or
+    with an invalid header, a missing HDU or column).
+
+    Raises:
+        InputFileError: as above, also for what ``reader`` raises of ``OSError``,
+            ``ValueError``, ``TypeError``, ``KeyError``, ``IndexError``, ``AttributeError``.
+    """
     path = Path(path)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -92,7 +107,7 @@ def read_visit_summary(path: str | Path, reference_ccd: int = 40) -> VisitMetada
                         f"{path}: visitSummary FITS file is truncated or corrupt ({problems[0]}); "
                         "re-copy or regenerate it"
                     )
-                return _read_visit_summary(hdul, path, reference_ccd)
+                return reader(hdul, path)
     except InputFileError:
         raise
     except FileNotFoundError as exc:
@@ -107,7 +122,7 @@ def read_visit_summary(path: str | Path, reference_ccd: int = 40) -> VisitMetada
 
 def _read_visit_summary(hdul: fits.HDUList, path: Path, reference_ccd: int) -> VisitMetadata:
     """The metadata of the open visitSummary ``hdul`` (see :func:`read_visit_summary`)."""
-    cat = _detector_table(hdul, path)
+    cat = detector_table(hdul, path)
     det_ids = np.asarray(cat["id"], dtype=np.int64)
     visits = np.unique(np.asarray(cat["visit"], dtype=np.int64))
     if visits.size != 1:
@@ -128,7 +143,7 @@ def _read_visit_summary(hdul: fits.HDUList, path: Path, reference_ccd: int) -> V
                          source=str(path))
 
 
-def _detector_table(hdul: fits.HDUList, path: Path) -> fits.FITS_rec:
+def detector_table(hdul: fits.HDUList, path: Path) -> fits.FITS_rec:
     """The per-detector catalog (first binary table that is not part of the archive), with
     every column the metadata needs."""
     for hdu in hdul[1:]:

@@ -242,3 +242,57 @@ def test_consumer_skips_visits_already_applied_from_the_same_datasets(
     log = consumer.text()
     assert "dead letter (" not in log and "dead-lettering" not in log, log
     assert sum(f"apply visit {v}: skipped" in log for v in sim.visits) == 4, log
+
+
+def test_publish_from_a_butler_by_shard(broker: TansuBroker, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``publish --butler ... --partitions P --shard-nside N`` (once, then ``--watch``): one
+    version-3 event per (visit, shard of its footprint) -- the footprint from the detector
+    corners of the ccdVisitTable found through the registry, the same as from the files --
+    keyed by shard, on partition murmur2(key) % P; the watcher remembers the shards."""
+    import json
+
+    from streamstars.butler.simulate import write_survey_repo
+    from streamstars.consumers.partitioner import kafka_partition
+    from streamstars.footprint import FootprintFinder, ShardSpec
+    from streamstars.io.discover import discover_repo
+
+    sim = simulate_survey(tmp_path / "sim", n_visits=3, seed=2, sources_per_visit=300,
+                          write_refcat=False)
+    written = write_survey_repo(sim, tmp_path / "repo")
+    finder = FootprintFinder(ShardSpec(128, 9.0))
+    expected = {v: finder.of_entry(e) for v, e in discover_repo(sim.out_dir).visits.items()}
+    assert {f.method for f in expected.values()} == {"corners"}
+    n_events = sum(len(f.shards) for f in expected.values())
+    assert n_events > 3
+    base = ["publish", "--butler", str(written.repo), "--collections", written.collection,
+            "--bootstrap-servers", broker.bootstrap, "--partitions", "3", "--shard-nside",
+            "128", "--shard-margin", "9"]
+
+    def check(topic: str) -> None:
+        messages = broker.consume_all(topic, n_events, timeout=30)
+        assert len(messages) == n_events
+        assert not broker.consume_all(topic, n_events + 1, timeout=3)[n_events:]
+        events = [(m, parse_event(m.value(), m.key())) for m in messages]
+        assert all(e.schema_version == 3 and e.butler_datasets and e.shard_nside == 128 and
+                   m.key() == f"128/{e.shard}".encode() and
+                   m.partition() == kafka_partition(m.key(), 3) for m, e in events)
+        for visit, footprint in expected.items():
+            mine = [e for _, e in events if e.visit == visit]
+            assert sorted(e.shard for e in mine) == list(footprint.shards)
+            assert all(e.shards == footprint.shards for e in mine)
+
+    assert main([*base, "--topic", "butler-by-shard"]) == 0
+    assert "published 3 visit event(s) routed by shard" in capsys.readouterr().out
+    check("butler-by-shard")
+
+    state_file = tmp_path / "watch.json"
+    watch = [*base, "--topic", "butler-watch-by-shard", "--watch", "--watch-state",
+             str(state_file), "--poll-seconds", "0.05", "--max-polls", "2"]
+    assert main(watch) == 0
+    assert main(watch) == 0  # a restarted watcher publishes nothing again
+    check("butler-watch-by-shard")
+    state = json.loads(state_file.read_text())
+    assert state["routing"] == {"schema_version": 3, "shardNside": 128, "shardMargin": 9.0}
+    assert {int(v): s for v, s in state["shards"].items()} == \
+        {v: list(f.shards) for v, f in expected.items()}
