@@ -124,6 +124,12 @@ class ConsumerMetrics:
         self.stars = Gauge(
             "streamstars_stars", "Stars in the catalog at the last snapshot", registry=r
         )
+        self.margin_violations = Gauge(
+            "streamstars_margin_violations",
+            "Shard margin violations found by the last snapshot (chains reaching past "
+            "shardMargin: stars near a shard border may differ; docs/snapshot-format.md)",
+            registry=r,
+        )
         self.visits_stored = Gauge(
             "streamstars_visits_stored", "Visits held by the store", registry=r
         )

@@ -82,6 +82,7 @@ class SnapshotScheduler:
         self.metrics.snapshot_seconds.observe(seconds)
         self.metrics.last_snapshot_time = time.time()
         self.metrics.stars.set(summary.n_stars)
+        self.metrics.margin_violations.set(len(summary.violations))
         log.info("snapshot %s: %d visits, %d stars, %d observations in %.2f s",
                  self.opts.snapshot_dir, summary.n_visits, summary.n_stars,
                  summary.n_observations, seconds)

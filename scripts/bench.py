@@ -167,10 +167,13 @@ def measure_floor(repo: Path, n_visits: int) -> dict[str, float]:
     return {"seconds": seconds, "rows": rows, "peak_rss_mb": _peak_rss_mb()}
 
 
-def measure_backfill(repo: Path, n_visits: int, state: Path) -> dict[str, object]:
-    """Backfill the first ``n_visits`` visits into a fresh store."""
+def measure_backfill(repo: Path, n_visits: int, state: Path,
+                     single: bool = False) -> dict[str, object]:
+    """Backfill the first ``n_visits`` visits into a fresh state directory (default settings:
+    shardNside 32), or with ``single`` into one store (the format-1 layout, for comparison)."""
     from streamstars.backfill import backfill
     from streamstars.config import BuildStarsConfig
+    from streamstars.state import StateDirectory
     from streamstars.state.store import StarStore
 
     shutil.rmtree(state, ignore_errors=True)
@@ -184,7 +187,8 @@ def measure_backfill(repo: Path, n_visits: int, state: Path) -> dict[str, object
             work[result.visit] = (result.n_selected, result.association.components_in_reach)
 
     cpu_start = _cpu_seconds()
-    with StarStore.open(state, BuildStarsConfig()) as store:
+    opener = StarStore.open if single else StateDirectory.open
+    with opener(state, BuildStarsConfig()) as store:
         report = backfill(repo, store, inventory=inventory, progress=False, on_result=sample)
     cpu = _cpu_seconds() - cpu_start
     latencies = [seconds for _, seconds in report.apply_seconds]
@@ -217,7 +221,8 @@ def measure_backfill(repo: Path, n_visits: int, state: Path) -> dict[str, object
         "apply_blocks_ms": [round(1e3 * statistics.mean(latencies[i:i + 10]), 1)
                             for i in range(0, len(latencies), 10)],
         # allocated bytes: a writer's data.mdb is a sparse file as large as the map
-        "store_mb": sum(f.stat().st_blocks * 512 for f in state.iterdir()) / 1e6,
+        "store_mb": sum(f.stat().st_blocks * 512 for f in state.rglob("*")
+                        if f.is_file()) / 1e6,
         "peak_rss_mb": _peak_rss_mb(),
         "rss_at_end_mb": _rss_split_mb(),
         # heap only: peak RSS also counts the LMDB file pages mapped while reading
@@ -303,15 +308,83 @@ def measure_refs(repo: Path, n_visits: int, state: Path) -> dict[str, float]:
             "reference_stars": stars}
 
 
-def measure_snapshot(state: Path, out: Path) -> dict[str, float]:
-    """Snapshot a store (FITS + parquet)."""
+def measure_snapshot(state: Path, out: Path, workers: int = 1,
+                     single: bool = False) -> dict[str, float]:
+    """Snapshot a state directory (FITS + parquet) with ``workers`` processes, or with
+    ``single`` one store (the format-1 layout, for comparison).  ``seconds`` excludes the
+    process start-up; the peak RSS is this process's and, with workers, the largest child's."""
+    from streamstars.sharded_snapshot import write_state_snapshot
     from streamstars.snapshot import write_store_snapshot
+    from streamstars.state import StateDirectory
     from streamstars.state.store import StarStore
 
-    with StarStore.open(state, readonly=True) as store:
-        summary = write_store_snapshot(store, out)
+    if single:
+        with StarStore.open(state, readonly=True) as store:
+            summary = write_store_snapshot(store, out)
+        extra: dict[str, float] = {}
+    else:
+        with StateDirectory.open(state, readonly=True) as directory:
+            sharded = write_state_snapshot(directory, out, workers=workers)
+        summary = sharded  # type: ignore[assignment]
+        extra = {"written": sharded.written, "reused": sharded.reused,
+                 "violations": len(sharded.violations)}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     return {"seconds": summary.seconds, "stars": summary.n_stars,
-            "observations": summary.n_observations, "peak_rss_mb": _peak_rss_mb()}
+            "observations": summary.n_observations, "peak_rss_mb": _peak_rss_mb(),
+            "child_peak_rss_mb": children, "workers": workers, **extra}
+
+
+def measure_incremental(repo: Path, n_visits: int, state: Path, workdir: Path,
+                        nside: int) -> dict[str, float]:
+    """On ``n_visits`` visits of ``repo``: a fresh snapshot of the first ``n_visits - 1``,
+    then one more visit applied and the snapshot written again into the same directory
+    (incremental: unchanged shards reused), then a fresh snapshot of the same state."""
+    from streamstars.backfill import backfill
+    from streamstars.config import BuildStarsConfig
+    from streamstars.sharded_snapshot import write_state_snapshot
+    from streamstars.state import StateDirectory
+
+    shutil.rmtree(state, ignore_errors=True)
+    inventory = _inventory(repo, n_visits)
+    last = max(inventory.visits)
+    before = dataclasses.replace(inventory, visits={v: d for v, d in inventory.visits.items()
+                                                    if v != last})
+    after = dataclasses.replace(inventory, visits={last: inventory.visits[last]})
+    config = BuildStarsConfig(shardNside=nside)
+    out, fresh_out = workdir / "snapshot-incremental", workdir / "snapshot-fresh"
+    for path in (out, fresh_out):
+        shutil.rmtree(path, ignore_errors=True)
+    with StateDirectory.open(state, config) as directory:
+        backfill(repo, directory, inventory=before, progress=False)
+        first = write_state_snapshot(directory, out)
+        one = backfill(repo, directory, inventory=after, progress=False)
+        incremental = write_state_snapshot(directory, out)
+        fresh = write_state_snapshot(directory, fresh_out)
+        n_shards = len(directory.shards())
+    return {"visits": n_visits, "nside": nside, "shards": n_shards,
+            "first_seconds": first.seconds, "apply_seconds": one.seconds,
+            "incremental_seconds": incremental.seconds,
+            "incremental_written": incremental.written,
+            "incremental_reused": incremental.reused, "fresh_seconds": fresh.seconds,
+            "stars": fresh.n_stars}
+
+
+def measure_big_visit(state: Path, repo: Path, copy: Path) -> dict[str, float]:
+    """Apply the one (LSSTCam-sized) visit of ``repo`` to a copy of the state ``state``."""
+    from streamstars.backfill import backfill
+    from streamstars.state import StateDirectory
+
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(state, copy)
+    start_rss = _peak_rss_mb()
+    with StateDirectory.open(copy) as directory:
+        report = backfill(repo, directory, progress=False)
+        n_visits = len(directory.applied_visits())
+        n_shards = len(directory.shards())
+    return {"seconds": report.seconds, "sources": report.sources_read,
+            "observations": report.observations_selected, "applied": report.applied,
+            "visits_after": n_visits, "shards": n_shards, "peak_rss_mb": _peak_rss_mb(),
+            "rss_before_mb": start_rss}
 
 
 def measure_report(state: Path, out: Path, snapshot: str) -> dict[str, float]:
@@ -790,7 +863,16 @@ def main() -> int:
                  "prepare": lambda: measure_prepare(Path(rest[0]), int(rest[1])),
                  "backfill": lambda: measure_backfill(Path(rest[0]), int(rest[1]),
                                                       Path(rest[2])),
-                 "snapshot": lambda: measure_snapshot(Path(rest[0]), Path(rest[1])),
+                 "snapshot": lambda: measure_snapshot(Path(rest[0]), Path(rest[1]),
+                                                      int(rest[2]) if len(rest) > 2 else 1,
+                                                      len(rest) > 3 and rest[3] == "single"),
+                 "backfill_single": lambda: measure_backfill(Path(rest[0]), int(rest[1]),
+                                                             Path(rest[2]), single=True),
+                 "incremental": lambda: measure_incremental(Path(rest[0]), int(rest[1]),
+                                                            Path(rest[2]), Path(rest[3]),
+                                                            int(rest[4])),
+                 "big_visit": lambda: measure_big_visit(Path(rest[0]), Path(rest[1]),
+                                                        Path(rest[2])),
                  "report": lambda: measure_report(Path(rest[0]), Path(rest[1]), rest[2]),
                  "batch": lambda: measure_batch(Path(rest[0]), int(rest[1])),
                  "refs": lambda: measure_refs(Path(rest[0]), int(rest[1]), Path(rest[2])),
@@ -854,14 +936,29 @@ def main() -> int:
                         "(streamstars simulate --survey-radius), in repo-wide")
     shards.add_argument("--wide-nside", type=int, default=32,
                         help="shardNside for the wide survey (default %(default)s)")
+    snap = parser.add_argument_group("sharded snapshot")
+    snap.add_argument("--snapshots", action="store_true",
+                      help="also measure the sharded snapshot: peak RSS at --small-snapshot-"
+                      "visits vs --visits visits and against one store, --workers 1 vs 2, "
+                      "incremental vs fresh on the wide survey (--wide-radius), and one "
+                      "LSSTCam-sized visit applied to the --visits state")
+    snap.add_argument("--snapshots-only", action="store_true",
+                      help="measure only that (implies --snapshots)")
+    snap.add_argument("--half-visits", type=int, default=100,
+                      help="the smaller state of the RSS comparison (default %(default)s)")
+    snap.add_argument("--big-visit-sources", type=int, default=1_500_000,
+                      help="sources of the LSSTCam-sized visit (default %(default)s)")
     args = parser.parse_args()
+    if args.snapshots_only:
+        args.snapshots = True
     if args.workers_only:
         args.workers = True
     if args.kafka_only:
         args.kafka = True
     if args.butler_only:
         args.butler = True
-    default_part = not (args.kafka_only or args.butler_only or args.workers_only)
+    default_part = not (args.kafka_only or args.butler_only or args.workers_only
+                        or args.snapshots_only)
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -923,10 +1020,14 @@ def main() -> int:
             results[f"workers_{label}"] = {"w1": best, "w2": w_runs[1],
                                            "w1_readings_s": [w_runs[0]["seconds"],
                                                              w_runs[2]["seconds"]]}
+    if args.snapshots:
+        results["snapshots"] = measure_snapshots(workdir, repo, args)
     if default_part:
         report(results, args)
     if args.workers:
         report_workers(results)
+    if args.snapshots:
+        report_snapshots(results["snapshots"], args)
     if args.kafka:
         report_kafka(results, args)
     if args.butler:
@@ -934,6 +1035,85 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def measure_snapshots(workdir: Path, repo: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The sharded snapshot's measurements (each in its own process)."""
+    n, half = str(args.visits), str(args.half_visits)
+    out: dict[str, Any] = {}
+    for label, visits in (("half", half), ("full", n)):
+        state = workdir / f"state-snap-{label}"
+        out[f"backfill_{label}"] = _run("backfill", str(repo), visits, str(state))
+        out[f"snapshot_{label}"] = _run("snapshot", str(state), str(workdir / "snap-w1"), "1")
+    out["snapshot_w2"] = _run("snapshot", str(workdir / "state-snap-full"),
+                              str(workdir / "snap-w2"), "2")
+    out["snapshot_w1_again"] = _run("snapshot", str(workdir / "state-snap-full"),
+                                    str(workdir / "snap-w1b"), "1")
+    out["backfill_single"] = _run("backfill_single", str(repo), n,
+                                  str(workdir / "state-snap-single"))
+    out["snapshot_single"] = _run("snapshot", str(workdir / "state-snap-single"),
+                                  str(workdir / "snap-single"), "1", "single")
+    if args.wide_radius is not None:
+        wide = ensure_survey(workdir, args.visits, args.sources_per_visit, args.seed,
+                             args.wide_radius)
+        out["incremental"] = _run("incremental", str(wide), n,
+                                  str(workdir / "state-snap-wide"), str(workdir),
+                                  str(args.wide_nside))
+    big = workdir / "repo-big-visit"
+    stamp = big / "bench.json"
+    wanted = json.dumps({"sources": args.big_visit_sources, "seed": args.seed})
+    if not (stamp.exists() and stamp.read_text() == wanted):
+        shutil.rmtree(big, ignore_errors=True)
+        # one LSSTCam visit (189 detectors) in the middle of the 1-degree field's sky,
+        # numbered after the survey's visits
+        subprocess.run([sys.executable, "-m", "streamstars.cli", "simulate", str(big),
+                        "--visits", "1", "--first-visit", str(args.visits), "--seed",
+                        str(args.seed), "--sources-per-visit", str(args.big_visit_sources),
+                        "--camera", "lsstcam", "--field-radius", "2.6", "--no-refcat"],
+                       check=True, stdout=subprocess.DEVNULL)
+        stamp.write_text(wanted)
+    out["big_visit"] = _run("big_visit", str(workdir / "state-snap-full"), str(big),
+                            str(workdir / "state-snap-big"))
+    return out
+
+
+def report_snapshots(r: dict[str, Any], args: argparse.Namespace) -> None:
+    """Print the sharded snapshot's numbers and target ratios."""
+    def line(label: str, m: dict[str, Any]) -> str:
+        return (f"{label:<34}: {m['seconds']:7.1f} s  {m['stars']:,} stars, peak RSS "
+                f"{m['peak_rss_mb']:.0f} MB" + (f" (largest worker {m['child_peak_rss_mb']:.0f} "
+                                                 "MB)" if m.get("workers", 1) > 1 else ""))
+    full, half = r["snapshot_full"], r["snapshot_half"]
+    print(f"\n== sharded snapshot ({args.visits} visits x ~{args.sources_per_visit} sources, "
+          "shardNside 32) ==")
+    print(line(f"snapshot {args.half_visits} visits", half))
+    print(line(f"snapshot {args.visits} visits, --workers 1", full))
+    print(line(f"snapshot {args.visits} visits, --workers 1 again", r["snapshot_w1_again"]))
+    print(line(f"snapshot {args.visits} visits, --workers 2", r["snapshot_w2"]))
+    print(line(f"one store (format 1), {args.visits} visits", r["snapshot_single"]))
+    print(f"backfill {args.visits} visits: state directory {r['backfill_full']['seconds']:.1f} s, "
+          f"one store {r['backfill_single']['seconds']:.1f} s "
+          f"({r['backfill_full']['seconds'] / r['backfill_single']['seconds']:.2f}x)")
+    print(f"peak RSS {args.visits} / {args.half_visits} visits : "
+          f"{full['peak_rss_mb'] / half['peak_rss_mb']:6.2f}  (target <= 1.1)")
+    print(f"peak RSS sharded / one store : "
+          f"{full['peak_rss_mb'] / r['snapshot_single']['peak_rss_mb']:6.2f}")
+    best1 = min(full["seconds"], r["snapshot_w1_again"]["seconds"])
+    print(f"snapshot --workers 1 / 2     : {best1 / r['snapshot_w2']['seconds']:6.2f}x  "
+          f"(load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores)")
+    if "incremental" in r:
+        inc = r["incremental"]
+        print(f"incremental (wide, {inc['visits']} visits, {inc['shards']} shards of nside "
+              f"{inc['nside']}): one more visit applied in {inc['apply_seconds']:.1f} s; "
+              f"snapshot {inc['incremental_seconds']:.1f} s ({inc['incremental_written']} "
+              f"partitions written, {inc['incremental_reused']} reused) vs fresh "
+              f"{inc['fresh_seconds']:.1f} s: "
+              f"{inc['incremental_seconds'] / inc['fresh_seconds']:.2f}x  (target <= 0.25; "
+              "times exclude process start-up)")
+    big = r["big_visit"]
+    print(f"LSSTCam-sized visit ({big['sources']:,} sources, {big['observations']:,} selected) "
+          f"applied to the {args.visits}-visit state: {big['seconds']:.1f} s, peak RSS "
+          f"{big['peak_rss_mb']:.0f} MB ({big['shards']} shards after)")
 
 
 def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> None:

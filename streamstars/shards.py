@@ -34,6 +34,8 @@ RIM_SPACING_ARCSEC = 0.25
 #: a pixel corner of interior angle a poking ``RIM_SLACK_ARCSEC`` into the circle crosses it
 #: along ~``2 * RIM_SLACK_ARCSEC * tan(a / 2)``, longer than the spacing for every a > 28°.
 RIM_SLACK_ARCSEC = 2.0 * RIM_SPACING_ARCSEC
+#: The finest HEALPix nside healpy handles.
+MAX_NSIDE = 1 << 29
 #: Points are handled in chunks of this many (the rims of a chunk are built at once).
 _CHUNK = 4096
 
@@ -120,10 +122,11 @@ def _near_border(v: np.ndarray, core: np.ndarray, nside: int, radius_arcsec: flo
     """Per point: some shard other than its core may lie within ``radius_arcsec`` (a
     superset, from the point's pixel at a finer level and that pixel's neighbours)."""
     radius = radius_arcsec * ARCSEC_RAD
-    # the finest level (at most 16x) whose pixels are 8x the radius: then everything within
+    # the finest level whose pixels are 8x the radius: then everything within
     # the radius of a point lies in its fine pixel or one of that pixel's neighbours
     levels = 0
-    while levels < 4 and hp.nside2resol(nside << (levels + 1)) / 8.0 >= radius:
+    while (nside << (levels + 1)) <= MAX_NSIDE \
+            and hp.nside2resol(nside << (levels + 1)) / 8.0 >= radius:
         levels += 1
     fine_nside = nside << levels
     if hp.nside2resol(fine_nside) / 8.0 < radius:
