@@ -342,10 +342,22 @@ def compare_manifests(a: Path, b: Path, ignore: Sequence[str],
 
     The provenance less the keys in ``ignore``, the row counts of every file (not their byte
     sizes or sha256, which depend on the provenance) and every other top-level entry but those
-    in ``ignore_keys``.
+    in ``ignore_keys``.  The ``generation`` of each shard (which store, at which LMDB
+    transaction, it was read from: what the incremental snapshot compares) identifies the
+    store, not the data: it is not compared; a shard's ``refcat`` is ignored with the
+    provenance's ``refcat``, the ``reuse_key`` (a digest of the configuration) with its
+    ``config``.
     """
     ma = {k: v for k, v in json.loads(a.read_text()).items() if k not in ignore_keys}
     mb = {k: v for k, v in json.loads(b.read_text()).items() if k not in ignore_keys}
+    skip = {"generation"} | ({"refcat"} if "refcat" in ignore else set())
+    for manifest in (ma, mb):
+        if "config" in ignore:
+            manifest.pop("reuse_key", None)
+        if isinstance(manifest.get("shards"), dict):
+            manifest["shards"] = {name: {k: v for k, v in entry.items() if k not in skip}
+                                  for name, entry in manifest["shards"].items()
+                                  if isinstance(entry, dict)}
     diffs = compare_provenance(MANIFEST_NAME, ma.pop("provenance", {}),
                                mb.pop("provenance", {}), ignore)
     fa, fb = ma.pop("files", {}), mb.pop("files", {})
