@@ -25,6 +25,8 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -49,6 +51,19 @@ from streamstars.state.directory import merge_visit_records
 from streamstars.state.schema import META_INSTANCE
 
 log = logging.getLogger(__name__)
+
+#: crash tests only: the process SIGKILLs itself right after writing its N-th partition
+ENV_KILL_AFTER_PARTITIONS = "STREAMSTARS_TEST_KILL_AFTER_PARTITIONS"
+_PARTITIONS_WRITTEN = [0]
+
+
+def _partition_written() -> None:
+    kill_at = os.environ.get(ENV_KILL_AFTER_PARTITIONS)
+    if not kill_at:
+        return
+    _PARTITIONS_WRITTEN[0] += 1
+    if _PARTITIONS_WRITTEN[0] == int(kill_at):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 
@@ -150,6 +165,7 @@ def _snapshot_read_shard(job: _ShardJob, store: StarStore, tx: Transaction) -> _
     part = write_partition(job.catalog_dir, shard.order, shard.pixel, catalogs.stars,
                            catalogs.observations, catalogs.reference,
                            catalogs.reference_filters)
+    _partition_written()
     return _ShardOutcome(shard, generation, part, derived.records, derived.violations,
                          tuple(catalogs.reference_filters), catalogs.metadata.get("refcat"))
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import healpy as hp
@@ -19,7 +23,7 @@ from streamstars.config import BuildStarsConfig, RefcatLoadConfig
 from streamstars.ingest import PreparedVisit, apply_prepared, retract_visit
 from streamstars.io.snapshot_files import compare_snapshots, read_snapshot
 from streamstars.references import attach_references
-from streamstars.sharded_snapshot import write_state_snapshot
+from streamstars.sharded_snapshot import ENV_KILL_AFTER_PARTITIONS, write_state_snapshot
 from streamstars.snapshot import write_store_snapshot
 from streamstars.state import StarStore, StateDirectory
 
@@ -214,3 +218,34 @@ def test_a_chain_longer_than_the_margin_is_reported(crowded: PreparedSurvey, tmp
     found = [v for e in manifest["shards"].values() for v in e["margin_violations"]]
     assert {v["band"] for v in found} == {visits[0].band}
     assert any("friends-of-friends chain" in r.getMessage() for r in caplog.records)
+
+
+def test_sigkill_during_a_snapshot_leaves_the_previous_one_intact(crowded: PreparedSurvey,
+                                                                  tmp_path: Path) -> None:
+    """A snapshot process killed (SIGKILL) after writing some of its partitions: the previous
+    snapshot in OUT is untouched, and the next snapshot completes and equals a fresh one."""
+    shards = ShardedStores(tmp_path / "state", crowded.config, 256)
+    for prepared in crowded.visits[:6]:
+        shards.apply(prepared)
+    out = tmp_path / "snap"
+    shards.snapshot(out)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+              if p.is_file()}
+    for prepared in crowded.visits[6:]:
+        shards.apply(prepared)
+    killed = subprocess.run(
+        [sys.executable, "-m", "streamstars.cli", "snapshot", str(out), "--state",
+         str(tmp_path / "state")], capture_output=True, text=True, timeout=600,
+        env={**os.environ, ENV_KILL_AFTER_PARTITIONS: "3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    after = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+             if p.is_file()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".snap")], \
+        "the killed snapshot left no staging directory: it was not killed mid-way"
+    manifest = shards.snapshot(out)  # cleans the dead staging directory, reuses nothing stale
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".snap")]
+    assert manifest["partitions"]["written"] > 0
+    shards.snapshot(tmp_path / "fresh")
+    assert compare_snapshots(out, tmp_path / "fresh",
+                             ignore_manifest_keys=("partitions",)) == []
