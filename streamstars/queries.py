@@ -11,8 +11,9 @@ candidates of the store pixels covering the query area grown by that reach plus 
 its component's centre), keeps the stars the snapshot publishes inside the area (a shard's
 own stars), and:
 
-* density cut: the candidates of each ``densityCutNside`` pixel the area touches are counted
-  from their records (an upper bound of its stars); where that count exceeds
+* density cut: the stars of each ``densityCutNside`` pixel the area touches are counted after
+  the cross-band merge and the isolation, which need only the candidates (an upper bound of
+  its published stars); where that count exceeds
   ``densityCutMaxPerPixel`` the whole density pixel (grown by the same reach) is derived, so
   the ranking is the snapshot's; elsewhere no star of the area can be cut;
 * the reserve flag is the seeded hash of the id (:func:`streamstars.snapshot.reserve_flags`,
@@ -30,7 +31,6 @@ from dataclasses import dataclass, field
 import healpy as hp
 import numpy as np
 
-from streamstars.association.fof import centres_of
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
 from streamstars.config import BuildStarsConfig
 from streamstars.errors import ConfigError, StarNotFoundError, StateError
@@ -40,6 +40,8 @@ from streamstars.snapshot import (
     ShardOwnership,
     StarCatalog,
     build_stars,
+    isolated,
+    merge_bands,
     region_candidates,
 )
 from streamstars.state import StateDirectory, Transaction
@@ -130,24 +132,25 @@ def _rmax_arcsec(tx: Transaction, config: BuildStarsConfig) -> float:
 
 
 def _density_counts(tx: Transaction, config: BuildStarsConfig, density_pixels: np.ndarray,
-                    rmax_arcsec: float) -> np.ndarray:
-    """Per density-cut pixel: how many candidates (every primary band) lie in it, from the
-    component and candidate records around it; at least its number of stars."""
-    store_nside = tx.config.storeNside
+                    grow_arcsec: float) -> np.ndarray:
+    """Per density-cut pixel: how many stars lie in it after the cross-band merge and the
+    isolation (steps 2-3, which need only the candidates: those of the store pixels around it
+    grown by ``grow_arcsec``), at least its number of published stars."""
+    if not len(density_pixels):
+        return np.zeros(0, dtype=np.int64)
     pixels = np.unique(np.concatenate(
-        [_pixel_pixels(config.densityCutNside, int(p), store_nside, rmax_arcsec + _SLACK_ARCSEC)
+        [_pixel_pixels(config.densityCutNside, int(p), tx.config.storeNside, grow_arcsec)
          for p in density_pixels.tolist()]))
-    counts = np.zeros(len(density_pixels), dtype=np.int64)
-    for band in config.primaryBands:
-        cand = region_candidates(tx, band, pixels)
-        if not len(cand["star_id"]):
-            continue
-        v = centres_of(cand)
-        where = hp.vec2pix(config.densityCutNside, v[:, 0], v[:, 1], v[:, 2], nest=True)
-        order = np.sort(where)
-        counts += (np.searchsorted(order, density_pixels, side="right")
-                   - np.searchsorted(order, density_pixels, side="left"))
-    return counts
+    candidates = {band: region_candidates(tx, band, pixels) for band in config.primaryBands}
+    star_id, star_v = merge_bands(candidates, config.primaryBands,
+                                  chord_from_arcsec(config.matchRadius))
+    _, star_v = isolated(star_id, star_v, chord_from_arcsec(config.isolationRadius))
+    if not len(star_v):
+        return np.zeros(len(density_pixels), dtype=np.int64)
+    where = np.sort(hp.vec2pix(config.densityCutNside, star_v[:, 0], star_v[:, 1],
+                               star_v[:, 2], nest=True))
+    return (np.searchsorted(where, density_pixels, side="right")
+            - np.searchsorted(where, density_pixels, side="left"))
 
 
 def derive_region(tx: Transaction, config: BuildStarsConfig,
@@ -182,7 +185,7 @@ def _shard_cone(tx: Transaction, config: BuildStarsConfig, shard: ShardOwnership
     store_nside = tx.config.storeNside
     regions = [_disc_pixels(store_nside, centre, radius_arcsec + grow)]
     density = _disc_pixels(config.densityCutNside, centre, radius_arcsec + _SLACK_ARCSEC)
-    crowded = density[_density_counts(tx, config, density, rmax) >
+    crowded = density[_density_counts(tx, config, density, grow) >
                       config.densityCutMaxPerPixel]
     regions += [_pixel_pixels(config.densityCutNside, int(p), store_nside, grow)
                 for p in crowded.tolist()]
