@@ -396,6 +396,102 @@ def measure_report(state: Path, out: Path, snapshot: str) -> dict[str, float]:
             "peak_rss_mb": _peak_rss_mb()}
 
 
+def ensure_query_state(workdir: Path, repo: Path, n_visits: int) -> Path:
+    """A state directory of the survey (its ``n_visits`` visits) for ``--queries``: made with
+    ``streamstars backfill`` (default shardNside) unless the same one is there."""
+    state = workdir / "state-queries"
+    stamp = workdir / "state-queries.json"
+    wanted = {"repo": str(repo), "visits": n_visits,
+              "survey": json.loads((workdir / "survey.json").read_text())}
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return state
+    shutil.rmtree(state, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "streamstars.cli", "backfill", str(repo),
+                    "--state", str(state), "--no-progress"], check=True)
+    stamp.write_text(json.dumps(wanted))
+    return state
+
+
+def measure_queries(state: Path, n_star: int, n_cone: int) -> dict[str, object]:
+    """``star`` and ``cone`` latency: in this process (imports done, each query opening the
+    state directory as the command does) and as commands (minus ``streamstars --version``)."""
+    import numpy as np
+
+    from streamstars.queries import cone_query, star_query
+    from streamstars.state import StateDirectory
+
+    def timed(call: Any) -> tuple[float, Any]:
+        start = time.perf_counter()
+        with StateDirectory.open(state, readonly=True) as opened:
+            out = call(opened)
+        return time.perf_counter() - start, out
+
+    with StateDirectory.open(state, readonly=True) as opened:
+        shards = [p for _, p in opened.shards()]
+        config = opened.config
+    rng = np.random.default_rng(3)
+    # the field: the stars of a 20' cone around the survey's centre (simulate's default)
+    cold, found = timed(lambda s: cone_query(s, 150.0, 2.0, 1200.0))
+    ids = rng.choice(found.stars.star_id, min(n_star, len(found.stars.star_id)), replace=False)
+    star_times, star_obs, star_pixels = [], [], []
+    for star_id in ids.tolist():
+        seconds, result = timed(lambda s, i=star_id: star_query(s, i))
+        star_times.append(seconds)
+        star_obs.append(int(result.stars.n_obs[0]))
+        star_pixels.append(result.pixels_read)
+    cones: dict[str, dict[str, float]] = {}
+    for radius in (10.0, 60.0, 300.0):
+        times, n_stars, pixels = [], [], []
+        for _ in range(n_cone):
+            ra = 150.0 + rng.uniform(-0.4, 0.4)
+            dec = 2.0 + rng.uniform(-0.4, 0.4)
+            seconds, result = timed(lambda s, a=ra, d=dec, r=radius: cone_query(s, a, d, r))
+            times.append(seconds)
+            n_stars.append(len(result.stars.star_id))
+            pixels.append(result.pixels_read)
+        cones[f"{radius:g}"] = {"median_s": float(np.median(times)), "max_s": max(times),
+                                "median_stars": float(np.median(n_stars)),
+                                "median_pixels": float(np.median(pixels))}
+
+    def command(*args: str) -> float:
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "streamstars.cli", *args], check=True,
+                           capture_output=True)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    startup = command("--version")
+    return {"shards": len(shards), "shard_nside": config.shardNside,
+            "store_nside": config.storeNside, "first_cone_1200_s": cold,
+            "star_median_s": float(np.median(star_times)), "star_max_s": max(star_times),
+            "star_median_obs": float(np.median(star_obs)),
+            "star_median_pixels": float(np.median(star_pixels)), "cones": cones,
+            "startup_s": startup,
+            "star_command_s": command("star", str(int(ids[0])), "--state", str(state)),
+            "cone_command_s": command("cone", "150.0", "2.0", "60", "--state", str(state)),
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def report_queries(results: dict[str, dict[str, object]]) -> None:
+    """Print the ``star`` / ``cone`` latencies."""
+    q: dict[str, Any] = results["queries"]
+    print(f"\n== star / cone queries ({q['shards']} shards of nside {q['shard_nside']}, "
+          f"storeNside {q['store_nside']}) ==")
+    print(f"star  : median {1e3 * q['star_median_s']:6.0f} ms, max {1e3 * q['star_max_s']:.0f} "
+          f"ms  ({q['star_median_obs']:.0f} observations, {q['star_median_pixels']:.0f} store "
+          "pixels read, median)")
+    for radius, c in q["cones"].items():
+        print(f"cone {radius:>4}\": median {1e3 * c['median_s']:6.0f} ms, max "
+              f"{1e3 * c['max_s']:.0f} ms  ({c['median_stars']:.0f} stars, "
+              f"{c['median_pixels']:.0f} store pixels read, median)")
+    print(f"commands: start-up (streamstars --version) {q['startup_s']:.2f} s; star "
+          f"{q['star_command_s']:.2f} s, cone 60\" {q['cone_command_s']:.2f} s "
+          f"(+{q['star_command_s'] - q['startup_s']:.2f} / "
+          f"+{q['cone_command_s'] - q['startup_s']:.2f} s beyond start-up; target < 0.2 s)")
+
+
 def measure_batch(repo: Path, n_visits: int) -> dict[str, float]:
     """The tests' batch computation on the same observations: read + select + associate."""
     sys.path.insert(0, str(REPO_ROOT / "tests"))
@@ -881,6 +977,8 @@ def main() -> int:
                  "backfill_from": lambda: measure_backfill_from(rest[0], Path(rest[1]),
                                                                 Path(rest[2])),
                  "watch": lambda: measure_watch(Path(rest[0]), int(rest[1])),
+                 "queries": lambda: measure_queries(Path(rest[0]), int(rest[1]),
+                                                    int(rest[2])),
                  "workers": lambda: measure_workers(Path(rest[0]), int(rest[1]), Path(rest[2]),
                                                     int(rest[3]), int(rest[4]))}
         print(json.dumps(funcs[kind]()))
@@ -948,9 +1046,17 @@ def main() -> int:
                       help="the smaller state of the RSS comparison (default %(default)s)")
     snap.add_argument("--big-visit-sources", type=int, default=1_500_000,
                       help="sources of the LSSTCam-sized visit (default %(default)s)")
+    queries = parser.add_argument_group("star / cone queries (docs/queries.md)")
+    queries.add_argument("--queries", action="store_true",
+                         help="also measure star and cone latency on a state directory of "
+                         "--visits visits (state-queries, made by `streamstars backfill`)")
+    queries.add_argument("--queries-only", action="store_true",
+                         help="measure only that (implies --queries)")
     args = parser.parse_args()
     if args.snapshots_only:
         args.snapshots = True
+    if args.queries_only:
+        args.queries = True
     if args.workers_only:
         args.workers = True
     if args.kafka_only:
@@ -958,7 +1064,7 @@ def main() -> int:
     if args.butler_only:
         args.butler = True
     default_part = not (args.kafka_only or args.butler_only or args.workers_only
-                        or args.snapshots_only)
+                        or args.snapshots_only or args.queries_only)
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -1022,8 +1128,13 @@ def main() -> int:
                                                              w_runs[2]["seconds"]]}
     if args.snapshots:
         results["snapshots"] = measure_snapshots(workdir, repo, args)
+    if args.queries:
+        query_state = ensure_query_state(workdir, repo, args.visits)
+        results["queries"] = _run("queries", str(query_state), "20", "10")
     if default_part:
         report(results, args)
+    if args.queries:
+        report_queries(results)
     if args.workers:
         report_workers(results)
     if args.snapshots:

@@ -135,6 +135,20 @@ class SourceIdIndex:
         self._trimmer.note_access()
         cursor.putmulti(zip(keys, values, strict=True))
 
+    def visits_of(self, source_id: int) -> list[int]:
+        """The visits that store ``source_id`` (one, unless the store predates the index and
+        holds a reused id; none when it is not stored or the index is absent)."""
+        if self._db is None:
+            return []
+        blocks, entries = _blocks(np.array([source_id], dtype=np.int64),
+                                  np.zeros(1, dtype=np.int64))
+        raw = self._txn.get(source_block_keys(blocks)[0], db=self._db)
+        if raw is None:
+            return []
+        stored = np.frombuffer(bytes(raw), dtype=SOURCE_ENTRY_DTYPE)
+        hit = (stored["bits"] & entries["bits"][0]) != 0
+        return sorted(int(v) for v in stored["visit"][hit])
+
     def release(self, visit: int, source_id: np.ndarray) -> None:
         """Forget that ``visit`` stores ``source_id`` (it is retracted or replaced)."""
         if len(source_id) == 0 or self._db is None:

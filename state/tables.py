@@ -289,6 +289,28 @@ class ObservationTable(_Table):
                 parts.append(decode_columns(value, STORED_OBSERVATION_DTYPES, POSITION_COLUMNS))
         return concat(parts, POSITION_DTYPES)
 
+    def rows(self, band: str, pixels: Iterable[int]) -> ColumnDict:
+        """Every column (:data:`OBSERVATION_DTYPES`) of every stored observation of ``band``
+        in ``pixels`` (all visits), copied; in key order (pixel, visit)."""
+        parts = []
+        for pixel in pixels:
+            for _, value in self._prefix_items(pixel_key(band, int(pixel)), copy=False):
+                parts.append({k: np.array(v) for k, v in decode_columns(
+                    value, STORED_OBSERVATION_DTYPES, _OBSERVATION_COLUMNS).items()})
+        return concat(parts, OBSERVATION_DTYPES)
+
+    def bands(self) -> list[str]:
+        """The bands with stored observations, in key order (one cursor jump per band)."""
+        found: list[str] = []
+        cursor = self._txn.cursor(db=self._db)
+        positioned = cursor.first()
+        while positioned:
+            band = band_from_key(bytes(cursor.key()))
+            found.append(band)
+            # past every key of this band: its 8-byte prefix followed by the largest suffix
+            positioned = cursor.set_range(band_key(band) + b"\xff" * 17)
+        return found
+
     def positions_near(self, band: str, centres: np.ndarray,
                        radii_chord: np.ndarray) -> ColumnDict:
         """Identity and position of the stored observations of ``band`` in the fine pixels
@@ -399,15 +421,25 @@ class ComponentTable(PixelRecordTable):
         Raised whenever components are written; a store written before the bound existed
         gets it computed once from its components (no format change).
         """
+        bound, stored = self._rmax_bound(band)
+        if not stored:
+            self._meta.put(max_rmax_key(band), MAX_RMAX_VALUE.pack(bound))
+        return bound
+
+    def read_max_rmax(self, band: str) -> float:
+        """:meth:`max_rmax` for a read transaction: a bound missing from ``meta`` is computed
+        from the components and not recorded."""
+        return self._rmax_bound(band)[0]
+
+    def _rmax_bound(self, band: str) -> tuple[float, bool]:
         raw = self._meta.get(max_rmax_key(band))
         if raw is not None:
-            return float(MAX_RMAX_VALUE.unpack(raw)[0])
+            return float(MAX_RMAX_VALUE.unpack(raw)[0]), True
         bound = 0.0
         for _, value in self._prefix_items(band_key(band)):
             rmax = decode_columns(value, COMPONENT_DTYPES, frozenset({"rmax"}))["rmax"]
             bound = max(bound, float(rmax.max(initial=0.0)))
-        self._meta.put(max_rmax_key(band), MAX_RMAX_VALUE.pack(bound))
-        return bound
+        return bound, False
 
     def write(self, band: str, table: ColumnDict, pixel: np.ndarray,
               pixels_to_write: np.ndarray) -> None:

@@ -1,9 +1,10 @@
 """The ``streamstars`` command line.
 
 Subcommands: ``backfill``, ``snapshot``, ``status``, ``backup``, ``retract``, ``config show``,
-``simulate``, ``report``, ``refresh-refs`` and, from :mod:`streamstars.consumers.cli`, ``run`` and
-``publish``.  Exit codes: 0 success, 1 some visits failed, 2 usage or configuration error,
-130 interrupted (Ctrl-C: one line, no traceback; a backfill resumes where it stopped).
+``simulate``, ``report``, ``star``, ``cone``, ``refresh-refs`` and, from
+:mod:`streamstars.consumers.cli`, ``run`` and ``publish``.  Exit codes: 0 success, 1 some visits
+failed (``star``: no such star), 2 usage or configuration error, 130 interrupted (Ctrl-C: one
+line, no traceback; a backfill resumes where it stopped).
 """
 
 from __future__ import annotations
@@ -253,6 +254,80 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_star(args: argparse.Namespace) -> int:
+    """Run ``star``: one star as the snapshot would publish it; 1 when there is none."""
+    from streamstars.errors import StarNotFoundError
+    from streamstars.queries import observation_records, star_query
+
+    with _open_readonly(args.state) as state:
+        try:
+            result = star_query(state, args.id)
+        except StarNotFoundError as exc:
+            print(f"streamstars: {exc}", file=sys.stderr)
+            return 1
+    stars = result.stars
+    counts = result.per_band_counts()[0]
+    observations = observation_records(result, 0)
+    if args.json:
+        print(json.dumps({"fgcm_id": int(stars.star_id[0]), "ra": float(stars.ra[0]),
+                          "dec": float(stars.dec[0]), "flags": int(stars.obj_flag[0]),
+                          "n_obs": int(stars.n_obs[0]), "n_obs_per_band": counts,
+                          "observations": observations}, indent=1))
+        return 0
+    flags = int(stars.obj_flag[0])
+    print(f"star {int(stars.star_id[0])}: ra {float(stars.ra[0]):.8f} dec "
+          f"{float(stars.dec[0]):.8f} flags {flags}{' (reserved)' if flags & 16 else ''}; "
+          f"{int(stars.n_obs[0])} observations ("
+          + ", ".join(f"{b} {n}" for b, n in counts.items()) + ")")
+    columns = ("visit", "band", "mjd", "source_id", "detector", "inst_mag", "inst_mag_err",
+               "delta_mag_aper", "x", "y")
+    print("  ".join(f"{c:>14}" for c in columns))
+    for obs in observations:
+        print("  ".join(_cell(obs[c]) for c in columns))
+    return 0
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:>14.6f}"
+    return f"{'nan' if value is None else value!s:>14}"
+
+
+def cmd_cone(args: argparse.Namespace) -> int:
+    """Run ``cone``: the stars of a cone as the snapshot would publish them."""
+    import numpy as np
+
+    from streamstars.queries import cone_query
+    from streamstars.sky import arcsec_from_chord, unit_vectors
+
+    with _open_readonly(args.state) as state:
+        result = cone_query(state, args.ra, args.dec, args.radius)
+    stars = result.stars
+    centre = unit_vectors(np.array([args.ra]), np.array([args.dec]))[0]
+    distance = arcsec_from_chord(np.sqrt(((unit_vectors(stars.ra, stars.dec) - centre) ** 2)
+                                         .sum(axis=-1))) if len(stars.star_id) else np.zeros(0)
+    rows = [{"fgcm_id": int(i), "ra": float(r), "dec": float(d), "flags": int(f),
+             "n_obs": int(n), "n_obs_per_band": c, "distance_arcsec": float(s)}
+            for i, r, d, f, n, c, s in zip(stars.star_id, stars.ra, stars.dec, stars.obj_flag,
+                                           stars.n_obs, result.per_band_counts(), distance,
+                                           strict=True)]
+    if args.json:
+        print(json.dumps({"ra": args.ra, "dec": args.dec, "radius_arcsec": args.radius,
+                          "n_stars": len(rows), "shards": result.shards, "stars": rows},
+                         indent=1))
+        return 0
+    print(f"cone ra {args.ra} dec {args.dec} radius {args.radius}\": {len(rows)} stars "
+          f"(shards read: {len(result.shards)}, store pixels read: {result.pixels_read})")
+    if rows:
+        print(f"{'fgcm_id':>20} {'ra':>13} {'dec':>13} {'flags':>5} {'n_obs':>5} "
+              f"{'dist_as':>8}  per band")
+    for row in rows:
+        bands = " ".join(f"{b}:{n}" for b, n in row["n_obs_per_band"].items())
+        print(f"{row['fgcm_id']:>20} {row['ra']:>13.8f} {row['dec']:>13.8f} {row['flags']:>5} "
+              f"{row['n_obs']:>5} {row['distance_arcsec']:>8.3f}  {bands}")
+    return 0
+
+
 def add_butler_input_options(p: argparse.ArgumentParser) -> None:
     """``--butler REPO --collections C[,C...] [--instrument I] [--where EXPR]``."""
     g = p.add_argument_group("Butler repository (needs streamstars[butler]; docs/butler.md)")
@@ -279,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_commands(sub)
     _add_simulate(sub)
     _add_report(sub)
+    _add_queries(sub)
     _add_plugged_commands(sub)
     return parser
 
@@ -404,6 +480,27 @@ def _add_report(sub: Any) -> None:
                    help="base URL of a Grafana serving deploy/grafana/streamstars.json, linked "
                    "from the page")
     p.set_defaults(func=cmd_report)
+
+
+def _add_queries(sub: Any) -> None:
+    """``star`` and ``cone`` (docs/queries.md)."""
+    p = sub.add_parser("star", help="one star as the snapshot would publish it, with every "
+                       "observation (docs/queries.md)")
+    p.add_argument("id", type=int, metavar="ID", help="the star's fgcm_id (the smallest "
+                   "sourceId of its members)")
+    p.add_argument("--state", required=True, help="state directory (opened read-only)")
+    p.add_argument("--json", action="store_true", help="one JSON object: fgcm_id, ra, dec, "
+                   "flags, n_obs, n_obs_per_band, observations")
+    p.set_defaults(func=cmd_star)
+    p = sub.add_parser("cone", help="the stars of a cone as the snapshot would publish them, "
+                       "with their per-band counts (docs/queries.md)")
+    p.add_argument("ra", type=float, metavar="RA", help="centre RA [deg]")
+    p.add_argument("dec", type=float, metavar="DEC", help="centre Dec [deg]")
+    p.add_argument("radius", type=float, metavar="RADIUS_ARCSEC", help="radius [arcsec]")
+    p.add_argument("--state", required=True, help="state directory (opened read-only)")
+    p.add_argument("--json", action="store_true", help="one JSON object: the cone and its "
+                   "stars (fgcm_id, ra, dec, flags, n_obs, n_obs_per_band, distance_arcsec)")
+    p.set_defaults(func=cmd_cone)
 
 
 #: Subcommands defined in other modules (each has ``add_commands(sub)``): the module and the

@@ -81,3 +81,8 @@ class ButlerError(ConfigError):
 class DatasetFileMissingError(TransientInputError):
     """A Butler dataset is registered but its file is not in the datastore (not yet, or lost):
     the consumer retries, a backfill fails the visit."""
+
+
+class StarNotFoundError(StreamstarsError):
+    """``streamstars star ID``: no star the snapshot would publish has this ``fgcm_id`` (the
+    message says whether the sourceId is stored at all); exit code 1."""

@@ -155,9 +155,22 @@ def read_observation_rows(tx: Transaction, positions: ObservationPositions,
 
 def band_candidates(tx: Transaction, band: str) -> ColumnDict:
     """Star candidates of one primary band: star_id and integer vector sums."""
-    comps = tx.components.read_band(band)
-    explicit = tx.candidates.read_band(band)
-    implicit = comps["clique"] & (comps["count"] >= tx.config.minPerBand)
+    return candidates_of(tx.components.read_band(band), tx.candidates.read_band(band),
+                         tx.config.minPerBand)
+
+
+def region_candidates(tx: Transaction, band: str, pixels: np.ndarray) -> ColumnDict:
+    """:func:`band_candidates` of the component and candidate records of store ``pixels``
+    only (those whose component's centre lies in them)."""
+    return candidates_of(tx.components.load(band, pixels)[0],
+                         tx.candidates.load(band, pixels)[0], tx.config.minPerBand)
+
+
+def candidates_of(comps: ColumnDict, explicit: ColumnDict, min_per_band: int) -> ColumnDict:
+    """Star candidates (star_id and integer vector sums, sorted by star_id) of component
+    records ``comps`` (every clique of >= ``min_per_band`` members) and stored candidate
+    records ``explicit`` (those of the other components)."""
+    implicit = comps["clique"] & (comps["count"] >= min_per_band)
     keys = ("star_id", "sx", "sy", "sz")
     from_cliques = {"star_id": comps["comp_id"][implicit], "sx": comps["sx"][implicit],
                     "sy": comps["sy"][implicit], "sz": comps["sz"][implicit]}

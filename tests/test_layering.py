@@ -17,7 +17,7 @@ ALGORITHMS = ("streamstars.ingest", "streamstars.snapshot", "streamstars.referen
               "streamstars.refmatch", "streamstars.select", "streamstars.status",
               "streamstars.backfill", "streamstars.io", "streamstars.report",
               "streamstars.consumers", "streamstars.cli", "streamstars.refs_cli",
-              "streamstars.simulate", "streamstars.butler")
+              "streamstars.simulate", "streamstars.butler", "streamstars.queries")
 PURE_ASSOCIATION = ("fof", "greedy", "links", "join")
 
 
