@@ -124,7 +124,7 @@ class Runner:
         self.signals = StopSignals(ctx)
         self.store = ConsumerStore(options)
         self.preparer = EventPreparer(options.data_roots, options.butler)
-        self.kafka = KafkaClient(ctx, self.store.stored_offsets)
+        self.kafka = KafkaClient(ctx, self.store.stored_offsets, self.store.mark_partitions)
         self.retrier = Retrier(ctx)
         self.dead_letters = DeadLetterProducer(ctx, self.retrier)
         self.read_ahead = ReadAhead(options.read_ahead, self._prepare, self.metrics,

@@ -137,6 +137,24 @@ class ConsumerStore:
         its removal from the index (:func:`streamstars.ingest.retract_visit`)."""
         return retract_visit(self.star_store, visit, kafka_offset=_kafka_offset(position))
 
+    def mark_partitions(self, topic: str, partitions: list[int], owned: bool) -> None:
+        """The shards that events of ``partitions`` reached (their stores record an offset of
+        the partition) are marked owned again (assigned) or revoked: a revoked shard's copy
+        here is stale and this consumer's snapshots leave it out."""
+        state = self.star_store
+        wanted = set(partitions)
+        shards = [pixel for pixel, offsets in state.shard_offsets(topic).items()
+                  if wanted & set(offsets)]
+        if not shards:
+            return
+        if owned:
+            if state.revoked_shards() & set(shards):
+                state.set_revoked(shards, revoked=False)
+            return
+        state.set_revoked(shards, revoked=True)
+        for pixel in shards:
+            state.close_shard(pixel)  # closed: written again only once reassigned
+
     # ------------------------------------------------------------------ shard events
     def check_shard_event(self, event: VisitEvent) -> None:
         """A shard event must name a shard of this state's ``shardNside``.
