@@ -86,6 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         topic=args.topic,
         state=Path(args.state),
         group=args.group,
+        group_instance_id=args.group_instance_id,
         config_path=Path(args.config) if args.config else None,
         data_roots=[Path(p) for p in args.data_root or []],
         kafka_config=load_kafka_properties(args.kafka_config),
@@ -222,7 +223,14 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--bootstrap-servers", required=True, metavar="HOST:PORT")
     p.add_argument("--topic", required=True)
     p.add_argument("--state", required=True, metavar="DIR", help="LMDB state directory")
-    p.add_argument("--group", default="streamstars", help="consumer group (default %(default)s)")
+    p.add_argument("--group", default="streamstars",
+                   help="consumer group (default %(default)s); consumers of one group, each "
+                   "with its own --state, share the partitions (docs/operations.md "
+                   "\"Scale-out\")")
+    p.add_argument("--group-instance-id", metavar="ID",
+                   help="static group membership (group.instance.id, e.g. the pod name): a "
+                   "consumer restarted within session.timeout.ms keeps its partitions "
+                   "without a rebalance")
     p.add_argument("--config", metavar="FILE", help="TOML configuration (fgcmcal field names)")
     p.add_argument("--data-root", action="append", metavar="DIR",
                    help="directory events may point into (repeatable; required)")

@@ -21,6 +21,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from streamstars import __version__
 from streamstars.errors import (
+    FootprintMissError,
     InputFileError,
     MissingMetadataError,
     StreamstarsError,
@@ -68,7 +69,9 @@ def reason_of(exc: BaseException) -> str:
     if isinstance(exc, ForbiddenPathError):
         return "forbidden_path"
     if isinstance(exc, ShardEventError):
-        return "needs_sharded_consumer"
+        return "shard_nside_mismatch"
+    if isinstance(exc, FootprintMissError):
+        return "footprint_missed_shard"
     if isinstance(exc, MalformedEventError):
         return "malformed_event"
     if isinstance(exc, TransientInputError | OSError):

@@ -75,10 +75,16 @@ class KafkaClient:
     """
 
     def __init__(self, ctx: RunContext,
-                 stored_offsets: Callable[[str], dict[int, int]]) -> None:
+                 stored_offsets: Callable[[str], dict[int, int]],
+                 ownership: Callable[[str, list[int], bool], None] | None = None) -> None:
         self.ctx = ctx
         self.opts = ctx.options
         self._stored_offsets = stored_offsets
+        #: told (topic, partitions, owned) when partitions are assigned (True) or revoked /
+        #: lost (False): the state marks their shards
+        self._ownership = ownership
+        #: the cooperative rebalance protocol (incremental assignment changes)
+        self.cooperative = False
         self.consumer: Consumer | None = None
         #: partitions assigned now
         self.assigned: set[int] = set()
@@ -95,6 +101,9 @@ class KafkaClient:
             "auto.offset.reset": "earliest",
             "max.poll.interval.ms": int(max(300.0, opts.retry_max_seconds + 600.0) * 1000),
         }
+        if opts.group_instance_id:
+            # static membership: a restart within session.timeout.ms keeps the partitions
+            settings["group.instance.id"] = opts.group_instance_id
         settings.update(opts.kafka_config)
         settings.update(
             {
@@ -110,7 +119,13 @@ class KafkaClient:
 
     def start(self) -> None:
         """Create the consumer and subscribe (partitions come with the first fetches)."""
-        self.consumer = Consumer(self.settings())
+        settings = self.settings()
+        # partition.assignment.strategy=cooperative-sticky (--kafka-config): a rebalance
+        # moves only the partitions that change owner, with incremental (un)assignments
+        strategies = {s.strip() for s in
+                      str(settings.get("partition.assignment.strategy", "")).split(",")}
+        self.cooperative = strategies == {"cooperative-sticky"}
+        self.consumer = Consumer(settings)
         self.consumer.subscribe([self.opts.topic], on_assign=self._on_assign,
                                 on_revoke=self._on_revoke, on_lost=self._on_lost)
 
@@ -162,6 +177,9 @@ class KafkaClient:
         """Leave the group (offsets were committed per message); errors are logged."""
         if self.consumer is None:
             return
+        # leaving the group revokes every partition: the shards stay owned (a stopped
+        # consumer's state is not stale until another consumer applies past it)
+        self._ownership = None
         try:
             self.consumer.close()
         except Exception as exc:  # noqa: BLE001
@@ -187,8 +205,14 @@ class KafkaClient:
             log.info("assigned %s[%d]: starting at %s", tp.topic, tp.partition, where)
         if self._seek_pending:
             self._apply_seek_overrides(consumer, partitions)
-        consumer.assign(partitions)
-        self.assigned = {tp.partition for tp in partitions}
+        if self._ownership is not None and partitions:
+            self._ownership(self.opts.topic, [tp.partition for tp in partitions], True)
+        if self.cooperative:
+            consumer.incremental_assign(partitions)
+            self.assigned |= {tp.partition for tp in partitions}
+        else:
+            consumer.assign(partitions)
+            self.assigned = {tp.partition for tp in partitions}
         self.assigned_at = time.monotonic()
         self.ctx.health.set_ready(True, f"consuming partitions {sorted(self.assigned)}")
 
@@ -214,12 +238,25 @@ class KafkaClient:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions revoked: %s", sorted(tp.partition for tp in partitions))
-        consumer.unassign()
-        self.assigned = set()
-        self.ctx.health.set_ready(False, "rebalancing")
+        self._give_up(consumer, partitions, "rebalancing")
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("partitions lost: %s", sorted(tp.partition for tp in partitions))
-        consumer.unassign()
-        self.assigned = set()
-        self.ctx.health.set_ready(False, "partitions lost")
+        self._give_up(consumer, partitions, "partitions lost")
+
+    def _give_up(self, consumer: Consumer, partitions: list[TopicPartition],
+                 why: str) -> None:
+        """Stop consuming ``partitions`` (all of them with the eager protocol) and have the
+        state mark their shards revoked (called between two messages: nothing in flight)."""
+        gone = {tp.partition for tp in partitions}
+        if self._ownership is not None and gone:
+            self._ownership(self.opts.topic, sorted(gone), False)
+        if self.cooperative:
+            if partitions:
+                consumer.incremental_unassign(partitions)
+            self.assigned -= gone
+        else:
+            consumer.unassign()
+            self.assigned = set()
+        if not self.assigned:
+            self.ctx.health.set_ready(False, why)

@@ -25,6 +25,8 @@ class RunOptions:
     topic: str
     state: Path
     group: str = "streamstars"
+    #: static group membership (``group.instance.id``): a restart keeps the partitions
+    group_instance_id: str | None = None
     config_path: Path | None = None
     data_roots: list[Path] = field(default_factory=list)
     kafka_config: dict[str, str] = field(default_factory=dict)

@@ -43,9 +43,19 @@ becomes unreadable mid-stream is one).  A configured reference catalog is valida
 the first event: a :class:`~streamstars.errors.RefcatError` exits with code 2, a store caching
 another catalog with code 3 (run ``streamstars refresh-refs``).
 
-An event routed to one sky shard (schema version 3, ``publish --partitions``) is
-dead-lettered as ``needs_sharded_consumer`` (:func:`refuse_shard_event`): this consumer
-applies whole visits.
+Consumers in a group (shard events)
+-----------------------------------
+An event routed to one sky shard (schema version 3, ``publish --partitions``) is applied to
+that shard only: the visit is read and routed, the shard's rows (possibly none) are written in
+ONE transaction of the shard's store together with the partition's next offset, then the
+state's index lists the shard for the visit and advances the partition's *watermark* (every
+event of the partition below it is done in this state).  On assignment a partition is seeked
+to its watermark; an event below its shard's own offset is skipped (the stop fell between the
+shard's commit and the index's: the index is repaired).  Several consumers in one group, each
+with its own state directory, share the partitions; ``streamstars snapshot --state A --state
+B`` combines their shards (docs/operations.md "Scale-out").  A row routed to a shard the
+event's footprint lacks is dead-lettered (``footprint_missed_shard``).  Version-1/2 events are
+applied to every shard they touch, as before.
 
 Hostile events
 --------------
@@ -71,7 +81,7 @@ from streamstars.errors import (
     StateError,
     StreamstarsError,
 )
-from streamstars.events import ShardEventError, VisitEvent, parse_message
+from streamstars.events import VisitEvent, parse_message
 from streamstars.ingest import PreparedVisit
 
 from .context import RunContext
@@ -89,33 +99,12 @@ from .signals import StopSignals
 from .snapshots import SnapshotScheduler
 from .visit_store import ConsumerStore
 
-__all__ = ["Runner", "refuse_shard_event"]
+__all__ = ["Runner"]
 
 log = logging.getLogger("streamstars.run")
 
 #: At most this many already-fetched messages are taken at once (see :mod:`.read_ahead`).
 _BATCH = 16
-
-
-def refuse_shard_event(event: VisitEvent) -> None:
-    """Refuse an event routed to one sky shard (schema version 3): this consumer applies whole
-    visits to one store, and the publisher sends one such event per shard of the visit's
-    footprint, spread over partitions, so that applying them here would depend on which of
-    them arrives first.  Dead-lettered (``needs_sharded_consumer``), never applied nor
-    dropped silently.
-
-    Raises:
-        ShardEventError: ``event`` names a shard.
-    """
-    if event.shard is None:
-        return
-    raise ShardEventError(
-        f"{event.describe()}: a schema_version 3 event (routed to shard "
-        f"{event.shard_nside}/{event.shard}, one of the {len(event.shards)} shard(s) of the "
-        "visit's footprint) needs a sharded consumer (one that keeps a state per shard, "
-        "docs/events.md \"Schema version 3\"); this consumer applies whole visits from "
-        "schema_version 1 and 2 events: publish for it without --partitions / --shard-nside / "
-        "--shard-margin")
 
 
 class Runner:
@@ -135,7 +124,7 @@ class Runner:
         self.signals = StopSignals(ctx)
         self.store = ConsumerStore(options)
         self.preparer = EventPreparer(options.data_roots, options.butler)
-        self.kafka = KafkaClient(ctx, self.store.stored_offsets)
+        self.kafka = KafkaClient(ctx, self.store.stored_offsets, self.store.mark_partitions)
         self.retrier = Retrier(ctx)
         self.dead_letters = DeadLetterProducer(ctx, self.retrier)
         self.read_ahead = ReadAhead(options.read_ahead, self._prepare, self.metrics,
@@ -318,7 +307,8 @@ class Runner:
         """Prepare (or take from the read-ahead) and apply the event's visit, or retract it,
         in one LMDB transaction with the offset after ``position``."""
         start = time.perf_counter()
-        refuse_shard_event(event)
+        if event.shard is not None:
+            return self._apply_shard(event, position, start)
         if self.store.applied_from(event):
             # the visit holds exactly these Butler datasets (immutable): nothing to read
             self.store.record_offset(position)
@@ -334,11 +324,33 @@ class Runner:
         return Outcome(result.status, result.n_sources, result.n_selected,
                        time.perf_counter() - start, result.dropped)
 
+    def _apply_shard(self, event: VisitEvent, position: Position, start: float) -> Outcome:
+        """A shard event (schema version 3): skipped when its shard is past it, else the
+        visit read (or taken from the read-ahead), routed, and the shard's part applied with
+        the partition's next offset in the shard's transaction (or removed from the shard)."""
+        self.store.check_shard_event(event)
+        if self.store.shard_event_done(event, position):
+            return Outcome("skipped", seconds=time.perf_counter() - start)
+        if event.action == "retract":
+            result = self.store.retract_shard(event, position)
+        else:
+            prepared = self.read_ahead.take(position, event) or self._prepare(event)
+            self.hooks.apply_started(event)
+            result = self.store.apply_shard(prepared, event, position)
+        self.hooks.visit_applied(event, result.status, position.next_offset)
+        return Outcome(result.status, result.n_sources, result.n_selected,
+                       time.perf_counter() - start, result.dropped)
+
     def _needs_reading(self, event: VisitEvent) -> bool:
         """Whether applying ``event`` reads files (what the read-ahead prepares): not for a
-        retraction, nor for datasets the visit was already applied from."""
-        return event.action != "retract" and event.shard is None and \
-            not self.store.applied_from(event)
+        retraction, nor for datasets the visit was already applied from, nor for a shard
+        event its shard already applied."""
+        if event.action == "retract":
+            return False
+        if event.shard is not None:
+            # (whether its shard is past it depends on its position: checked when applied)
+            return event.shard_nside == self.store.star_store.shard_nside
+        return not self.store.applied_from(event)
 
     def _prepare(self, event: VisitEvent) -> PreparedVisit:
         """Read and select the event's visit (no store writes: safe in the read-ahead)."""

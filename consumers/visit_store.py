@@ -16,12 +16,15 @@ from __future__ import annotations
 from streamstars.butler.read import event_dataset_ids
 from streamstars.config import BuildStarsConfig, load_config
 from streamstars.errors import StateError
-from streamstars.events import VisitEvent
+from streamstars.events import ShardEventError, VisitEvent
 from streamstars.ingest import (
     ApplyResult,
     KafkaOffset,
     PreparedVisit,
     apply_prepared,
+    apply_shard_event,
+    repair_shard_visit,
+    retract_shard_event,
     retract_visit,
 )
 from streamstars.references import ReferenceSource, attach_references, open_reference_source
@@ -133,6 +136,71 @@ class ConsumerStore:
         """Retract ``visit`` from its shards and record the offset after ``position`` with
         its removal from the index (:func:`streamstars.ingest.retract_visit`)."""
         return retract_visit(self.star_store, visit, kafka_offset=_kafka_offset(position))
+
+    def mark_partitions(self, topic: str, partitions: list[int], owned: bool) -> None:
+        """The shards that events of ``partitions`` reached (their stores record an offset of
+        the partition) are marked owned again (assigned) or revoked: a revoked shard's copy
+        here is stale and this consumer's snapshots leave it out."""
+        state = self.star_store
+        wanted = set(partitions)
+        shards = [pixel for pixel, offsets in state.shard_offsets(topic).items()
+                  if wanted & set(offsets)]
+        if not shards:
+            return
+        if owned:
+            if state.revoked_shards() & set(shards):
+                state.set_revoked(shards, revoked=False)
+            return
+        state.set_revoked(shards, revoked=True)
+        for pixel in shards:
+            state.close_shard(pixel)  # closed: written again only once reassigned
+
+    # ------------------------------------------------------------------ shard events
+    def check_shard_event(self, event: VisitEvent) -> None:
+        """A shard event must name a shard of this state's ``shardNside``.
+
+        Raises:
+            ShardEventError: another nside (the publisher and the consumers disagree).
+        """
+        state = self.star_store
+        if event.shard_nside != state.shard_nside:
+            raise ShardEventError(
+                f"{event.describe()}: the event is routed to shards of nside "
+                f"{event.shard_nside}, this state {self.opts.state} has shardNside "
+                f"{state.shard_nside}; publish with the consumers' shardNside "
+                "(`streamstars publish --shard-nside` or --config)")
+
+    def shard_event_done(self, event: VisitEvent, position: Position) -> bool:
+        """Whether the shard of ``event`` already applied it: its store's next offset of the
+        partition is past the event (a shard with no record of the partition: the state's
+        watermark of the partition).  When the index's watermark lags (a stop between the
+        shard's commit and the index's), the index is repaired here."""
+        assert event.shard is not None
+        state = self.star_store
+        watermark = state.stored_offsets(position.topic).get(position.partition)
+        own = state.shard_offset(event.shard, position.topic, position.partition)
+        done_below = own if own is not None else watermark
+        if done_below is None or position.offset >= done_below:
+            return False
+        if watermark is None or watermark < position.next_offset:
+            repair_shard_visit(state, event.visit, event.shard, _kafka_offset(position))
+        return True
+
+    def apply_shard(self, prepared: PreparedVisit, event: VisitEvent,
+                    position: Position) -> ApplyResult:
+        """Apply the event's shard of the visit with the partition's next offset in the
+        shard's transaction (:func:`streamstars.ingest.apply_shard_event`)."""
+        assert event.shard is not None
+        return apply_shard_event(self.star_store, prepared, event.shard, event.shards,
+                                 replace=event.action == "replace",
+                                 kafka_offset=_kafka_offset(position),
+                                 references=self._references)
+
+    def retract_shard(self, event: VisitEvent, position: Position) -> ApplyResult:
+        """Remove the event's visit from the event's shard only."""
+        assert event.shard is not None
+        return retract_shard_event(self.star_store, event.visit, event.shard,
+                                   kafka_offset=_kafka_offset(position))
 
     def write_snapshot(self) -> ShardedSnapshotSummary:
         """Write a snapshot to ``--snapshot-dir`` (safe while another thread applies visits)."""

@@ -59,6 +59,8 @@ from streamstars.state.store import StarStore
 from streamstars.state.tables import config_value
 
 MANIFEST_NAME = "manifest.json"
+#: index ``meta`` key: JSON list of the shards whose partition was revoked (group consumers)
+META_REVOKED = b"revoked"
 INDEX_DIR = "index"
 SHARDS_DIR = "shards"
 STATE_FORMAT = "streamstars-state"
@@ -371,6 +373,41 @@ class StateDirectory:
     def record_offset(self, topic: str, partition: int, next_offset: int) -> None:
         """Record an offset in its own index transaction (events that change nothing else)."""
         self.index.write(lambda tx: tx.put_offset(topic, partition, next_offset))
+
+    def shard_offset(self, pixel: int, topic: str, partition: int) -> int | None:
+        """The next offset of (``topic``, ``partition``) recorded in the shard's own store
+        with the last event it applied (None: the shard has no store, or no event of that
+        partition reached it)."""
+        if not self.has_shard(pixel):
+            return None
+        return self.open_shard(pixel).stored_offsets(topic).get(int(partition))
+
+    def shard_offsets(self, topic: str) -> dict[int, dict[int, int]]:
+        """shard -> {partition: next offset} of ``topic`` recorded in each shard's store."""
+        out: dict[int, dict[int, int]] = {}
+        for _, pixel in self.shards():
+            offsets = self.open_shard(pixel).stored_offsets(topic)
+            if offsets:
+                out[pixel] = offsets
+        return out
+
+    # ------------------------------------------------------------------ revoked shards
+    def revoked_shards(self) -> set[int]:
+        """Shards whose partition was revoked from this state's consumer (index
+        ``meta/revoked``): their copies here are stale, never published from this state."""
+        with self.index.read() as tx:
+            raw = tx.get_meta(META_REVOKED)
+        return set() if raw is None else {int(p) for p in json.loads(raw)}
+
+    def set_revoked(self, pixels: Collection[int], revoked: bool) -> None:
+        """Mark shards revoked (``revoked``) or owned again, in one index transaction."""
+        def body(tx: Any) -> None:
+            raw = tx.get_meta(META_REVOKED)
+            now = set() if raw is None else {int(p) for p in json.loads(raw)}
+            now = now | {int(p) for p in pixels} if revoked else now - {int(p) for p in pixels}
+            tx.put_meta(META_REVOKED, json.dumps(sorted(now)).encode() if now else None)
+
+        self.index.write(body)
 
     # ------------------------------------------------------------------ reference catalog
     def stored_refcat(self) -> dict[str, Any] | None:

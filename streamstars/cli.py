@@ -95,7 +95,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     """Run ``snapshot``: write the fgcm input catalogs of a store."""
-    from streamstars.sharded_snapshot import write_state_snapshot
+    from contextlib import ExitStack
+
+    from streamstars.sharded_snapshot import write_states_snapshot
     from streamstars.state import StateDirectory
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
@@ -110,12 +112,16 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
         # the repository, RUN and instrument are checked before anything is written
         target = snapshot_target(args, formats)
-    with StateDirectory.open(args.state, readonly=True) as state:
+    with ExitStack() as stack:
+        # several --state: the directories of consumers in one group (each shard from the
+        # copy at the highest partition offset)
+        states = [stack.enter_context(StateDirectory.open(path, readonly=True))
+                  for path in args.state]
         # the file's keys are applied on top of the store's configuration; a key that shapes
         # the stored data must keep the store's value (ConfigError naming it otherwise)
-        config = load_snapshot_config(args.config, state.config) if args.config else None
-        summary = write_state_snapshot(state, args.out, formats=formats, config=config,
-                                       workers=args.workers)
+        config = load_snapshot_config(args.config, states[0].config) if args.config else None
+        summary = write_states_snapshot(states, args.out, formats=formats, config=config,
+                                        workers=args.workers)
     print(f"snapshot: {summary.n_visits} visits, {summary.n_stars:,} stars, "
           f"{summary.n_observations:,} observations -> {summary.out_dir} "
           f"({summary.seconds:.1f} s; shard partitions: {summary.written} written, "
@@ -381,7 +387,9 @@ def _add_backfill(sub: Any) -> None:
 def _add_snapshot(sub: Any) -> None:
     p = sub.add_parser("snapshot", help="write the fgcm input catalogs from a store")
     p.add_argument("out", help="output directory (replaced atomically)")
-    p.add_argument("--state", required=True, help="state directory")
+    p.add_argument("--state", required=True, action="append", metavar="DIR",
+                   help="state directory; repeat it for the directories of consumers in one "
+                   "group: each shard is taken from the copy at the highest partition offset")
     p.add_argument("--format", default="fits,parquet", help="fits,parquet (default both)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes deriving the shards' stars in parallel (default 1)")

@@ -46,6 +46,12 @@ class VisitConflictError(PermanentInputError):
     """A visit was already applied with different content and ``replace`` was not asked for."""
 
 
+class FootprintMissError(PermanentInputError):
+    """A shard event's visit routes observations to a shard its footprint (the event's
+    ``shards``) does not list: those rows would never reach their shard (the publisher's
+    footprint is wrong).  Dead-lettered as ``footprint_missed_shard``, never dropped."""
+
+
 class RefcatError(PermanentInputError):
     """A reference catalog cannot be used (bad version, missing shards or columns)."""
 

@@ -47,6 +47,7 @@ from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, take
 from streamstars.config import BuildStarsConfig
 from streamstars.errors import (
     DiskFullError,
+    FootprintMissError,
     InvalidMetadataError,
     InvalidSourceTableError,
     PermanentInputError,
@@ -726,6 +727,122 @@ def _retract_from_state(state: StateDirectory, visit: int,
         state.index.write(body)
     return ApplyResult(visit, "retracted", int(record.n_sources), int(record.n_selected),
                        time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# a state directory of a consumer in a group: one shard of a visit per event (schema version 3)
+# ---------------------------------------------------------------------------------------------
+def apply_shard_event(state: StateDirectory, prepared: PreparedVisit, shard: int,
+                      footprint: Sequence[int], *, replace: bool, kafka_offset: KafkaOffset,
+                      references: ReferenceChoice = CONFIGURED) -> ApplyResult:
+    """Apply the part of a visit that ``shard`` stores, for one shard event (docs/state.md
+    "Consumers in a group").
+
+    The visit's selected rows are routed (:func:`route_visit`); every shard they reach must be
+    in the event's ``footprint``.  Then ONE write transaction of ``shard`` holds the shard's
+    rows (none: the visit is still recorded there, with zero observations) and the next offset
+    of the event's partition; then the index lists ``shard`` among the visit's shards of this
+    state and records the partition's watermark (:func:`record_shard_visit`).  Other shards of
+    the visit are not touched: their own events apply them.
+
+    Raises:
+        FootprintMissError: a row routes to a shard not in ``footprint`` (nothing written).
+        VisitConflictError, SourceIdReuseError, StateError, DiskFullError: as for
+            :func:`apply_to_store` (nothing written to the shard).
+    """
+    routed = route_visit(prepared, state.shard_nside, state.shard_margin)
+    missed = sorted(set(routed.shards) - {int(s) for s in footprint})
+    if missed:
+        names = ", ".join(f"{state.shard_nside}/{s}" for s in missed[:10])
+        raise FootprintMissError(
+            f"visit {prepared.visit}: footprint missed shard {names}"
+            f"{' ...' if len(missed) > 10 else ''} ({len(missed)} shard(s) its selected rows "
+            f"are routed to, not among the event's {len(footprint)} shards): those rows would "
+            "be lost; publish the visit again (its footprint from the source coordinates) "
+            "with `streamstars publish`")
+    source = resolve_references(state, references)
+    with state.visit_boundary(exclusive=True):
+        state.keep_open([shard])
+        store = state.shard_for_write(shard)
+        result = apply_to_store(store, routed.part(shard), replace=replace,
+                                kafka_offset=kafka_offset, references=source)
+        shard_committed()
+        record_shard_visit(state, shard, routed.header(), kafka_offset)
+    return result
+
+
+def retract_shard_event(state: StateDirectory, visit: int, shard: int, *,
+                        kafka_offset: KafkaOffset) -> ApplyResult:
+    """Remove ``visit`` from ``shard`` only (one shard event of a retraction), with the
+    partition's next offset in the same transaction; the index forgets the shard for the
+    visit (and the visit once no shard of this state holds it)."""
+    start = time.perf_counter()
+    result = ApplyResult(visit, "absent")
+    with state.visit_boundary(exclusive=True):
+        if state.has_shard(shard):
+            state.keep_open([shard])
+            result = retract_from_store(state.shard_for_write(shard), visit, kafka_offset)
+            shard_committed()
+        record_shard_visit(state, shard, None, kafka_offset, visit=visit)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def record_shard_visit(state: StateDirectory, shard: int, header: VisitHeader | None,
+                       kafka_offset: KafkaOffset, *, visit: int | None = None) -> None:
+    """After a shard's commit: the index lists ``shard`` among the visit's shards of this
+    state (``header`` None: the visit left the shard), the shard as registered, and the
+    partition's watermark (the next offset: every event of the partition below it is done in
+    this state).  One index transaction."""
+    number = header.visit if header is not None else visit
+    assert number is not None
+
+    def body(tx: Any) -> None:
+        record = tx.get(number)
+        if header is not None:
+            if record is None or record.content_hash != header.content_hash:
+                record = IndexRecord(
+                    visit=header.visit, band=header.band, content_hash=header.content_hash,
+                    status="applied", shards=[], n_sources=header.n_sources,
+                    n_selected=header.n_selected, dropped_rows=dict(header.dropped),
+                    files=[list(f) for f in header.files],
+                    source_paths=list(header.source_paths),
+                    dataset_ids=list(header.dataset_ids) or None,
+                    metadata_source=header.metadata_source)
+            record = dataclasses.replace(
+                record, shards=sorted({*record.shards, int(shard)}),
+                kafka=[kafka_offset.topic, kafka_offset.partition, kafka_offset.next_offset])
+            tx.put(record)
+            tx.register_shards([int(shard)])
+        elif record is not None:
+            left = sorted(set(record.shards) - {int(shard)})
+            if left:
+                tx.put(dataclasses.replace(record, shards=left))
+            else:
+                tx.delete(number)
+        tx.put_offset(kafka_offset.topic, kafka_offset.partition, kafka_offset.next_offset)
+
+    state.index.write(body)
+
+
+def repair_shard_visit(state: StateDirectory, visit: int, shard: int,
+                       kafka_offset: KafkaOffset) -> None:
+    """A shard event found already applied by the shard (its offset is past the event) while
+    the index's watermark is not: the process stopped between the shard's commit and the
+    index's.  The index is brought to what the shard holds (the visit listed for the shard or
+    not) and the watermark advanced."""
+    record = state.open_shard(shard).visit_record(visit) if state.has_shard(shard) else None
+    header = None
+    if record is not None:
+        header = VisitHeader(
+            visit=record.visit, band=record.band, content_hash=record.content_hash,
+            shards=list(record.shards or []), n_sources=int(record.n_sources),
+            n_selected=int(record.n_selected), dropped=record.dropped,
+            files=[list(f) for f in record.files or []],
+            source_paths=list(record.source_paths or []),
+            dataset_ids=list(record.dataset_ids or []),
+            metadata_source=record.metadata_source)
+    record_shard_visit(state, shard, header, kafka_offset, visit=visit)
 
 
 def merge_stats(stats: Sequence[BandUpdateStats | None]) -> BandUpdateStats | None:

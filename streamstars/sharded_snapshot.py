@@ -28,14 +28,15 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from streamstars import __version__
 from streamstars.config import BuildStarsConfig, check_snapshot_config, to_dict
+from streamstars.errors import ConfigError
 from streamstars.io.flat_stream import finish_partitioned_snapshot
 from streamstars.io.hats import (
     CATALOG_DIR,
@@ -323,6 +324,8 @@ def write_state_snapshot(state: StateDirectory, out_dir: str | Path, *,
     (:meth:`~streamstars.state.StateDirectory.visit_boundary`): a writer (another process, or
     the consumer's other thread) waits while the shards are derived, so each visit is
     published in all of its shards or in none; it goes on while the flat files are streamed.
+    Shards marked revoked (a consumer in a group lost their partition: the copies here are
+    stale) are left out.
 
     Args:
         state: the state directory (read-only is enough).
@@ -337,21 +340,114 @@ def write_state_snapshot(state: StateDirectory, out_dir: str | Path, *,
         ConfigError, SnapshotDirectoryError, SnapshotWriteError: see
             :func:`write_sharded_snapshot`.
     """
+    return write_states_snapshot([state], out_dir, formats=formats, config=config,
+                                 workers=workers, extra_metadata=extra_metadata)
+
+
+@dataclass(frozen=True)
+class ShardCopy:
+    """One state directory's copy of a shard and the Kafka offsets its store records."""
+
+    state: StateDirectory
+    pixel: int
+    offsets: dict[tuple[str, int], int]
+    revoked: bool
+
+    @property
+    def position(self) -> int:
+        """How far the copy went: the sum of its next offsets (a shard's events are on one
+        partition, so this is that partition's next offset)."""
+        return sum(self.offsets.values())
+
+    def covers(self, other: ShardCopy) -> bool:
+        """Whether this copy is at or past ``other`` on every partition ``other`` recorded."""
+        return all(self.offsets.get(k, -1) >= v for k, v in other.offsets.items())
+
+
+def choose_shard_copies(states: Sequence[StateDirectory]) -> dict[int, ShardCopy]:
+    """For every shard held by ``states``, the copy to publish: the one with the highest
+    partition offset (ties: a copy not marked revoked, then the first state given).  One
+    state alone: its revoked shards are left out (it no longer owns them).  A chosen copy
+    that is not at or past another on some partition is logged (copies from diverging
+    histories)."""
+    copies: dict[int, list[ShardCopy]] = {}
+    for state in states:
+        revoked = state.revoked_shards()
+        for _, pixel in state.shards():
+            with state.open_shard(pixel).read() as tx:
+                offsets = {(t, p): o for t, p, o in tx.offsets.items()}
+            copies.setdefault(pixel, []).append(
+                ShardCopy(state, pixel, offsets, pixel in revoked))
+    chosen: dict[int, ShardCopy] = {}
+    for pixel, candidates in sorted(copies.items()):
+        if len(states) == 1:
+            candidates = [c for c in candidates if not c.revoked]
+            if not candidates:
+                continue
+        best = max(candidates, key=lambda c: (c.position, not c.revoked))  # first on ties
+        behind = [c for c in candidates if not best.covers(c)]
+        if behind:
+            log.warning("shard %d: the copy of %s (offsets %s) is not past %s on every "
+                        "partition; it is published (the highest offset)", pixel,
+                        best.state.path, best.offsets,
+                        ", ".join(f"{c.state.path} {c.offsets}" for c in behind))
+        chosen[pixel] = best
+    return chosen
+
+
+def write_states_snapshot(states: Sequence[StateDirectory], out_dir: str | Path, *,
+                          formats: Sequence[str] = ("fits", "parquet"),
+                          config: BuildStarsConfig | None = None, workers: int = 1,
+                          extra_metadata: dict[str, str] | None = None
+                          ) -> ShardedSnapshotSummary:
+    """Write the snapshot of the shards of several state directories (consumers of one group,
+    each holding the shards of its partitions): each shard from the copy
+    :func:`choose_shard_copies` picks, read under every state's visit boundary.
+
+    Raises:
+        ConfigError: the states were built with configurations that shape stored data
+            differently (or other shard settings).
+        ShardError, SnapshotDirectoryError, SnapshotWriteError: see
+            :func:`write_state_snapshot`.
+    """
+    if not states:
+        raise ConfigError("a snapshot needs at least one state directory")
+    first = states[0]
+    for other in states[1:]:
+        mine, theirs = (first.manifest["association_fingerprint"],
+                        other.manifest["association_fingerprint"])
+        if mine != theirs:
+            keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ConfigError(f"the state directories {first.path} and {other.path} were built "
+                              f"with configurations that differ in {keys}: their shards "
+                              "cannot make one catalog")
+    owner: dict[int, StateDirectory] = {}
+
     def open_store(ref: ShardRef) -> StarStore:
+        state = owner[ref.pixel]
         state.keep_open([ref.pixel])  # stores of shards already derived may be closed
         return state.open_shard(ref.pixel)
 
-    def listed() -> list[ShardRef]:  # under the boundary: no visit is being applied
-        state.check_shards_present()
-        return [ShardRef(order, pixel, state.shard_path(pixel))
-                for order, pixel in state.shards()]
+    def listed() -> list[ShardRef]:  # under the boundaries: no visit is being applied
+        for state in states:
+            state.check_shards_present()
+        chosen = choose_shard_copies(states)
+        owner.update({pixel: copy.state for pixel, copy in chosen.items()})
+        return [ShardRef(first.shard_order, pixel, copy.state.shard_path(pixel))
+                for pixel, copy in sorted(chosen.items())]
+
+    @contextmanager
+    def boundaries() -> Iterator[None]:
+        with ExitStack() as stack:
+            for state in states:
+                stack.enter_context(state.visit_boundary(exclusive=False))
+            yield
 
     return write_sharded_snapshot(
-        listed, out_dir, config=config or state.config, margin_arcsec=state.shard_margin,
-        store_config=state.config, formats=formats, workers=workers,
-        extra_metadata=extra_metadata, open_store=open_store,
-        boundary=state.visit_boundary(exclusive=False))
+        listed, out_dir, config=config or first.config, margin_arcsec=first.shard_margin,
+        store_config=first.config, formats=formats, workers=workers,
+        extra_metadata=extra_metadata, open_store=open_store, boundary=boundaries())
 
 
-__all__ = ["ShardRef", "ShardedSnapshotSummary", "write_sharded_snapshot",
-           "write_state_snapshot"]
+__all__ = ["ShardCopy", "ShardRef", "ShardedSnapshotSummary", "choose_shard_copies",
+           "write_sharded_snapshot", "write_state_snapshot", "write_states_snapshot"]

@@ -103,7 +103,7 @@ class CrashHooks(ConsumerHooks):
         self.timer("during_apply", default_ms=50.0)
 
     def visit_applied(self, event: VisitEvent, status: str, next_offset: int) -> None:
-        self.record_application(event.visit, status, next_offset)
+        self.record_application(event.visit, status, next_offset, event.shard)
 
     def offset_stored(self, position: Position) -> None:
         self.point("after_lmdb_commit")
@@ -124,10 +124,16 @@ class CrashHooks(ConsumerHooks):
             fh.flush()
             os.fsync(fh.fileno())
 
-    def record_application(self, visit: int, status: str, offset: int | None) -> None:
-        """Log one application that changed the store (when the log is enabled)."""
+    def record_application(self, visit: int, status: str, offset: int | None,
+                           shard: int | None = None) -> None:
+        """Log one application that changed the store (when the log is enabled); ``shard``:
+        the shard of a shard event (schema version 3)."""
         if status in ("applied", "replaced", "retracted"):
-            self._write({"visit": visit, "status": status, "offset": offset, "pid": os.getpid()})
+            record: dict[str, Any] = {"visit": visit, "status": status, "offset": offset,
+                                      "pid": os.getpid()}
+            if shard is not None:
+                record["shard"] = shard
+            self._write(record)
 
     def _die(self, point: str) -> None:
         self._write({"kill": point, "visit": self.visit, "pid": os.getpid()})

@@ -271,37 +271,31 @@ def test_watch_publishes_each_new_visit_once_by_shard(broker: TansuBroker,
     assert all(e.shards == tuple(shards_of[visit]) for _, e in replaced)
 
 
-def test_a_whole_visit_consumer_dead_letters_shard_events(
+def test_the_consumer_applies_shard_events_and_version_1_events_behind_them(
         broker: TansuBroker, survey: SimulatedSurvey, tmp_path: Path) -> None:
-    """``streamstars run`` (one store, whole visits) refuses every version-3 event with a dead
-    letter saying a sharded consumer is needed -- nothing applied, nothing dropped silently --
-    and goes on applying the version-1 events behind them."""
-    topic, dlq = "sharded-to-old", "sharded-to-old.dead-letters"
+    """``streamstars run`` applies every version-3 event to its shard (no dead letter; before
+    issue 10's consumer side they were dead-lettered as ``needs_sharded_consumer``), and the
+    version-1 events of the same visits behind them are skipped as already applied."""
+    topic, dlq = "sharded-to-run", "sharded-to-run.dead-letters"
     broker.create_topic(dlq, partitions=1)
     summary = publish_repo(survey.out_dir, broker.bootstrap, topic,
                            routing=ShardRouting(ShardSpec(NSIDE, MARGIN), partitions=3))
     assert summary.events > len(survey.visits)
     # then the same visits as version-1 events, keyed by visit, on the same topic
     assert len(publish_repo(survey.out_dir, broker.bootstrap, topic).published) == 5
-    state = tmp_path / "state"
+    state, config = tmp_path / "state", tmp_path / "config.toml"
+    config.write_text(f"shardNside = {NSIDE}\nshardMargin = {MARGIN}\n")
     done = subprocess.run(
         [sys.executable, "-m", "streamstars.cli", "run", "--bootstrap-servers",
          broker.bootstrap, "--topic", topic, "--state", str(state), "--group", "g-old",
-         "--data-root", str(survey.out_dir), "--kafka-config",
+         "--config", str(config), "--data-root", str(survey.out_dir), "--kafka-config",
          str(write_kafka_config(tmp_path / "kafka.properties")), "--dead-letter-topic", dlq,
          "--exit-when-idle", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    letters = [json.loads(m.value()) for m in
-               broker.consume_all(dlq, summary.events + 1, timeout=20)]
-    assert len(letters) == summary.events
-    assert {r["error"]["reason"] for r in letters} == {"needs_sharded_consumer"}
-    assert all("needs a sharded consumer" in r["error"]["message"] and
-               f"shard {NSIDE}/{r['event']['shard']['pixel']}" in r["error"]["message"] and
-               r["source"]["key"] == f"{NSIDE}/{r['event']['shard']['pixel']}"
-               for r in letters)
-    assert sorted({(r["visit"], r["event"]["shard"]["pixel"]) for r in letters}) == \
-        sorted((v, s) for v, f in summary.footprints.items() for s in f.shards)
-    from streamstars.state.store import StarStore
+    assert broker.consume_all(dlq, 1, timeout=5) == []
+    from streamstars.state import StateDirectory
 
-    with StarStore.open(state, readonly=True) as store:
-        assert sorted(store.applied_visits()) == survey.visits  # from the version-1 events
+    with StateDirectory.open(state, readonly=True) as directory:
+        assert sorted(directory.applied_visits()) == survey.visits
+        assert {p for _, p in directory.shards()} == \
+            {s for f in summary.footprints.values() for s in f.shards}
