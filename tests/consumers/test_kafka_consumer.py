@@ -139,7 +139,8 @@ def test_publish_consume_equals_backfill_metrics_and_sigterm(
         for name in ("streamstars_sources_read_total", "streamstars_observations_selected_total",
                      "streamstars_visit_apply_seconds_bucket", "streamstars_consumer_lag",
                      "streamstars_snapshot_age_seconds", "streamstars_stars",
-                     "streamstars_margin_violations", "streamstars_visits_skipped_total", "streamstars_visits_dead_lettered_total",
+                     "streamstars_margin_violations", "streamstars_visits_skipped_total",
+                     "streamstars_visits_dead_lettered_total",
                      "streamstars_snapshot_seconds"):
             assert name in metrics, name
         sources = sum(survey.n_sources_per_visit)
