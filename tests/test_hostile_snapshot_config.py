@@ -455,4 +455,6 @@ def test_snapshot_entries_name_every_file_a_snapshot_writes(state: Path, tmp_pat
         out = tmp_path / fmt.replace(",", "-")
         assert streamstars("snapshot", out, "--state", state, "--format", fmt).returncode == 0
         for entry in os.listdir(out):
-            assert SNAPSHOT_ENTRIES.get(entry) == "file", entry
+            kind = "dir" if (out / entry).is_dir() else "file"
+            assert SNAPSHOT_ENTRIES.get(entry) == kind, entry
+        assert (out / "fgcm_stars").is_dir()  # the HATS catalog of the sharded snapshot
