@@ -320,6 +320,20 @@ class ObservationTable(_Table):
         (the transaction must be begun with ``buffers=True``, as write transactions are).
         """
         fine = pixels_in_discs(centres, radii_chord, self._nside * FINE_FACTOR)
+        return self.rows_in_fine_pixels(band, fine, POSITION_DTYPES)
+
+    def rows_in_fine_pixels(self, band: str, fine: np.ndarray,
+                            columns: dict[str, np.dtype] | None = None) -> ColumnDict:
+        """``columns`` (default: every column of :data:`OBSERVATION_DTYPES`) of the stored
+        observations of ``band`` whose fine pixel (nest, ``storeNside * FINE_FACTOR``) is one
+        of ``fine`` (sorted, unique), copied; in key order (store pixel, visit), each
+        value's rows in (fine pixel, sourceId) order.
+
+        Read in place: only the fine-pixel column and the rows wanted are read from the map
+        (in a transaction begun with ``buffers=True``).
+        """
+        schema = OBSERVATION_DTYPES if columns is None else columns
+        fine = np.asarray(fine, dtype=np.int64)
         coarse = fine >> FINE_SHIFT
         parts = []
         for pixel in np.unique(coarse).tolist():
@@ -335,8 +349,8 @@ class ObservationTable(_Table):
                 rows = np.repeat(lo - np.cumsum(length) + length, length) + \
                     np.arange(length.sum())
                 parts.append({name: _OBS_READER.column(value, name, n)[rows]
-                              for name in POSITION_DTYPES})
-        return concat(parts, POSITION_DTYPES)
+                              for name in schema})
+        return concat(parts, schema)
 
     def scan(self) -> Iterator[ObservationRecord]:
         """Every stored value in key order (band, pixel, visit): the same order in every scan

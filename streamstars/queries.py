@@ -5,19 +5,20 @@ The snapshot's decision about a star depends on a bounded neighbourhood
 (:func:`streamstars.margins.chain_reach_arcsec`: its component, the cross-band merge chain,
 the stars within isolationRadius, the members within matchRadius) — except the density cut,
 which ranks every star of the star's ``densityCutNside`` pixel.  So a query runs the
-snapshot's own steps (:func:`streamstars.snapshot.build_stars`) on the observations and the
-candidates of the store pixels covering the query area grown by that reach plus one
-``matchRadius`` and the largest component radius (a candidate is stored under the pixel of
-its component's centre), keeps the stars the snapshot publishes inside the area (a shard's
-own stars), and:
+snapshot's own steps (:mod:`streamstars.snapshot`) on:
 
-* density cut: the stars of each ``densityCutNside`` pixel the area touches are counted after
-  the cross-band merge and the isolation, which need only the candidates (an upper bound of
-  its published stars); where that count exceeds
-  ``densityCutMaxPerPixel`` the whole density pixel (grown by the same reach) is derived, so
-  the ranking is the snapshot's; elsewhere no star of the area can be cut;
-* the reserve flag is the seeded hash of the id (:func:`streamstars.snapshot.reserve_flags`,
-  inside ``build_stars``).
+* the candidates of the store pixels covering the query area grown by that reach plus one
+  ``matchRadius`` and the largest component radius (a candidate is stored under the pixel of
+  its component's centre): cross-band merge and isolation, exact for the stars in the area;
+* the observations of the fine pixels (``storeNside * 64``) touching the area grown by
+  ``matchRadius`` (every member of a star of the area), every column: memberships, published
+  ids, requiredBands;
+* density cut: for each ``densityCutNside`` pixel holding a star of the area, the pixel's
+  ranking (the (hash, id) of the last star it keeps, or "keeps all") — from the cache
+  (:class:`DensityCache`, per shard generation), else derived: its stars from the
+  candidates around it, their ids and required bands from the identity and position columns
+  of the fine pixels around each of them;
+* the reserve flag is the seeded hash of the id (:func:`streamstars.snapshot.reserve_flags`).
 
 A sharded state is read under its visit boundary (each visit seen in all of its shards or in
 none), one read transaction per shard touched.
@@ -25,26 +26,46 @@ none), one read transaction per shard touched.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import healpy as hp
 import numpy as np
 
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
-from streamstars.config import BuildStarsConfig
+from streamstars.config import BuildStarsConfig, to_dict
 from streamstars.errors import ConfigError, StarNotFoundError, StateError
 from streamstars.margins import chain_reach_arcsec
-from streamstars.sky import arcsec_from_chord, chord_from_arcsec, unit_vectors
+from streamstars.sky import (
+    arcsec_from_chord,
+    chord_from_arcsec,
+    pixels_in_discs,
+    pixels_of,
+    radec_from_vectors,
+    unit_vectors,
+)
 from streamstars.snapshot import (
+    DENSITY_SALT,
+    NO_ID,
     ShardOwnership,
     StarCatalog,
-    build_stars,
+    grouped_members,
+    has_required_bands,
     isolated,
+    memberships,
     merge_bands,
+    published_ids,
     region_candidates,
+    reserve_flags,
+    seeded_hash,
 )
 from streamstars.state import StateDirectory, Transaction
+from streamstars.state.schema import FINE_FACTOR, POSITION_DTYPES
 
 #: The largest cone radius [arcsec] a query derives (1 degree): larger areas are what a
 #: snapshot is for.
@@ -64,7 +85,9 @@ class QueryResult:
         mjd: the MJD of each observation's visit.
         shards: the shards read (nest pixels at ``shardNside``).
         pixels_read: store pixels whose records were read, summed over the shards.
-        density_pixels_derived: density-cut pixels derived whole (their cut may apply).
+        density_pixels_derived: density-cut pixels whose cut was derived (ranked) by this
+            query.
+        density_pixels_cached: density-cut pixels whose cut came from the query cache.
     """
 
     stars: StarCatalog
@@ -73,6 +96,7 @@ class QueryResult:
     shards: list[int] = field(default_factory=list)
     pixels_read: int = 0
     density_pixels_derived: int = 0
+    density_pixels_cached: int = 0
 
     def per_band_counts(self) -> list[dict[str, int]]:
         """Per star, its number of observations in each band (bands with some only)."""
@@ -123,6 +147,7 @@ class _Region:
     band: np.ndarray
     pixels_read: int
     density_derived: int
+    density_cached: int
 
 
 def _rmax_arcsec(tx: Transaction, config: BuildStarsConfig) -> float:
@@ -131,76 +156,143 @@ def _rmax_arcsec(tx: Transaction, config: BuildStarsConfig) -> float:
     return float(arcsec_from_chord(np.asarray(min(chord, 2.0))))
 
 
-def _density_counts(tx: Transaction, config: BuildStarsConfig, density_pixels: np.ndarray,
-                    grow_arcsec: float) -> np.ndarray:
-    """Per density-cut pixel: how many stars lie in it after the cross-band merge and the
-    isolation (steps 2-3, which need only the candidates: those of the store pixels around it
-    grown by ``grow_arcsec``), at least its number of published stars."""
-    if not len(density_pixels):
-        return np.zeros(0, dtype=np.int64)
-    pixels = np.unique(np.concatenate(
-        [_pixel_pixels(config.densityCutNside, int(p), tx.config.storeNside, grow_arcsec)
-         for p in density_pixels.tolist()]))
+def _stars_of(tx: Transaction, config: BuildStarsConfig,
+              pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 2-3 (cross-band merge, isolation) on the candidates of store ``pixels``: the
+    candidate ids and unit vectors of the stars that survive them."""
     candidates = {band: region_candidates(tx, band, pixels) for band in config.primaryBands}
     star_id, star_v = merge_bands(candidates, config.primaryBands,
                                   chord_from_arcsec(config.matchRadius))
-    _, star_v = isolated(star_id, star_v, chord_from_arcsec(config.isolationRadius))
+    return isolated(star_id, star_v, chord_from_arcsec(config.isolationRadius))
+
+
+def _fine_pixels_near(store_nside: int, star_v: np.ndarray, chord: float) -> np.ndarray:
+    """Fine pixels (nest, ``storeNside * FINE_FACTOR``) touching the discs of chord radius
+    ``chord`` around ``star_v`` (a superset): each star's fine pixel and its neighbours when
+    the discs are far smaller than a fine pixel (matchRadius 1" against 13"), else one
+    ``query_disc`` per star."""
+    nside = store_nside * FINE_FACTOR
     if not len(star_v):
-        return np.zeros(len(density_pixels), dtype=np.int64)
-    where = np.sort(hp.vec2pix(config.densityCutNside, star_v[:, 0], star_v[:, 1],
-                               star_v[:, 2], nest=True))
-    return (np.searchsorted(where, density_pixels, side="right")
-            - np.searchsorted(where, density_pixels, side="left"))
+        return np.zeros(0, dtype=np.int64)
+    if arcsec_from_chord(np.asarray(chord)) > 0.1 * math.degrees(hp.max_pixrad(nside)) * 3600:
+        return pixels_in_discs(star_v, np.full(len(star_v), chord), nside)
+    own = pixels_of(star_v, nside)
+    around = np.asarray(hp.get_all_neighbours(nside, own, nest=True), dtype=np.int64).ravel()
+    found = np.concatenate([own, around[around >= 0]])
+    return np.unique(found)
 
 
-def derive_region(tx: Transaction, config: BuildStarsConfig,
-                  pixels: np.ndarray) -> tuple[StarCatalog, np.ndarray]:
-    """The snapshot's steps 1-7 (:func:`streamstars.snapshot.build_stars`) on the candidates
-    and observations of store ``pixels`` only.  Exact for the stars whose chain reach
-    (:func:`~streamstars.margins.chain_reach_arcsec`) lies inside the pixels and whose
-    density-cut pixel does (or is not cut).  Returns the stars (observations with every
-    column) and the band of each of their observations."""
-    pixels = np.unique(np.asarray(pixels, dtype=np.int64))
-    candidates = {band: region_candidates(tx, band, pixels) for band in config.primaryBands}
+def _observations(tx: Transaction, fine: np.ndarray, columns: dict[str, np.dtype] | None
+                  ) -> tuple[ColumnDict, np.ndarray, list[str]]:
+    """The stored observations in fine pixels ``fine`` (``columns``, default all), the band
+    of each (an index into the band names) and the band names."""
+    names = tx.observations.bands()
+    schema = OBSERVATION_DTYPES if columns is None else columns
     parts: list[ColumnDict] = []
     codes: list[np.ndarray] = []
-    names = tx.observations.bands()
     for code, band in enumerate(names):
-        part = tx.observations.rows(band, pixels)
+        part = tx.observations.rows_in_fine_pixels(band, fine, schema)
         parts.append(part)
         codes.append(np.full(len(part["source_id"]), code, dtype=np.int16))
-    observations = concat(parts, OBSERVATION_DTYPES)
     band_code = np.concatenate(codes) if codes else np.zeros(0, dtype=np.int16)
-    stars, rows = build_stars(candidates, observations, band_code, names, config)
-    band = np.asarray(names, dtype=object)[band_code[rows]] if len(rows) else \
-        np.zeros(0, dtype=object)
-    return stars, band
+    return concat(parts, schema), band_code, names
+
+
+def _judge(star_v: np.ndarray, subset: np.ndarray, observations: ColumnDict,
+           band_code: np.ndarray, names: list[str],
+           config: BuildStarsConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 4-5 for the stars ``subset`` (bool per star) of ``star_v``: the owner of each
+    observation (restricted to the subset, else -1), each star's published id and whether it
+    has members and its required bands.  Exact for a star of the subset when ``star_v`` holds
+    every star near its members and ``observations`` every observation within matchRadius of
+    it."""
+    owner = memberships(star_v, observations, chord_from_arcsec(config.matchRadius))
+    owned = owner >= 0
+    owned[owned] = subset[owner[owned]]
+    owner = np.where(owned, owner, -1)
+    star_id = published_ids(len(star_v), owner, observations["source_id"])
+    keep = subset & (star_id != NO_ID)
+    keep &= has_required_bands(owner, band_code, names, len(star_v), config)
+    return owner, star_id, keep
+
+
+def _density_threshold(tx: Transaction, config: BuildStarsConfig, density_pixel: int,
+                       grow_arcsec: float) -> tuple[int, int] | None:
+    """The density cut of one ``densityCutNside`` pixel as this store's snapshot makes it:
+    None if it keeps every star, else the (seeded hash, id) of the last star it keeps (rank
+    ``densityCutMaxPerPixel - 1``): a star survives iff its (hash, id) is not larger.
+
+    The pixel's stars come from the candidates of the store pixels around it (grown by
+    ``grow_arcsec``); their ids and required bands from the positions of the observations in
+    the fine pixels around each of them (identity and position columns only)."""
+    nside = config.densityCutNside
+    pixels = _pixel_pixels(nside, density_pixel, tx.config.storeNside, grow_arcsec)
+    _, star_v = _stars_of(tx, config, pixels)
+    inside = pixels_of(star_v, nside) == density_pixel
+    cap = config.densityCutMaxPerPixel
+    if int(inside.sum()) <= cap:  # an upper bound of the stars it keeps before the cut
+        return None
+    match = chord_from_arcsec(config.matchRadius)
+    fine = _fine_pixels_near(tx.config.storeNside, star_v[inside], match * 1.001)
+    observations, band_code, names = _observations(tx, fine, POSITION_DTYPES)
+    _, star_id, keep = _judge(star_v, inside, observations, band_code, names, config)
+    ids = star_id[keep]
+    if len(ids) <= cap:
+        return None
+    key = seeded_hash(ids, config.randomSeed, DENSITY_SALT)
+    last = np.lexsort((ids, key))[cap - 1]
+    return int(key[last]), int(ids[last])
 
 
 def _shard_cone(tx: Transaction, config: BuildStarsConfig, shard: ShardOwnership,
-                centre: np.ndarray, radius_arcsec: float) -> _Region:
+                centre: np.ndarray, radius_arcsec: float, cache: DensityCache) -> _Region:
     """The stars shard ``shard`` publishes within ``radius_arcsec`` of ``centre``."""
     rmax = _rmax_arcsec(tx, config)
     grow = chain_reach_arcsec(config) + config.matchRadius + rmax + _SLACK_ARCSEC
     store_nside = tx.config.storeNside
-    regions = [_disc_pixels(store_nside, centre, radius_arcsec + grow)]
-    density = _disc_pixels(config.densityCutNside, centre, radius_arcsec + _SLACK_ARCSEC)
-    crowded = density[_density_counts(tx, config, density, grow) >
-                      config.densityCutMaxPerPixel]
-    regions += [_pixel_pixels(config.densityCutNside, int(p), store_nside, grow)
-                for p in crowded.tolist()]
-    pixels = np.unique(np.concatenate(regions))
-    stars, band = derive_region(tx, config, pixels)
-    keep = shard.owns(stars.ra, stars.dec)
-    keep &= _within(stars, centre, radius_arcsec)
-    stars, band = _select(stars, band, keep)
-    return _Region(stars, band, len(pixels), len(crowded))
+    pixels = _disc_pixels(store_nside, centre, radius_arcsec + grow)
+    _, star_v = _stars_of(tx, config, pixels)
+    ra, dec = radec_from_vectors(star_v) if len(star_v) else (np.zeros(0), np.zeros(0))
+    wanted = shard.owns(ra, dec) & _within(ra, dec, centre, radius_arcsec)
+    # every member of a wanted star lies within matchRadius of it, so inside the disc grown
+    # by matchRadius: only the fine pixels touching that are read (every column)
+    reach = radius_arcsec + config.matchRadius * 1.001 + _SLACK_ARCSEC
+    fine = (_disc_pixels(store_nside * FINE_FACTOR, centre, reach) if wanted.any()
+            else np.zeros(0, dtype=np.int64))
+    observations, band_code, names = _observations(tx, fine, None)
+    owner, star_id, keep = _judge(star_v, wanted, observations, band_code, names, config)
+    derived = cached = 0
+    if keep.any():
+        density = pixels_of(star_v, config.densityCutNside)
+        key = seeded_hash(star_id, config.randomSeed, DENSITY_SALT)
+        for pixel in np.unique(density[keep]).tolist():
+            hit, threshold = cache.get(pixel)
+            if hit:
+                cached += 1
+            else:
+                threshold = _density_threshold(tx, config, pixel, grow)
+                cache.put(pixel, threshold)
+                derived += 1
+            if threshold is not None:
+                t_key, t_id = np.uint64(threshold[0]), threshold[1]
+                here = keep & (density == pixel)
+                keep[here] = (key[here] < t_key) | ((key[here] == t_key) & (star_id[here] <= t_id))
+    survivors = np.flatnonzero(keep)
+    survivors = survivors[np.argsort(star_id[survivors], kind="stable")]
+    rows, n_obs = grouped_members(owner, survivors, len(star_v), observations)
+    final_id = star_id[survivors]
+    stars = StarCatalog(final_id, ra[survivors], dec[survivors], n_obs,
+                        reserve_flags(final_id, config), take(observations, rows))
+    band = np.asarray(names, dtype=object)[band_code[rows]] if len(rows) else \
+        np.zeros(0, dtype=object)
+    return _Region(stars, band, len(pixels), derived, cached)
 
 
-def _within(stars: StarCatalog, centre: np.ndarray, radius_arcsec: float) -> np.ndarray:
-    if not len(stars.star_id):
+def _within(ra: np.ndarray, dec: np.ndarray, centre: np.ndarray,
+            radius_arcsec: float) -> np.ndarray:
+    if not len(ra):
         return np.zeros(0, dtype=bool)
-    v = unit_vectors(stars.ra, stars.dec)
+    v = unit_vectors(ra, dec)
     return np.sqrt(((v - centre) ** 2).sum(axis=1)) <= chord_from_arcsec(radius_arcsec)
 
 
@@ -210,6 +302,76 @@ def _select(stars: StarCatalog, band: np.ndarray,
     rows = keep[member_of]
     return StarCatalog(stars.star_id[keep], stars.ra[keep], stars.dec[keep], stars.n_obs[keep],
                        stars.obj_flag[keep], take(stars.observations, rows)), band[rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# the density-cut cache
+# ---------------------------------------------------------------------------------------------
+#: Where a state directory keeps the queries' density-cut cache (one file per shard).
+CACHE_DIR = "query-cache"
+_CACHE_VERSION = 1
+
+
+class DensityCache:
+    """The density cut of each ``densityCutNside`` pixel a query ranked in one shard
+    (:func:`_density_threshold`), kept in ``STATE/query-cache/<order>/<pixel>.json`` for the
+    next query.
+
+    A cached cut is used only by a read transaction of the same *generation* of the shard's
+    store — its instance and the LMDB transaction id the read sees (any write commit changes
+    it) — and the same configuration; anything else is ignored and rewritten.  Writing is
+    best-effort (a read-only state directory simply gets no cache).
+    """
+
+    def __init__(self, path: Path | None, generation: tuple[str | None, int],
+                 config: BuildStarsConfig) -> None:
+        self.path = path
+        self._key = {"version": _CACHE_VERSION, "generation": list(generation),
+                     "config": hashlib.sha256(json.dumps(to_dict(config), sort_keys=True)
+                                              .encode()).hexdigest()}
+        self._cuts: dict[str, list[int] | None] = {}
+        self._dirty = False
+        if path is None:
+            return
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(stored, dict) and {k: stored.get(k) for k in self._key} == self._key \
+                and isinstance(stored.get("cuts"), dict):
+            self._cuts = stored["cuts"]
+
+    def get(self, pixel: int) -> tuple[bool, tuple[int, int] | None]:
+        """(found, cut) of density pixel ``pixel``: the cut as :func:`_density_threshold`."""
+        name = str(int(pixel))
+        if name not in self._cuts:
+            return False, None
+        cut = self._cuts[name]
+        return True, (None if cut is None else (int(cut[0]), int(cut[1])))
+
+    def put(self, pixel: int, cut: tuple[int, int] | None) -> None:
+        """Remember the cut of density pixel ``pixel`` (written by :meth:`save`)."""
+        self._cuts[str(int(pixel))] = None if cut is None else [int(cut[0]), int(cut[1])]
+        self._dirty = True
+
+    def save(self) -> None:
+        """Write the cache file atomically if anything was added (errors are ignored: a
+        query without a cache is only slower)."""
+        if self.path is None or not self._dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "w") as out:
+                json.dump({**self._key, "cuts": self._cuts}, out)
+            os.replace(tmp, self.path)
+        except OSError:
+            return
+        self._dirty = False
+
+
+def _cache_path(state: StateDirectory, pixel: int) -> Path:
+    return state.path / CACHE_DIR / str(state.shard_order) / f"{int(pixel)}.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,8 +385,8 @@ def _check_not_empty(state: StateDirectory) -> list[int]:
     return shards
 
 
-def _cone_locked(state: StateDirectory, ra: float, dec: float,
-                 radius_arcsec: float) -> QueryResult:
+def _cone_locked(state: StateDirectory, ra: float, dec: float, radius_arcsec: float,
+                 use_cache: bool) -> QueryResult:
     existing = set(_check_not_empty(state))
     centre = unit_vectors(np.array([ra]), np.array([dec]))[0]
     touched = [int(p) for p in _disc_pixels(state.shard_nside, centre,
@@ -232,19 +394,23 @@ def _cone_locked(state: StateDirectory, ra: float, dec: float,
                if int(p) in existing]
     config = state.config
     catalogs, bands, mjds = [], [], []
-    pixels_read = density_derived = 0
+    pixels_read = derived = cached = 0
     for pixel in sorted(touched):
         store = state.open_shard(pixel)
         owner = ShardOwnership(state.shard_order, pixel, state.shard_margin)
         with store.read(buffers=True) as tx:
-            region = _shard_cone(tx, config, owner, centre, radius_arcsec)
+            cache = DensityCache(_cache_path(state, pixel) if use_cache else None,
+                                 (store.instance, tx.id()), config)
+            region = _shard_cone(tx, config, owner, centre, radius_arcsec, cache)
             mjds.append(_visit_mjd(tx, region.stars.observations["visit"]))
+        cache.save()
         catalogs.append(region.stars)
         bands.append(region.band)
         pixels_read += region.pixels_read
-        density_derived += region.density_derived
+        derived += region.density_derived
+        cached += region.density_cached
     stars, band, mjd = _merge(catalogs, bands, mjds)
-    return QueryResult(stars, band, mjd, sorted(touched), pixels_read, density_derived)
+    return QueryResult(stars, band, mjd, sorted(touched), pixels_read, derived, cached)
 
 
 def _visit_mjd(tx: Transaction, visits: np.ndarray) -> np.ndarray:
@@ -281,10 +447,11 @@ def _merge(catalogs: list[StarCatalog], bands: list[np.ndarray],
     return stars, np.concatenate(bands)[rows], np.concatenate(mjds)[rows]
 
 
-def cone_query(state: StateDirectory, ra: float, dec: float,
-               radius_arcsec: float) -> QueryResult:
+def cone_query(state: StateDirectory, ra: float, dec: float, radius_arcsec: float, *,
+               use_cache: bool = True) -> QueryResult:
     """The stars the snapshot would publish within ``radius_arcsec`` of (``ra``, ``dec``)
-    [deg], with every observation, read under the state's visit boundary.
+    [deg], with every observation, read under the state's visit boundary.  ``use_cache``:
+    use and fill the density-cut cache (:class:`DensityCache`).
 
     Raises:
         ConfigError: a malformed cone (non-finite values, Dec outside [-90, 90], radius not in
@@ -293,7 +460,7 @@ def cone_query(state: StateDirectory, ra: float, dec: float,
     """
     _check_cone(ra, dec, radius_arcsec)
     with state.visit_boundary(exclusive=False):
-        return _cone_locked(state, ra % 360.0, dec, radius_arcsec)
+        return _cone_locked(state, ra % 360.0, dec, radius_arcsec, use_cache)
 
 
 def _locate(state: StateDirectory, source_id: int) -> tuple[int, float, float] | None:
@@ -316,12 +483,13 @@ def _locate(state: StateDirectory, source_id: int) -> tuple[int, float, float] |
     return None
 
 
-def star_query(state: StateDirectory, star_id: int) -> QueryResult:
+def star_query(state: StateDirectory, star_id: int, *, use_cache: bool = True) -> QueryResult:
     """The star the snapshot would publish with ``fgcm_id`` ``star_id``, with every
     observation, read under the state's visit boundary.
 
     The id is the smallest sourceId of the star's members: the shards' sourceId indexes give
     the visit and position of that observation; the star lies within matchRadius of it.
+    ``use_cache``: use and fill the density-cut cache (:class:`DensityCache`).
 
     Raises:
         StarNotFoundError: no published star has this id (the message says whether the
@@ -335,7 +503,8 @@ def star_query(state: StateDirectory, star_id: int) -> QueryResult:
                 f"no star with fgcm_id {star_id} in {state.path}: no stored observation has "
                 "this sourceId (a star's fgcm_id is the smallest sourceId of its members)")
         visit, ra, dec = found
-        result = _cone_locked(state, ra, dec, state.config.matchRadius + _SLACK_ARCSEC)
+        result = _cone_locked(state, ra, dec, state.config.matchRadius + _SLACK_ARCSEC,
+                              use_cache)
     keep = result.stars.star_id == star_id
     if not keep.any():
         member = np.flatnonzero(result.stars.observations["source_id"] == star_id)
@@ -351,7 +520,8 @@ def star_query(state: StateDirectory, star_id: int) -> QueryResult:
     stars, band = _select(result.stars, result.band, keep)
     member_of = np.repeat(keep, result.stars.n_obs)
     return QueryResult(stars, band, result.mjd[member_of], result.shards,
-                       result.pixels_read, result.density_pixels_derived)
+                       result.pixels_read, result.density_pixels_derived,
+                       result.density_pixels_cached)
 
 
 def observation_records(result: QueryResult, index: int) -> list[dict[str, object]]:

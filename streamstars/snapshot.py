@@ -54,7 +54,7 @@ _OUTPUT_COLUMNS = frozenset(OBSERVATION_DTYPES)
 
 #: fgcm's objFlag value of a reserved star (``RESERVED = 2**4``).
 OBJ_FLAG_RESERVED = 16
-_DENSITY_SALT = 0x5EED_DE45
+DENSITY_SALT = 0x5EED_DE45
 _RESERVE_SALT = 0x5EED_0E5E
 
 
@@ -196,7 +196,7 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
     star_id, star_v = isolated(star_id, star_v, chord_from_arcsec(config.isolationRadius))
     owner = memberships(star_v, observations, match)
     star_id = published_ids(len(star_id), owner, observations["source_id"])
-    keep = star_id != _NO_ID  # a star needs members
+    keep = star_id != NO_ID  # a star needs members
     keep &= has_required_bands(owner, band_code, band_names, len(star_id), config)
     keep &= density_cut(star_id, star_v, keep, config)
     survivors = np.flatnonzero(keep)
@@ -210,7 +210,7 @@ def build_stars(candidates: dict[str, ColumnDict], observations: ColumnDict,
 
 
 #: The published id of a star without members (removed).
-_NO_ID = np.iinfo(np.int64).max
+NO_ID = np.iinfo(np.int64).max
 
 
 def merge_bands(candidates: dict[str, ColumnDict], primary_bands: tuple[str, ...],
@@ -261,10 +261,10 @@ def memberships(star_v: np.ndarray, observations: ColumnDict, match: float) -> n
 
 def published_ids(n_stars: int, owner: np.ndarray, source_id: np.ndarray) -> np.ndarray:
     """The published id of each star: the smallest sourceId among its members
-    (:data:`_NO_ID` without members).  Unlike the seed of the winning candidate it survives a
+    (:data:`NO_ID` without members).  Unlike the seed of the winning candidate it survives a
     later primary band taking the star over."""
     member = owner >= 0
-    published = np.full(n_stars, _NO_ID, dtype=np.int64)
+    published = np.full(n_stars, NO_ID, dtype=np.int64)
     np.minimum.at(published, owner[member], source_id[member])
     return published
 
@@ -291,7 +291,7 @@ def density_cut(star_id: np.ndarray, star_v: np.ndarray, keep: np.ndarray,
         return survive
     pixel = hp.vec2pix(config.densityCutNside, star_v[:, 0], star_v[:, 1], star_v[:, 2],
                        nest=True)
-    rank_key = seeded_hash(star_id, config.randomSeed, _DENSITY_SALT)
+    rank_key = seeded_hash(star_id, config.randomSeed, DENSITY_SALT)
     candidates_idx = np.flatnonzero(keep)
     order = candidates_idx[np.lexsort((star_id[candidates_idx], rank_key[candidates_idx],
                                        pixel[candidates_idx]))]

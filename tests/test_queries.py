@@ -294,3 +294,44 @@ def test_the_density_cut_gives_the_snapshots_answer(crowded: PreparedSurvey,
         gone = np.setdiff1d(uncut.snapshot.stars["fgcm_id"], snap.stars["fgcm_id"])
         with pytest.raises(StarNotFoundError, match="density"):
             star_query(state, int(gone[0]))
+
+
+def test_a_write_after_a_cached_query_changes_the_answer(crowded: PreparedSurvey,
+                                                         tmp_path: Path) -> None:
+    """The density cut a query ranked is cached per shard generation: the next query uses it
+    (same answer), and any write invalidates it, so the answer after more visits is the new
+    snapshot's, not the cached one."""
+    config = dataclasses.replace(crowded.config, shardNside=4, shardMargin=MARGIN,
+                                 densityCutMaxPerPixel=4)
+    state_path = tmp_path / "state"
+    with StateDirectory.open(state_path, config) as state:
+        for prepared in crowded.visits[:5]:
+            apply_prepared(state, prepared)
+    with StateDirectory.open(state_path, readonly=True) as state:
+        write_state_snapshot(state, tmp_path / "snap1")
+    before = read_snapshot(tmp_path / "snap1")
+    ra, dec = float(np.median(before.stars["ra"])), float(np.median(before.stars["dec"]))
+    with StateDirectory.open(state_path, readonly=True) as state:
+        first = cone_query(state, ra, dec, 200.0)
+        assert first.density_pixels_derived > 0 and first.density_pixels_cached == 0
+        assert list((state_path / "query-cache").rglob("*.json"))
+        again = cone_query(state, ra, dec, 200.0)
+        assert again.density_pixels_derived == 0
+        assert again.density_pixels_cached == first.density_pixels_derived
+        assert_same_as_snapshot(again, before, _in_cone(before, ra, dec, 200.0))
+        uncached = cone_query(state, ra, dec, 200.0, use_cache=False)
+        assert uncached.density_pixels_cached == 0
+        assert_same_as_snapshot(uncached, before, _in_cone(before, ra, dec, 200.0))
+    with StateDirectory.open(state_path, config) as state:
+        for prepared in crowded.visits[5:]:
+            apply_prepared(state, prepared)
+    with StateDirectory.open(state_path, readonly=True) as state:
+        write_state_snapshot(state, tmp_path / "snap2")
+    after = read_snapshot(tmp_path / "snap2")
+    with StateDirectory.open(state_path, readonly=True) as state:
+        result = cone_query(state, ra, dec, 200.0)
+        assert result.density_pixels_cached == 0 and result.density_pixels_derived > 0
+        assert_same_as_snapshot(result, after, _in_cone(after, ra, dec, 200.0))
+        assert not np.array_equal(result.stars.star_id, first.stars.star_id)
+        for star_id in after.stars["fgcm_id"][::40].tolist():
+            assert_same_as_snapshot(star_query(state, star_id), after, _star(after, star_id))
