@@ -8,6 +8,7 @@ store has none), or once, at the first assignment of the process, to ``--seek-of
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -93,6 +94,8 @@ class KafkaClient:
         self.assigned_at = time.monotonic()
         self._seek_pending = bool(self.opts.seek_offsets or self.opts.seek_time)
         self._last_lag_update = 0.0
+        #: partition -> offset its latest assignment started at (the lag before a fetch)
+        self._assigned_from: dict[int, int] = {}
 
     def settings(self) -> dict[str, Any]:
         """The librdkafka settings: ours, then ``--kafka-config``, then those that must hold."""
@@ -164,8 +167,13 @@ class KafkaClient:
             tps = [TopicPartition(self.opts.topic, p) for p in sorted(self.assigned)]
             positions = {tp.partition: tp.offset for tp in self.consumer.position(tps)}
             for tp in tps:
-                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                low, high = self.consumer.get_watermark_offsets(tp, cached=True)
                 pos = positions.get(tp.partition, -1)
+                if pos is None or pos < 0:
+                    # nothing consumed since the assignment (e.g. it started at the end):
+                    # the position is where the assignment started it
+                    start = self._assigned_from.get(tp.partition, OFFSET_BEGINNING)
+                    pos = low if start == OFFSET_BEGINNING else start
                 if high is not None and high >= 0 and pos is not None and pos >= 0:
                     self.ctx.metrics.lag.labels(self.opts.topic, str(tp.partition)).set(
                         max(0, high - pos)
@@ -205,6 +213,7 @@ class KafkaClient:
             log.info("assigned %s[%d]: starting at %s", tp.topic, tp.partition, where)
         if self._seek_pending:
             self._apply_seek_overrides(consumer, partitions)
+        self._assigned_from.update({tp.partition: tp.offset for tp in partitions})
         if self._ownership is not None and partitions:
             self._ownership(self.opts.topic, [tp.partition for tp in partitions], True)
         if self.cooperative:
@@ -251,6 +260,10 @@ class KafkaClient:
         gone = {tp.partition for tp in partitions}
         if self._ownership is not None and gone:
             self._ownership(self.opts.topic, sorted(gone), False)
+        for partition in gone:
+            # only a partition's owner reports its lag (the dashboard's per-partition panels)
+            with contextlib.suppress(KeyError):
+                self.ctx.metrics.lag.remove(self.opts.topic, str(partition))
         if self.cooperative:
             if partitions:
                 consumer.incremental_unassign(partitions)
