@@ -854,15 +854,21 @@ def merge_stats(stats: Sequence[BandUpdateStats | None]) -> BandUpdateStats | No
                               for f in dataclasses.fields(BandUpdateStats)})
 
 
-_SHARD_COMMITS = [0]
+_CRASH_POINT_CALLS: dict[str, int] = {}
+
+
+def crash_point(env_var: str) -> None:
+    """Crash tests only: count the calls of this process for ``env_var``; with ``env_var`` =
+    N set, the process SIGKILLs itself right after its N-th call."""
+    kill_at = os.environ.get(env_var)
+    if not kill_at:
+        return
+    _CRASH_POINT_CALLS[env_var] = _CRASH_POINT_CALLS.get(env_var, 0) + 1
+    if _CRASH_POINT_CALLS[env_var] == int(kill_at):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def shard_committed() -> None:
-    """Count a shard commit of this process; with ``STREAMSTARS_TEST_KILL_AFTER_SHARD_COMMITS``
-    = N the process SIGKILLs itself right after its N-th (crash tests only)."""
-    kill_at = os.environ.get(ENV_KILL_AFTER_SHARD_COMMITS)
-    if not kill_at:
-        return
-    _SHARD_COMMITS[0] += 1
-    if _SHARD_COMMITS[0] == int(kill_at):
-        os.kill(os.getpid(), signal.SIGKILL)
+    """A shard commit of this process: :func:`crash_point` of
+    ``STREAMSTARS_TEST_KILL_AFTER_SHARD_COMMITS``."""
+    crash_point(ENV_KILL_AFTER_SHARD_COMMITS)

@@ -25,8 +25,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
-import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -37,6 +35,7 @@ from typing import Any
 from streamstars import __version__
 from streamstars.config import BuildStarsConfig, check_snapshot_config, to_dict
 from streamstars.errors import ConfigError
+from streamstars.ingest import crash_point
 from streamstars.io.flat_stream import finish_partitioned_snapshot
 from streamstars.io.hats import (
     CATALOG_DIR,
@@ -46,7 +45,13 @@ from streamstars.io.hats import (
 )
 from streamstars.io.snapshot_files import MANIFEST_NAME, stage_snapshot
 from streamstars.margins import MarginViolation
-from streamstars.snapshot import ShardOwnership, derive_catalogs, kafka_offsets, visit_catalog
+from streamstars.snapshot import (
+    ShardOwnership,
+    SnapshotSummary,
+    derive_catalogs,
+    kafka_offsets,
+    visit_catalog,
+)
 from streamstars.state import StarStore, StateDirectory, Transaction, VisitRecord
 from streamstars.state.directory import merge_visit_records
 from streamstars.state.schema import META_INSTANCE
@@ -55,16 +60,6 @@ log = logging.getLogger(__name__)
 
 #: crash tests only: the process SIGKILLs itself right after writing its N-th partition
 ENV_KILL_AFTER_PARTITIONS = "STREAMSTARS_TEST_KILL_AFTER_PARTITIONS"
-_PARTITIONS_WRITTEN = [0]
-
-
-def _partition_written() -> None:
-    kill_at = os.environ.get(ENV_KILL_AFTER_PARTITIONS)
-    if not kill_at:
-        return
-    _PARTITIONS_WRITTEN[0] += 1
-    if _PARTITIONS_WRITTEN[0] == int(kill_at):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 
@@ -114,15 +109,10 @@ class _ShardOutcome:
 
 
 @dataclass
-class ShardedSnapshotSummary:
-    """What a sharded snapshot wrote."""
+class ShardedSnapshotSummary(SnapshotSummary):
+    """What a sharded snapshot wrote: a snapshot's summary, plus its partitions written and
+    reused and the margin violations found."""
 
-    out_dir: Path
-    n_visits: int
-    n_stars: int
-    n_observations: int
-    seconds: float
-    files: list[Path]
     written: int = 0
     reused: int = 0
     violations: list[MarginViolation] = field(default_factory=list)
@@ -166,7 +156,7 @@ def _snapshot_read_shard(job: _ShardJob, store: StarStore, tx: Transaction) -> _
     part = write_partition(job.catalog_dir, shard.order, shard.pixel, catalogs.stars,
                            catalogs.observations, catalogs.reference,
                            catalogs.reference_filters)
-    _partition_written()
+    crash_point(ENV_KILL_AFTER_PARTITIONS)
     return _ShardOutcome(shard, generation, part, derived.records, derived.violations,
                          tuple(catalogs.reference_filters), catalogs.metadata.get("refcat"))
 
