@@ -8,7 +8,6 @@ process.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from file_helpers import tree_digest
 
 import streamstars.io.snapshot_parquet as snapshot_parquet
 from streamstars.config import (
@@ -58,21 +58,6 @@ def one_clear_error(done: subprocess.CompletedProcess[str]) -> str:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("streamstars: error: "), done.stderr
     return lines[0]
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 (files) or "dir" of everything under ``root``."""
-    out: dict[str, str] = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        info = path.stat()
-        if path.is_dir():
-            out[rel] = "dir"
-        elif info.st_size > 16 << 20:  # a writer's sparse data.mdb (as large as the map)
-            out[rel] = f"size {info.st_size} modified {info.st_mtime_ns}"
-        else:
-            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ processes, SIGKILL)."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -19,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from file_helpers import copy_state, tree_digest
 
 from streamstars.cli import main
 from streamstars.config import BuildStarsConfig, derived_shard_margin
@@ -45,6 +45,8 @@ N_VISITS = 8
 #: shards of 0.92 deg: the simulated 1-degree field spreads over several of them
 NSIDE = 64
 CONFIG = BuildStarsConfig(shardNside=NSIDE)
+#: LMDB's lock files, which readers write too
+LOCKS = ("lock.mdb",)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,15 @@ def apply_all(state: Path, visits: list[PreparedVisit], order: list[int] | None 
             apply_prepared(directory, visits[i], references=None)
 
 
+@pytest.fixture(scope="module")
+def applied(prepared: list[PreparedVisit], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every visit applied in order, once for the module: a test that needs this state works
+    on its own copy (:func:`copy_state`)."""
+    state = tmp_path_factory.mktemp("applied") / "S"
+    apply_all(state, prepared)
+    return state
+
+
 def snapshot(state: Path, out: Path) -> Path:
     with StateDirectory.open(state, readonly=True) as directory:
         write_state_snapshot(directory, out)
@@ -115,18 +126,13 @@ def assert_same_catalogs(a: Path, b: Path) -> None:
     assert not diffs, f"{len(diffs)} difference(s), first: {diffs[0][:2000]}"
 
 
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "lock.mdb"}
-
-
 # ---------------------------------------------------------------------------------------------
 # layout and settings
 # ---------------------------------------------------------------------------------------------
 def test_layout_manifest_and_shard_identity(prepared: list[PreparedVisit],
-                                            tmp_path: Path) -> None:
+                                            tmp_path: Path, applied: Path) -> None:
     state = tmp_path / "S"
-    apply_all(state, prepared)
+    copy_state(applied, state)
     manifest = json.loads((state / "manifest.json").read_text())
     assert manifest["format"] == "streamstars-state" and manifest["format_version"] == 2
     assert manifest["shardNside"] == NSIDE and manifest["shardMargin"] == 9.0
@@ -212,20 +218,18 @@ def test_config_show_prints_the_derived_margin(tmp_path: Path,
                                            (f"shardNside = {NSIDE}\nreferenceCCD = 3\n",
                                             "referenceCCD")])
 def test_a_state_refuses_other_shard_settings_naming_the_key(
-        text: str, key: str, survey: Path, config_file: Path, tmp_path: Path,
+        text: str, key: str, survey: Path, applied: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     state = tmp_path / "S"
-    assert main(["backfill", str(survey), "--state", str(state), "--config", str(config_file),
-                 "--no-progress"]) == 0
-    capsys.readouterr()
-    before = tree_digest(state)
+    copy_state(applied, state)
+    before = tree_digest(state, skip_names=LOCKS)
     other = tmp_path / "other.toml"
     other.write_text(text)
     assert main(["backfill", str(survey), "--state", str(state), "--config", str(other),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "incompatible configuration" in err and f"{key}: stored" in err
-    assert tree_digest(state) == before
+    assert tree_digest(state, skip_names=LOCKS) == before
 
 
 def test_a_format_1_store_is_refused_with_the_rebuild_advice(
@@ -239,7 +243,7 @@ def test_a_format_1_store_is_refused_with_the_rebuild_advice(
         txn.put(b"config", json.dumps({}).encode(), db=meta)
         txn.put(b"k", b"v", db=visits)
     env.close()
-    before = tree_digest(state)
+    before = tree_digest(state, skip_names=LOCKS)
     for command in (["backfill", str(survey), "--state", str(state), "--no-progress"],
                     ["status", "--state", str(state)],
                     ["snapshot", str(tmp_path / "snap"), "--state", str(state)]):
@@ -247,7 +251,7 @@ def test_a_format_1_store_is_refused_with_the_rebuild_advice(
         err = capsys.readouterr().err
         assert "format version 1" in err, err
         assert "rebuild it with `streamstars backfill` into a new directory" in err
-    assert tree_digest(state) == before
+    assert tree_digest(state, skip_names=LOCKS) == before
     assert not (tmp_path / "snap").exists()
 
 
@@ -268,13 +272,13 @@ def test_a_second_writer_is_refused_and_readers_are_not(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 def test_a_missing_shard_directory_is_named_and_nothing_is_written(
         prepared: list[PreparedVisit], survey: Path, config_file: Path, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], applied: Path) -> None:
     state = tmp_path / "S"
-    apply_all(state, prepared)
+    copy_state(applied, state)
     with StateDirectory.open(state, readonly=True) as directory:
         order, pixel = directory.shards()[1]
     shutil.rmtree(state / "shards" / str(order) / str(pixel))
-    before = tree_digest(state)
+    before = tree_digest(state, skip_names=LOCKS)
     for command in (["status", "--state", str(state)],
                     ["backfill", str(survey), "--state", str(state), "--config",
                      str(config_file), "--no-progress"],
@@ -282,7 +286,7 @@ def test_a_missing_shard_directory_is_named_and_nothing_is_written(
         assert main(command) == 2
         err = capsys.readouterr().err
         assert f"1 shard(s) of {state} that hold data are missing: {order}/{pixel}" in err, err
-    assert tree_digest(state) == before
+    assert tree_digest(state, skip_names=LOCKS) == before
     with pytest.raises(ShardError, match=f"{order}/{pixel}"):
         StateDirectory.open(state, readonly=True)
 
@@ -302,13 +306,14 @@ def test_a_corrupt_shard_is_named_and_the_other_shards_are_untouched(
                       if broken in r.shards and len(r.shards) >= 2)
     data = path / "data.mdb"
     data.write_bytes(b"\0garbage" * 1000)
-    before = tree_digest(state)
+    before = tree_digest(state, skip_names=LOCKS)
     with StateDirectory.open(state, CONFIG) as directory:
         with pytest.raises(ShardError, match=f"shard 6/{broken} of .* cannot be"):
             apply_prepared(directory, prepared[-1], references=None)
         with pytest.raises(ShardError, match=f"shard 6/{broken}"):
             retract_visit(directory, holder)
-    assert tree_digest(state) == before  # no other shard and not the index was written
+    # no other shard and not the index was written
+    assert tree_digest(state, skip_names=LOCKS) == before
 
 
 def test_a_shard_of_another_place_is_refused(prepared: list[PreparedVisit],
@@ -369,7 +374,7 @@ def _shifted(visit: PreparedVisit, degrees: float) -> PreparedVisit:
 
 
 def test_replace_moves_a_visit_across_shards_and_retract_removes_it_everywhere(
-        prepared: list[PreparedVisit], tmp_path: Path) -> None:
+        prepared: list[PreparedVisit], tmp_path: Path, applied: Path) -> None:
     moved = _shifted(prepared[3], 2.5)
     old_shards = set(route_visit(prepared[3], NSIDE, CONFIG.shardMargin).shards)
     new_shards = set(route_visit(moved, NSIDE, CONFIG.shardMargin).shards)
@@ -377,7 +382,7 @@ def test_replace_moves_a_visit_across_shards_and_retract_removes_it_everywhere(
     assert (old_shards - {home}) and not ((old_shards - {home}) & (new_shards - {home}))
 
     state = tmp_path / "S"
-    apply_all(state, prepared)
+    copy_state(applied, state)
     with StateDirectory.open(state, CONFIG) as directory:
         result = apply_prepared(directory, moved, replace=True, references=None)
         assert result.status == "replaced"
@@ -407,10 +412,10 @@ def test_replace_moves_a_visit_across_shards_and_retract_removes_it_everywhere(
 
 
 def test_random_visit_orders_give_the_same_shards_and_catalogs(
-        prepared: list[PreparedVisit], tmp_path: Path) -> None:
+        prepared: list[PreparedVisit], tmp_path: Path, applied: Path) -> None:
     rng = random.Random(3)
     reference = tmp_path / "in-order"
-    apply_all(reference, prepared)
+    copy_state(applied, reference)
     expected = shard_contents(reference)
     expected_snap = snapshot(reference, tmp_path / "snap-in-order")
     for k in range(2):
@@ -423,14 +428,14 @@ def test_random_visit_orders_give_the_same_shards_and_catalogs(
 
 
 def test_the_sharded_snapshot_equals_one_store(prepared: list[PreparedVisit],
-                                             tmp_path: Path) -> None:
+                                             tmp_path: Path, applied: Path) -> None:
     """The per-shard snapshot of several shards equals the snapshot of one store holding every
     visit (the single-store computation the shards must agree with)."""
     from streamstars.snapshot import write_store_snapshot
     from streamstars.state import StarStore
 
     state = tmp_path / "S"
-    apply_all(state, prepared)
+    copy_state(applied, state)
     with StarStore.open(tmp_path / "one", CONFIG) as store:
         for visit in prepared:
             apply_prepared(store, visit, references=None)
@@ -445,9 +450,10 @@ def test_the_sharded_snapshot_equals_one_store(prepared: list[PreparedVisit],
 
 
 def test_status_counts_shards_and_margin_copies(prepared: list[PreparedVisit], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+                                                capsys: pytest.CaptureFixture[str],
+                                                applied: Path) -> None:
     state = tmp_path / "S"
-    apply_all(state, prepared)
+    copy_state(applied, state)
     assert main(["status", "--state", str(state), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     selected = sum(len(v.observations["source_id"]) for v in prepared)
@@ -463,9 +469,9 @@ def test_status_counts_shards_and_margin_copies(prepared: list[PreparedVisit], t
 
 
 def test_backup_holds_every_shard_and_restores_the_same_catalogs(
-        prepared: list[PreparedVisit], tmp_path: Path) -> None:
+        prepared: list[PreparedVisit], tmp_path: Path, applied: Path) -> None:
     state = tmp_path / "S"
-    apply_all(state, prepared)
+    copy_state(applied, state)
     assert main(["backup", str(tmp_path / "B"), "--state", str(state)]) == 0
     assert shard_contents(tmp_path / "B") == shard_contents(state)
     assert_same_catalogs(snapshot(state, tmp_path / "a"), snapshot(tmp_path / "B", tmp_path / "b"))
@@ -481,14 +487,12 @@ def _incomplete(state: Path) -> list[int]:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigkill_between_two_shard_commits_then_resume_loses_and_doubles_nothing(
-        workers: int, survey: Path, config_file: Path, tmp_path: Path) -> None:
+        workers: int, survey: Path, config_file: Path, applied: Path, tmp_path: Path) -> None:
     """The backfill SIGKILLs itself (or a worker does) right after its N-th shard commit, N
     chosen to fall inside multi-shard visits; each rerun completes the interrupted visit
     (every shard that already holds it skips it) and goes on.  The shards end holding exactly
     what a clean run's hold."""
-    clean = tmp_path / "clean"
-    done = cli("backfill", survey, "--state", clean, "--config", config_file, "--no-progress")
-    assert done.returncode == 0, done.stderr
+    clean = applied
     state = tmp_path / "S"
     interrupted = []
     for kill_at in (2, 3, 5):
