@@ -60,6 +60,7 @@ from streamstars.config import BuildStarsConfig, to_dict
 from streamstars.errors import StreamstarsError
 from streamstars.io.flat_stream import finish_partitioned_snapshot
 from streamstars.io.hats import CATALOG_DIR, PartitionFile, partition_path
+from streamstars.io.snapshot_catalogs import check_formats
 from streamstars.io.snapshot_directory import fsync_path, stage_snapshot
 from streamstars.io.snapshot_files import MANIFEST_NAME
 from streamstars.margins import MarginViolation
@@ -451,7 +452,7 @@ def complete_shared_snapshot(shared: str | os.PathLike[str],
     start = time.perf_counter()
     shared = Path(shared)
     target = Path(out) if out is not None else shared / SNAPSHOT_NAME
-    fmts = list(formats)
+    fmts = list(check_formats(formats))  # as the manifest records them
     entries = read_entries(shared)
     if not entries:
         raise SharedSnapshotError(f"{shared} holds no shard partitions ({PARTITIONS_DIR}/"
