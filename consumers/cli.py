@@ -96,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         snapshot_every_seconds=args.snapshot_every_seconds,
         snapshot_formats=tuple(f.strip() for f in args.snapshot_format.split(",") if f.strip()),
         snapshot_on_exit=args.snapshot_on_exit,
+        snapshot_shared=args.snapshot_shared,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         retry_max_seconds=args.retry_max_seconds,
@@ -107,6 +108,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         dead_letter_max_bytes=args.dead_letter_max_bytes,
         butler=args.butler,
     )
+    if options.snapshot_shared and options.snapshot_dir is None:
+        print("streamstars run: error: --snapshot-shared needs --snapshot-dir SHARED (the "
+              "directory the consumers of the group share)", file=sys.stderr)
+        return 2
     if options.snapshot_dir is not None and not (
         options.snapshot_every_visits or options.snapshot_every_seconds
         or options.snapshot_on_exit
@@ -247,6 +252,10 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--snapshot-format", default="fits,parquet", help="fits and/or parquet")
     p.add_argument("--snapshot-on-exit", action="store_true",
                    help="write a last snapshot when stopping (if anything changed)")
+    p.add_argument("--snapshot-shared", action="store_true",
+                   help="--snapshot-dir is shared by the consumers of the group: write the "
+                   "partitions of this consumer's shards into it and complete the snapshot "
+                   "OUT/snapshot from every consumer's newest partitions")
     p.add_argument("--metrics-port", type=int, metavar="P",
                    help="serve /metrics /healthz /readyz on this port (0: any free port)")
     p.add_argument("--metrics-host", default="127.0.0.1",

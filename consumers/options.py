@@ -32,6 +32,9 @@ class RunOptions:
     kafka_config: dict[str, str] = field(default_factory=dict)
     dead_letter_topic: str | None = None
     snapshot_dir: Path | None = None
+    #: ``--snapshot-shared``: ``snapshot_dir`` is shared by the consumers of the group (each
+    #: writes its shards' partitions, the snapshot is completed in ``snapshot_dir/snapshot``)
+    snapshot_shared: bool = False
     snapshot_every_visits: int | None = None
     snapshot_every_seconds: float | None = None
     snapshot_formats: tuple[str, ...] = ("fits", "parquet")

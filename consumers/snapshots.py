@@ -26,7 +26,10 @@ class SnapshotScheduler:
         self.metrics = ctx.metrics
         self.store = store
         self.hooks = hooks
-        self._changes = 0
+        # a shared snapshot (--snapshot-shared) is checked once even without a change: the
+        # shards this state holds since before the start may be missing from it or written
+        # with other settings (comparing costs their offsets only)
+        self._changes = 1 if ctx.options.snapshot_shared else 0
         self._last = time.monotonic()
         self._thread: threading.Thread | None = None
 
@@ -79,6 +82,9 @@ class SnapshotScheduler:
             log.error("snapshot to %s failed: %s", self.opts.snapshot_dir, exc)
             return
         seconds = time.perf_counter() - start
+        if summary is None:  # a shared snapshot already complete with these partitions
+            log.info("snapshot %s: unchanged (%.2f s)", self.opts.snapshot_dir, seconds)
+            return
         self.metrics.snapshot_seconds.observe(seconds)
         self.metrics.last_snapshot_time = time.time()
         self.metrics.stars.set(summary.n_stars)

