@@ -221,6 +221,41 @@ class ObservationRecord:
         return decode_columns(self._value, STORED_OBSERVATION_DTYPES, only)
 
 
+class FineRows:
+    """Some rows of one stored value of ``observations`` (one visit's observations of one
+    band in one store pixel): those in chosen fine pixels, read from the value on demand."""
+
+    __slots__ = ("_value", "_n", "rows")
+
+    def __init__(self, value: Any, n: int, rows: np.ndarray) -> None:
+        self._value = value
+        self._n = n
+        self.rows = rows  # indices into the value, in (fine pixel, sourceId) order
+
+    def column(self, name: str) -> np.ndarray:
+        """Column ``name`` (:data:`STORED_OBSERVATION_DTYPES`) of these rows, copied."""
+        view = _OBS_READER.column(self._value, name, self._n)
+        return np.array(view) if len(self.rows) == self._n else view[self.rows]
+
+    def smallest_source_id(self) -> int:
+        """The smallest sourceId of these rows (there is at least one)."""
+        view = _OBS_READER.column(self._value, "source_id", self._n)
+        return int((view if len(self.rows) == self._n else view[self.rows]).min())
+
+    def columns(self, schema: dict[str, np.dtype]) -> ColumnDict:
+        """The columns of ``schema`` of these rows, copied."""
+        return {name: self.column(name) for name in schema}
+
+    def restricted(self, fine: np.ndarray) -> FineRows | None:
+        """These rows in the fine pixels ``fine`` (sorted, unique) only; None if none."""
+        fp = self.column("fine_pixel")
+        if not len(fine) or not len(fp):
+            return None
+        at = np.minimum(np.searchsorted(fine, fp), len(fine) - 1)
+        hit = fine[at] == fp
+        return FineRows(self._value, self._n, self.rows[hit]) if hit.any() else None
+
+
 class ObservationTable(_Table):
     """``observations``: each visit's selected observations per (band, store pixel)."""
 
@@ -333,24 +368,44 @@ class ObservationTable(_Table):
         (in a transaction begun with ``buffers=True``).
         """
         schema = OBSERVATION_DTYPES if columns is None else columns
+        return concat([part.columns(schema) for part in self.values_in_fine_pixels(band, fine)],
+                      schema)
+
+    def values_in_fine_pixels(self, band: str, fine: np.ndarray) -> list[FineRows]:
+        """The stored values of ``band`` with observations in the fine pixels ``fine``
+        (sorted, unique), in key order (store pixel, visit): each as the rows it holds there
+        (:class:`FineRows`, in (fine pixel, sourceId) order), read lazily.
+
+        Zero-copy: the rows are read from the map when asked for, so the transaction must be
+        a read transaction (begun with ``buffers=True``) that is still open.
+        """
         fine = np.asarray(fine, dtype=np.int64)
         coarse = fine >> FINE_SHIFT
-        parts = []
+        found = []
         for pixel in np.unique(coarse).tolist():
             wanted = fine[coarse == pixel]
+            every = len(wanted) == 1 << FINE_SHIFT  # the whole store pixel
             for _, value in self._prefix_items(pixel_key(band, pixel), copy=False):
                 n = _OBS_READER.rows(value)
-                fp = _OBS_READER.column(value, "fine_pixel", n)
-                lo, hi = np.searchsorted(fp, wanted), np.searchsorted(fp, wanted, side="right")
-                hit = hi > lo
-                if not hit.any():
+                if every:
+                    found.append(FineRows(value, n, np.arange(n)))
                     continue
-                lo, length = lo[hit], (hi - lo)[hit]
-                rows = np.repeat(lo - np.cumsum(length) + length, length) + \
-                    np.arange(length.sum())
-                parts.append({name: _OBS_READER.column(value, name, n)[rows]
-                              for name in schema})
-        return concat(parts, schema)
+                fp = _OBS_READER.column(value, "fine_pixel", n)
+                # each row's place among the wanted pixels: cheaper than searching every
+                # wanted pixel when a value holds fewer rows than there are wanted pixels
+                if n < len(wanted):
+                    at = np.minimum(np.searchsorted(wanted, fp), len(wanted) - 1)
+                    rows = np.flatnonzero(wanted[at] == fp)
+                else:
+                    lo = np.searchsorted(fp, wanted)
+                    hi = np.searchsorted(fp, wanted, side="right")
+                    hit = hi > lo
+                    lo, length = lo[hit], (hi - lo)[hit]
+                    rows = np.repeat(lo - np.cumsum(length) + length, length) + \
+                        np.arange(length.sum())
+                if len(rows):
+                    found.append(FineRows(value, n, rows))
+        return found
 
     def scan(self) -> Iterator[ObservationRecord]:
         """Every stored value in key order (band, pixel, visit): the same order in every scan

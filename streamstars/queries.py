@@ -34,19 +34,25 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import healpy as hp
 import numpy as np
 
+from streamstars.association.fof import centres_of
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
 from streamstars.config import BuildStarsConfig, to_dict
 from streamstars.errors import ConfigError, StarNotFoundError, StateError
 from streamstars.margins import chain_reach_arcsec
+from streamstars.shards import MAX_NSIDE, pixels_within
 from streamstars.sky import (
     arcsec_from_chord,
     chord_from_arcsec,
+    disc_pixels,
+    max_pixel_radius,
+    neighbours,
+    pixel_vectors,
     pixels_in_discs,
     pixels_of,
     radec_from_vectors,
+    resolution,
     unit_vectors,
 )
 from streamstars.snapshot import (
@@ -65,7 +71,8 @@ from streamstars.snapshot import (
     seeded_hash,
 )
 from streamstars.state import StateDirectory, Transaction
-from streamstars.state.schema import FINE_FACTOR, POSITION_DTYPES
+from streamstars.state.schema import FINE_FACTOR, FINE_SHIFT, POSITION_DTYPES
+from streamstars.state.tables import FineRows
 
 #: The largest cone radius [arcsec] a query derives (1 degree): larger areas are what a
 #: snapshot is for.
@@ -114,16 +121,14 @@ class QueryResult:
 # ---------------------------------------------------------------------------------------------
 def _disc_pixels(nside: int, centre: np.ndarray, radius_arcsec: float) -> np.ndarray:
     """Nest pixels at ``nside`` touching a disc (a superset)."""
-    radius = min(math.radians(radius_arcsec / 3600.0), math.pi)
-    return np.asarray(hp.query_disc(nside, centre, radius, inclusive=True, nest=True),
-                      dtype=np.int64)
+    return disc_pixels(centre, math.radians(radius_arcsec / 3600.0), nside)
 
 
 def _pixel_pixels(nside: int, pixel: int, target_nside: int, grow_arcsec: float) -> np.ndarray:
     """Nest pixels at ``target_nside`` touching nest pixel ``pixel`` of ``nside`` grown by
     ``grow_arcsec`` (a superset: the disc around the pixel's centre that holds it)."""
-    centre = np.asarray(hp.pix2vec(nside, pixel, nest=True), dtype=np.float64)
-    radius = math.degrees(hp.max_pixrad(nside)) * 3600.0 + grow_arcsec
+    centre = pixel_vectors(np.array([pixel]), nside)[0]
+    radius = math.degrees(max_pixel_radius(nside)) * 3600.0 + grow_arcsec
     return _disc_pixels(target_nside, centre, radius)
 
 
@@ -156,14 +161,47 @@ def _rmax_arcsec(tx: Transaction, config: BuildStarsConfig) -> float:
     return float(arcsec_from_chord(np.asarray(min(chord, 2.0))))
 
 
-def _stars_of(tx: Transaction, config: BuildStarsConfig,
-              pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _stars_of(tx: Transaction, config: BuildStarsConfig, pixels: np.ndarray,
+              near: tuple[int, int, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Steps 2-3 (cross-band merge, isolation) on the candidates of store ``pixels``: the
-    candidate ids and unit vectors of the stars that survive them."""
+    candidate ids and unit vectors of the stars that survive them.
+
+    ``near`` = (nside, pixel, margin [arcsec]): only the candidates that may lie within the
+    margin of that nest pixel take part (:func:`_near_pixel`) — exact for the stars of the
+    pixel when the margin is at least the chain reach plus one matchRadius."""
     candidates = {band: region_candidates(tx, band, pixels) for band in config.primaryBands}
+    if near is not None:
+        candidates = {band: take(cand, _near_pixel(centres_of(cand), *near))
+                      for band, cand in candidates.items()}
     star_id, star_v = merge_bands(candidates, config.primaryBands,
                                   chord_from_arcsec(config.matchRadius))
     return isolated(star_id, star_v, chord_from_arcsec(config.isolationRadius))
+
+
+def _near_pixel(v: np.ndarray, nside: int, pixel: int, margin_arcsec: float) -> np.ndarray:
+    """Per unit vector (n, 3): whether it may lie within ``margin_arcsec`` of nest pixel
+    ``pixel`` at ``nside`` (a superset: never False for one that does).
+
+    Decided on the finest level whose pixels are at least 8x the margin (everything within
+    the margin of a point lies in its pixel there or in a neighbour, as in
+    :func:`streamstars.sky.pixels_near`): the point's pixel or a neighbour descends from
+    ``pixel``."""
+    margin = math.radians(margin_arcsec / 3600.0)
+    levels = 0
+    while (nside << (levels + 1)) <= MAX_NSIDE \
+            and resolution(nside << (levels + 1)) / 8.0 >= margin:
+        levels += 1
+    fine_nside = nside << levels
+    if resolution(fine_nside) / 8.0 < margin or not len(v):
+        return np.ones(len(v), dtype=bool)
+    fine = pixels_of(v, fine_nside)
+    shift = 2 * levels
+    near = (fine >> shift) == pixel
+    todo = np.flatnonzero(~near)
+    if len(todo):
+        around = neighbours(fine[todo], fine_nside)
+        near[todo] = ((around >= 0) & ((around >> shift) == pixel)).any(axis=0)
+    return near
 
 
 def _fine_pixels_near(store_nside: int, star_v: np.ndarray, chord: float) -> np.ndarray:
@@ -174,10 +212,10 @@ def _fine_pixels_near(store_nside: int, star_v: np.ndarray, chord: float) -> np.
     nside = store_nside * FINE_FACTOR
     if not len(star_v):
         return np.zeros(0, dtype=np.int64)
-    if arcsec_from_chord(np.asarray(chord)) > 0.1 * math.degrees(hp.max_pixrad(nside)) * 3600:
+    if arcsec_from_chord(np.asarray(chord)) > 0.1 * math.degrees(max_pixel_radius(nside)) * 3600:
         return pixels_in_discs(star_v, np.full(len(star_v), chord), nside)
     own = pixels_of(star_v, nside)
-    around = np.asarray(hp.get_all_neighbours(nside, own, nest=True), dtype=np.int64).ravel()
+    around = neighbours(own, nside).ravel()
     found = np.concatenate([own, around[around >= 0]])
     return np.unique(found)
 
@@ -222,26 +260,108 @@ def _density_threshold(tx: Transaction, config: BuildStarsConfig, density_pixel:
     None if it keeps every star, else the (seeded hash, id) of the last star it keeps (rank
     ``densityCutMaxPerPixel - 1``): a star survives iff its (hash, id) is not larger.
 
-    The pixel's stars come from the candidates of the store pixels around it (grown by
-    ``grow_arcsec``); their ids and required bands from the positions of the observations in
-    the fine pixels around each of them (identity and position columns only)."""
+    The pixel's stars come from the candidates around it (store pixels grown by
+    ``grow_arcsec``, only the candidates within that of the pixel); their published ids and
+    required bands from the observations near them, read in sourceId order until every id is
+    settled (:func:`_ids_in_source_order`)."""
     nside = config.densityCutNside
     pixels = _pixel_pixels(nside, density_pixel, tx.config.storeNside, grow_arcsec)
-    _, star_v = _stars_of(tx, config, pixels)
+    _, star_v = _stars_of(tx, config, pixels, (nside, density_pixel, grow_arcsec))
     inside = pixels_of(star_v, nside) == density_pixel
     cap = config.densityCutMaxPerPixel
     if int(inside.sum()) <= cap:  # an upper bound of the stars it keeps before the cut
         return None
-    match = chord_from_arcsec(config.matchRadius)
-    fine = _fine_pixels_near(tx.config.storeNside, star_v[inside], match * 1.001)
-    observations, band_code, names = _observations(tx, fine, POSITION_DTYPES)
-    _, star_id, keep = _judge(star_v, inside, observations, band_code, names, config)
+    star_id, keep = _ids_in_source_order(tx, config, star_v, inside)
     ids = star_id[keep]
     if len(ids) <= cap:
         return None
     key = seeded_hash(ids, config.randomSeed, DENSITY_SALT)
     last = np.lexsort((ids, key))[cap - 1]
     return int(key[last]), int(ids[last])
+
+
+#: Observations read per step while settling published ids in sourceId order.
+_ID_BATCH_ROWS = 1 << 15
+#: The values left are read for the open stars only once that reads (about) no more than
+#: this many batches.
+_RESTRICTED_BATCHES = 2
+
+
+def _ids_in_source_order(tx: Transaction, config: BuildStarsConfig, star_v: np.ndarray,
+                         subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 4-5 for the stars ``subset`` (bool per star) of ``star_v``: each star's
+    published id (:data:`NO_ID` outside the subset or without members) and whether it is
+    kept (members, requiredBands) — what :func:`_judge` gives, reading less.
+
+    A published id is the smallest member sourceId, and memberships are decided per
+    observation, so the stored values (one visit's observations of one band in one store
+    pixel) near the stars are read in the order of their smallest sourceId there, a batch at
+    a time: once a star's smallest member so far is below every value left and its required
+    bands are met, nothing left can change it.  When the stars still open (none found yet,
+    too few in a required band) are few, the values left are read at the fine pixels within
+    matchRadius of those stars only.  Exact, like :func:`_judge`, when ``star_v`` holds every
+    star near the subset's members."""
+    match = chord_from_arcsec(config.matchRadius)
+    fine_nside = tx.config.storeNside * FINE_FACTOR
+    names = tx.observations.bands()
+    fine = _whole_store_pixels(_fine_pixels_near(tx.config.storeNside, star_v[subset],
+                                                 match * 1.001))
+    parts: list[tuple[int, int, FineRows]] = []  # (smallest sourceId, band code, rows)
+    for code, band in enumerate(names):
+        for part in tx.observations.values_in_fine_pixels(band, fine):
+            parts.append((part.smallest_source_id(), code, part))
+    parts.sort(key=lambda p: p[0])
+    n = len(star_v)
+    best = np.full(n, NO_ID, dtype=np.int64)
+    required = [names.index(b) if b in names else -1 for b in config.requiredBands]
+    counts = np.zeros((len(required), n), dtype=np.int64)
+
+    def absorb(chunk: list[tuple[int, int, FineRows]]) -> None:
+        observations = concat([p[2].columns(POSITION_DTYPES) for p in chunk], POSITION_DTYPES)
+        band_code = np.concatenate([np.full(len(p[2].rows), p[1], dtype=np.int16)
+                                    for p in chunk]) if chunk else np.zeros(0, np.int16)
+        owner = memberships(star_v, observations, match)
+        owned = owner >= 0
+        owned[owned] = subset[owner[owned]]
+        np.minimum.at(best, owner[owned], observations["source_id"][owned])
+        for i, code in enumerate(required):
+            hit = owned & (band_code == code)
+            counts[i] += np.bincount(owner[hit], minlength=n)
+
+    left = np.cumsum([len(p[2].rows) for p in parts][::-1])[::-1]  # rows from each part on
+    start = 0
+    while start < len(parts):
+        stop, rows = start, 0
+        while stop < len(parts) and (stop == start or rows < _ID_BATCH_ROWS):
+            rows += len(parts[stop][2].rows)
+            stop += 1
+        absorb(parts[start:stop])
+        start = stop
+        if start == len(parts):
+            break
+        settled = (best < parts[start][0]) & (counts >= config.minPerBand).all(axis=0)
+        open_stars = subset & ~settled
+        if not open_stars.any():
+            break
+        few = pixels_within(star_v[open_stars], fine_nside, config.matchRadius * 1.001)
+        if len(few) * int(left[start]) <= _RESTRICTED_BATCHES * _ID_BATCH_ROWS * len(fine):
+            # the rest at the open stars' fine pixels only
+            absorb([(m, c, r) for m, c, p in parts[start:]
+                    if (r := p.restricted(few)) is not None])
+            break
+    keep = subset & (best != NO_ID) & (counts >= config.minPerBand).all(axis=0)
+    return np.where(subset, best, NO_ID), keep
+
+
+def _whole_store_pixels(fine: np.ndarray) -> np.ndarray:
+    """``fine`` (sorted fine pixels) with every store pixel holding more than half of its
+    fine pixels there completed: its values are then read whole (no search per value)."""
+    coarse, count = np.unique(fine >> FINE_SHIFT, return_counts=True)
+    full = coarse[count > (1 << FINE_SHIFT) // 2]
+    if not len(full):
+        return fine
+    whole = ((full[:, None] << FINE_SHIFT) + np.arange(1 << FINE_SHIFT)).ravel()
+    return np.union1d(fine, whole)
 
 
 def _shard_cone(tx: Transaction, config: BuildStarsConfig, shard: ShardOwnership,

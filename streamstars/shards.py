@@ -23,10 +23,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import healpy as hp
 import numpy as np
 
-from streamstars.sky import ARCSEC_RAD, fixed_unit_vectors, pixels_of, vectors_from_fixed
+from streamstars.sky import (
+    ARCSEC_RAD,
+    fixed_unit_vectors,
+    neighbours,
+    pixels_of,
+    resolution,
+    vectors_from_fixed,
+)
 
 #: Spacing of the samples along a rim [arcsec].
 RIM_SPACING_ARCSEC = 0.25
@@ -98,10 +104,20 @@ def _rim_pixels(v: np.ndarray, nside: int, radius_arcsec: float) -> np.ndarray:
     for lo in range(0, len(v), _CHUNK):
         rim = _rims(v[lo:lo + _CHUNK], radius_arcsec)
         flat = rim.reshape(-1, 3)
-        out[lo:lo + _CHUNK] = np.asarray(
-            hp.vec2pix(nside, flat[:, 0], flat[:, 1], flat[:, 2], nest=True),
-            dtype=np.int64).reshape(rim.shape[:2])
+        out[lo:lo + _CHUNK] = pixels_of(flat, nside).reshape(rim.shape[:2])
     return out
+
+
+def pixels_within(v: np.ndarray, nside: int, radius_arcsec: float) -> np.ndarray:
+    """Sorted unique nest pixels at ``nside`` that may hold a point within ``radius_arcsec``
+    of a unit vector of ``v`` (n, 3): each point's pixel and those of its rim at
+    :func:`rim_radius` (every pixel within the radius is among them, see the module
+    docstring; for pixels much larger than the radius, usually just the point's own)."""
+    v = np.asarray(v, dtype=np.float64)
+    if not len(v):
+        return np.zeros(0, dtype=np.int64)
+    rim = _rim_pixels(v, nside, rim_radius(radius_arcsec))
+    return np.unique(np.concatenate([pixels_of(v, nside), rim.ravel()]))
 
 
 def touches(v: np.ndarray, shards: np.ndarray, nside: int, radius_arcsec: float) -> np.ndarray:
@@ -126,14 +142,14 @@ def _near_border(v: np.ndarray, core: np.ndarray, nside: int, radius_arcsec: flo
     # the radius of a point lies in its fine pixel or one of that pixel's neighbours
     levels = 0
     while (nside << (levels + 1)) <= MAX_NSIDE \
-            and hp.nside2resol(nside << (levels + 1)) / 8.0 >= radius:
+            and resolution(nside << (levels + 1)) / 8.0 >= radius:
         levels += 1
     fine_nside = nside << levels
-    if hp.nside2resol(fine_nside) / 8.0 < radius:
+    if resolution(fine_nside) / 8.0 < radius:
         return np.ones(len(v), dtype=bool)
     fine = pixels_of(v, fine_nside)
-    neighbours = np.asarray(hp.get_all_neighbours(fine_nside, fine, nest=True))
-    coarse = np.where(neighbours >= 0, neighbours >> (2 * levels), core[None, :])
+    around = neighbours(fine, fine_nside)
+    coarse = np.where(around >= 0, around >> (2 * levels), core[None, :])
     return (coarse != core[None, :]).any(axis=0)
 
 

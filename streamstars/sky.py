@@ -4,11 +4,15 @@ Positions are handled as unit vectors, so RA = 0/360 and the poles need no speci
 Every observation's vector is also kept as *fixed point* integers (``round(v * 2**40)``):
 integer sums are exact and order-independent, which makes star positions bit-identical
 whatever order the visits arrive in.  Distances are chords (Euclidean on unit vectors).
+
+HEALPix pixels come from ``hpgeom`` (the healpix_cxx algorithms, giving healpy's pixel
+numbers; ``tests/test_sky.py`` compares them) rather than healpy, whose package import pulls
+in astropy: the ``star`` / ``cone`` commands import this module.
 """
 
 from __future__ import annotations
 
-import healpy as hp
+import hpgeom
 import numpy as np
 from scipy.spatial import cKDTree
 
@@ -66,7 +70,100 @@ def pixels_of(v: np.ndarray, nside: int) -> np.ndarray:
     """HEALPix nest pixel (int64) of each vector (n, 3)."""
     if len(v) == 0:
         return np.zeros(0, dtype=np.int64)
-    return np.asarray(hp.vec2pix(nside, v[:, 0], v[:, 1], v[:, 2], nest=True), dtype=np.int64)
+    return np.asarray(hpgeom.vector_to_pixel(nside, v[:, 0], v[:, 1], v[:, 2], nest=True),
+                      dtype=np.int64)
+
+
+#: The HEALPix order of the HATS spatial index (``_healpix_29``).
+HEALPIX_ORDER = 29
+
+
+def healpix29(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """HEALPix nest index at order 29 (int64) of positions ``ra``, ``dec`` in degrees:
+    healpy's ``ang2pix(2**29, ra, dec, nest=True, lonlat=True)`` (imported here only: on
+    points exactly on pixel edges hpgeom's ``angle_to_pixel`` may differ from it)."""
+    import healpy as hp
+
+    ra = np.asarray(ra, dtype=np.float64)
+    dec = np.asarray(dec, dtype=np.float64)
+    if ra.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.asarray(hp.ang2pix(1 << HEALPIX_ORDER, ra, dec, nest=True, lonlat=True),
+                      dtype=np.int64)
+
+
+#: Positions closer than this [deg] to a pixel edge (or to a pole) get their pixel from
+#: :func:`healpix29` in :func:`pixel_at_order`; farther ones cannot differ between hpgeom and
+#: healpy (both are exact to a few ulps, ~1e-13 deg).
+_EDGE_DEG = 1e-9
+
+
+def pixel_at_order(ra: np.ndarray, dec: np.ndarray, order: int) -> np.ndarray:
+    """The nest pixel at ``order`` (0..29) holding each position (degrees):
+    ``healpix29(ra, dec) >> 2 * (29 - order)``, the partition a star at that position
+    belongs to (:mod:`streamstars.io.hats`).  Decide shard ownership with this function.
+
+    Computed with hpgeom at ``order``; a position whose pixel changes when it moves by
+    :data:`_EDGE_DEG` along RA or Dec (so within ``_EDGE_DEG / sqrt(2)`` of an edge: the
+    only places where the two libraries can disagree) or near a pole takes healpy's
+    :func:`healpix29` instead, so the answer is always healpy's.
+    """
+    if not 0 <= int(order) <= HEALPIX_ORDER:
+        raise ValueError(f"HEALPix order must be within 0..{HEALPIX_ORDER}, got {order}")
+    ra = np.asarray(ra, dtype=np.float64)
+    dec = np.asarray(dec, dtype=np.float64)
+    if ra.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    nside = 1 << int(order)
+
+    def at(a: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return np.asarray(hpgeom.angle_to_pixel(nside, a, np.clip(d, -90.0, 90.0), nest=True,
+                                                lonlat=True, degrees=True), dtype=np.int64)
+
+    pixel = at(ra, dec)
+    cos_dec = np.cos(np.deg2rad(dec))
+    step_ra = _EDGE_DEG / np.maximum(cos_dec, 1e-6)
+    edge = np.abs(dec) > 90.0 - 1e-6
+    for a, d in ((ra + step_ra, dec), (ra - step_ra, dec), (ra, dec + _EDGE_DEG),
+                 (ra, dec - _EDGE_DEG)):
+        edge |= at(a % 360.0, d) != pixel
+    if edge.any():
+        pixel[edge] = healpix29(ra[edge], dec[edge]) >> np.int64(2 * (HEALPIX_ORDER - order))
+    return pixel
+
+
+def neighbours(pixels: np.ndarray, nside: int) -> np.ndarray:
+    """The (up to 8) nest neighbours of each pixel, (8, n) int64, -1 where there is none
+    (healpy's ``get_all_neighbours`` layout)."""
+    pixels = np.asarray(pixels, dtype=np.int64)
+    if pixels.size == 0:
+        return np.zeros((8, 0), dtype=np.int64)
+    return np.asarray(hpgeom.neighbors(nside, pixels, nest=True), dtype=np.int64).T
+
+
+def resolution(nside: int) -> float:
+    """The approximate side of a pixel at ``nside`` [rad] (healpy's ``nside2resol``)."""
+    return float(hpgeom.nside_to_resolution(nside, units="radians"))
+
+
+def max_pixel_radius(nside: int) -> float:
+    """The largest angle between a pixel's centre and its corners at ``nside`` [rad]."""
+    return float(hpgeom.max_pixel_radius(nside, degrees=False))
+
+
+def pixel_vectors(pixels: np.ndarray, nside: int) -> np.ndarray:
+    """Unit vectors (n, 3) of the centres of nest pixels at ``nside``."""
+    x, y, z = hpgeom.pixel_to_vector(nside, np.atleast_1d(np.asarray(pixels, dtype=np.int64)),
+                                     nest=True)
+    return np.stack([x, y, z], axis=-1)
+
+
+def disc_pixels(centre: np.ndarray, radius_rad: float, nside: int) -> np.ndarray:
+    """Nest pixels at ``nside`` overlapping the disc of ``radius_rad`` around the unit vector
+    ``centre`` (healpy's ``query_disc(inclusive=True)``: a superset), int64."""
+    return np.asarray(hpgeom.query_circle_vec(nside, np.asarray(centre, dtype=np.float64),
+                                              min(radius_rad, np.pi), inclusive=True,
+                                              nest=True), dtype=np.int64)
 
 
 def with_neighbours(pixels: np.ndarray, nside: int) -> np.ndarray:
@@ -74,8 +171,8 @@ def with_neighbours(pixels: np.ndarray, nside: int) -> np.ndarray:
     pixels = np.unique(np.asarray(pixels, dtype=np.int64))
     if len(pixels) == 0:
         return pixels
-    neighbours = np.asarray(hp.get_all_neighbours(nside, pixels, nest=True)).ravel()
-    return np.unique(np.concatenate([pixels, neighbours[neighbours >= 0]]))
+    around = neighbours(pixels, nside).ravel()
+    return np.unique(np.concatenate([pixels, around[around >= 0]]))
 
 
 #: Pixels near points are found through pixels this many levels finer (x16 in nside) and their
@@ -93,11 +190,11 @@ def pixels_near(v: np.ndarray, nside: int, margin_chord: float) -> np.ndarray:
     not small against the finer pixels.
     """
     fine_nside = nside << _NEAR_LEVELS
-    if 2.0 * np.arcsin(margin_chord / 2.0) > hp.nside2resol(fine_nside) / 8.0:
+    if 2.0 * np.arcsin(margin_chord / 2.0) > resolution(fine_nside) / 8.0:
         return with_neighbours(pixels_of(v, nside), nside)
     fine = np.unique(pixels_of(v, fine_nside))
-    neighbours = np.asarray(hp.get_all_neighbours(fine_nside, fine, nest=True)).ravel()
-    near = np.concatenate([fine, neighbours[neighbours >= 0]])
+    around = neighbours(fine, fine_nside).ravel()
+    near = np.concatenate([fine, around[around >= 0]])
     return np.unique(near >> (2 * _NEAR_LEVELS))
 
 
@@ -106,8 +203,7 @@ def pixels_in_discs(centres: np.ndarray, radii_chord: np.ndarray, nside: int) ->
 
     Loops over discs: only used on rare paths (non-trivial components, retractions).
     """
-    found = [np.asarray(hp.query_disc(nside, c, 2.0 * np.arcsin(min(r, 2.0) / 2.0),
-                                      inclusive=True, nest=True), dtype=np.int64)
+    found = [disc_pixels(c, 2.0 * np.arcsin(min(r, 2.0) / 2.0), nside)
              for c, r in zip(centres, radii_chord, strict=True)]
     if not found:
         return np.zeros(0, dtype=np.int64)

@@ -26,8 +26,8 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import healpy as hp
 import numpy as np
 
 from streamstars import __version__
@@ -35,20 +35,24 @@ from streamstars.association.fof import centres_of
 from streamstars.columns import OBSERVATION_DTYPES, ColumnDict, concat, take
 from streamstars.config import BuildStarsConfig, check_snapshot_config, to_dict
 from streamstars.errors import StateError
-from streamstars.io.hats import pixel_at_order
-from streamstars.io.snapshot_files import SnapshotCatalogs, write_snapshot
-from streamstars.margins import MarginViolation, margin_violations
-from streamstars.references import snapshot_references
 from streamstars.sky import (
     chord_from_arcsec,
     fixed_unit_vectors,
     kdtree,
+    pixel_at_order,
+    pixels_of,
     radec_from_vectors,
     vectors_from_fixed,
 )
 from streamstars.state import StarStore, Transaction, VisitRecord
 from streamstars.state.schema import POSITION_COLUMNS, POSITION_DTYPES
 from streamstars.visit import BAD_DETECTOR_VALUE
+
+if TYPE_CHECKING:
+    # the writers, the margin check and the reference matching are imported where they are
+    # used: `streamstars star` / `cone` import this module for the star-building steps only
+    from streamstars.io.snapshot_files import SnapshotCatalogs
+    from streamstars.margins import MarginViolation
 
 _OUTPUT_COLUMNS = frozenset(OBSERVATION_DTYPES)
 
@@ -289,8 +293,7 @@ def density_cut(star_id: np.ndarray, star_v: np.ndarray, keep: np.ndarray,
     survive = np.ones(len(star_id), dtype=bool)
     if not len(star_id):
         return survive
-    pixel = hp.vec2pix(config.densityCutNside, star_v[:, 0], star_v[:, 1], star_v[:, 2],
-                       nest=True)
+    pixel = pixels_of(star_v, config.densityCutNside)
     rank_key = seeded_hash(star_id, config.randomSeed, DENSITY_SALT)
     candidates_idx = np.flatnonzero(keep)
     order = candidates_idx[np.lexsort((star_id[candidates_idx], rank_key[candidates_idx],
@@ -367,7 +370,7 @@ def visit_catalog(records: list[VisitRecord]) -> dict[str, np.ndarray]:
 @dataclass(frozen=True)
 class ShardOwnership:
     """The stars a sky shard publishes: those whose position lies in its core pixel (the
-    partition rule of the HATS catalog, :func:`streamstars.io.hats.pixel_at_order`), and
+    partition rule of the HATS catalog, :func:`streamstars.sky.pixel_at_order`), and
     the margin its observations were routed with (for the completeness check)."""
 
     order: int
@@ -409,6 +412,8 @@ def check_shard_margin(tx: Transaction, config: BuildStarsConfig,
                        shard: ShardOwnership) -> list[MarginViolation]:
     """The margin completeness check of one shard alone (what its snapshot would report),
     from the positions of every observation it stores (one pass over them, no star built)."""
+    from streamstars.margins import margin_violations
+
     positions = read_observation_positions(tx)
     return margin_violations(positions.columns, positions.band_code, positions.band_names,
                              shard.order, shard.pixel, shard.margin_arcsec, config)
@@ -427,6 +432,10 @@ def derive_catalogs(store: StarStore, tx: Transaction, config: BuildStarsConfig 
     Raises:
         ConfigError: ``config`` differs from the store's in a setting that shapes stored data.
     """
+    from streamstars.io.snapshot_files import SnapshotCatalogs
+    from streamstars.margins import margin_violations
+    from streamstars.references import snapshot_references
+
     if config is None:
         config = store.config
     else:
@@ -510,6 +519,8 @@ def write_store_snapshot(store: StarStore, out_dir: str | Path,
                          extra_metadata: dict[str, str] | None = None,
                          config: BuildStarsConfig | None = None) -> SnapshotSummary:
     """Compute the catalogs from one read transaction and write them atomically to out_dir."""
+    from streamstars.io.snapshot_files import write_snapshot
+
     start = time.perf_counter()
     with store.read(buffers=True) as tx:
         catalogs, stars = build_catalogs(store, tx, config)

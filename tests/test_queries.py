@@ -19,7 +19,7 @@ from survey_helpers import PreparedSurvey, prepare_survey
 
 from streamstars.config import BuildStarsConfig
 from streamstars.errors import ConfigError, StarNotFoundError, StateError
-from streamstars.ingest import apply_prepared
+from streamstars.ingest import PreparedVisit, apply_prepared
 from streamstars.io.snapshot_files import SnapshotCatalogs, read_snapshot
 from streamstars.queries import QueryResult, cone_query, star_query
 from streamstars.sharded_snapshot import write_state_snapshot
@@ -335,3 +335,65 @@ def test_a_write_after_a_cached_query_changes_the_answer(crowded: PreparedSurvey
         assert not np.array_equal(result.stars.star_id, first.stars.star_id)
         for star_id in after.stars["fgcm_id"][::40].tolist():
             assert_same_as_snapshot(star_query(state, star_id), after, _star(after, star_id))
+
+
+def _scrambled_source_ids(visits: list[PreparedVisit]) -> list[PreparedVisit]:
+    """The visits with their sourceIds permuted across the survey (still unique): a visit's
+    ids no longer all follow the earlier visits' ids."""
+    ids = np.concatenate([v.observations["source_id"] for v in visits])
+    new = np.random.default_rng(5).permutation(ids)
+    out, start = [], 0
+    for v in visits:
+        n = len(v.observations["source_id"])
+        out.append(dataclasses.replace(v, observations={**v.observations,
+                                                        "source_id": new[start:start + n]}))
+        start += n
+    return out
+
+
+@pytest.mark.parametrize(("scrambled", "required"), [(False, ("g", "r")), (True, ())],
+                         ids=["required-gr", "scrambled-ids"])
+def test_a_query_right_after_each_new_visit_equals_the_snapshot_then(
+        crowded: PreparedSurvey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        scrambled: bool, required: tuple[str, ...]) -> None:
+    """After every visit applied, the first query (its density pixels derived for the new
+    generation: published ids settled reading values in sourceId order, the stars left open
+    read at their fine pixels only) answers what a snapshot taken then holds.  Small batches
+    make every query go through several batches and the restricted read; scrambled sourceIds
+    make a later value hold a star's smallest member."""
+    import streamstars.queries as queries
+    from streamstars.state.tables import FineRows
+
+    monkeypatch.setattr(queries, "_ID_BATCH_ROWS", 4)
+    monkeypatch.setattr(queries, "_RESTRICTED_BATCHES", 10**9 if scrambled else 20)
+    restricted = []
+    original = FineRows.restricted
+
+    def counted(self: FineRows, fine: np.ndarray) -> FineRows | None:
+        restricted.append(len(fine))
+        return original(self, fine)
+
+    monkeypatch.setattr(FineRows, "restricted", counted)
+    config = dataclasses.replace(crowded.config, shardNside=64, shardMargin=MARGIN,
+                                 densityCutMaxPerPixel=4, requiredBands=required)
+    state_path = tmp_path / "state"
+    derived = 0
+    visits = _scrambled_source_ids(crowded.visits) if scrambled else crowded.visits
+    for i, prepared in enumerate(visits):
+        with StateDirectory.open(state_path, config) as state:
+            apply_prepared(state, prepared)
+        with StateDirectory.open(state_path, readonly=True) as state:
+            write_state_snapshot(state, tmp_path / f"snap{i}")
+        snap = read_snapshot(tmp_path / f"snap{i}")
+        if not len(snap.stars["fgcm_id"]):
+            continue
+        ra, dec = float(np.median(snap.stars["ra"])), float(np.median(snap.stars["dec"]))
+        with StateDirectory.open(state_path, readonly=True) as state:
+            result = cone_query(state, ra, dec, 150.0)
+            assert result.density_pixels_cached == 0  # a new generation: nothing reused
+            derived += result.density_pixels_derived
+            assert_same_as_snapshot(result, snap, _in_cone(snap, ra, dec, 150.0))
+            for star_id in snap.stars["fgcm_id"][::60].tolist():
+                assert_same_as_snapshot(star_query(state, star_id, use_cache=False), snap,
+                                        _star(snap, star_id))
+    assert derived > 0 and restricted

@@ -91,3 +91,59 @@ def test_pair_searches_equal_the_plain_kdtree_searches(seed: int) -> None:
     assert len(pairs_within(points, one, radius)[0]) >= 1
     assert self_pairs_within(one, radius).shape == (0, 2)
     assert len(pairs_within(points[:0], tree, radius)[0]) == 0
+
+
+@pytest.mark.parametrize("nside", [32, 128, 256, 16384, 1 << 29])
+def test_hpgeom_pixels_are_healpys(nside: int) -> None:
+    """streamstars computes pixels with hpgeom (no astropy import); stored keys, the density
+    cut and shard ownership were defined with healpy: the numbers must be the same, also for
+    points a few ulps from pixel edges and corners and for fixed-point vectors."""
+    from streamstars.sky import (
+        disc_pixels,
+        healpix29,
+        max_pixel_radius,
+        neighbours,
+        pixel_at_order,
+        pixel_vectors,
+        pixels_of,
+        resolution,
+    )
+
+    rng = np.random.default_rng(nside % 1000)
+    v = _points(rng, 200_000)
+    n_pix = 12 * nside * nside
+    pix = rng.integers(0, n_pix, 3000)
+    corners = np.asarray(hp.boundaries(nside, pix, step=2, nest=True)).transpose(0, 2, 1)
+    corners = corners.reshape(-1, 3)
+    edges = np.concatenate([corners, np.nextafter(corners, 2.0), np.nextafter(corners, -2.0),
+                            np.rint(corners * 2.0**40) / 2.0**40])
+    for points in (v, edges):
+        assert np.array_equal(pixels_of(points, nside),
+                              hp.vec2pix(nside, *points.T, nest=True))
+    # shard ownership: healpy's order-29 index shifted, also on the edges of the pixels
+    order = int(np.log2(nside))
+    if order < 29:
+        corner_ra, corner_dec = hp.vec2ang(corners, lonlat=True)
+        centre_ra, centre_dec = hp.pix2ang(nside * 2, rng.integers(0, 4 * n_pix, 3000),
+                                           nest=True, lonlat=True)
+        ra = np.concatenate([corner_ra, centre_ra, np.degrees(np.arctan2(v[:, 1], v[:, 0]))
+                             % 360.0])
+        dec = np.concatenate([corner_dec, centre_dec, np.degrees(np.arcsin(v[:, 2]))])
+        for r, d in ((ra, dec), (np.nextafter(ra, 400.0), np.nextafter(dec, 100.0)),
+                     (np.nextafter(ra, -1.0), np.nextafter(dec, -100.0))):
+            d = np.clip(d, -90.0, 90.0)
+            expected = hp.ang2pix(1 << 29, r, d, nest=True, lonlat=True) >> (2 * (29 - order))
+            assert np.array_equal(pixel_at_order(r, d, order), expected)
+            assert np.array_equal(healpix29(r, d) >> (2 * (29 - order)), expected)
+    if nside <= 16384:
+        assert np.array_equal(np.sort(neighbours(pix, nside), axis=0),
+                              np.sort(np.asarray(hp.get_all_neighbours(nside, pix, nest=True)),
+                                      axis=0))
+        assert np.array_equal(pixel_vectors(pix, nside), np.asarray(hp.pix2vec(nside, pix,
+                                                                               nest=True)).T)
+        for centre, radius in zip(v[:20], np.linspace(1e-5, 0.05, 20), strict=True):
+            assert np.array_equal(np.sort(disc_pixels(centre, radius, nside)),
+                                  np.sort(hp.query_disc(nside, centre, radius, inclusive=True,
+                                                        nest=True)))
+    assert max_pixel_radius(nside) == hp.max_pixrad(nside)
+    assert resolution(nside) == hp.nside2resol(nside)

@@ -35,7 +35,8 @@ hats accept it (they index by ``_healpix_29`` without requiring it sorted, and t
 open the catalog with both).  Row groups hold whole stars and at most
 ``row_group_observations`` observations (one star with more gets a row group of its own).
 
-``_healpix_29`` is healpy's ``ang2pix(2**29, ra, dec, nest=True, lonlat=True)``; a star
+``_healpix_29`` is healpy's ``ang2pix(2**29, ra, dec, nest=True, lonlat=True)``
+(computed with hpgeom, :func:`streamstars.sky.healpix29`); a star
 belongs to the partition ``_healpix_29 >> 2 * (29 - k)`` (:func:`pixel_at_order`).  The shard
 that owns a star must decide ownership with that function so that every star lies in its
 partition (``write_partition`` checks it).
@@ -53,7 +54,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import healpy as hp
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -74,6 +74,7 @@ from streamstars.io.snapshot_parquet import (
     parquet_reference_columns,
     reference_parquet_metadata,
 )
+from streamstars.sky import HEALPIX_ORDER, healpix29, pixel_at_order
 
 __all__ = [
     "CATALOG_DIR",
@@ -99,7 +100,6 @@ __all__ = [
 CATALOG_DIR = HATS_CATALOG_DIR
 #: HATS spatial-index column and its order.
 HEALPIX_COLUMN = "_healpix_29"
-HEALPIX_ORDER = 29
 #: The nested column holding each star's observations.
 OBSERVATIONS_COLUMN = "observations"
 #: Default bound of a partition row group, in observations (~5 MB decoded).
@@ -154,23 +154,6 @@ class CatalogSummary:
 # --------------------------------------------------------------------------------------------
 # HEALPix
 # --------------------------------------------------------------------------------------------
-
-
-def healpix29(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    """HEALPix nest index at order 29 (int64) of positions ``ra``, ``dec`` in degrees."""
-    ra = np.asarray(ra, dtype=np.float64)
-    dec = np.asarray(dec, dtype=np.float64)
-    if ra.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.asarray(hp.ang2pix(1 << HEALPIX_ORDER, ra, dec, nest=True, lonlat=True),
-                      dtype=np.int64)
-
-
-def pixel_at_order(ra: np.ndarray, dec: np.ndarray, order: int) -> np.ndarray:
-    """The nest pixel at ``order`` (0..29) holding each position (degrees): the partition a
-    star at that position belongs to.  Decide shard ownership with this function."""
-    _check_order(order)
-    return healpix29(ra, dec) >> np.int64(2 * (HEALPIX_ORDER - order))
 
 
 def _check_order(order: int) -> None:
