@@ -195,7 +195,9 @@ class Runner:
         self.dead_letters.close()
         self.store.close()
         self._stop_http()
-        log.info("stopped after %d message(s)", self.processed)
+        log.info("stopped after %d message(s); %d visit(s) read and selected, reused for %d "
+                 "other shard event(s)", self.processed, self.preparer.prepared,
+                 self.preparer.reused)
 
     def _stop_http(self) -> None:
         if self.http is not None:

@@ -23,11 +23,13 @@ from streamstars.ingest import (
     ApplyResult,
     KafkaOffset,
     PreparedVisit,
+    RoutedVisit,
     apply_prepared,
     apply_shard_event,
     repair_shard_visit,
     retract_shard_event,
     retract_visit,
+    route_visit,
 )
 from streamstars.references import ReferenceSource, attach_references, open_reference_source
 from streamstars.sharded_snapshot import ShardedSnapshotSummary, write_state_snapshot
@@ -51,6 +53,8 @@ class ConsumerStore:
         self._store: StateDirectory | None = None
         #: the checked reference catalog visits cache stars from (None: no catalog)
         self._references: ReferenceSource | None = None
+        #: the visit of the last shard event, routed (its other shard events reuse it)
+        self._routed: RoutedVisit | None = None
 
     @property
     def star_store(self) -> StateDirectory:
@@ -196,10 +200,16 @@ class ConsumerStore:
         """Apply the event's shard of the visit with the partition's next offset in the
         shard's transaction (:func:`streamstars.ingest.apply_shard_event`)."""
         assert event.shard is not None
-        return apply_shard_event(self.star_store, prepared, event.shard, event.shards,
+        state = self.star_store
+        routed = self._routed
+        if routed is None or routed.prepared is not prepared:
+            # the other shard events of this visit reuse its routing (and its prepared rows:
+            # consumers/prepare.py)
+            routed = self._routed = route_visit(prepared, state.shard_nside, state.shard_margin)
+        return apply_shard_event(state, prepared, event.shard, event.shards,
                                  replace=event.action == "replace",
                                  kafka_offset=_kafka_offset(position),
-                                 references=self._references)
+                                 references=self._references, routed=routed)
 
     def retract_shard(self, event: VisitEvent, position: Position) -> ApplyResult:
         """Remove the event's visit from the event's shard only."""

@@ -734,7 +734,8 @@ def _retract_from_state(state: StateDirectory, visit: int,
 # ---------------------------------------------------------------------------------------------
 def apply_shard_event(state: StateDirectory, prepared: PreparedVisit, shard: int,
                       footprint: Sequence[int], *, replace: bool, kafka_offset: KafkaOffset,
-                      references: ReferenceChoice = CONFIGURED) -> ApplyResult:
+                      references: ReferenceChoice = CONFIGURED,
+                      routed: RoutedVisit | None = None) -> ApplyResult:
     """Apply the part of a visit that ``shard`` stores, for one shard event (docs/state.md
     "Consumers in a group").
 
@@ -745,12 +746,16 @@ def apply_shard_event(state: StateDirectory, prepared: PreparedVisit, shard: int
     state and records the partition's watermark (:func:`record_shard_visit`).  Other shards of
     the visit are not touched: their own events apply them.
 
+    ``routed``: the visit already routed with this state's shard settings (the other shard
+    events of a visit reuse it), else it is routed here.
+
     Raises:
         FootprintMissError: a row routes to a shard not in ``footprint`` (nothing written).
         VisitConflictError, SourceIdReuseError, StateError, DiskFullError: as for
             :func:`apply_to_store` (nothing written to the shard).
     """
-    routed = route_visit(prepared, state.shard_nside, state.shard_margin)
+    if routed is None or routed.prepared is not prepared:
+        routed = route_visit(prepared, state.shard_nside, state.shard_margin)
     missed = sorted(set(routed.shards) - {int(s) for s in footprint})
     if missed:
         names = ", ".join(f"{state.shard_nside}/{s}" for s in missed[:10])

@@ -301,6 +301,9 @@ def test_the_consumer_applies_shard_events_and_version_1_events_behind_them(
          "--exit-when-idle", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert broker.consume_all(dlq, 1, timeout=5) == []
+    # each visit read and selected once for all its shard events (then once more for its
+    # version-1 event, which names no shard)
+    assert f"reused for {summary.events - 5} other shard event(s)" in done.stderr, done.stderr
     from streamstars.state import StateDirectory
 
     with StateDirectory.open(state, readonly=True) as directory:
