@@ -144,3 +144,33 @@ def applications(app_log: Path) -> list[dict[str, Any]]:
     if not app_log.exists():
         return []
     return [json.loads(line) for line in app_log.read_text().splitlines()]
+
+
+#: meta keys that differ between two copies of one shard with the same data
+_COPY_META = (b"created", b"instance")
+
+
+def shard_tables(state: Path) -> dict[int, dict[str, dict[bytes, bytes]]]:
+    """Every key and value of every sub-database of every shard store of the state directory
+    ``state`` (shard pixel -> sub-database -> {key: value}), without the meta values that name
+    a copy rather than its data (creation time, instance id): two shards built from the same
+    events in the same order are equal here."""
+    import lmdb
+
+    from streamstars.state.schema import ALL_DBS
+
+    out: dict[int, dict[str, dict[bytes, bytes]]] = {}
+    for data in sorted(state.glob("shards/*/*/data.mdb")):
+        env = lmdb.open(str(data.parent), readonly=True, lock=False, max_dbs=len(ALL_DBS) + 2)
+        try:
+            tables: dict[str, dict[bytes, bytes]] = {}
+            with env.begin() as txn:
+                names = [bytes(k) for k, _ in txn.cursor()]
+                for name in names:
+                    db = env.open_db(name, txn=txn, create=False)
+                    tables[name.decode()] = {bytes(k): bytes(v) for k, v in txn.cursor(db=db)
+                                             if not (name == b"meta" and bytes(k) in _COPY_META)}
+            out[int(data.parent.name)] = tables
+        finally:
+            env.close()
+    return out
