@@ -210,7 +210,7 @@ class ShardBackups:
             self._stale_index.add(partition)
             self.metrics.shard_backups.inc()
             self.metrics.last_shard_backup_time = time.time()
-            log.info("backed up shard %d/%d (%d visits, offset %d of %s[%d]) to %s in %.2f s",
+            log.info("backed up shard %d/%d (%d visit(s), offset %d of %s[%d]) to %s in %.2f s",
                      state.shard_order, pixel, manifest["visits"], backup.offset, self.topic,
                      partition, backup.path, time.perf_counter() - start)
             for old in prune_shard_backups(self.root, state.shard_order, pixel):
@@ -306,7 +306,7 @@ class ShardBackups:
             self._pending.pop(pixel, None)
             self.metrics.shard_restores.labels("backup").inc()
             self.hooks.shard_restored(pixel, "backup", offset)
-            log.info("shard %s: restored from the backup %s (%d visits, offset %d of %s[%d]; "
+            log.info("shard %s: restored from the backup %s (%d visit(s), offset %d of %s[%d]; "
                      "local copy: %s)", name, backup.path, manifest["visits"], offset, topic,
                      partition, "none" if local is None else f"offset {local}")
             return offset
