@@ -353,15 +353,15 @@ class Runner:
         return Outcome(result.status, result.n_sources, result.n_selected,
                        time.perf_counter() - start, result.dropped)
 
-    def _needs_reading(self, event: VisitEvent) -> bool:
-        """Whether applying ``event`` reads files (what the read-ahead prepares): not for a
-        retraction, nor for datasets the visit was already applied from, nor for a shard
-        event its shard already applied."""
+    def _needs_reading(self, event: VisitEvent, position: Position) -> bool:
+        """Whether applying ``event`` (at ``position``) reads files (what the read-ahead
+        prepares): not for a retraction, nor for datasets the visit was already applied from,
+        nor for a shard event its shard is past (e.g. replayed after a restore)."""
         if event.action == "retract":
             return False
         if event.shard is not None:
-            # (whether its shard is past it depends on its position: checked when applied)
-            return event.shard_nside == self.store.star_store.shard_nside
+            return event.shard_nside == self.store.star_store.shard_nside and \
+                not self.store.shard_past(event, position)
         return not self.store.applied_from(event)
 
     def _prepare(self, event: VisitEvent) -> PreparedVisit:

@@ -170,6 +170,13 @@ class ConsumerStore:
                 f"{state.shard_nside}; publish with the consumers' shardNside "
                 "(`streamstars publish --shard-nside` or --config)")
 
+    def shard_past(self, event: VisitEvent, position: Position) -> bool:
+        """Whether the store of the event's shard records an offset of the partition past
+        ``position`` (nothing to read; no repair: see :meth:`shard_event_done`)."""
+        assert event.shard is not None
+        own = self.star_store.shard_offset(event.shard, position.topic, position.partition)
+        return own is not None and position.offset < own
+
     def shard_event_done(self, event: VisitEvent, position: Position) -> bool:
         """Whether the shard of ``event`` already applied it: its store's next offset of the
         partition is past the event (a shard with no record of the partition: the state's
