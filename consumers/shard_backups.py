@@ -293,7 +293,7 @@ class ShardBackups:
             if local is not None and backup.offset <= local:
                 break  # the state's own copy is at least as new
             try:
-                manifest = install_shard_backup(state, backup)
+                manifest = install_shard_backup(state, backup, (topic, partition))
             except ShardBackupRejected as exc:
                 self.metrics.shard_backup_rejected.inc()
                 log.warning("shard %s: %s; trying an older backup", name, exc)
@@ -301,7 +301,7 @@ class ShardBackups:
             except ShardBackupError as exc:
                 log.error("shard %s: %s; trying an older backup", name, exc)
                 continue
-            offset = backup_offsets(manifest).get((topic, partition), 0)
+            offset = backup_offsets(manifest)[(topic, partition)]
             self._backed_up[pixel] = backup.offset
             self._pending.pop(pixel, None)
             self.metrics.shard_restores.labels("backup").inc()

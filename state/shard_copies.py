@@ -236,7 +236,8 @@ def backup_offsets(manifest: dict[str, Any]) -> dict[tuple[str, int], int]:
     return {(str(t), int(p)): int(o) for t, p, o in manifest["offsets"]}
 
 
-def install_shard_backup(state: StateDirectory, backup: ShardBackup) -> dict[str, Any]:
+def install_shard_backup(state: StateDirectory, backup: ShardBackup,
+                         partition: tuple[str, int] | None = None) -> dict[str, Any]:
     """Replace the state's copy of ``backup.pixel`` (or create it) with the backup.
 
     The backup's ``data.mdb`` is copied into a staged directory beside the shard while its
@@ -245,14 +246,25 @@ def install_shard_backup(state: StateDirectory, backup: ShardBackup) -> dict[str
     shard's directory under the visit boundary, and the index learns the shard's visits
     (:func:`learn_shard_visits`).  A crash leaves the old copy or the new one in place.
 
+    Args:
+        state: the state directory (written).
+        backup: the backup of one of its shards.
+        partition: (topic, partition) the backup must record an offset of (a backup made
+            from another topic's events, or before the partition count changed, is refused).
+
     Returns:
         The backup's manifest.
 
     Raises:
-        ShardBackupRejected: partial, corrupt, or not this state's shard (nothing changed).
+        ShardBackupRejected: partial, corrupt, not this state's shard, or without an offset
+            of ``partition`` (nothing changed).
         ShardBackupError: the copy cannot be made (the state's disk, permissions).
     """
     manifest = read_backup_manifest(backup, state)
+    if partition is not None and partition not in backup_offsets(manifest):
+        raise ShardBackupRejected(f"the shard backup {backup.path} records no offset of "
+                                  f"{partition[0]}[{partition[1]}] (another topic, or made "
+                                  "before the partition count changed)")
     pixel = backup.pixel
     target = state.shard_path(pixel)
     try:

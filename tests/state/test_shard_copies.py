@@ -108,6 +108,9 @@ def test_a_partial_or_corrupt_backup_is_rejected_and_nothing_changes(
         shutil.copytree(other.path, moved)
         with pytest.raises(ShardBackupRejected, match="holds the shard"):
             install_shard_backup(directory, ShardBackup(moved, pixels[0], other.offset))
+        clean = list_shard_backups(root, order, pixels[2])[0]
+        with pytest.raises(ShardBackupRejected, match=r"records no offset of visits\[0\]"):
+            install_shard_backup(directory, clean, ("visits", 0))  # (a backfill records none)
         assert directory.shards() == [] and directory.applied_visits() == {}
     assert not [p for p in (target / "shards").rglob("*") if p.name.startswith(".")]
 
