@@ -6,7 +6,7 @@ Backups
 -------
 Every ``N`` visits applied to a shard (counted per shard, from this process's start), the
 consumer writes a consistent copy of the shard into the backup directory
-(:func:`streamstars.state.shard_copies.write_shard_backup`: ``DIR/shards/<order>/<pixel>/
+(:meth:`.visit_store.ConsumerStore.backup_shard`: ``DIR/shards/<order>/<pixel>/
 <offset>-<consumer>-<random>/``, its checksum manifest last), backs up with it every shard of
 the same partition that has no backup yet, then rewrites the partition's **index**
 ``DIR/partitions/<topic>/<partition>.json`` atomically::
@@ -49,13 +49,6 @@ from typing import Any
 from streamstars.errors import ConfigError, ShardBackupError, ShardBackupRejected
 from streamstars.events import VisitEvent
 from streamstars.staging import write_json_atomic
-from streamstars.state.shard_copies import (
-    backup_offsets,
-    install_shard_backup,
-    list_shard_backups,
-    prune_shard_backups,
-    write_shard_backup,
-)
 
 from .context import RunContext
 from .hooks import NO_HOOKS, ConsumerHooks
@@ -195,35 +188,33 @@ class ShardBackups:
         Raises:
             ShardBackupError: a backup or the index cannot be written (naming the directory).
         """
-        state = self.store.star_store
-        revoked = state.revoked_shards()
-        shards = sorted(s for s, offsets in state.shard_offsets(self.topic).items()
-                        if partition in offsets and s not in revoked)
+        store = self.store
+        shards = store.partition_shards(self.topic, partition)
         for pixel in shards:
             if self._pending.get(pixel, 0) < self.every and pixel in self._backed_up:
                 continue
             start = time.perf_counter()
-            backup, manifest = write_shard_backup(state, pixel, self.root, topic=self.topic,
-                                                  partition=partition, consumer=self.consumer)
+            backup, visits = store.backup_shard(pixel, self.root, topic=self.topic,
+                                                partition=partition, consumer=self.consumer)
             self._backed_up[pixel] = backup.offset
             self._pending.pop(pixel, None)
             self._stale_index.add(partition)
             self.metrics.shard_backups.inc()
             self.metrics.last_shard_backup_time = time.time()
             log.info("backed up shard %d/%d (%d visit(s), offset %d of %s[%d]) to %s in %.2f s",
-                     state.shard_order, pixel, manifest["visits"], backup.offset, self.topic,
-                     partition, backup.path, time.perf_counter() - start)
-            for old in prune_shard_backups(self.root, state.shard_order, pixel):
+                     store.shard_order, pixel, visits, backup.offset, self.topic, partition,
+                     backup.path, time.perf_counter() - start)
+            for old in store.prune_shard_backups(self.root, pixel):
                 log.info("removed the older shard backup %s", old)
         if partition not in self._stale_index:
             return
         path = partition_index_path(self.root, self.topic, partition)
-        complete_through = state.stored_offsets(self.topic).get(partition, 0)
+        complete_through = store.watermark(self.topic, partition) or 0
         index = {
             "format": INDEX_FORMAT, "format_version": INDEX_FORMAT_VERSION,
             "topic": self.topic, "partition": partition,
             "complete_through": complete_through,
-            "shardNside": state.shard_nside,
+            "shardNside": store.shard_nside,
             "shards": {str(p): self._backed_up[p] for p in shards if p in self._backed_up},
             "consumer": self.consumer,
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -257,35 +248,35 @@ class ShardBackups:
         return out
 
     def _restore_partition(self, topic: str, partition: int) -> int | None:
-        state = self.store.star_store
+        store = self.store
         index = read_partition_index(self.root, topic, partition)
         if index is None:
             log.info("%s[%d]: no partition index in %s (no shard backup yet)", topic,
                      partition, self.root)
             return None
-        if index.get("shardNside") != state.shard_nside:
+        if index.get("shardNside") != store.shard_nside:
             raise ShardBackupError(
                 f"the partition index of {topic}[{partition}] lists shards of nside "
-                f"{index.get('shardNside')}, this state has shardNside {state.shard_nside}")
+                f"{index.get('shardNside')}, this state has shardNside {store.shard_nside}")
         start = index["complete_through"]
         for pixel, listed in sorted(index["shards"].items()):
             start = min(start, self._restore_shard(topic, partition, pixel, listed))
-        watermark = state.stored_offsets(topic).get(partition)
+        watermark = store.watermark(topic, partition)
         if watermark is not None and watermark >= start:
             return watermark  # every event below it is done here (restored copies are newer)
         if start > 0:
             # every event below start is done here now: a restart resumes there too
-            state.record_offset(topic, partition, start)
+            store.raise_watermark(topic, partition, start)
         return start
 
     def _restore_shard(self, topic: str, partition: int, pixel: int, listed: int) -> int:
         """Make one listed shard current; returns its next offset of the partition (0: it is
         replayed from the partition's start)."""
-        state = self.store.star_store
-        name = f"{state.shard_order}/{pixel}"
-        local = state.shard_offset(pixel, topic, partition)
+        store = self.store
+        name = f"{store.shard_order}/{pixel}"
+        local = store.shard_next_offset(pixel, topic, partition)
         try:
-            backups = list_shard_backups(self.root, state.shard_order, pixel)
+            backups = store.shard_backups(self.root, pixel)
         except OSError as exc:
             log.error("shard %s: cannot list its backups in %s: %s", name, self.root, exc)
             backups = []
@@ -293,7 +284,7 @@ class ShardBackups:
             if local is not None and backup.offset <= local:
                 break  # the state's own copy is at least as new
             try:
-                manifest = install_shard_backup(state, backup, (topic, partition))
+                offset, visits = store.install_shard_backup(backup, topic, partition)
             except ShardBackupRejected as exc:
                 self.metrics.shard_backup_rejected.inc()
                 log.warning("shard %s: %s; trying an older backup", name, exc)
@@ -301,13 +292,12 @@ class ShardBackups:
             except ShardBackupError as exc:
                 log.error("shard %s: %s; trying an older backup", name, exc)
                 continue
-            offset = backup_offsets(manifest)[(topic, partition)]
             self._backed_up[pixel] = backup.offset
             self._pending.pop(pixel, None)
             self.metrics.shard_restores.labels("backup").inc()
             self.hooks.shard_restored(pixel, "backup", offset)
-            log.info("shard %s: restored from the backup %s (%d visit(s), offset %d of %s[%d]; "
-                     "local copy: %s)", name, backup.path, manifest["visits"], offset, topic,
+            log.info("shard %s: restored from the backup %s (%d visit(s), offset %d of "
+                     "%s[%d]; local copy: %s)", name, backup.path, visits, offset, topic,
                      partition, "none" if local is None else f"offset {local}")
             return offset
         if local is not None:
