@@ -192,6 +192,8 @@ class ConsumerMetrics:
             ["source"],
             registry=r,
         )
+        for source in ("backup", "local", "replay"):  # exported from the start, at 0
+            self.shard_restores.labels(source)
         self.last_shard_backup_time: float | None = None
         self.shard_backup_age = Gauge(
             "streamstars_shard_backup_age_seconds",
