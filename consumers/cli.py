@@ -78,6 +78,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("streamstars run: error: give at least one --data-root (events may only name "
               "files under these directories), or --butler REPO", file=sys.stderr)
         return 2
+    shard_backups = None
+    if args.shard_backups is not None:
+        from .shard_backups import backup_root
+
+        try:
+            shard_backups = backup_root(args.shard_backups)
+        except ConfigError as exc:
+            print(f"streamstars run: error: {exc}", file=sys.stderr)
+            return 2
+    elif args.backup_every_visits is not None:
+        print("streamstars run: error: --backup-every-visits needs --shard-backups",
+              file=sys.stderr)
+        return 2
     dead_letter = args.dead_letter_topic
     if dead_letter is None:
         dead_letter = f"{args.topic}.dead-letters"
@@ -107,6 +120,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         stall_seconds=args.stall_seconds,
         dead_letter_max_bytes=args.dead_letter_max_bytes,
         butler=args.butler,
+        shard_backups=shard_backups,
+        backup_every_visits=args.backup_every_visits or 100,
+        assignment_strategy=args.assignment_strategy,
     )
     if options.snapshot_shared and options.snapshot_dir is None:
         print("streamstars run: error: --snapshot-shared needs --snapshot-dir SHARED (the "
@@ -236,6 +252,18 @@ def add_commands(subparsers: Any) -> None:
                    help="static group membership (group.instance.id, e.g. the pod name): a "
                    "consumer restarted within session.timeout.ms keeps its partitions "
                    "without a rebalance")
+    p.add_argument("--assignment-strategy", choices=("range", "cooperative-sticky"),
+                   help="partition.assignment.strategy of the group (default: librdkafka's "
+                   "range,roundrobin, or what --kafka-config says); every consumer of a group "
+                   "must use the same (docs/operations.md \"Scale-out\")")
+    p.add_argument("--shard-backups", metavar="DIR_OR_URI",
+                   help="shard backups and partition indexes shared by the group (a directory "
+                   "or a file:// URI every consumer mounts): a partition assigned to this "
+                   "consumer is restored from the newest backups of its shards instead of "
+                   "replayed from its start")
+    p.add_argument("--backup-every-visits", type=_positive_int, metavar="N",
+                   help="back a shard up every N visits applied to it (default 100; needs "
+                   "--shard-backups)")
     p.add_argument("--config", metavar="FILE", help="TOML configuration (fgcmcal field names)")
     p.add_argument("--data-root", action="append", metavar="DIR",
                    help="directory events may point into (repeatable; required)")

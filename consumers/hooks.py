@@ -58,6 +58,12 @@ class ConsumerHooks:
     def snapshot_started(self) -> None:
         """A periodic snapshot starts (in the snapshot thread)."""
 
+    def shard_restored(self, pixel: int, source: str, offset: int) -> None:
+        """A shard of a newly assigned partition was made current before the partition is
+        consumed: installed from a backup holding the partition's events below ``offset``
+        (``source`` ``backup``), the state's own copy kept (``local``), or left to a replay
+        from the partition's start (``replay``, ``offset`` 0)."""
+
 
 #: The hooks of a production consumer: none.
 NO_HOOKS = ConsumerHooks()

@@ -73,14 +73,21 @@ class KafkaClient:
             readiness (follows the assignment), metrics (lag, failed commits) and stop request
             (set on a fatal Kafka error).
         stored_offsets: partition -> next offset recorded in LMDB for a topic.
+        ownership: told (topic, partitions, owned) at assignments and revocations.
+        restore: told (topic, partitions) at assignments, before the seek; returns the start
+            offsets of the partitions whose shards it restored (0: the beginning).
     """
 
     def __init__(self, ctx: RunContext,
                  stored_offsets: Callable[[str], dict[int, int]],
-                 ownership: Callable[[str, list[int], bool], None] | None = None) -> None:
+                 ownership: Callable[[str, list[int], bool], None] | None = None,
+                 restore: Callable[[str, list[int]], dict[int, int]] | None = None) -> None:
         self.ctx = ctx
         self.opts = ctx.options
         self._stored_offsets = stored_offsets
+        #: called with newly assigned partitions before they are seeked: brings their shards
+        #: up to date (shard backups) and returns where each restored partition starts
+        self._restore = restore
         #: told (topic, partitions, owned) when partitions are assigned (True) or revoked /
         #: lost (False): the state marks their shards
         self._ownership = ownership
@@ -108,6 +115,8 @@ class KafkaClient:
             # static membership: a restart within session.timeout.ms keeps the partitions
             settings["group.instance.id"] = opts.group_instance_id
         settings.update(opts.kafka_config)
+        if opts.assignment_strategy:
+            settings["partition.assignment.strategy"] = opts.assignment_strategy
         settings.update(
             {
                 "bootstrap.servers": opts.bootstrap,
@@ -202,9 +211,16 @@ class KafkaClient:
             self.ctx.stop_requested.set()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        restored = self._restore(self.opts.topic, [tp.partition for tp in partitions]) \
+            if self._restore is not None and partitions else {}
         stored = self._stored_offsets(self.opts.topic)
         for tp in partitions:
-            if tp.partition in stored:
+            if tp.partition in restored:
+                start = restored[tp.partition]
+                tp.offset = start if start > 0 else OFFSET_BEGINNING
+                where = (f"offset {start}" if start > 0 else "the beginning") + \
+                    " (its shards brought up to their partition index)"
+            elif tp.partition in stored:
                 tp.offset = stored[tp.partition]
                 where = f"offset {tp.offset} (from the LMDB store)"
             else:

@@ -167,12 +167,51 @@ class ConsumerMetrics:
             registry=r,
         )
         self.snapshot_age.set_function(self._snapshot_age)
+        self.shard_backups = Counter(
+            "streamstars_shard_backups",
+            "Shard backups written to --shard-backups (one shard each)",
+            registry=r,
+        )
+        self.shard_backup_failures = Counter(
+            "streamstars_shard_backup_failures",
+            "Shard backups (or partition indexes) that could not be written (retried; the "
+            "consumer goes on applying)",
+            registry=r,
+        )
+        self.shard_backup_rejected = Counter(
+            "streamstars_shard_backup_rejected",
+            "Shard backups rejected at a restore (partial: no manifest; corrupt: checksum; "
+            "another shard or configuration): an older one, the local copy or a replay is used",
+            registry=r,
+        )
+        self.shard_restores = Counter(
+            "streamstars_shard_restores",
+            "Shards of an assigned partition made current, by source (backup: installed from "
+            "a backup; local: the state's own copy was as new; replay: replayed from the "
+            "partition's start)",
+            ["source"],
+            registry=r,
+        )
+        for source in ("backup", "local", "replay"):  # exported from the start, at 0
+            self.shard_restores.labels(source)
+        self.last_shard_backup_time: float | None = None
+        self.shard_backup_age = Gauge(
+            "streamstars_shard_backup_age_seconds",
+            "Seconds since this consumer's last successful shard backup (-1: none yet)",
+            registry=r,
+        )
+        self.shard_backup_age.set_function(self._shard_backup_age)
         self.up_since = time.time()
 
     def _snapshot_age(self) -> float:
         if self.last_snapshot_time is None:
             return -1.0
         return time.time() - self.last_snapshot_time
+
+    def _shard_backup_age(self) -> float:
+        if self.last_shard_backup_time is None:
+            return -1.0
+        return time.time() - self.last_shard_backup_time
 
     def track(self, health: HealthState) -> None:
         """Compute ``streamstars_message_in_flight_seconds`` and

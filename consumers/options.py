@@ -57,6 +57,13 @@ class RunOptions:
     dead_letter_max_bytes: int | None = None
     #: Butler repository resolving events that name datasets (schema version 2)
     butler: str | None = None
+    #: shard backups and partition indexes of a group (``--shard-backups``; None: none)
+    shard_backups: Path | None = None
+    #: a shard is backed up every this many visits applied to it (``--backup-every-visits``)
+    backup_every_visits: int = 100
+    #: ``partition.assignment.strategy`` (``--assignment-strategy``; None: librdkafka's
+    #: default, or what ``--kafka-config`` says)
+    assignment_strategy: str | None = None
 
     @property
     def effective_stall_seconds(self) -> float:

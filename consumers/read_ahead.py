@@ -34,13 +34,14 @@ class ReadAhead:
         depth: visits read ahead of the one being applied (``--read-ahead``).
         prepare: reads and selects the visit of an event (no store access).
         metrics: counts read-aheads used or failed.
-        needs_reading: whether an event's visit is read when applied (called here, in the
-            consumer's thread); default: every event but a retraction.
+        needs_reading: whether an event's visit, at its position, is read when applied
+            (called here, in the consumer's thread); default: every event but a retraction.
     """
 
     def __init__(self, depth: int, prepare: Callable[[VisitEvent], PreparedVisit],
                  metrics: ConsumerMetrics,
-                 needs_reading: Callable[[VisitEvent], bool] | None = None) -> None:
+                 needs_reading: Callable[[VisitEvent, Position], bool] | None = None
+                 ) -> None:
         self.depth = depth
         self.prepare = prepare
         self.metrics = metrics
@@ -79,7 +80,7 @@ class ReadAhead:
             except Exception:  # noqa: BLE001 - the normal path dead-letters it
                 continue
             self._events[position] = event
-            if self.needs_reading(event):
+            if self.needs_reading(event, position):
                 self._prepared[position] = self._pool.submit(self.prepare, event)
 
     def event(self, position: Position) -> VisitEvent | None:
@@ -114,5 +115,5 @@ class ReadAhead:
         self.clear()
 
 
-def _not_a_retraction(event: VisitEvent) -> bool:
+def _not_a_retraction(event: VisitEvent, _position: Position) -> bool:
     return event.action != "retract"

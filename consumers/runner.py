@@ -15,6 +15,8 @@ named parts:
 * :mod:`.retries`: transient errors retried with backoff, and how errors are classed;
 * :mod:`.dead_letter_producer`: dead letters built, logged and delivered before the offset;
 * :mod:`.snapshots`: periodic snapshots in a background thread;
+* :mod:`.shard_backups`: shard backups between messages and the restore of an assigned
+  partition's shards (``--shard-backups``);
 * :mod:`.metrics`, :mod:`.health`, :mod:`.http_server`: Prometheus metrics,
   progress/readiness, ``/metrics`` ``/healthz`` ``/readyz``;
 * :mod:`.signals`: SIGTERM/SIGINT (stop after the visit in flight, or abandon it);
@@ -55,7 +57,9 @@ shard's commit and the index's: the index is repaired).  Several consumers in on
 with its own state directory, share the partitions; ``streamstars snapshot --state A --state
 B`` combines their shards (docs/operations.md "Scale-out").  A row routed to a shard the
 event's footprint lacks is dead-lettered (``footprint_missed_shard``).  Version-1/2 events are
-applied to every shard they touch, as before.
+applied to every shard they touch, as before.  With ``--shard-backups`` the consumer backs
+its shards up every ``--backup-every-visits`` visits and, when a partition is assigned,
+restores its shards from the newest backups before seeking (:mod:`.shard_backups`).
 
 Hostile events
 --------------
@@ -95,6 +99,7 @@ from .options import EXIT_KAFKA, EXIT_OK, EXIT_STATE, EXIT_USAGE, RunOptions
 from .prepare import EventPreparer
 from .read_ahead import ReadAhead
 from .retries import Retrier, RetriesExhausted, Shutdown, UnexpectedError
+from .shard_backups import ShardBackups
 from .signals import StopSignals
 from .snapshots import SnapshotScheduler
 from .visit_store import ConsumerStore
@@ -124,7 +129,10 @@ class Runner:
         self.signals = StopSignals(ctx)
         self.store = ConsumerStore(options)
         self.preparer = EventPreparer(options.data_roots, options.butler)
-        self.kafka = KafkaClient(ctx, self.store.stored_offsets, self.store.mark_partitions)
+        self.backups = ShardBackups(ctx, self.store, lambda: self.kafka.assigned, hooks) \
+            if options.shard_backups is not None else None
+        self.kafka = KafkaClient(ctx, self.store.stored_offsets, self.store.mark_partitions,
+                                 restore=self.backups.restore if self.backups else None)
         self.retrier = Retrier(ctx)
         self.dead_letters = DeadLetterProducer(ctx, self.retrier)
         self.read_ahead = ReadAhead(options.read_ahead, self._prepare, self.metrics,
@@ -262,6 +270,8 @@ class Runner:
     def _idle_work(self) -> None:
         self.kafka.update_lag()
         self.snapshots.maybe_start()
+        if self.backups is not None:
+            self.backups.maybe_backup()
 
     # ------------------------------------------------------------------ one message
     def handle_message(self, msg: Message) -> None:
@@ -287,6 +297,8 @@ class Runner:
         self.hooks.offset_committed(position)
         self.processed += 1
         self.metrics.count(outcome, event)
+        if self.backups is not None:
+            self.backups.applied(event, outcome, position)
         if outcome.changed:
             self.snapshots.changed()
         if event is not None and outcome.status != "dead_lettered":
@@ -343,15 +355,15 @@ class Runner:
         return Outcome(result.status, result.n_sources, result.n_selected,
                        time.perf_counter() - start, result.dropped)
 
-    def _needs_reading(self, event: VisitEvent) -> bool:
-        """Whether applying ``event`` reads files (what the read-ahead prepares): not for a
-        retraction, nor for datasets the visit was already applied from, nor for a shard
-        event its shard already applied."""
+    def _needs_reading(self, event: VisitEvent, position: Position) -> bool:
+        """Whether applying ``event`` (at ``position``) reads files (what the read-ahead
+        prepares): not for a retraction, nor for datasets the visit was already applied from,
+        nor for a shard event its shard is past (e.g. replayed after a restore)."""
         if event.action == "retract":
             return False
         if event.shard is not None:
-            # (whether its shard is past it depends on its position: checked when applied)
-            return event.shard_nside == self.store.star_store.shard_nside
+            return event.shard_nside == self.store.star_store.shard_nside and \
+                not self.store.shard_past(event, position)
         return not self.store.applied_from(event)
 
     def _prepare(self, event: VisitEvent) -> PreparedVisit:

@@ -14,6 +14,7 @@ exactly the Butler datasets a visit was applied from is skipped without reading
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from streamstars.butler.read import event_dataset_ids
 from streamstars.config import BuildStarsConfig, load_config
@@ -36,6 +37,14 @@ from streamstars.sharded_snapshot import ShardedSnapshotSummary, write_state_sna
 from streamstars.shared_snapshot import complete_shared_snapshot, publish_partitions
 from streamstars.state import StateDirectory
 from streamstars.state.directory import MANIFEST_NAME
+from streamstars.state.shard_copies import (
+    ShardBackup,
+    backup_offsets,
+    install_shard_backup,
+    list_shard_backups,
+    prune_shard_backups,
+    write_shard_backup,
+)
 
 from .kafka_client import Position
 from .options import RunOptions
@@ -179,6 +188,13 @@ class ConsumerStore:
                 f"{state.shard_nside}; publish with the consumers' shardNside "
                 "(`streamstars publish --shard-nside` or --config)")
 
+    def shard_past(self, event: VisitEvent, position: Position) -> bool:
+        """Whether the store of the event's shard records an offset of the partition past
+        ``position`` (nothing to read; no repair: see :meth:`shard_event_done`)."""
+        assert event.shard is not None
+        own = self.star_store.shard_offset(event.shard, position.topic, position.partition)
+        return own is not None and position.offset < own
+
     def shard_event_done(self, event: VisitEvent, position: Position) -> bool:
         """Whether the shard of ``event`` already applied it: its store's next offset of the
         partition is past the event (a shard with no record of the partition: the state's
@@ -216,6 +232,78 @@ class ConsumerStore:
         assert event.shard is not None
         return retract_shard_event(self.star_store, event.visit, event.shard,
                                    kafka_offset=_kafka_offset(position))
+
+    # ------------------------------------------------------------------ shard backups
+    @property
+    def shard_order(self) -> int:
+        """``log2(shardNside)`` of the state."""
+        return self.star_store.shard_order
+
+    @property
+    def shard_nside(self) -> int:
+        """``shardNside`` of the state."""
+        return self.star_store.shard_nside
+
+    def watermark(self, topic: str, partition: int) -> int | None:
+        """The partition's watermark: every event of it below is done in this state."""
+        return self.star_store.stored_offsets(topic).get(int(partition))
+
+    def raise_watermark(self, topic: str, partition: int, offset: int) -> None:
+        """Record ``offset`` as the partition's watermark when it is higher (every event of
+        the partition below it is done here, e.g. after a restore from backups)."""
+        now = self.watermark(topic, partition)
+        if now is None or offset > now:
+            self.star_store.record_offset(topic, int(partition), int(offset))
+
+    def partition_shards(self, topic: str, partition: int) -> list[int]:
+        """The shards this state owns whose stores record an offset of the partition."""
+        state = self.star_store
+        revoked = state.revoked_shards()
+        return sorted(pixel for pixel, offsets in state.shard_offsets(topic).items()
+                      if int(partition) in offsets and pixel not in revoked)
+
+    def shard_next_offset(self, pixel: int, topic: str, partition: int) -> int | None:
+        """The partition's next offset recorded by the shard's own store (None: no store,
+        or no event of the partition reached it)."""
+        return self.star_store.shard_offset(pixel, topic, partition)
+
+    def backup_shard(self, pixel: int, root: Path, *, topic: str, partition: int,
+                     consumer: str) -> tuple[ShardBackup, int]:
+        """Write a backup of one shard into ``root``
+        (:func:`streamstars.state.shard_copies.write_shard_backup`); the backup and the
+        number of visits it holds.
+
+        Raises:
+            ShardBackupError: the backup directory cannot be written.
+        """
+        backup, manifest = write_shard_backup(self.star_store, pixel, root, topic=topic,
+                                              partition=partition, consumer=consumer)
+        return backup, int(manifest["visits"])
+
+    def shard_backups(self, root: Path, pixel: int) -> list[ShardBackup]:
+        """The backups of a shard in ``root``, newest first.
+
+        Raises:
+            OSError: the shard's backup directory cannot be listed.
+        """
+        return list_shard_backups(root, self.shard_order, pixel)
+
+    def prune_shard_backups(self, root: Path, pixel: int) -> list[Path]:
+        """Remove the shard's backups beyond its newest two (what was removed)."""
+        return prune_shard_backups(root, self.shard_order, pixel)
+
+    def install_shard_backup(self, backup: ShardBackup, topic: str,
+                             partition: int) -> tuple[int, int]:
+        """Install a backup of one of the state's shards in place of its copy (verified;
+        :func:`streamstars.state.shard_copies.install_shard_backup`); the partition's next
+        offset it holds and its visit count.
+
+        Raises:
+            ShardBackupRejected: partial, corrupt, another shard / configuration / partition.
+            ShardBackupError: it cannot be copied into the state.
+        """
+        manifest = install_shard_backup(self.star_store, backup, (topic, partition))
+        return backup_offsets(manifest)[(topic, partition)], int(manifest["visits"])
 
     def write_snapshot(self) -> ShardedSnapshotSummary | None:
         """Write a snapshot to ``--snapshot-dir`` (safe while another thread applies visits).

@@ -79,6 +79,18 @@ class DiskFullError(StateError):
     freed; a backfill stops (it resumes where it stopped), the consumer exits."""
 
 
+class ShardBackupError(StreamstarsError):
+    """A shard backup (``run --shard-backups``) cannot be written — an unwritable or full
+    backup directory, named in the message — or cannot be restored.  Never stops the consumer:
+    a failed backup is retried at the next opportunity, a failed restore falls back to an
+    older backup, the local copy or a replay of the partition."""
+
+
+class ShardBackupRejected(ShardBackupError):
+    """A shard backup failed its verification (no manifest: partial; a data.mdb whose sha256
+    differs from the manifest's: corrupt; another shard or configuration): it is not used."""
+
+
 class ButlerError(ConfigError):
     """A Butler repository, collection or dataset type cannot be used as given (the extra not
     installed, repository or collection not found, dataset type not registered ...)."""

@@ -22,12 +22,17 @@ exchange (the snapshot's ``renameat2(RENAME_EXCHANGE)``, which swaps it with the
 snapshot).
 
 A single small file is put in place the same way by :func:`write_json_atomic` (the watch state
-files of ``streamstars publish --watch``, with or without ``--butler``).
+files of ``streamstars publish --watch``, with or without ``--butler``; the consumers' partition
+indexes of shard backups).  :func:`exchange_directories` swaps a staged directory with the
+existing target in one step (a shard restored from a backup replacing the older copy).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import fcntl
 import glob
 import json
@@ -40,7 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StagedDirectory", "remove_dead_staging", "staged_directory", "write_json_atomic"]
+__all__ = ["StagedDirectory", "exchange_directories", "remove_dead_staging", "staged_directory",
+           "write_json_atomic"]
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +198,43 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _load_renameat2() -> Any:
+    try:
+        func = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                     ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_renameat2 = _load_renameat2()
+
+
+def exchange_directories(a: Path, b: Path) -> bool:
+    """Swap the directories ``a`` and ``b`` in one step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``): a crash leaves both in one place or the other, never one missing.
+
+    Returns:
+        False when the system cannot do it (no ``renameat2``, a file system without
+        ``RENAME_EXCHANGE``): nothing was changed, the caller renames in two steps.
+
+    Raises:
+        OSError: the exchange failed for another reason (a directory missing, permissions).
+    """
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"renameat2(RENAME_EXCHANGE) failed: {os.strerror(err)}", str(a), None,
+                  str(b))

@@ -1,7 +1,9 @@
 """Helpers of the tests that run consumers (``tests/consumers``, ``tests/butler``).
 
 The ``streamstars`` command line as a subprocess, a consumer's snapshot compared with
-``backfill``'s, the visits a store applied, polling, and the consumer's HTTP endpoints.  The
+``backfill``'s, the visits a store applied, polling, the consumer's HTTP endpoints, and
+:class:`GroupConsumer` (a ``streamstars run --group`` subprocess) with the application logs of
+the crash hooks.  The
 module-scoped ``broker`` fixture they use is in ``tests/conftest.py``.
 
 Usage (``tests/`` is on ``sys.path`` under pytest)::
@@ -11,6 +13,9 @@ Usage (``tests/`` is on ``sys.path`` under pytest)::
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +23,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kafka_broker import TansuBroker
+
+    from streamstars.simulate import SimulatedSurvey
 
 #: provenance keys in which a consumer's snapshot differs from ``backfill``'s of the same visits
 SNAPSHOT_IGNORE = ("created", "kafka_offsets", "kafka_topic", "kafka_group")
@@ -78,3 +89,88 @@ def http_get(port: int, path: str) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+class GroupConsumer:
+    """A ``streamstars run --group`` subprocess with its own state directory (output in a log
+    file beside it; ``extra`` arguments appended)."""
+
+    def __init__(self, broker: TansuBroker, topic: str, group: str, state: Path,
+                 survey: SimulatedSurvey, config_file: Path, tmp: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
+        from kafka_broker import write_kafka_config
+
+        self.state = state
+        self.log_path = tmp / f"{state.name}-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115
+        args = [sys.executable, "-m", "streamstars.cli", "run", "--bootstrap-servers",
+                broker.bootstrap, "--topic", topic, "--group", group, "--state", str(state),
+                "--config", str(config_file), "--data-root", str(survey.out_dir.parent),
+                "--kafka-config", str(write_kafka_config(tmp / "kafka.properties")),
+                "--dead-letter-topic", f"{topic}.dead-letters", *extra]
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.wait(10)
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+    def assigned(self) -> bool:
+        return "assigned " in self.text()
+
+    def settled(self) -> bool:
+        """The consumer's last assignment is one partition, with no revocation after it."""
+        lines = [line for line in self.text().splitlines()
+                 if "assigned " in line or "partitions revoked" in line]
+        if not lines or "assigned " not in lines[-1]:
+            return False
+        tail = [line for line in reversed(lines) if "assigned " in line]
+        return len(tail) >= 1 and (len(lines) == 1 or "partitions revoked" in lines[-2])
+
+
+def applications(app_log: Path) -> list[dict[str, Any]]:
+    """The lines of a crash-hooks application log (``crash_hooks.hooks_env``), in order; none
+    while it does not exist."""
+    if not app_log.exists():
+        return []
+    return [json.loads(line) for line in app_log.read_text().splitlines()]
+
+
+#: meta keys that differ between two copies of one shard with the same data
+_COPY_META = (b"created", b"instance")
+
+
+def shard_tables(state: Path) -> dict[int, dict[str, dict[bytes, bytes]]]:
+    """Every key and value of every sub-database of every shard store of the state directory
+    ``state`` (shard pixel -> sub-database -> {key: value}), without the meta values that name
+    a copy rather than its data (creation time, instance id): two shards built from the same
+    events in the same order are equal here."""
+    import lmdb
+
+    from streamstars.state.schema import ALL_DBS
+
+    out: dict[int, dict[str, dict[bytes, bytes]]] = {}
+    for data in sorted(state.glob("shards/*/*/data.mdb")):
+        env = lmdb.open(str(data.parent), readonly=True, lock=False, max_dbs=len(ALL_DBS) + 2)
+        try:
+            tables: dict[str, dict[bytes, bytes]] = {}
+            with env.begin() as txn:
+                names = [bytes(k) for k, _ in txn.cursor()]
+                for name in names:
+                    db = env.open_db(name, txn=txn, create=False)
+                    tables[name.decode()] = {bytes(k): bytes(v) for k, v in txn.cursor(db=db)
+                                             if not (name == b"meta" and bytes(k) in _COPY_META)}
+            out[int(data.parent.name)] = tables
+        finally:
+            env.close()
+    return out

@@ -19,7 +19,9 @@ directory on ``PYTHONPATH``: :func:`hooks_env` sets both).
 ``STREAMSTARS_APPLICATION_LOG`` names a file where each application that changed the store
 (status applied, replaced or retracted) is appended as one JSON line, plus a line
 ``{"kill": POINT, "visit": V}`` written (and fsynced) right before a self-kill, so that a test
-can count applications per visit across crashes.
+can count applications per visit across crashes; with ``--shard-backups``, each shard made
+current at an assignment adds ``{"restored": SHARD, "source": "backup"|"local"|"replay",
+"offset": NEXT_OFFSET}`` (in order with the applications).
 """
 
 from __future__ import annotations
@@ -114,6 +116,10 @@ class CrashHooks(ConsumerHooks):
 
     def snapshot_started(self) -> None:
         self.timer("during_snapshot", default_ms=100.0)
+
+    def shard_restored(self, pixel: int, source: str, offset: int) -> None:
+        self._write({"restored": pixel, "source": source, "offset": offset,
+                     "pid": os.getpid()})
 
     # ------------------------------------------------------------------ kills and the log
     def _write(self, record: dict[str, Any]) -> None:

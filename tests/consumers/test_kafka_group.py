@@ -5,10 +5,7 @@ directories: ``streamstars run --group G --state DIR``, ``streamstars snapshot O
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,6 +14,8 @@ from typing import Any
 import pytest
 from consumer_helpers import (
     SNAPSHOT_IGNORE,
+    GroupConsumer,
+    applications,
     assert_same_catalogs,
     run_cli,
     snapshot_state,
@@ -61,41 +60,6 @@ def backfill_snapshot(survey: SimulatedSurvey, config_file: Path,
     return snapshot_state(tmp / "state", tmp / "snap")
 
 
-class GroupConsumer:
-    """A ``streamstars run --group`` subprocess with its own state directory."""
-
-    def __init__(self, broker: TansuBroker, topic: str, group: str, state: Path,
-                 survey: SimulatedSurvey, config_file: Path, tmp: Path, *extra: str,
-                 env: dict[str, str] | None = None) -> None:
-        self.state = state
-        self.log_path = tmp / f"{state.name}-{time.monotonic_ns()}.log"
-        self.log = open(self.log_path, "w")  # noqa: SIM115
-        args = [sys.executable, "-m", "streamstars.cli", "run", "--bootstrap-servers",
-                broker.bootstrap, "--topic", topic, "--group", group, "--state", str(state),
-                "--config", str(config_file), "--data-root", str(survey.out_dir.parent),
-                "--kafka-config", str(write_kafka_config(tmp / "kafka.properties")),
-                "--dead-letter-topic", f"{topic}.dead-letters", *extra]
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.log.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.wait(10)
-
-    def text(self) -> str:
-        return self.log_path.read_text()
-
-    def assigned(self) -> bool:
-        return "assigned " in self.text()
-
-
 def _publish(broker: TansuBroker, survey: SimulatedSurvey, topic: str) -> dict[int, list[int]]:
     """Publish the survey by shard on the 2-partition ``topic``; visit -> footprint."""
     summary = publish_repo(survey.out_dir, broker.bootstrap, topic,
@@ -108,12 +72,6 @@ def _config() -> Any:
     from streamstars.config import BuildStarsConfig
 
     return BuildStarsConfig(shardNside=NSIDE)
-
-
-def _applications(app_log: Path) -> list[dict[str, Any]]:
-    if not app_log.exists():
-        return []
-    return [json.loads(line) for line in app_log.read_text().splitlines()]
 
 
 def _start_pair(broker: TansuBroker, survey: SimulatedSurvey, config_file: Path, tmp: Path,
@@ -131,18 +89,8 @@ def _start_pair(broker: TansuBroker, survey: SimulatedSurvey, config_file: Path,
     wait_until(lambda: a.assigned() and b.assigned(), 60, "both consumers assigned")
     # the first consumer may have been given both partitions before the other joined: let
     # the group settle (a join completes within ~session.timeout.ms with tansu)
-    wait_until(lambda: _settled(a) and _settled(b), 60, "one partition each")
+    wait_until(lambda: a.settled() and b.settled(), 60, "one partition each")
     return a, b
-
-
-def _settled(consumer: GroupConsumer) -> bool:
-    """The consumer's last assignment is one partition, with no revocation after it."""
-    lines = [line for line in consumer.text().splitlines()
-             if "assigned " in line or "partitions revoked" in line]
-    if not lines or "assigned " not in lines[-1]:
-        return False
-    tail = [line for line in reversed(lines) if "assigned " in line]
-    return len(tail) >= 1 and (len(lines) == 1 or "partitions revoked" in lines[-2])
 
 
 def test_two_consumers_share_the_partitions_and_their_states_make_the_backfill(
@@ -166,7 +114,7 @@ def test_two_consumers_share_the_partitions_and_their_states_make_the_backfill(
     for consumer, log in ((a, a_log), (b, b_log)):
         # a partition may move once after publication (the group settling): it is then
         # replayed by its new owner, but within one state nothing is ever applied twice
-        applied = Counter((r["visit"], r["shard"]) for r in _applications(log)
+        applied = Counter((r["visit"], r["shard"]) for r in applications(log)
                           if r["status"] == "applied")
         assert not applied or max(applied.values()) == 1, applied
         union |= set(applied)
@@ -258,10 +206,10 @@ def test_a_killed_consumers_partitions_are_replayed_by_the_survivor(
     with StateDirectory.open(a.state, readonly=True) as state:
         (a_partition,) = {shard_partition(NSIDE, p, 2) for _, p in state.shards()}
     expected = {(v, s) for v, shards in footprints.items() for s in shards}
-    replayed = {(r["visit"], r["shard"]) for r in _applications(b_log)
+    replayed = {(r["visit"], r["shard"]) for r in applications(b_log)
                 if r["status"] == "applied"}
     assert replayed == expected  # B applied every shard event, A's partition from its start
-    a_applied = {(r["visit"], r["shard"]) for r in _applications(a_log)
+    a_applied = {(r["visit"], r["shard"]) for r in applications(a_log)
                  if r.get("status") == "applied"}
     assert a_applied and all(shard_partition(NSIDE, s, 2) == a_partition
                              for _, s in a_applied)
@@ -362,10 +310,10 @@ def test_a_static_member_stopped_and_restarted_resumes_where_it_stopped(
     expected = {(v, s) for v, shards in footprints.items() for s in shards}
     first = GroupConsumer(broker, topic, "g-static", tmp_path / "X", survey, config_file,
                           tmp_path, "--group-instance-id", "X", env=hooks_env(log))
-    wait_until(lambda: len(_applications(log)) >= 3, 120, "a few shard events applied")
+    wait_until(lambda: len(applications(log)) >= 3, 120, "a few shard events applied")
     first.proc.send_signal(signal.SIGTERM)
     assert first.wait(60) == 0, first.text()
-    before = [(r["visit"], r["shard"]) for r in _applications(log) if r["status"] == "applied"]
+    before = [(r["visit"], r["shard"]) for r in applications(log) if r["status"] == "applied"]
     assert 3 <= len(before) < len(expected), "stopped mid-backlog"
     with StateDirectory.open(first.state, readonly=True) as state:
         watermarks = state.stored_offsets(topic)
@@ -379,7 +327,7 @@ def test_a_static_member_stopped_and_restarted_resumes_where_it_stopped(
     for partition, offset in watermarks.items():
         assert f"assigned {topic}[{partition}]: starting at offset {offset} (from the LMDB " \
                f"store)" in text, text
-    applied = Counter((r["visit"], r["shard"]) for r in _applications(log)
+    applied = Counter((r["visit"], r["shard"]) for r in applications(log)
                       if r["status"] == "applied")
     assert set(applied) == expected and max(applied.values()) == 1, applied
     assert_same_catalogs(snapshot_state(second.state, tmp_path / "snap"), backfill_snapshot)
@@ -410,7 +358,7 @@ def test_a_static_member_restarted_keeps_its_partitions_and_the_other_is_not_reb
     b = GroupConsumer(broker, topic, "g-static-pair", tmp_path / "B", survey, config_file,
                       tmp_path, *b_args)
     try:
-        wait_until(lambda: _settled(a) and _settled(b), 90, "one partition each")
+        wait_until(lambda: a.settled() and b.settled(), 90, "one partition each")
         _publish(broker, survey, topic)
         a_revocations = a.text().count("partitions revoked")
         b.proc.send_signal(signal.SIGTERM)

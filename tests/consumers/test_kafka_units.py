@@ -232,7 +232,7 @@ def test_read_ahead_reads_only_what_applying_would_read(tmp_path: Path) -> None:
     metrics = ConsumerMetrics()
     preparer = EventPreparer([tmp_path])
     ahead = ReadAhead(3, lambda e: preparer.prepare(e, BuildStarsConfig()), metrics,
-                      needs_reading=lambda e: e.action != "retract" and e.visit != 8)
+                      needs_reading=lambda e, _p: e.action != "retract" and e.visit != 8)
     ahead.start()
     try:
         ahead.submit(messages)
