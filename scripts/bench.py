@@ -5,7 +5,8 @@ Usage:
     python scripts/bench.py [--visits 200] [--sources-per-visit 50000] [--small-visits 20]
                             [--workdir bench-work] [--json results.json]
                             [--kafka | --kafka-only] [--kafka-visits N] [--kafka-paced-visits M]
-                            [--kafka-group-visits N] [--kafka-group-nside 64] [--no-kafka-group]
+                            [--kafka-group-visits N] [--kafka-group-nside 64]
+                            [--kafka-backup-every 10] [--no-kafka-group]
                             [--butler | --butler-only] [--butler-pairs 2] [--watch-datasets N]
                             [--workers | --workers-only] [--workers-nside 64]
                             [--workers-visits N] [--wide-radius DEG] [--wide-nside 32]
@@ -57,13 +58,13 @@ consumer a ``streamstars run --group`` child with its own state directory
   machine's cores and the one the partitions' split of the events allows;
 * paced, for each group: ``--kafka-paced-visits`` visits one at a time -> publish->applied
   latency of a visit arriving alone (until every shard event of the visit is applied);
-* takeover without a backup: after the 1-consumer group has drained the backlog, a consumer
-  with an empty state joins it; the group rebalances and it replays the partition it is given
-  from its start -> time from its start (and from its assignment) to its last shard event of
-  that partition.  ``measure_kafka_group(..., takeover_args=...)`` gives every consumer of the
-  group more options (e.g. shard backups, ``--shard-backups DIR --backup-every-visits N``,
-  once ``streamstars run`` has them): the same measurement then times a takeover from a
-  backup.
+* takeover without and with a backup: after the 1-consumer group has drained the backlog, a
+  consumer with an empty state joins it; the group rebalances and it catches up on the
+  partition it is given -> time from its start (and from its assignment) until its state's
+  watermark of that partition reaches the partition's end.  Without a backup that is a replay
+  of the partition from its start; a third group (one consumer with ``--shard-backups DIR
+  --backup-every-visits N``, ``--kafka-backup-every``) drains the same backlog writing shard
+  backups, and its joining consumer restores them and replays only the events after them.
 
 Latency is exact to the millisecond, from two timestamps on the same host clock: the event's
 ``published_at`` (set by ``event_for_visit`` immediately before the event is produced) and the
@@ -919,7 +920,7 @@ def _wait_outcomes(members: list[_GroupMember], wanted: set[tuple[int, int]],
 
 
 def measure_kafka_group(repo: Path, workdir: Path, n_visits: int, n_paced: int,
-                        partitions: int, nside: int, takeover_args: str = "[]"
+                        partitions: int, nside: int, backup_every: int = 10
                         ) -> dict[str, object]:
     """Consumers in one group on per-shard events (``publish --partitions``): 1 vs 2 consumers
     on the same backlog, publish->applied latency of a visit arriving alone, and the takeover
@@ -982,16 +983,21 @@ def measure_kafka_group(repo: Path, workdir: Path, n_visits: int, n_paced: int,
     try:
         producer = make_producer(broker.bootstrap)
         event_for_visit(burst[0])  # warm up the publisher's lazy imports (astropy.time)
-        for n in (1, 2):
-            topic = f"visits-group{n}"
+        backups = workdir / "kafka-group-backups"
+        shutil.rmtree(backups, ignore_errors=True)
+        backup_args = ["--shard-backups", str(backups), "--backup-every-visits",
+                       str(backup_every)]
+        for name, n, extra in (("consumers_1", 1, []), ("consumers_2", 2, []),
+                               ("backups_1", 1, backup_args)):
+            topic = f"visits-{name}"
             broker.create_topic(topic, partitions=partitions)
             broker.create_topic(f"{topic}.dead-letters", partitions=1)
             producer.list_topics(topic, timeout=10)
             argv = [sys.executable, "-m", "streamstars.cli", "run", "--bootstrap-servers",
-                    broker.bootstrap, "--topic", topic, "--group", f"g{n}", "--config",
+                    broker.bootstrap, "--topic", topic, "--group", f"g-{name}", "--config",
                     str(config), "--data-root", str(repo), "--kafka-config", str(props),
-                    *json.loads(takeover_args)]
-            members = [_GroupMember(f"group{n}-{i}", workdir, argv) for i in range(n)]
+                    *extra]
+            members = [_GroupMember(f"{name}-{i}", workdir, argv) for i in range(n)]
             log(f"{n} consumer(s): waiting for the group to settle")
             _wait_settled(members, partitions)
             cpu0 = {m.name: _proc_cpu_seconds(m.consumer.proc.pid) for m in members}
@@ -1011,7 +1017,8 @@ def measure_kafka_group(repo: Path, workdir: Path, n_visits: int, n_paced: int,
                                 == p) for p in range(partitions)},
                 "load_before": load_before, "load_after": os.getloadavg()[0]}
             latencies = []
-            for entry in paced:  # one visit at a time, each once the previous one is applied
+            for entry in paced if name != "backups_1" else []:
+                # one visit at a time, each once the previous one is applied
                 stamp = publish(producer, topic, [entry])[entry.visit]
                 wanted |= keys[entry.visit]
                 done = _wait_outcomes(members, wanted)
@@ -1019,8 +1026,8 @@ def measure_kafka_group(repo: Path, workdir: Path, n_visits: int, n_paced: int,
             run["latency_paced"] = _latency_stats(latencies)
             if n == 1:
                 run["takeover"] = _measure_takeover(members[0], argv, workdir, wanted,
-                                                    nside, partitions, log)
-            out[f"consumers_{n}"] = run
+                                                    nside, partitions, topic, log)
+            out[name] = run
             for m in members:
                 m.consumer.stop()
             members = []
@@ -1036,24 +1043,45 @@ def measure_kafka_group(repo: Path, workdir: Path, n_visits: int, n_paced: int,
 
 
 def _measure_takeover(old: _GroupMember, argv: list[str], workdir: Path,
-                      events: set[tuple[int, int]], nside: int, partitions: int,
+                      events: set[tuple[int, int]], nside: int, partitions: int, topic: str,
                       log: Any) -> dict[str, object]:
     """A consumer with a fresh state joins the idle group of ``old`` (which drained every
     partition): it is assigned partitions ``old`` held and catches up on them.  Without shard
-    backups that is a full replay of each partition from its start; ``argv`` carries any
-    backup options the group runs with (``--shard-backups DIR --backup-every-visits N``, when
-    they exist), so the same measurement times a takeover from a backup.  Measured from the
-    new consumer's start to its last outcome line of the partitions it took."""
+    backups that is a full replay of each partition from its start; with the group's
+    ``--shard-backups`` (in ``argv``) it restores the shards from their backups and replays
+    the events after them.  Measured from the new consumer's start until its state's watermark
+    of every partition it took reaches the partition's end (the topic holds these events
+    only)."""
     from streamstars.consumers.partitioner import shard_partition
+    from streamstars.state import StateDirectory
 
-    new = _GroupMember("takeover", workdir, argv)
-    log("takeover: a consumer with an empty state joins the idle group")
+    with_backup = "--shard-backups" in argv
+    name = "takeover-backup" if with_backup else "takeover"
+    new = _GroupMember(name, workdir, argv)
+    log(f"{name}: a consumer with an empty state joins the idle group")
     owners = _wait_settled([old, new], partitions)
-    taken = owners["takeover"]
+    taken = owners[name]
+    ends = {p: sum(1 for _, s in events if shard_partition(nside, s, partitions) == p)
+            for p in taken}
     wanted = {(v, s) for v, s in events if shard_partition(nside, s, partitions) in taken}
-    done = _wait_outcomes([new], wanted)
-    caught_up = max(done[k] for k in wanted)
+    deadline = time.monotonic() + KAFKA_STALL_SECONDS * 4
+    while True:
+        try:
+            with StateDirectory.open(new.state, readonly=True) as state:
+                marks = state.stored_offsets(topic)
+        except Exception:  # not created yet, or being created
+            marks = {}
+        if all(marks.get(p, -1) >= end for p, end in ends.items()):
+            caught_up = time.time()
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: watermarks {marks}, partition ends {ends}; see "
+                               f"{new.log_path}")
+        time.sleep(0.05)
     cpu = _proc_cpu_seconds(new.consumer.proc.pid)
+    text = new.log_path.read_text(errors="replace")
+    applied = sum(1 for line in text.splitlines() if ": applied (" in line)
+    restored = sum(1 for line in text.splitlines() if "restored" in line and "shard" in line)
     # its last assignment (log time): where the replay starts
     assigned = [line[:23] for line in new.log_path.read_text(errors="replace").splitlines()
                 if " INFO streamstars.run: assigned " in line]
@@ -1064,7 +1092,8 @@ def _measure_takeover(old: _GroupMember, argv: list[str], workdir: Path,
             "visits": len({v for v, _ in wanted}),
             "seconds_from_start": caught_up - new.started,
             "seconds_from_assigned": caught_up - assigned_at,
-            "cpu_seconds": cpu, "with_backup": any("--shard-backups" in a for a in argv)}
+            "cpu_seconds": cpu, "with_backup": with_backup, "events_applied": applied,
+            "restore_log_lines": restored}
 
 
 # --------------------------------------------------------------------------- Butler
@@ -1265,7 +1294,8 @@ def main() -> int:
                                                 int(rest[3]), int(rest[4]), int(rest[5])),
                  "kafka_group": lambda: measure_kafka_group(Path(rest[0]), Path(rest[1]),
                                                             int(rest[2]), int(rest[3]),
-                                                            int(rest[4]), int(rest[5])),
+                                                            int(rest[4]), int(rest[5]),
+                                                            int(rest[6])),
                  "backfill_from": lambda: measure_backfill_from(rest[0], Path(rest[1]),
                                                                 Path(rest[2])),
                  "watch": lambda: measure_watch(Path(rest[0]), int(rest[1])),
@@ -1302,6 +1332,9 @@ def main() -> int:
     kafka.add_argument("--kafka-group-visits", type=int,
                        help="visits of the backlog drained by 1 and by 2 consumers in one group "
                        "(per-shard events; default: --kafka-visits)")
+    kafka.add_argument("--kafka-backup-every", type=int, default=10, metavar="N",
+                       help="the backup takeover's group writes shard backups every N visits "
+                       "of a shard (--backup-every-visits; default %(default)s)")
     kafka.add_argument("--kafka-group-nside", type=int, default=64,
                        help="shardNside of the group's per-shard events (default %(default)s: "
                        "the 1-degree field over ~10 shards)")
@@ -1416,7 +1449,8 @@ def main() -> int:
             group_paced = max(0, min(args.kafka_paced_visits, args.visits - group))
             results["kafka_group"] = _run("kafka_group", str(repo), str(workdir), str(group),
                                           str(group_paced), str(max(2, args.kafka_partitions)),
-                                          str(args.kafka_group_nside), show_stderr=True)
+                                          str(args.kafka_group_nside),
+                                          str(args.kafka_backup_every), show_stderr=True)
     if args.workers:
         n_workers = str(min(args.workers_visits or args.visits, args.visits))
         surveys = [("survey", repo, args.workers_nside)]
@@ -1750,12 +1784,15 @@ def report_kafka_group(g: dict[str, Any]) -> None:
           f"cores (wall >= {floor:.1f} s); the 2-consumer run costs {cpu2 / cpu1:.2f}x the CPU "
           f"of one; the busier partition holds {split:.0%} of the events (bound "
           f"{1 / split:.2f}x however many cores)")
-    t = one.get("takeover")
-    if t:
-        kind = "from a backup" if t["with_backup"] else "without a backup (full replay)"
+    for run in (one, g.get("backups_1") or {}):
+        t = run.get("takeover")
+        if not t:
+            continue
+        kind = "from backups" if t["with_backup"] else "without a backup (full replay)"
         print(f"takeover {kind}: a consumer joining the idle group took partition(s) "
               f"{t['partitions_taken']} = {t['shard_events']} shard events of {t['visits']} "
-              f"visits: caught up {t['seconds_from_start']:.1f} s after its start "
+              f"visits, applying {t['events_applied']} of them: caught up "
+              f"{t['seconds_from_start']:.1f} s after its start "
               f"({t['seconds_from_assigned']:.1f} s after its assignment; CPU "
               f"{t['cpu_seconds']:.1f} s)")
 
