@@ -72,6 +72,16 @@ def test_compose_runs_two_consumers_of_one_group_on_a_two_partition_topic(
         assert mounts[mount] in compose["volumes"]
         assert args.metrics_port and args.metrics_host == "0.0.0.0"
     assert len(set(volumes.values())) == 2
+    # ... and the same backup and shared-snapshot volumes, mounted where their options point
+    for option in ("shard_backups", "snapshot_dir"):
+        shared = set()
+        for name, args in parsed.items():
+            mounts = dict(m.split(":")[:2][::-1] for m in services[name]["volumes"]
+                          if not m.startswith("$"))
+            shared.add(mounts[getattr(args, option)])
+        assert len(shared) == 1 and shared <= set(compose["volumes"]), (option, shared)
+        assert shared.isdisjoint(volumes.values())
+    assert all(a.snapshot_shared and a.backup_every_visits for a in parsed.values())
     # the topic they share has 2 partitions; the publisher publishes by shard on it
     (create,) = services["create-topics"]["command"]
     topic = next(iter(parsed.values())).topic
@@ -119,6 +129,15 @@ def test_k8s_statefulset_replicas_with_static_membership_and_a_state_claim_each(
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert parsed.state.startswith(mounts[template["metadata"]["name"]] + "/")
     assert template["metadata"]["name"] not in {v["name"] for v in pod["volumes"]}
+    # the shard backups and the shared snapshot are on claims every pod mounts (ReadWriteMany)
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    by_volume = {v["name"]: v for v in pod["volumes"]}
+    by_path = {path: name for name, path in mounts.items()}
+    assert parsed.snapshot_shared
+    for path in (parsed.shard_backups, parsed.snapshot_dir):
+        volume = by_volume[by_path[path]]
+        claim = claims[volume["persistentVolumeClaim"]["claimName"]]
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"], path
     # every consumer pod is scraped: the metrics service selects the pods, the pods are
     # annotated for pod discovery at the metrics port
     labels = spec["template"]["metadata"]["labels"]
