@@ -42,7 +42,6 @@ an entry is never removed, so the catalogs never lose a shard whose partition mo
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -59,9 +58,9 @@ from streamstars import __version__
 from streamstars.config import BuildStarsConfig, to_dict
 from streamstars.errors import StreamstarsError
 from streamstars.io.flat_stream import finish_partitioned_snapshot
-from streamstars.io.hats import CATALOG_DIR, PartitionFile, partition_path
+from streamstars.io.hats import CATALOG_DIR, PartitionFile, link_or_copy, partition_path
 from streamstars.io.snapshot_catalogs import check_formats
-from streamstars.io.snapshot_directory import fsync_path, stage_snapshot
+from streamstars.io.snapshot_directory import stage_snapshot
 from streamstars.io.snapshot_files import MANIFEST_NAME
 from streamstars.margins import MarginViolation
 from streamstars.sharded_snapshot import (
@@ -511,15 +510,7 @@ def _pin(shared: Path, entries: dict[str, SharedEntry], catalog: Path,
             continue
         src = _data_path(where, entry.token, ".parquet")
         dst = partition_path(catalog, entry.order, entry.pixel)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP,
-                                 errno.EOPNOTSUPP):
-                raise
-            shutil.copyfile(src, dst)
-            fsync_path(dst)
+        link_or_copy(src, dst)
         pinned.partitions.append(PartitionFile(
             entry.order, entry.pixel, dst, int(entry.raw["stars"]),
             int(entry.raw["observations"]), reused=previous.get(name) == entry.token))

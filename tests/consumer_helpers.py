@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import pytest
     from kafka_broker import TansuBroker
 
     from streamstars.simulate import SimulatedSurvey
@@ -91,39 +92,72 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-class GroupConsumer:
+class ConsumerProcess:
+    """A ``streamstars run`` subprocess started with ``args`` (after ``streamstars run``), its
+    output in ``log_path``."""
+
+    def __init__(self, args: list[str], log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self.log = open(log_path, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "streamstars.cli", "run", *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+
+    def wait(self, timeout: float) -> int:
+        """The exit code; a consumer still running after ``timeout`` is killed (a failure)."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"the consumer did not finish in {timeout} s:\n"
+                                 f"{self.text()[-4000:]}") from None
+        finally:
+            self.log.close()
+
+    def kill(self) -> None:
+        """SIGKILL (a crash), then reap it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.wait(10)
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (a clean stop), then its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+
+def consumer_args(broker: TansuBroker, topic: str, state: Path, data_root: Path, tmp: Path,
+                  group: str | None = None) -> list[str]:
+    """``streamstars run`` options every test consumer has: the broker (with the tests'
+    client properties), the topic, the group (default ``g-TOPIC``), the state and the data
+    root."""
+    from kafka_broker import write_kafka_config
+
+    return ["--bootstrap-servers", broker.bootstrap, "--topic", topic,
+            "--group", group or f"g-{topic}", "--state", str(state),
+            "--data-root", str(data_root),
+            "--kafka-config", str(write_kafka_config(tmp / "kafka.properties"))]
+
+
+class GroupConsumer(ConsumerProcess):
     """A ``streamstars run --group`` subprocess with its own state directory (output in a log
     file beside it; ``extra`` arguments appended)."""
 
     def __init__(self, broker: TansuBroker, topic: str, group: str, state: Path,
                  survey: SimulatedSurvey, config_file: Path, tmp: Path, *extra: str,
                  env: dict[str, str] | None = None) -> None:
-        from kafka_broker import write_kafka_config
-
         self.state = state
-        self.log_path = tmp / f"{state.name}-{time.monotonic_ns()}.log"
-        self.log = open(self.log_path, "w")  # noqa: SIM115
-        args = [sys.executable, "-m", "streamstars.cli", "run", "--bootstrap-servers",
-                broker.bootstrap, "--topic", topic, "--group", group, "--state", str(state),
-                "--config", str(config_file), "--data-root", str(survey.out_dir.parent),
-                "--kafka-config", str(write_kafka_config(tmp / "kafka.properties")),
-                "--dead-letter-topic", f"{topic}.dead-letters", *extra]
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.log.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.wait(10)
-
-    def text(self) -> str:
-        return self.log_path.read_text()
+        super().__init__(
+            [*consumer_args(broker, topic, state, survey.out_dir.parent, tmp, group),
+             "--config", str(config_file), "--dead-letter-topic", f"{topic}.dead-letters",
+             *extra],
+            tmp / f"{state.name}-{time.monotonic_ns()}.log", env)
 
     def assigned(self) -> bool:
         return "assigned " in self.text()
@@ -174,3 +208,31 @@ def shard_tables(state: Path) -> dict[int, dict[str, dict[bytes, bytes]]]:
         finally:
             env.close()
     return out
+
+
+# ------------------------------------------------------------------ the group tests' inputs
+def group_survey(tmp_path_factory: pytest.TempPathFactory, n_visits: int) -> SimulatedSurvey:
+    """The small simulated survey of the consumer-group tests (seed 23, 1500 sources a
+    visit)."""
+    from streamstars.simulate import simulate_survey
+
+    data = tmp_path_factory.mktemp("data")
+    return simulate_survey(data / "repo", n_visits=n_visits, seed=23, sources_per_visit=1500,
+                           write_refcat=False)
+
+
+def shard_config_file(tmp_path_factory: pytest.TempPathFactory, nside: int) -> Path:
+    """A configuration file setting ``shardNside``."""
+    path = tmp_path_factory.mktemp("config") / "streamstars.toml"
+    path.write_text(f"shardNside = {nside}\n")
+    return path
+
+
+def backfill_catalogs(survey: SimulatedSurvey, config_file: Path,
+                      tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``backfill`` of the survey in one process, then its snapshot: the expected catalogs."""
+    tmp = tmp_path_factory.mktemp("backfill")
+    done = run_cli("backfill", str(survey.out_dir), "--state", str(tmp / "state"),
+                   "--config", str(config_file), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    return snapshot_state(tmp / "state", tmp / "snap")

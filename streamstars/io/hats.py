@@ -86,6 +86,7 @@ __all__ = [
     "finish_catalog",
     "flatten_observations",
     "healpix29",
+    "link_or_copy",
     "list_partitions",
     "partition_path",
     "partition_schema",
@@ -524,6 +525,18 @@ def reuse_partition(previous_catalog_dir: str | os.PathLike[str],
     if (part.order, part.pixel) != (int(order), int(pixel)):
         raise ValueError(f"{src} holds partition {part.order}/{part.pixel}, "
                          f"not {order}/{pixel}")
+    link_or_copy(src, dst)
+    return PartitionFile(part.order, part.pixel, dst, part.n_stars, part.n_observations,
+                         reused=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a hard link to the partition file ``src`` (its parent created), or a
+    durable copy where the file system cannot link (another device, no hard links).
+
+    Raises:
+        OSError: neither works.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
@@ -533,8 +546,6 @@ def reuse_partition(previous_catalog_dir: str | os.PathLike[str],
             raise
         shutil.copyfile(src, dst)
         fsync_path(dst)
-    return PartitionFile(part.order, part.pixel, dst, part.n_stars, part.n_observations,
-                         reused=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,8 +34,6 @@ snapshot is unchanged (it is only replaced once every new file is complete).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -51,7 +49,7 @@ from typing import Any
 
 from streamstars.errors import StreamstarsError
 from streamstars.io.snapshot_catalogs import MANIFEST_NAME, SNAPSHOT_ENTRIES, compare_provenance
-from streamstars.staging import staged_directory
+from streamstars.staging import exchange_directories, staged_directory
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -98,40 +96,6 @@ def file_sha256(path: Path) -> str:
     """
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-
-
-def _load_renameat2() -> Any:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name, use_errno=True)
-        func = libc.renameat2
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                     ctypes.c_uint]
-    func.restype = ctypes.c_int
-    return func
-
-
-_renameat2 = _load_renameat2()
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap directories ``a`` and ``b``; False when the system cannot do it."""
-    if _renameat2 is None:
-        return False
-    result = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if result == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"renameat2(RENAME_EXCHANGE) failed: {os.strerror(err)}", str(a), None,
-                  str(b))
 
 
 @contextlib.contextmanager
@@ -279,7 +243,7 @@ def _publish(tmp: Path, target: Path, exists: bool, grace_seconds: float) -> Non
     try:
         if not exists:
             os.rename(tmp, target)
-        elif _exchange(tmp, target):
+        elif exchange_directories(tmp, target):
             fsync_path(parent, directory=True)
             if grace_seconds > 0:
                 time.sleep(grace_seconds)

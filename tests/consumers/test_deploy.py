@@ -6,18 +6,14 @@ exported by a real consumer's ``/metrics`` (two consumers of one group on the ta
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from consumer_helpers import http_get, wait_until
-from kafka_broker import TansuBroker, free_port, write_kafka_config
+from consumer_helpers import ConsumerProcess, consumer_args, http_get, wait_until
+from kafka_broker import TansuBroker, free_port
 
 from streamstars.cli import build_parser
 from streamstars.config import BuildStarsConfig
@@ -156,23 +152,17 @@ def survey(tmp_path_factory: pytest.TempPathFactory) -> SimulatedSurvey:
                            write_refcat=False)
 
 
-class _Consumer:
+class _Consumer(ConsumerProcess):
     """``streamstars run --group`` with its metrics served on a free port."""
 
     def __init__(self, broker: TansuBroker, topic: str, state: Path, survey: SimulatedSurvey,
                  tmp: Path) -> None:
         self.port = free_port()
-        self.log_path = tmp / f"{state.name}.log"
         config = tmp / "streamstars.toml"
         config.write_text(f"shardNside = {NSIDE}\n")
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streamstars.cli", "run", "--bootstrap-servers",
-                 broker.bootstrap, "--topic", topic, "--group", f"g-{topic}", "--state",
-                 str(state), "--config", str(config), "--data-root", str(survey.out_dir.parent),
-                 "--kafka-config", str(write_kafka_config(tmp / "kafka.properties")),
-                 "--metrics-port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        super().__init__([*consumer_args(broker, topic, state, survey.out_dir.parent, tmp),
+                          "--config", str(config), "--metrics-port", str(self.port)],
+                         tmp / f"{state.name}.log")
 
     def metrics(self) -> str:
         try:
@@ -189,15 +179,6 @@ class _Consumer:
         """Every partition it reports is at its high watermark."""
         lags = re.findall(r"^streamstars_consumer_lag\{[^}]*\} (\S+)$", self.metrics(), re.M)
         return bool(lags) and all(float(x) == 0.0 for x in lags)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def _exported(scrape: str) -> dict[str, set[str]]:

@@ -14,10 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,15 +22,17 @@ from typing import Any
 
 import pytest
 from consumer_helpers import (
+    ConsumerProcess,
     applied_visits,
     assert_same_catalogs,
+    consumer_args,
     http_get,
     run_cli,
     snapshot_state,
     wait_until,
 )
 from crash_hooks import hooks_env
-from kafka_broker import TansuBroker, free_port, write_kafka_config
+from kafka_broker import TansuBroker, free_port
 
 from streamstars.events import VisitEvent
 
@@ -75,38 +74,14 @@ def backfill_snapshot(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 # ------------------------------------------------------------------------------ helpers
-class Consumer:
+class Consumer(ConsumerProcess):
     """A ``streamstars run`` subprocess logging its applications to ``app_log``."""
 
     def __init__(self, broker: TansuBroker, topic: str, state: Path, data_root: Path,
                  tmp: Path, app_log: Path, *extra: str) -> None:
-        kafka_config = write_kafka_config(tmp / "kafka.properties")
-        self.log_path = tmp / f"consumer-{time.monotonic_ns()}.log"
-        args = [
-            sys.executable, "-m", "streamstars.cli", "run",
-            "--bootstrap-servers", broker.bootstrap, "--topic", topic,
-            "--state", str(state), "--group", f"g-{topic}",
-            "--data-root", str(data_root), "--kafka-config", str(kafka_config),
-            "--dead-letter-topic", f"{topic}.dead-letters", *extra,
-        ]
-        env = {**os.environ, **hooks_env(app_log)}
-        self.log = open(self.log_path, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def wait(self, timeout: float) -> int:
-        """The exit code; a consumer still running after ``timeout`` is killed (a failure)."""
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            raise AssertionError(f"the consumer did not finish in {timeout} s:\n"
-                                 f"{self.text()[-4000:]}") from None
-        finally:
-            self.log.close()
-
-    def text(self) -> str:
-        return self.log_path.read_text()
+        super().__init__([*consumer_args(broker, topic, state, data_root, tmp),
+                          "--dead-letter-topic", f"{topic}.dead-letters", *extra],
+                         tmp / f"consumer-{time.monotonic_ns()}.log", hooks_env(app_log))
 
 
 def _topic(broker: TansuBroker, name: str,

@@ -8,12 +8,9 @@ same files (timestamps and the Kafka-offset provenance ignored).
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,15 +18,17 @@ from typing import Any
 
 import pytest
 from consumer_helpers import (
+    ConsumerProcess,
     applied_visits,
     assert_same_catalogs,
+    consumer_args,
     http_get,
     run_cli,
     snapshot_state,
     wait_until,
 )
 from crash_hooks import hooks_env
-from kafka_broker import TansuBroker, free_port, write_kafka_config
+from kafka_broker import TansuBroker, free_port
 
 from streamstars.events import VisitEvent, path_to_uri
 
@@ -61,38 +60,13 @@ def backfill_snapshot(survey: Any, tmp_path_factory: pytest.TempPathFactory) -> 
     return _backfill_snapshot(survey.out_dir, tmp_path_factory.mktemp("backfill"), "ref")
 
 
-class Consumer:
+class Consumer(ConsumerProcess):
     """A ``streamstars run`` subprocess."""
 
     def __init__(self, broker: TansuBroker, topic: str, state: Path, data_root: Path,
                  tmp: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        kafka_config = write_kafka_config(tmp / "kafka.properties")
-        self.log_path = tmp / f"consumer-{time.monotonic_ns()}.log"
-        self.args = [
-            sys.executable, "-m", "streamstars.cli", "run",
-            "--bootstrap-servers", broker.bootstrap, "--topic", topic,
-            "--state", str(state), "--group", f"g-{topic}",
-            "--data-root", str(data_root), "--kafka-config", str(kafka_config), *extra,
-        ]
-        full_env = {**os.environ, **(env or {})}
-        self.log = open(self.log_path, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=full_env)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.log.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self.log.close()
-
-    def text(self) -> str:
-        return self.log_path.read_text()
+        super().__init__([*consumer_args(broker, topic, state, data_root, tmp), *extra],
+                         tmp / f"consumer-{time.monotonic_ns()}.log", env)
 
 
 def _publish_cli(broker: TansuBroker, repo: Path, topic: str) -> None:

@@ -17,7 +17,10 @@ from consumer_helpers import (
     GroupConsumer,
     applications,
     assert_same_catalogs,
+    backfill_catalogs,
+    group_survey,
     run_cli,
+    shard_config_file,
     snapshot_state,
     wait_until,
 )
@@ -27,7 +30,7 @@ from kafka_broker import TansuBroker, write_kafka_config
 from streamstars.consumers.partitioner import shard_partition
 from streamstars.consumers.publisher import ShardRouting, publish_repo
 from streamstars.footprint import ShardSpec
-from streamstars.simulate import SimulatedSurvey, simulate_survey
+from streamstars.simulate import SimulatedSurvey
 from streamstars.state import StateDirectory
 
 #: shards of ~0.9 deg: every visit of the 1-degree simulated field touches several
@@ -37,27 +40,18 @@ N_VISITS = 6
 
 @pytest.fixture(scope="module")
 def survey(tmp_path_factory: pytest.TempPathFactory) -> SimulatedSurvey:
-    data = tmp_path_factory.mktemp("data")
-    return simulate_survey(data / "repo", n_visits=N_VISITS, seed=23, sources_per_visit=1500,
-                           write_refcat=False)
+    return group_survey(tmp_path_factory, N_VISITS)
 
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "streamstars.toml"
-    path.write_text(f"shardNside = {NSIDE}\n")
-    return path
+    return shard_config_file(tmp_path_factory, NSIDE)
 
 
 @pytest.fixture(scope="module")
 def backfill_snapshot(survey: SimulatedSurvey, config_file: Path,
                       tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``backfill`` of the survey in one process: the expected catalogs."""
-    tmp = tmp_path_factory.mktemp("backfill")
-    done = run_cli("backfill", str(survey.out_dir), "--state", str(tmp / "state"),
-                   "--config", str(config_file), "--no-progress")
-    assert done.returncode == 0, done.stderr
-    return snapshot_state(tmp / "state", tmp / "snap")
+    return backfill_catalogs(survey, config_file, tmp_path_factory)
 
 
 def _publish(broker: TansuBroker, survey: SimulatedSurvey, topic: str) -> dict[int, list[int]]:

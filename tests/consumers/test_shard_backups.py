@@ -18,8 +18,11 @@ from consumer_helpers import (
     GroupConsumer,
     applications,
     assert_same_catalogs,
+    backfill_catalogs,
+    group_survey,
     http_get,
     run_cli,
+    shard_config_file,
     shard_tables,
     snapshot_state,
     wait_until,
@@ -31,7 +34,7 @@ from streamstars.config import BuildStarsConfig
 from streamstars.consumers.partitioner import shard_partition
 from streamstars.consumers.publisher import ShardRouting, publish_repo
 from streamstars.footprint import ShardSpec
-from streamstars.simulate import SimulatedSurvey, simulate_survey
+from streamstars.simulate import SimulatedSurvey
 from streamstars.state import StateDirectory
 from streamstars.state.shard_copies import BACKUP_MANIFEST, list_shard_backups
 
@@ -47,27 +50,18 @@ Events = dict[tuple[int, int], tuple[int, int]]
 
 @pytest.fixture(scope="module")
 def survey(tmp_path_factory: pytest.TempPathFactory) -> SimulatedSurvey:
-    data = tmp_path_factory.mktemp("data")
-    return simulate_survey(data / "repo", n_visits=N_VISITS, seed=23, sources_per_visit=1500,
-                           write_refcat=False)
+    return group_survey(tmp_path_factory, N_VISITS)
 
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "streamstars.toml"
-    path.write_text(f"shardNside = {NSIDE}\n")
-    return path
+    return shard_config_file(tmp_path_factory, NSIDE)
 
 
 @pytest.fixture(scope="module")
 def backfill_snapshot(survey: SimulatedSurvey, config_file: Path,
                       tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``backfill`` of the survey in one process: the expected catalogs."""
-    tmp = tmp_path_factory.mktemp("backfill")
-    done = run_cli("backfill", str(survey.out_dir), "--state", str(tmp / "state"),
-                   "--config", str(config_file), "--no-progress")
-    assert done.returncode == 0, done.stderr
-    return snapshot_state(tmp / "state", tmp / "snap")
+    return backfill_catalogs(survey, config_file, tmp_path_factory)
 
 
 def _publish(broker: TansuBroker, survey: SimulatedSurvey, topic: str,

@@ -14,9 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 
-from streamstars import __version__
+from streamstars import __version__, staging
 from streamstars.columns import OBSERVATION_DTYPES
-from streamstars.io import snapshot_directory
 from streamstars.io.snapshot_catalogs import STAR_DTYPES, VISIT_ORDER
 from streamstars.io.snapshot_files import (
     SnapshotCatalogs,
@@ -330,7 +329,7 @@ def test_replace_twice(tmp_path: Path) -> None:
 
 
 def test_fallback_without_renameat2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(snapshot_directory, "_renameat2", None)
+    monkeypatch.setattr(staging, "_renameat2", None)
     out = tmp_path / "snap"
     write_snapshot(out, make_catalogs(generation=1), grace_seconds=0)
     write_snapshot(out, make_catalogs(generation=2), grace_seconds=0)
@@ -531,11 +530,11 @@ def test_empty_catalogs(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not os.uname().sysname == "Linux", reason="renameat2 is Linux-only")
 def test_exchange_swaps_directories(tmp_path: Path) -> None:
-    assert snapshot_directory._renameat2 is not None
+    assert staging._renameat2 is not None
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
     (a / "A").write_text("a")
     (b / "B").write_text("b")
-    assert snapshot_directory._exchange(a, b)
+    assert staging.exchange_directories(a, b)
     assert os.listdir(a) == ["B"] and os.listdir(b) == ["A"]
