@@ -245,8 +245,16 @@ class Runner:
                 if self.stop_requested.is_set():
                     return EXIT_OK
                 self._last_message = time.monotonic()
-                self.read_ahead.submit(batch[k + 1:])
                 position = position_of(msg)
+                if position.partition not in self.kafka.assigned:
+                    # fetched before the partition was revoked or lost (a stale assignment):
+                    # its shards are another consumer's now; consumed again by their owner
+                    log.warning("%s: partition %d is not assigned to this consumer (stale "
+                                "assignment): the event is not applied", position,
+                                position.partition)
+                    self.metrics.skipped.labels(reason="stale_assignment").inc()
+                    continue
+                self.read_ahead.submit(batch[k + 1:])
                 self.health.begin(str(position))
                 try:
                     self.handle_message(msg)

@@ -244,3 +244,50 @@ def test_read_ahead_reads_only_what_applying_would_read(tmp_path: Path) -> None:
     counted = metrics.registry.get_sample_value
     assert counted("streamstars_visits_read_ahead_total", {"outcome": "failed"}) == 1  # visit 7
     assert not counted("streamstars_visits_read_ahead_total", {"outcome": "used"})
+
+
+class _Message:
+    """What the runner reads of a Kafka message (a real one needs a broker)."""
+
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self._where = (topic, partition, offset)
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self._where[0]
+
+    def partition(self) -> int:
+        return self._where[1]
+
+    def offset(self) -> int:
+        return self._where[2]
+
+    def value(self) -> bytes:
+        return b"{}"
+
+    def key(self) -> bytes:
+        return b"64/1"
+
+
+def test_an_event_of_a_partition_no_longer_assigned_is_not_applied(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A batch fetched before a rebalance may still hold messages of a partition this consumer
+    lost (a stale assignment): they are neither applied nor committed — the partition's new
+    owner consumes them — and counted as skipped (``stale_assignment``)."""
+    from streamstars.consumers.options import RunOptions
+    from streamstars.consumers.runner import Runner
+
+    runner = Runner(RunOptions(bootstrap="127.0.0.1:9", topic="t", state=tmp_path / "S"))
+    handled: list[int] = []
+    runner.handle_message = lambda msg: handled.append(msg.partition())  # type: ignore[method-assign]
+    runner.kafka.assigned = {0}
+    batch: list[Any] = [_Message("t", 1, 5), _Message("t", 0, 7), _Message("t", 1, 6)]
+    with caplog.at_level("WARNING", logger="streamstars.run"):
+        assert runner._handle_batch(batch) is None
+    assert handled == [0]
+    assert sum("partition 1 is not assigned to this consumer" in r.getMessage()
+               for r in caplog.records) == 2
+    skipped = runner.metrics.skipped.labels(reason="stale_assignment")._value.get()
+    assert skipped == 2
