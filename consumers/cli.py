@@ -107,6 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         stall_seconds=args.stall_seconds,
         dead_letter_max_bytes=args.dead_letter_max_bytes,
         butler=args.butler,
+        warm_query_cache=args.warm_query_cache,
     )
     if options.snapshot_shared and options.snapshot_dir is None:
         print("streamstars run: error: --snapshot-shared needs --snapshot-dir SHARED (the "
@@ -277,6 +278,10 @@ def add_commands(subparsers: Any) -> None:
                    "applied (default %(default)s; 0: one at a time)")
     p.add_argument("--butler", metavar="REPO", help="resolve events naming Butler datasets "
                    "(schema version 2) in this repository (needs streamstars[butler])")
+    p.add_argument("--warm-query-cache", action="store_true",
+                   help="when no message arrived for a second, derive the star / cone "
+                   "queries' density cuts of the shards written, one density pixel between "
+                   "two polls (docs/queries.md)")
     p.set_defaults(func=cmd_run)
 
     p = subparsers.add_parser(

@@ -57,6 +57,9 @@ class RunOptions:
     dead_letter_max_bytes: int | None = None
     #: Butler repository resolving events that name datasets (schema version 2)
     butler: str | None = None
+    #: ``--warm-query-cache``: derive the queries' density cuts of the shards written, one
+    #: density pixel at a time while no message arrives (docs/queries.md)
+    warm_query_cache: bool = False
 
     @property
     def effective_stall_seconds(self) -> float:

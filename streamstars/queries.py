@@ -791,7 +791,8 @@ class QueryCacheWarmer:
     """Keeps the density-cut cache of a state warm a little at a time (a consumer's idle
     moments): each :meth:`step` derives at most one density pixel's cut, in the first shard
     changed since it was last warmed (a shard whose generation is unchanged costs nothing
-    but its generation).  Totals in :attr:`total`.
+    but its generation).  After a round that found nothing left to do, steps do nothing
+    until :meth:`changed` is called (after a write).  Totals in :attr:`total`.
 
     Args:
         state: the open state directory (the writer's own object: one LMDB environment per
@@ -806,6 +807,16 @@ class QueryCacheWarmer:
         self.total = WarmSummary()
         #: the warm-up in progress (since the last time nothing was left to do)
         self._round: WarmSummary | None = None
+        self._pending = True  # the shards are looked at once at start
+
+    def changed(self) -> None:
+        """Something may have been written: the next steps look at the shards again."""
+        self._pending = True
+
+    @property
+    def pending(self) -> bool:
+        """Whether a step may have work to do (a write since the last complete round)."""
+        return self._pending
 
     def step(self) -> WarmSummary | None:
         """Derive at most one missing density cut.  Returns the finished round (what was
@@ -814,6 +825,8 @@ class QueryCacheWarmer:
         Raises:
             ShardError: a shard store that cannot be read.
         """
+        if not self._pending:
+            return None
         start = time.perf_counter()
         for pixel, generation in shard_generations(self.state).items():
             if self._warmed.get(pixel) == generation:
@@ -828,6 +841,7 @@ class QueryCacheWarmer:
             self._add(part)
             return None
         finished, self._round = self._round, None
+        self._pending = False
         return finished
 
     def _add(self, part: WarmSummary) -> None:
