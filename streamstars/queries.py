@@ -459,18 +459,34 @@ class DensityCache:
         self._cuts: dict[str, list[int] | None] = self._stored()
         self._dirty = False
 
-    def _stored(self) -> dict[str, list[int] | None]:
-        """The cuts of the cache file when it is of this generation and configuration."""
+    def _read(self) -> dict[str, object]:
         if self.path is None:
             return {}
         try:
             stored = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
-        if isinstance(stored, dict) and {k: stored.get(k) for k in self._key} == self._key \
-                and isinstance(stored.get("cuts"), dict):
-            return dict(stored["cuts"])
+        return stored if isinstance(stored, dict) else {}
+
+    def _stored(self) -> dict[str, list[int] | None]:
+        """The cuts of the cache file when it is of this generation and configuration."""
+        stored = self._read()
+        cuts = stored.get("cuts")
+        if {k: stored.get(k) for k in self._key} == self._key and isinstance(cuts, dict):
+            return dict(cuts)
         return {}
+
+    def _newer_stored(self) -> bool:
+        """Whether the file holds a later generation of the same store (a slow writer of an
+        older one must not replace it)."""
+        stored = self._read()
+        ours = self._key["generation"]
+        theirs = stored.get("generation")
+        return (stored.get("version") == self._key["version"]
+                and stored.get("config") == self._key["config"]
+                and isinstance(theirs, list) and isinstance(ours, list) and len(theirs) == 2
+                and theirs[0] == ours[0] and isinstance(theirs[1], int)
+                and theirs[1] > ours[1])
 
     def __contains__(self, pixel: int) -> bool:
         return str(int(pixel)) in self._cuts
@@ -492,6 +508,8 @@ class DensityCache:
         """Write the cache file atomically if anything was added (errors are ignored: a
         query without a cache is only slower)."""
         if self.path is None or not self._dirty:
+            return
+        if self._newer_stored():
             return
         # keep what another process (a query, a warm-up) stored for this generation since
         self._cuts = {**self._stored(), **self._cuts}

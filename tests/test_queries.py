@@ -22,6 +22,7 @@ from streamstars.errors import ConfigError, StarNotFoundError, StateError
 from streamstars.ingest import PreparedVisit, apply_prepared
 from streamstars.io.snapshot_files import SnapshotCatalogs, read_snapshot
 from streamstars.queries import (
+    DensityCache,
     QueryCacheWarmer,
     QueryResult,
     cone_query,
@@ -503,3 +504,26 @@ def test_the_warmer_works_one_pixel_a_step_and_after_writes_only_where_written(
         cone = cone_query(state, ra, dec, 300.0)
         assert cone.density_pixels_derived == 0 and cone.density_pixels_cached > 0
         assert_same_as_snapshot(cone, snap, _in_cone(snap, ra, dec, 300.0))
+
+
+def test_the_cache_file_merges_one_generation_and_keeps_a_later_one(tmp_path: Path) -> None:
+    """Two writers of one shard's cache (a query, a warm-up): entries of the same generation
+    are merged; a writer of an older generation does not replace a later one's file."""
+    path, config = tmp_path / "cache.json", _config()
+    a = DensityCache(path, ("inst", 7), config)
+    b = DensityCache(path, ("inst", 7), config)
+    a.put(1, None)
+    a.save()
+    b.put(2, (5, 6))
+    b.save()
+    merged = DensityCache(path, ("inst", 7), config)
+    assert merged.get(1) == (True, None) and merged.get(2) == (True, (5, 6))
+    old = DensityCache(path, ("inst", 6), config)
+    assert old.get(1) == (False, None)  # another generation: not used
+    old.put(3, None)
+    old.save()
+    assert json.loads(path.read_text())["generation"] == ["inst", 7]
+    newer = DensityCache(path, ("inst", 8), config)
+    newer.put(4, None)
+    newer.save()
+    assert json.loads(path.read_text())["cuts"] == {"4": None}
