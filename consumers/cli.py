@@ -123,6 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         shard_backups=shard_backups,
         backup_every_visits=args.backup_every_visits or 100,
         assignment_strategy=args.assignment_strategy,
+        warm_query_cache=args.warm_query_cache,
     )
     if options.snapshot_shared and options.snapshot_dir is None:
         print("streamstars run: error: --snapshot-shared needs --snapshot-dir SHARED (the "
@@ -305,6 +306,10 @@ def add_commands(subparsers: Any) -> None:
                    "applied (default %(default)s; 0: one at a time)")
     p.add_argument("--butler", metavar="REPO", help="resolve events naming Butler datasets "
                    "(schema version 2) in this repository (needs streamstars[butler])")
+    p.add_argument("--warm-query-cache", action="store_true",
+                   help="when no message arrived for a second, derive the star / cone "
+                   "queries' density cuts of the shards written, one density pixel between "
+                   "two polls (docs/queries.md)")
     p.set_defaults(func=cmd_run)
 
     p = subparsers.add_parser(

@@ -167,6 +167,16 @@ class ConsumerMetrics:
             registry=r,
         )
         self.snapshot_age.set_function(self._snapshot_age)
+        self.query_cache_warm_seconds = Counter(
+            "streamstars_query_cache_warm_seconds",
+            "Time spent warming the queries' density-cut cache (--warm-query-cache)",
+            registry=r,
+        )
+        self.query_cache_warm_pixels = Counter(
+            "streamstars_query_cache_warm_pixels",
+            "Density pixels whose cut the warm-up derived (--warm-query-cache)",
+            registry=r,
+        )
         self.shard_backups = Counter(
             "streamstars_shard_backups",
             "Shard backups written to --shard-backups (one shard each)",

@@ -64,6 +64,9 @@ class RunOptions:
     #: ``partition.assignment.strategy`` (``--assignment-strategy``; None: librdkafka's
     #: default, or what ``--kafka-config`` says)
     assignment_strategy: str | None = None
+    #: ``--warm-query-cache``: derive the queries' density cuts of the shards written, one
+    #: density pixel at a time while no message arrives (docs/queries.md)
+    warm_query_cache: bool = False
 
     @property
     def effective_stall_seconds(self) -> float:

@@ -75,7 +75,9 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from typing import TYPE_CHECKING
 
+import lmdb
 from confluent_kafka import KafkaError, Message
 
 from streamstars.errors import (
@@ -104,12 +106,19 @@ from .signals import StopSignals
 from .snapshots import SnapshotScheduler
 from .visit_store import ConsumerStore
 
+if TYPE_CHECKING:
+    from streamstars.queries import QueryCacheWarmer
+
 __all__ = ["Runner"]
 
 log = logging.getLogger("streamstars.run")
 
 #: At most this many already-fetched messages are taken at once (see :mod:`.read_ahead`).
 _BATCH = 16
+#: ``--warm-query-cache``: seconds without a message before the query cache is warmed
+WARM_IDLE_SECONDS = 1.0
+#: seconds before a failed warm-up is tried again
+_WARM_RETRY_SECONDS = 60.0
 
 
 class Runner:
@@ -141,6 +150,9 @@ class Runner:
         self.http: HealthServer | None = None
         self.processed = 0
         self._last_message = time.monotonic()
+        self.warmer: QueryCacheWarmer | None = None
+        self._warm_seen = 0  # self.processed when the warmer was last told of changes
+        self._warm_retry_at = 0.0
 
     # ------------------------------------------------------------------ start / stop
     def run(self) -> int:
@@ -221,6 +233,7 @@ class Runner:
             if not batch:
                 self._idle_work()
                 if self._idle_exit_due():
+                    self._finish_warm_up()
                     log.info("idle for %.1f s: exiting", self.opts.exit_when_idle_seconds)
                     break
                 continue
@@ -280,6 +293,43 @@ class Runner:
         self.snapshots.maybe_start()
         if self.backups is not None:
             self.backups.maybe_backup()
+        if self.opts.warm_query_cache \
+                and time.monotonic() - self._last_message >= WARM_IDLE_SECONDS:
+            self._warm_step()  # at most one density pixel: a message waits no longer
+
+    def _warm_step(self) -> bool:
+        """One step of the query-cache warm-up (:class:`QueryCacheWarmer`): True when more
+        may be left.  A failure is logged and tried again a minute later."""
+        if self.warmer is None:
+            if not self.store.is_open:
+                return False
+            from streamstars.queries import QueryCacheWarmer  # imports scipy: only when asked
+
+            self.warmer = QueryCacheWarmer(self.store.star_store)
+        if self.processed != self._warm_seen:  # any commit may have changed a shard
+            self._warm_seen = self.processed
+            self.warmer.changed()
+        if not self.warmer.pending or time.monotonic() < self._warm_retry_at:
+            return False
+        pixels, seconds = self.warmer.total.pixels_derived, self.warmer.total.seconds
+        try:
+            finished = self.warmer.step()
+        except (StreamstarsError, lmdb.Error, OSError) as exc:
+            log.warning("query cache warm-up failed (tried again in %.0f s): %s",
+                        _WARM_RETRY_SECONDS, exc)
+            self._warm_retry_at = time.monotonic() + _WARM_RETRY_SECONDS
+            return False
+        self.metrics.query_cache_warm_pixels.inc(self.warmer.total.pixels_derived - pixels)
+        self.metrics.query_cache_warm_seconds.inc(self.warmer.total.seconds - seconds)
+        if finished is not None:
+            log.info("query cache warmed: %s", finished.describe())
+        return self.warmer.pending
+
+    def _finish_warm_up(self) -> None:
+        """``--exit-when-idle``: complete the warm-up before exiting (unless stopped)."""
+        while self.opts.warm_query_cache and not self.stop_requested.is_set() \
+                and self._warm_step():
+            pass
 
     # ------------------------------------------------------------------ one message
     def handle_message(self, msg: Message) -> None:

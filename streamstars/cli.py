@@ -1,7 +1,7 @@
 """The ``streamstars`` command line.
 
 Subcommands: ``backfill``, ``snapshot``, ``status``, ``backup``, ``retract``, ``config show``,
-``simulate``, ``report``, ``star``, ``cone``, ``refresh-refs`` and, from
+``simulate``, ``report``, ``star``, ``cone``, ``query-cache warm``, ``refresh-refs`` and, from
 :mod:`streamstars.consumers.cli`, ``run`` and ``publish``.  Exit codes: 0 success, 1 some visits
 failed (``star``: no such star), 2 usage or configuration error, 130 interrupted (Ctrl-C: one
 line, no traceback; a backfill resumes where it stopped).
@@ -25,6 +25,7 @@ from streamstars.config import BuildStarsConfig, load_config, load_snapshot_conf
 from streamstars.errors import ConfigError, StreamstarsError
 
 if TYPE_CHECKING:
+    from streamstars.queries import WarmSummary
     from streamstars.sharded_snapshot import ShardedSnapshotSummary
     from streamstars.state import StateDirectory
 
@@ -61,12 +62,14 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     source = open_reference_source(config.fgcmLoadReferenceCatalog, args.butler)
     with StateDirectory.open(args.state, config) as state:
         references = attach_references(state, source, butler=args.butler)
+        before = _shard_generations(state) if args.warm_query_cache else {}
         report = backfill(args.butler or args.repo, state, replace=args.replace,
                           prefetch=args.prefetch, progress=not args.no_progress,
                           inventory=inventory, prepare=prepare, references=references,
                           workers=args.workers, butler=args.butler)
         n_visits = len(state.applied_visits())
         n_shards = len(state.shards())
+        warmed = _warm_written_shards(state, before) if args.warm_query_cache else None
     for problem in report.problems:
         print(f"PROBLEM {problem}", file=sys.stderr)
     if report.without_sources:
@@ -91,7 +94,39 @@ def cmd_backfill(args: argparse.Namespace) -> int:
           f"{report.sources_read:,} sources read, {report.observations_selected:,} observations "
           f"selected in {report.seconds:.1f} s ({rate:,.0f} sources/s); {dropped_text}"
           f"store holds {n_visits} visits in {n_shards} shards")
+    if warmed is not None:
+        print(f"query cache warmed: {warmed.describe()}")
     return 0 if report.ok else 1
+
+
+def _shard_generations(state: StateDirectory) -> dict[int, tuple[str | None, int]]:
+    from streamstars.queries import shard_generations
+
+    generations = shard_generations(state)
+    for pixel in generations:  # the backfill opens them for writing
+        state.close_shard(pixel)
+    return generations
+
+
+def _warm_written_shards(state: StateDirectory,
+                         before: dict[int, tuple[str | None, int]]) -> WarmSummary:
+    """``--warm-query-cache``: warm the density-cut cache of the shards whose generation
+    changed since ``before`` (those the backfill wrote)."""
+    from streamstars.queries import warm_query_cache
+
+    written = [p for p, generation in _shard_generations(state).items()
+               if before.get(p) != generation]
+    return warm_query_cache(state, written)
+
+
+def cmd_query_cache_warm(args: argparse.Namespace) -> int:
+    """Run ``query-cache warm``: derive the missing density cuts of the query cache."""
+    from streamstars.queries import warm_query_cache
+
+    with _open_readonly(args.state) as state:
+        summary = warm_query_cache(state, args.shard or None)
+    print(f"query cache warmed: {summary.describe()}")
+    return 0
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -406,6 +441,10 @@ def _add_backfill(sub: Any) -> None:
                    help="processes reading the visits and writing the shards, each owning a "
                    "share of the shards (default 1: this process, with --prefetch threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--warm-query-cache", action="store_true",
+                   help="at the end, derive the density cut of every density pixel of the "
+                   "shards written, so the first star / cone query there is fast "
+                   "(docs/queries.md)")
     p.set_defaults(func=cmd_backfill)
 
 
@@ -538,6 +577,17 @@ def _add_queries(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object: the cone and its "
                    "stars (fgcm_id, ra, dec, flags, n_obs, n_obs_per_band, distance_arcsec)")
     p.set_defaults(func=cmd_cone)
+    p = sub.add_parser("query-cache", help="the star / cone queries' density-cut cache "
+                       "(docs/queries.md)")
+    cache_sub = p.add_subparsers(dest="query_cache_command", required=True)
+    warm = cache_sub.add_parser("warm", help="derive the density cut of every density pixel "
+                                "not cached for its shard's current data (read-only on the "
+                                "store; safe while a writer runs)")
+    warm.add_argument("--state", required=True, help="state directory (opened read-only)")
+    warm.add_argument("--shard", type=int, action="append", metavar="PIXEL",
+                      help="only this shard (nest pixel at shardNside; repeatable; default: "
+                      "every shard)")
+    warm.set_defaults(func=cmd_query_cache_warm)
 
 
 #: Subcommands defined in other modules (each has ``add_commands(sub)``): the module and the

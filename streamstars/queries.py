@@ -31,6 +31,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +160,13 @@ def _rmax_arcsec(tx: Transaction, config: BuildStarsConfig) -> float:
     """The largest component radius of the primary bands [arcsec]."""
     chord = max((tx.components.read_max_rmax(b) for b in config.primaryBands), default=0.0)
     return float(arcsec_from_chord(np.asarray(min(chord, 2.0))))
+
+
+def _grow_arcsec(tx: Transaction, config: BuildStarsConfig) -> float:
+    """How far [arcsec] around a query area (or a density pixel) the candidates are read:
+    the chain reach, one matchRadius, the largest component radius and the slack."""
+    return chain_reach_arcsec(config) + config.matchRadius + _rmax_arcsec(tx, config) \
+        + _SLACK_ARCSEC
 
 
 def _stars_of(tx: Transaction, config: BuildStarsConfig, pixels: np.ndarray,
@@ -367,8 +375,7 @@ def _whole_store_pixels(fine: np.ndarray) -> np.ndarray:
 def _shard_cone(tx: Transaction, config: BuildStarsConfig, shard: ShardOwnership,
                 centre: np.ndarray, radius_arcsec: float, cache: DensityCache) -> _Region:
     """The stars shard ``shard`` publishes within ``radius_arcsec`` of ``centre``."""
-    rmax = _rmax_arcsec(tx, config)
-    grow = chain_reach_arcsec(config) + config.matchRadius + rmax + _SLACK_ARCSEC
+    grow = _grow_arcsec(tx, config)
     store_nside = tx.config.storeNside
     pixels = _disc_pixels(store_nside, centre, radius_arcsec + grow)
     _, star_v = _stars_of(tx, config, pixels)
@@ -449,17 +456,40 @@ class DensityCache:
         self._key = {"version": _CACHE_VERSION, "generation": list(generation),
                      "config": hashlib.sha256(json.dumps(to_dict(config), sort_keys=True)
                                               .encode()).hexdigest()}
-        self._cuts: dict[str, list[int] | None] = {}
+        self._cuts: dict[str, list[int] | None] = self._stored()
         self._dirty = False
-        if path is None:
-            return
+
+    def _read(self) -> dict[str, object]:
+        if self.path is None:
+            return {}
         try:
-            stored = json.loads(path.read_text())
+            stored = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return
-        if isinstance(stored, dict) and {k: stored.get(k) for k in self._key} == self._key \
-                and isinstance(stored.get("cuts"), dict):
-            self._cuts = stored["cuts"]
+            return {}
+        return stored if isinstance(stored, dict) else {}
+
+    def _stored(self) -> dict[str, list[int] | None]:
+        """The cuts of the cache file when it is of this generation and configuration."""
+        stored = self._read()
+        cuts = stored.get("cuts")
+        if {k: stored.get(k) for k in self._key} == self._key and isinstance(cuts, dict):
+            return dict(cuts)
+        return {}
+
+    def _newer_stored(self) -> bool:
+        """Whether the file holds a later generation of the same store (a slow writer of an
+        older one must not replace it)."""
+        stored = self._read()
+        ours = self._key["generation"]
+        theirs = stored.get("generation")
+        return (stored.get("version") == self._key["version"]
+                and stored.get("config") == self._key["config"]
+                and isinstance(theirs, list) and isinstance(ours, list) and len(theirs) == 2
+                and theirs[0] == ours[0] and isinstance(theirs[1], int)
+                and theirs[1] > ours[1])
+
+    def __contains__(self, pixel: int) -> bool:
+        return str(int(pixel)) in self._cuts
 
     def get(self, pixel: int) -> tuple[bool, tuple[int, int] | None]:
         """(found, cut) of density pixel ``pixel``: the cut as :func:`_density_threshold`."""
@@ -479,6 +509,10 @@ class DensityCache:
         query without a cache is only slower)."""
         if self.path is None or not self._dirty:
             return
+        if self._newer_stored():
+            return
+        # keep what another process (a query, a warm-up) stored for this generation since
+        self._cuts = {**self._stored(), **self._cuts}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
@@ -667,3 +701,171 @@ def observation_records(result: QueryResult, index: int) -> list[dict[str, objec
 def _json_float(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# warming the density-cut cache (writers, operators)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class WarmSummary:
+    """What a warm-up of the density-cut cache did.
+
+    Attributes:
+        shards: the shards looked at (nest pixels at ``shardNside``).
+        pixels_derived: density pixels whose cut was derived (ranked) and stored.
+        pixels_fresh: density pixels whose cut was already cached for the shard's generation.
+        seconds: wall-clock time of the warm-up [s].
+    """
+
+    shards: list[int] = field(default_factory=list)
+    pixels_derived: int = 0
+    pixels_fresh: int = 0
+    seconds: float = 0.0
+
+    @property
+    def seconds_per_pixel(self) -> float:
+        """Seconds per derived density pixel (0 when none was derived)."""
+        return self.seconds / self.pixels_derived if self.pixels_derived else 0.0
+
+    def describe(self) -> str:
+        """One line for logs and command output."""
+        return (f"{self.pixels_derived} density pixel(s) ranked, {self.pixels_fresh} already "
+                f"cached, in {len(self.shards)} shard(s), {self.seconds:.2f} s"
+                + (f" ({self.seconds_per_pixel:.2f} s per pixel)" if self.pixels_derived
+                   else ""))
+
+
+def shard_density_pixels(tx: Transaction, state: StateDirectory, shard: int) -> np.ndarray:
+    """The ``densityCutNside`` pixels of shard ``shard``'s core that hold stored observations
+    (sorted nest pixels; read in ``tx`` from the shard's visit records): those a query of
+    this shard may need the density cut of.  A density pixel nests in one shard
+    (``shardNside <= densityCutNside``, checked by the configuration)."""
+    config = state.config
+    store_nside = tx.config.storeNside
+    store_pixels = np.unique(np.fromiter(
+        (p for record in tx.visits.records() for p in record.pixels), dtype=np.int64))
+    if store_nside >= config.densityCutNside:
+        shift = 2 * (int(store_nside).bit_length() - int(config.densityCutNside).bit_length())
+        density = np.unique(store_pixels >> shift)
+    else:  # every density pixel inside the store pixels
+        shift = 2 * (int(config.densityCutNside).bit_length() - int(store_nside).bit_length())
+        density = ((store_pixels[:, None] << shift) + np.arange(1 << shift)).ravel()
+    core_shift = 2 * (int(config.densityCutNside).bit_length() - state.shard_nside.bit_length())
+    return density[(density >> core_shift) == int(shard)]
+
+
+def _warm_shard(state: StateDirectory, shard: int, summary: WarmSummary,
+                limit: int | None = None) -> tuple[str | None, int] | None:
+    """Derive and store the missing cuts of shard ``shard``'s density pixels, at most
+    ``limit`` of them, in one read transaction; adds to ``summary``.  Returns the shard's
+    generation when every density pixel of it is cached for it after this call, else None."""
+    config = state.config
+    store = state.open_shard(shard)
+    with store.read(buffers=True) as tx:
+        generation = (store.instance, tx.id())
+        cache = DensityCache(_cache_path(state, shard), generation, config)
+        pixels = shard_density_pixels(tx, state, shard).tolist()
+        todo = [p for p in pixels if p not in cache]
+        summary.pixels_fresh += len(pixels) - len(todo)
+        grow = _grow_arcsec(tx, config) if todo else 0.0
+        done = todo if limit is None else todo[:limit]
+        for pixel in done:
+            cache.put(pixel, _density_threshold(tx, config, pixel, grow))
+            cache.save()  # a query running meanwhile uses it at once
+            summary.pixels_derived += 1
+    summary.shards.append(int(shard))
+    return generation if len(done) == len(todo) else None
+
+
+def warm_query_cache(state: StateDirectory, shards: list[int] | None = None) -> WarmSummary:
+    """Derive and store the density cut (:class:`DensityCache`) of every density pixel of
+    ``shards`` (default: every shard of the state) whose cached cut is missing or of an older
+    generation of its shard, so that the next ``star`` / ``cone`` there derives nothing.
+
+    Read-only on the store (one read transaction per shard); writes only the cache files
+    (atomically, as queries do).  Safe while a writer applies visits: a cut is stored under
+    the generation of the read transaction it was derived from (per shard: a density pixel's
+    cut depends on its own shard's data only), so a shard written meanwhile simply has a
+    stale cut again, which no query uses.  Shards named but without a store are skipped.
+
+    Raises:
+        ShardError: a shard store that cannot be read (naming it).
+    """
+    start = time.perf_counter()
+    summary = WarmSummary()
+    existing = {pixel for _, pixel in state.shards()}
+    for shard in sorted(existing if shards is None else {int(p) for p in shards} & existing):
+        _warm_shard(state, shard, summary)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def shard_generations(state: StateDirectory) -> dict[int, tuple[str | None, int]]:
+    """The generation (:meth:`StarStore.generation`) of every shard of the state."""
+    return {pixel: state.open_shard(pixel).generation() for _, pixel in state.shards()}
+
+
+class QueryCacheWarmer:
+    """Keeps the density-cut cache of a state warm a little at a time (a consumer's idle
+    moments): each :meth:`step` derives at most one density pixel's cut, in the first shard
+    changed since it was last warmed (a shard whose generation is unchanged costs nothing
+    but its generation).  After a round that found nothing left to do, steps do nothing
+    until :meth:`changed` is called (after a write).  Totals in :attr:`total`.
+
+    Args:
+        state: the open state directory (the writer's own object: one LMDB environment per
+            shard and process).
+    """
+
+    def __init__(self, state: StateDirectory) -> None:
+        self.state = state
+        #: per shard: the generation every density pixel of it was cached for
+        self._warmed: dict[int, tuple[str | None, int]] = {}
+        #: everything derived so far
+        self.total = WarmSummary()
+        #: the warm-up in progress (since the last time nothing was left to do)
+        self._round: WarmSummary | None = None
+        self._pending = True  # the shards are looked at once at start
+
+    def changed(self) -> None:
+        """Something may have been written: the next steps look at the shards again."""
+        self._pending = True
+
+    @property
+    def pending(self) -> bool:
+        """Whether a step may have work to do (a write since the last complete round)."""
+        return self._pending
+
+    def step(self) -> WarmSummary | None:
+        """Derive at most one missing density cut.  Returns the finished round (what was
+        warmed since work was first found) once nothing is left to do after it, else None.
+
+        Raises:
+            ShardError: a shard store that cannot be read.
+        """
+        if not self._pending:
+            return None
+        start = time.perf_counter()
+        for pixel, generation in shard_generations(self.state).items():
+            if self._warmed.get(pixel) == generation:
+                continue
+            part = WarmSummary()
+            done = _warm_shard(self.state, pixel, part, limit=1)
+            if done is not None:
+                self._warmed[pixel] = done
+            if not part.pixels_derived and done is not None:
+                continue  # already warm (its cache file was of this generation)
+            part.seconds = time.perf_counter() - start
+            self._add(part)
+            return None
+        finished, self._round = self._round, None
+        self._pending = False
+        return finished
+
+    def _add(self, part: WarmSummary) -> None:
+        if self._round is None:
+            self._round = WarmSummary()
+        for summary in (self.total, self._round):
+            summary.pixels_derived += part.pixels_derived
+            summary.seconds += part.seconds
+            summary.shards.extend(p for p in part.shards if p not in summary.shards)

@@ -21,7 +21,15 @@ from streamstars.config import BuildStarsConfig
 from streamstars.errors import ConfigError, StarNotFoundError, StateError
 from streamstars.ingest import PreparedVisit, apply_prepared
 from streamstars.io.snapshot_files import SnapshotCatalogs, read_snapshot
-from streamstars.queries import QueryResult, cone_query, star_query
+from streamstars.queries import (
+    DensityCache,
+    QueryCacheWarmer,
+    QueryResult,
+    cone_query,
+    shard_generations,
+    star_query,
+    warm_query_cache,
+)
 from streamstars.sharded_snapshot import write_state_snapshot
 from streamstars.sky import chord_from_arcsec, unit_vectors
 from streamstars.snapshot import ShardOwnership, StarCatalog, derive_catalogs
@@ -397,3 +405,125 @@ def test_a_query_right_after_each_new_visit_equals_the_snapshot_then(
                 assert_same_as_snapshot(star_query(state, star_id, use_cache=False), snap,
                                         _star(snap, star_id))
     assert derived > 0 and restricted
+
+
+def _cache_files(state_path: Path) -> dict[Path, tuple[int, str]]:
+    return {p: (p.stat().st_mtime_ns, p.read_text())
+            for p in sorted((state_path / "query-cache").rglob("*.json"))}
+
+
+def test_backfill_warm_query_cache_leaves_nothing_for_the_first_query(
+        crowded: PreparedSurvey, tmp_path: Path) -> None:
+    """``backfill --warm-query-cache`` caches the density cut of every density pixel holding
+    a star of the snapshot: the first ``star`` / ``cone`` afterwards derives nothing, leaves
+    the cache files untouched and returns the snapshot's answer."""
+    config = tmp_path / "config.toml"
+    config.write_text("densityCutNside = 1024\nshardNside = 64\nshardMargin = 10.0\n"
+                      "densityCutMaxPerPixel = 4\n")
+    state_path = tmp_path / "state"
+    done = cli("backfill", crowded.repo, "--state", state_path, "--config", config,
+               "--no-progress", "--warm-query-cache")
+    assert done.returncode == 0, done.stderr
+    line = [x for x in done.stdout.splitlines() if x.startswith("query cache warmed: ")]
+    assert len(line) == 1, done.stdout
+    ranked = int(line[0].split()[3])
+    with StateDirectory.open(state_path, readonly=True) as state:
+        write_state_snapshot(state, tmp_path / "snap")
+        n_shards = len(state.shards())
+        order, nside = state.shard_order, state.config.densityCutNside
+    snap = read_snapshot(tmp_path / "snap")
+    assert n_shards > 2
+    # every density pixel holding a published star is cached in its shard's file
+    density = hp.ang2pix(nside, snap.stars["ra"], snap.stars["dec"], nest=True, lonlat=True)
+    shift = 2 * (nside.bit_length() - 64 .bit_length())
+    cached: dict[int, set[str]] = {}
+    for path, (_, text) in _cache_files(state_path).items():
+        assert path.parent.name == str(order)
+        cached[int(path.stem)] = set(json.loads(text)["cuts"])
+    assert ranked == sum(len(c) for c in cached.values())
+    missing = [p for p in np.unique(density).tolist()
+               if str(p) not in cached.get(p >> shift, set())]
+    assert not missing
+    files = _cache_files(state_path)
+    ra, dec = float(np.median(snap.stars["ra"])), float(np.median(snap.stars["dec"]))
+    with StateDirectory.open(state_path, readonly=True) as state:
+        cone = cone_query(state, ra, dec, 300.0)
+        assert cone.density_pixels_derived == 0 and cone.density_pixels_cached > 0
+        assert_same_as_snapshot(cone, snap, _in_cone(snap, ra, dec, 300.0))
+        for star_id in snap.stars["fgcm_id"][::50].tolist():
+            result = star_query(state, star_id)
+            assert result.density_pixels_derived == 0
+            assert_same_as_snapshot(result, snap, _star(snap, star_id))
+    assert _cache_files(state_path) == files  # nothing rewritten
+    # the operators' command finds nothing to do
+    again = cli("query-cache", "warm", "--state", state_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("query cache warmed: 0 density pixel(s) ranked, "
+                                   f"{ranked} already cached, in {n_shards} shard(s)")
+
+
+def test_the_warmer_works_one_pixel_a_step_and_after_writes_only_where_written(
+        crowded: PreparedSurvey, tmp_path: Path) -> None:
+    """:class:`QueryCacheWarmer` (the consumer's idle hook): at most one density pixel per
+    step; after a write, only the shards whose generation changed are warmed again; queries
+    then derive nothing and equal the snapshot."""
+    config = dataclasses.replace(crowded.config, shardNside=64, shardMargin=MARGIN,
+                                 densityCutMaxPerPixel=4)
+    state_path = tmp_path / "state"
+    with StateDirectory.open(state_path, config) as state:
+        for prepared in crowded.visits[:6]:
+            apply_prepared(state, prepared)
+        warmer = QueryCacheWarmer(state)
+        steps, finished = 0, None
+        while warmer.pending:
+            derived = warmer.total.pixels_derived
+            finished = warmer.step() or finished
+            assert warmer.total.pixels_derived - derived <= 1
+            steps += 1
+        assert finished is not None and finished.pixels_derived == warmer.total.pixels_derived
+        assert steps == finished.pixels_derived + 1 > 5
+        assert warmer.step() is None and not warmer.pending  # nothing until told of a write
+        before = shard_generations(state)
+        apply_prepared(state, crowded.visits[6])
+        written = {p for p, g in shard_generations(state).items() if before.get(p) != g}
+        assert 0 < len(written) < len(before)
+        warmer.changed()
+        first = warmer.total.pixels_derived
+        while warmer.pending:
+            finished = warmer.step() or finished
+        assert finished is not None and set(finished.shards) == written
+        assert warmer.total.pixels_derived > first
+        # what a warm-up of every shard finds: everything cached
+        summary = warm_query_cache(state)
+        assert summary.pixels_derived == 0 and summary.pixels_fresh > 0
+    with StateDirectory.open(state_path, readonly=True) as state:
+        write_state_snapshot(state, tmp_path / "snap")
+    snap = read_snapshot(tmp_path / "snap")
+    ra, dec = float(np.median(snap.stars["ra"])), float(np.median(snap.stars["dec"]))
+    with StateDirectory.open(state_path, readonly=True) as state:
+        cone = cone_query(state, ra, dec, 300.0)
+        assert cone.density_pixels_derived == 0 and cone.density_pixels_cached > 0
+        assert_same_as_snapshot(cone, snap, _in_cone(snap, ra, dec, 300.0))
+
+
+def test_the_cache_file_merges_one_generation_and_keeps_a_later_one(tmp_path: Path) -> None:
+    """Two writers of one shard's cache (a query, a warm-up): entries of the same generation
+    are merged; a writer of an older generation does not replace a later one's file."""
+    path, config = tmp_path / "cache.json", _config()
+    a = DensityCache(path, ("inst", 7), config)
+    b = DensityCache(path, ("inst", 7), config)
+    a.put(1, None)
+    a.save()
+    b.put(2, (5, 6))
+    b.save()
+    merged = DensityCache(path, ("inst", 7), config)
+    assert merged.get(1) == (True, None) and merged.get(2) == (True, (5, 6))
+    old = DensityCache(path, ("inst", 6), config)
+    assert old.get(1) == (False, None)  # another generation: not used
+    old.put(3, None)
+    old.save()
+    assert json.loads(path.read_text())["generation"] == ["inst", 7]
+    newer = DensityCache(path, ("inst", 8), config)
+    newer.put(4, None)
+    newer.save()
+    assert json.loads(path.read_text())["cuts"] == {"4": None}

@@ -357,3 +357,35 @@ def test_full_disk_stops_the_consumer_without_committing(
     assert freed.wait(90) == 0, freed.text()
     assert len(applied_visits(state)) == N_VISITS
     assert_same_catalogs(snapshot_state(state, tmp_path / "snap"), backfill_snapshot)
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_warm_query_cache_when_idle_after_applying(broker: TansuBroker, survey: Any,
+                                                   tmp_path: Path) -> None:
+    """``run --warm-query-cache``: once no message arrived for a second after applying, the
+    consumer derives the queries' density cuts (log line, metrics); the first cone afterwards
+    derives nothing."""
+    from streamstars.queries import cone_query
+    from streamstars.state import StateDirectory
+
+    topic = "visits-warm"
+    _topic_with_every_visit(broker, survey.out_dir, topic)
+    state, port = tmp_path / "state", free_port()
+    consumer = Consumer(broker, topic, state, survey.out_dir.parent, tmp_path,
+                        "--metrics-port", str(port), "--warm-query-cache")
+    try:
+        wait_until(lambda: len(applied_visits(state)) == N_VISITS, 60, "all visits applied")
+        wait_until(lambda: "query cache warmed: " in consumer.text(), 60, "warm-up logged")
+        metrics = http_get(port, "/metrics")[1]
+    finally:
+        consumer.proc.send_signal(signal.SIGTERM)
+    assert consumer.wait(60) == 0, consumer.text()
+    assert _metric(metrics, "streamstars_query_cache_warm_pixels_total") > 0, metrics
+    assert _metric(metrics, "streamstars_query_cache_warm_seconds_total") > 0, metrics
+    with StateDirectory.open(state, readonly=True) as opened:
+        result = cone_query(opened, 150.0, 2.0, 600.0)
+    assert len(result.stars.star_id) > 0
+    assert result.density_pixels_derived == 0 and result.density_pixels_cached > 0
