@@ -178,21 +178,26 @@ def staged_directory(target: str | os.PathLike[str], kind: str, *,
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write ``payload`` as JSON (sorted keys) to ``path`` so that a crash leaves either the old
-    file or the new one: written to ``<name>.tmp`` beside it, fsynced, renamed into place, and
-    the directory fsynced so that the rename itself is durable.  The parent is created when
-    missing.
+    file or the new one: written to ``<name>.<pid>-<random>.tmp`` beside it (a name of its own:
+    two processes writing the same file, e.g. two consumers one partition index, never write
+    into each other's), fsynced, renamed into place, and the directory fsynced so that the
+    rename itself is durable.  The parent is created when missing.
 
     Raises:
         OSError: the file could not be written, synced or renamed.
         TypeError: ``payload`` is not JSON-serialisable.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=0, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(payload, fh, indent=0, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -83,3 +84,30 @@ def test_a_new_staged_directory_cleans_its_kinds_first(tmp_path: Path) -> None:
         assert sorted(os.listdir(tmp_path)) == sorted([staged.path.name, backup])
         staged.replace_empty_target()
     assert sorted(os.listdir(tmp_path)) == sorted([backup, "snap"])
+
+
+def test_two_writers_of_one_json_file_never_meet_in_a_temporary_file(tmp_path: Path) -> None:
+    """Two writers of the same file (two consumers rewriting one partition index) each write
+    their own temporary file: every write lands whole, none fails, no temporary is left."""
+    import threading
+
+    from streamstars.staging import write_json_atomic
+
+    target = tmp_path / "partitions" / "t" / "0.json"
+    errors: list[BaseException] = []
+
+    def writer(name: str) -> None:
+        try:
+            for i in range(300):
+                write_json_atomic(target, {"writer": name, "i": i, "pad": "x" * 2000})
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert json.loads(target.read_text())["i"] == 299
+    assert sorted(p.name for p in target.parent.iterdir()) == ["0.json"]
