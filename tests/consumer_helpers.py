@@ -43,7 +43,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def snapshot_state(state: Path, out: Path) -> Path:
     """``streamstars snapshot OUT --state STATE`` (asserted to succeed); returns ``out``."""
-    done = run_cli("snapshot", str(out), "--state", str(state))
+    return snapshot_states(out, state)
+
+
+def snapshot_states(out: Path, *states: Path) -> Path:
+    """``streamstars snapshot OUT --state A --state B ...`` (asserted to succeed); returns
+    ``out``."""
+    done = run_cli("snapshot", str(out), *(a for s in states for a in ("--state", str(s))))
     assert done.returncode == 0, done.stderr
     return out
 
